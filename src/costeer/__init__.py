@@ -1,0 +1,11 @@
+"""CoSteer: a small on-device model steers a cloud LLM's decoding, token by token.
+
+Layers (imported in one direction):  cli -> api -> engine -> steering.
+"""
+
+__version__ = "0.1.0"
+
+from costeer.api import CoSteer, Generation  # noqa: E402
+from costeer.engine.config import GenerationConfig, Method, SamplingConfig, SteeringConfig  # noqa: E402
+
+__all__ = ["CoSteer", "Generation", "GenerationConfig", "Method", "SamplingConfig", "SteeringConfig"]

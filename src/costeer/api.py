@@ -1,0 +1,198 @@
+"""Python API: one object built from (llm, slm, config).
+
+    from costeer import CoSteer
+    cs = CoSteer.load("smollm2-135m-instruct", "smollm2-135m-instruct")
+    out = cs.generate("Plan my weekend.", context="I live in Lisbon and surf.", method="costeer")
+    print(out.text)
+    for chunk in cs.stream("Plan my weekend.", context=..., method="costeer"):
+        print(chunk.text, end="")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from costeer.engine.config import GenerationConfig, Method, SamplingConfig, SteeringConfig
+from costeer.engine.loop import LocalModelSource, LocalSteeringSource, Step, decode
+from costeer.engine.models import LM, load_lm
+from costeer.engine.prompts import prompt_ids, user_message
+from costeer.engine.vocab import VocabMap, align_vocabularies
+
+
+@dataclass
+class Chunk:
+    """A streamed token: its id in the primary model, the text it adds, and its timing."""
+
+    step: Step
+    text: str
+
+
+@dataclass
+class Generation:
+    method: str
+    text: str
+    token_ids: list[int]  # generated ids in the primary model's vocabulary (stop token excluded)
+    prompt_ids: dict[str, list[int]]  # the exact prompts each branch started from
+    stop_reason: str  # "stop" or "length"
+    coefficient: float | None  # the delta's effective coefficient b (steered methods)
+    steps: list[Step] = field(default_factory=list)
+
+    def timing(self) -> dict[str, float]:
+        """Totals in seconds over the generation (the first token's forwards are the prefill)."""
+        return {
+            "llm_s": sum(s.llm_s for s in self.steps),
+            "slm_s": sum(s.slm_s for s in self.steps),
+            "fusion_s": sum(s.fusion_s for s in self.steps),
+            "sample_s": sum(s.sample_s for s in self.steps),
+        }
+
+
+class _TextStream:
+    """Incremental detokenisation: decode the whole output, emit the new suffix; hold back
+    while the tail is an incomplete UTF-8 sequence."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.emitted = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.emitted = text[self.emitted :], len(text)
+        return new
+
+
+class CoSteer:
+    def __init__(self, llm: LM | None, slm: LM | None, config: GenerationConfig | None = None):
+        if llm is None and slm is None:
+            raise ValueError("need at least one model")
+        self.llm, self.slm = llm, slm
+        self.config = config or GenerationConfig()
+        self._vocab: VocabMap | None = None
+
+    @classmethod
+    def load(cls, llm: str | None, slm: str | None, config: GenerationConfig | None = None, device: str = "auto"):
+        """Load by preset name, local folder, GGUF file or hub name; the same spec loads once."""
+        llm_lm = load_lm(llm, device) if llm else None
+        slm_lm = llm_lm if (slm == llm and llm_lm is not None) else (load_lm(slm, device) if slm else None)
+        return cls(llm_lm, slm_lm, config)
+
+    # -- pieces ------------------------------------------------------------------------
+
+    def vocab(self) -> VocabMap:
+        """The LLM/SLM alignment (computed once; raises IncompatibleVocabularies)."""
+        if self._vocab is None:
+            self._vocab = align_vocabularies(
+                self.llm.tokenizer,
+                self.slm.tokenizer,
+                self.llm.vocab_size,
+                self.slm.vocab_size,
+                self.llm.stop_ids,
+                self.slm.stop_ids,
+                self.config.min_shared_vocab,
+            )
+        return self._vocab
+
+    def prompts(self, query: str, context: str | None) -> dict[str, list[int]]:
+        """Every prompt a method may start from (only *_context prompts hold the context)."""
+        out: dict[str, list[int]] = {}
+        if self.llm is not None:
+            out["llm"] = prompt_ids(self.llm.tokenizer, user_message(query))
+            if context:
+                out["llm_context"] = prompt_ids(self.llm.tokenizer, user_message(query, context))
+        if self.slm is not None:
+            out["slm"] = prompt_ids(self.slm.tokenizer, user_message(query))
+            if context:
+                out["slm_context"] = prompt_ids(self.slm.tokenizer, user_message(query, context))
+        return out
+
+    def _config(self, sampling: SamplingConfig | None, steering: SteeringConfig | None, overrides: dict):
+        s = sampling or self.config.sampling
+        if overrides:
+            s = s.model_copy(update=overrides)
+            s = SamplingConfig.model_validate(s.model_dump())
+        return s, steering or self.config.steering
+
+    # -- generation --------------------------------------------------------------------
+
+    def stream(
+        self,
+        query: str,
+        context: str | None = None,
+        method: Method | str = Method.costeer,
+        sampling: SamplingConfig | None = None,
+        steering: SteeringConfig | None = None,
+        **overrides,
+    ) -> "GenerationStream":
+        """Tokens as they are chosen; `.generation` fills in as the stream is consumed.
+        Overrides: temperature, top_k, top_p, seed, max_new_tokens."""
+        method = Method(method)
+        if not query or not query.strip():
+            raise ValueError("the query is empty")
+        if method in (Method.costeer, Method.light, Method.llm_context, Method.slm_context) and not (
+            context and context.strip()
+        ):
+            raise ValueError(f"method '{method.value}' needs a personal context")
+        if method.uses_llm and self.llm is None:
+            raise ValueError(f"method '{method.value}' needs an LLM")
+        if method.uses_slm and self.slm is None:
+            raise ValueError(f"method '{method.value}' needs an SLM")
+        s_cfg, st_cfg = self._config(sampling, steering, overrides)
+        prompts = self.prompts(query, None if method in (Method.llm, Method.slm) else context)
+        prompts = {k: v for k, v in prompts.items() if k in _BRANCHES[method]}
+
+        if method.steered:
+            vocab, b = self.vocab(), st_cfg.coefficient(method)
+            primary = self.llm
+            steps = decode(
+                LocalModelSource(self.llm), prompts["llm"], vocab, s_cfg,
+                LocalSteeringSource(self.slm), (prompts["slm"], prompts["slm_context"]), b,
+            )  # fmt: skip
+        else:
+            primary = self.llm if method.uses_llm else self.slm
+            vocab = VocabMap(size=primary.vocab_size, identity=True, stop_ids=primary.stop_ids)
+            b = None
+            steps = decode(LocalModelSource(primary), prompts[method.value], vocab, s_cfg)
+        return GenerationStream(steps, primary.tokenizer, Generation(method.value, "", [], prompts, "length", b))
+
+    def generate(self, query: str, context: str | None = None, method: Method | str = Method.costeer, **kw) -> Generation:
+        """Run to the end and return text, token ids, prompts and per-token timings."""
+        stream = self.stream(query, context, method, **kw)
+        for _ in stream:
+            pass
+        return stream.generation
+
+
+class GenerationStream:
+    """Iterate for Chunks; `generation` holds everything produced so far."""
+
+    def __init__(self, steps: Iterator[Step], tokenizer, generation: Generation):
+        self._steps = steps
+        self._text = _TextStream(tokenizer)
+        self.generation = generation
+
+    def __iter__(self) -> Iterator[Chunk]:
+        g = self.generation
+        for step in self._steps:
+            g.steps.append(step)
+            if step.stop:
+                g.stop_reason = "stop"
+                return
+            g.token_ids.append(step.token_id)
+            piece = self._text.push(step.token_id)
+            g.text += piece
+            yield Chunk(step, piece)
+
+
+_BRANCHES: dict[Method, tuple[str, ...]] = {
+    Method.costeer: ("llm", "slm", "slm_context"),
+    Method.light: ("llm", "slm", "slm_context"),
+    Method.llm: ("llm",),
+    Method.llm_context: ("llm_context",),
+    Method.slm: ("slm",),
+    Method.slm_context: ("slm_context",),
+}

@@ -1,0 +1,4 @@
+"""Engine pieces: model backends, vocabulary alignment, prompts, sampling and the decode loop.
+
+Imports only `costeer.steering` below it; nothing here knows about the CLI.
+"""

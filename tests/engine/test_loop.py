@@ -1,0 +1,75 @@
+"""The decode loop over scripted sources: order of calls, stopping, steering on/off."""
+
+import torch
+
+from costeer.engine.config import SamplingConfig
+from costeer.engine.loop import decode
+from costeer.engine.vocab import VocabMap
+
+V, STOP = 6, 5
+
+
+def one_hot_logp(i: int) -> torch.Tensor:
+    x = torch.full((V,), -10.0)
+    x[i] = 0.0
+    return torch.log_softmax(x, -1)
+
+
+class ScriptedLLM:
+    """Prefers token 1, 2, 3, … in turn, then STOP; records what it was fed."""
+
+    def __init__(self):
+        self.fed: list[int] = []
+
+    def start(self, prompt_ids):
+        self.prompt = prompt_ids
+        return one_hot_logp(1)
+
+    def advance(self, token_id):
+        self.fed.append(token_id)
+        return one_hot_logp(min(token_id + 1, STOP))
+
+
+class ScriptedSLM:
+    """Its context branch pushes hard towards token 4."""
+
+    def __init__(self):
+        self.fed: list[int] = []
+
+    def start(self, base_ids, pers_ids):
+        return self._pair()
+
+    def advance(self, token_id):
+        self.fed.append(token_id)
+        return self._pair()
+
+    def _pair(self):
+        base = torch.log_softmax(torch.zeros(V), -1)
+        pers = base.clone()
+        pers[4] += 30.0
+        return torch.stack([base, torch.log_softmax(pers, -1)])
+
+
+def vocab():
+    return VocabMap(size=V, identity=True, stop_ids=frozenset({STOP}))
+
+
+def test_unsteered_loop_stops_on_the_stop_token():
+    llm = ScriptedLLM()
+    steps = list(decode(llm, [9, 9], vocab(), SamplingConfig(max_new_tokens=50)))
+    assert [s.token_id for s in steps] == [1, 2, 3, 4, 5]
+    assert steps[-1].stop and not any(s.stop for s in steps[:-1])
+    assert llm.fed == [1, 2, 3, 4]  # the stop token is never fed back
+    assert llm.prompt == [9, 9]
+
+
+def test_max_new_tokens_bounds_the_loop():
+    steps = list(decode(ScriptedLLM(), [9], vocab(), SamplingConfig(max_new_tokens=2)))
+    assert [s.token_id for s in steps] == [1, 2]
+
+
+def test_steering_moves_the_choice_and_both_sides_get_the_token():
+    llm, slm = ScriptedLLM(), ScriptedSLM()
+    steps = list(decode(llm, [9], vocab(), SamplingConfig(max_new_tokens=3), slm, ([1], [2]), b=1.0))
+    assert [s.token_id for s in steps] == [4, 4, 4]
+    assert llm.fed == slm.fed == [4, 4]

@@ -1,0 +1,63 @@
+"""Vocabulary alignment: identity for one tokenizer, decoded-string intersection for two."""
+
+import pytest
+import torch
+
+from costeer.engine.vocab import IncompatibleVocabularies, align_vocabularies, token_strings
+from tests.tiny import bpe_tokenizer, disjoint_tokenizer, sp_tokenizer
+
+
+def _align(a, b, va=None, vb=None, **kw):
+    stops = lambda t: frozenset({t.eos_token_id})  # noqa: E731
+    return align_vocabularies(a, b, va or len(a), vb or len(b), stops(a), stops(b), **kw)
+
+
+def test_same_tokenizer_is_identity_cut_to_the_smaller_logits():
+    tok = bpe_tokenizer()
+    vm = _align(tok, tok, va=len(tok) + 64, vb=len(tok))
+    assert vm.identity and vm.size == len(tok)
+    x = torch.randn(2, len(tok) + 64)
+    assert vm.llm_view(x).shape == (2, len(tok))
+    assert vm.is_stop(tok.eos_token_id) and not vm.is_stop(5)
+    assert vm.llm_token(17) == vm.slm_token(17) == 17
+
+
+def test_metaspace_tokens_keep_their_leading_space():
+    # SentencePiece's decoder drops the leading space of a lone first token; the anchor keeps it.
+    sp = sp_tokenizer()
+    strings = token_strings(sp)
+    assert strings[sp.convert_tokens_to_ids("▁the")] == " the"
+    assert strings[sp.eos_token_id] is None
+
+
+def test_different_tokenizers_meet_on_decoded_strings():
+    bpe, sp = bpe_tokenizer(), sp_tokenizer()
+    vm = _align(bpe, sp, min_shared=0.1)
+    assert not vm.identity
+    a_strings, b_strings = token_strings(bpe), token_strings(sp)
+    for k in range(vm.size - 1):
+        assert a_strings[vm.llm_token(k)] == b_strings[vm.slm_token(k)]
+    # Ġthe and ▁the are the same text, so they are one aligned token
+    the_a, the_b = bpe.convert_tokens_to_ids("Ġthe"), sp.convert_tokens_to_ids("▁the")
+    k = vm.llm_index.tolist().index(the_a)
+    assert vm.slm_token(k) == the_b
+    # the last entry is STOP, mapped explicitly to each side's end-of-sequence token
+    assert vm.is_stop(vm.size - 1) and vm.stop_index == vm.size - 1
+    assert vm.llm_token(vm.stop_index) == bpe.eos_token_id and vm.slm_token(vm.stop_index) == sp.eos_token_id
+
+
+def test_views_gather_and_pool_the_stop_mass():
+    bpe, sp = bpe_tokenizer(), sp_tokenizer()
+    vm = align_vocabularies(bpe, sp, len(bpe), len(sp), frozenset({0, 1}), frozenset({sp.eos_token_id}), 0.1)
+    lp = torch.log_softmax(torch.randn(len(bpe), dtype=torch.float64), -1)
+    view = vm.llm_view(lp)
+    assert view.shape == (vm.size,)
+    assert torch.equal(view[:-1], lp[vm.llm_index])
+    assert view[-1].item() == pytest.approx(torch.logsumexp(lp[[0, 1]], 0).item())
+    batched = vm.slm_view(torch.randn(2, len(sp)))
+    assert batched.shape == (2, vm.size)
+
+
+def test_too_small_an_intersection_is_refused():
+    with pytest.raises(IncompatibleVocabularies, match="share"):
+        _align(bpe_tokenizer(), disjoint_tokenizer())

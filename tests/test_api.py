@@ -1,0 +1,120 @@
+"""The Python API on tiny random models: every method, exactness against the literal loop."""
+
+import pytest
+
+from costeer import CoSteer, GenerationConfig, SamplingConfig, SteeringConfig
+from costeer.engine.vocab import IncompatibleVocabularies
+from tests.reference import literal_costeer
+from tests.tiny import bpe_tokenizer, disjoint_tokenizer, gemma3, llama, make_lm, sp_tokenizer
+
+QUERY = "what should I cook tonight"
+CONTEXT = "my name is Sam, I live in Seattle and I like spicy tofu"
+
+
+@pytest.fixture(scope="module")
+def same_pair():
+    tok = bpe_tokenizer()
+    return CoSteer(make_lm("llm", llama(len(tok), seed=1), tok), make_lm("slm", gemma3(len(tok), seed=2), tok))
+
+
+@pytest.fixture(scope="module")
+def cross_pair():
+    a, b = bpe_tokenizer(), sp_tokenizer()
+    cfg = GenerationConfig(min_shared_vocab=0.1)
+    return CoSteer(make_lm("llm", llama(len(a), seed=4), a), make_lm("slm", gemma3(len(b), seed=5), b), cfg)
+
+
+@pytest.mark.parametrize("pair", ["same_pair", "cross_pair"])
+def test_costeer_equals_the_literal_loop(pair, request):
+    cs = request.getfixturevalue(pair)
+    got = cs.generate(QUERY, CONTEXT, "costeer", max_new_tokens=20)
+    assert got.token_ids == literal_costeer(cs, QUERY, CONTEXT, 20)
+    assert len(got.token_ids) >= 10
+    assert got.coefficient == pytest.approx(1.7833, abs=1e-4)
+
+
+def test_light_with_unit_coefficient_gives_the_slm_with_context():
+    # LLM = SLM = one model, same prompt: log π_base cancels log π*_base, leaving log π*_pers.
+    tok = bpe_tokenizer()
+    lm = make_lm("m", llama(len(tok), seed=7), tok)
+    cs = CoSteer(lm, lm)
+    unit = SteeringConfig(beta=2.0 + 1 / 10.0)  # β / (λ + 1/η) = 1
+    light = cs.generate(QUERY, CONTEXT, "light", steering=unit, max_new_tokens=24)
+    assert light.coefficient == pytest.approx(1.0)
+    assert light.token_ids == cs.generate(QUERY, CONTEXT, "slm_context", max_new_tokens=24).token_ids
+
+
+def test_every_method_runs_and_records_its_prompts(same_pair):
+    branches = {
+        "costeer": {"llm", "slm", "slm_context"},
+        "light": {"llm", "slm", "slm_context"},
+        "llm": {"llm"},
+        "llm_context": {"llm_context"},
+        "slm": {"slm"},
+        "slm_context": {"slm_context"},
+    }
+    prompts = same_pair.prompts(QUERY, CONTEXT)
+    for method, keys in branches.items():
+        g = same_pair.generate(QUERY, CONTEXT, method, max_new_tokens=6)
+        assert set(g.prompt_ids) == keys
+        assert all(g.prompt_ids[k] == prompts[k] for k in keys)
+        assert 1 <= len(g.token_ids) <= 6 and g.method == method
+    # the private context is absent from every prompt the LLM sees in a private method
+    ctx_ids = bpe_tokenizer()(CONTEXT, add_special_tokens=False)["input_ids"]
+    assert not _contains(prompts["llm"], ctx_ids[2:8])
+    assert _contains(prompts["slm_context"], ctx_ids[2:8])
+
+
+def _contains(seq, sub):
+    return any(seq[i : i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
+
+
+def test_stream_matches_generate_and_reports_timings(same_pair):
+    stream = same_pair.stream(QUERY, CONTEXT, "costeer", max_new_tokens=12)
+    chunks = list(stream)
+    g = stream.generation
+    assert "".join(c.text for c in chunks) == g.text
+    assert [c.step.token_id for c in chunks] == g.token_ids
+    assert g.token_ids == same_pair.generate(QUERY, CONTEXT, "costeer", max_new_tokens=12).token_ids
+    assert all(s.llm_s > 0 and s.slm_s > 0 and s.fusion_s >= 0 and s.sample_s >= 0 for s in g.steps)
+
+
+def test_seeded_sampling_is_reproducible(same_pair):
+    kw = dict(temperature=0.9, top_p=0.95, top_k=50, seed=11, max_new_tokens=10)
+    a = same_pair.generate(QUERY, CONTEXT, "costeer", **kw)
+    b = same_pair.generate(QUERY, CONTEXT, "costeer", **kw)
+    assert a.token_ids == b.token_ids
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(query="  ", context=CONTEXT, method="costeer"), "query is empty"),
+        (dict(query=QUERY, context=None, method="costeer"), "needs a personal context"),
+        (dict(query=QUERY, context="", method="slm_context"), "needs a personal context"),
+        (dict(query=QUERY, context=CONTEXT, method="nope"), "nope"),
+    ],
+)
+def test_bad_requests(same_pair, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        same_pair.generate(**kwargs)
+
+
+def test_missing_model_for_a_method():
+    tok = bpe_tokenizer()
+    cs = CoSteer(make_lm("llm", llama(len(tok)), tok), None)
+    with pytest.raises(ValueError, match="needs an SLM"):
+        cs.generate(QUERY, CONTEXT, "costeer")
+
+
+def test_incompatible_pair_is_refused():
+    a, d = bpe_tokenizer(), disjoint_tokenizer()
+    cs = CoSteer(make_lm("llm", llama(len(a)), a), make_lm("slm", llama(len(d)), d))
+    with pytest.raises(IncompatibleVocabularies):
+        cs.generate(QUERY, CONTEXT, "costeer", max_new_tokens=2)
+
+
+def test_sampling_overrides_are_validated(same_pair):
+    with pytest.raises(ValueError):
+        same_pair.generate(QUERY, CONTEXT, "llm", max_new_tokens=0)
+    assert SamplingConfig().greedy

@@ -1,0 +1,92 @@
+"""The CLI on tiny model folders: JSON output for replay, and one-line errors for bad input."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from costeer.api import CoSteer
+from costeer.cli import app
+from costeer.engine.models import load_lm
+from tests.tiny import bpe_tokenizer, disjoint_tokenizer, gemma3, llama
+
+runner = CliRunner()
+
+
+def _save(path, model, tok):
+    model.config.eos_token_id = model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    tok = bpe_tokenizer()
+    return {
+        "llm": _save(root / "llm", llama(len(tok), seed=1), tok),
+        "slm": _save(root / "slm", gemma3(len(tok), seed=2), tok),
+        "alien": _save(root / "alien", llama(len(disjoint_tokenizer()), seed=3), disjoint_tokenizer()),
+    }
+
+
+@pytest.fixture()
+def context_file(tmp_path):
+    f = tmp_path / "me.yaml"
+    f.write_text("name: Sam\ncity: Seattle\nlikes: [spicy tofu, running]\n")
+    return f
+
+
+def run(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_generate_json_carries_everything_to_replay_a_run(folders, context_file):
+    r = run("generate", "--llm", folders["llm"], "--slm", folders["slm"], "-q", "what should I cook",
+            "--context-file", str(context_file), "--max-new-tokens", "8", "--json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(out["prompt_ids"]) == {"llm", "slm", "slm_context"}
+    assert 1 <= len(out["token_ids"]) <= 8 and out["method"] == "costeer"
+    assert out["coefficient"] == pytest.approx(1.7833, abs=1e-4)
+    # replay through the API from the same files gives the same tokens and prompts
+    cs = CoSteer(load_lm(folders["llm"], "cpu"), load_lm(folders["slm"], "cpu"))
+    from costeer.engine.prompts import load_context
+
+    g = cs.generate("what should I cook", load_context(context_file), "costeer", max_new_tokens=8)
+    assert g.token_ids == out["token_ids"] and g.prompt_ids == out["prompt_ids"]
+
+
+def test_generate_streams_text(folders):
+    r = run("generate", "--llm", folders["llm"], "--method", "llm", "-q", "hello", "--max-new-tokens", "5")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--llm", "no-such-model", "--method", "llm", "-q", "hi"], "unknown model 'no-such-model'"),
+        (["--method", "costeer", "-q", "hi", "--context-file", "/no/such/file.yaml"], "context file not found"),
+        (["--method", "llm", "-q", "   "], "query is empty"),
+        (["--method", "costeer", "-q", "hi"], "needs a personal context"),
+        (["--method", "nope", "-q", "hi"], "nope"),
+        (["-q", "hi", "--max-new-tokens", "0"], "max-new-tokens"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(args, message, folders):
+    if "--llm" not in args:
+        args = ["--llm", folders["llm"], "--slm", folders["slm"], *args]
+    r = run("generate", *args)
+    assert r.exit_code == 2
+    assert message in r.output
+    assert "Traceback" not in r.output
+
+
+def test_incompatible_pair_is_one_line(folders, context_file):
+    r = run("generate", "--llm", folders["llm"], "--slm", folders["alien"], "-q", "hi", "--context-file", str(context_file))
+    assert r.exit_code == 2
+    assert "share" in r.output and "Traceback" not in r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
