@@ -118,3 +118,13 @@ def test_sampling_overrides_are_validated(same_pair):
     with pytest.raises(ValueError):
         same_pair.generate(QUERY, CONTEXT, "llm", max_new_tokens=0)
     assert SamplingConfig().greedy
+
+
+def test_context_message_replaces_context_plus_query(same_pair):
+    msg = "PROFILE: Sam, Seattle, spicy tofu. TASK: what should I cook tonight"
+    p = same_pair.prompts(QUERY, None, context_message=msg)
+    tok = bpe_tokenizer()
+    assert tok.decode(p["slm_context"]) == f"<|user|>{msg}<|end|><|assistant|>"
+    assert tok.decode(p["llm"]) == f"<|user|>{QUERY}<|end|><|assistant|>"
+    g = same_pair.generate(QUERY, None, "costeer", context_message=msg, max_new_tokens=4)
+    assert g.prompt_ids["slm_context"] == p["slm_context"]

@@ -97,17 +97,18 @@ class CoSteer:
             )
         return self._vocab
 
-    def prompts(self, query: str, context: str | None) -> dict[str, list[int]]:
-        """Every prompt a method may start from (only *_context prompts hold the context)."""
+    def prompts(self, query: str, context: str | None, context_message: str | None = None) -> dict[str, list[int]]:
+        """Every prompt a method may start from (only *_context prompts hold the context).
+
+        The with-context user message is `context_message` verbatim when given (a dataset's own
+        personalised prompt), else the context followed by the query."""
+        with_ctx = context_message or (user_message(query, context) if context else None)
         out: dict[str, list[int]] = {}
-        if self.llm is not None:
-            out["llm"] = prompt_ids(self.llm.tokenizer, user_message(query))
-            if context:
-                out["llm_context"] = prompt_ids(self.llm.tokenizer, user_message(query, context))
-        if self.slm is not None:
-            out["slm"] = prompt_ids(self.slm.tokenizer, user_message(query))
-            if context:
-                out["slm_context"] = prompt_ids(self.slm.tokenizer, user_message(query, context))
+        for side, lm in (("llm", self.llm), ("slm", self.slm)):
+            if lm is not None:
+                out[side] = prompt_ids(lm.tokenizer, user_message(query))
+                if with_ctx:
+                    out[f"{side}_context"] = prompt_ids(lm.tokenizer, with_ctx)
         return out
 
     def _config(self, sampling: SamplingConfig | None, steering: SteeringConfig | None, overrides: dict):
@@ -126,15 +127,19 @@ class CoSteer:
         method: Method | str = Method.costeer,
         sampling: SamplingConfig | None = None,
         steering: SteeringConfig | None = None,
+        context_message: str | None = None,
         **overrides,
     ) -> "GenerationStream":
         """Tokens as they are chosen; `.generation` fills in as the stream is consumed.
+
+        context_message: the whole with-context user message, used verbatim instead of
+        context + query (e.g. CoGenesis' `personalized_input`).
         Overrides: temperature, top_k, top_p, seed, max_new_tokens."""
         method = Method(method)
         if not query or not query.strip():
             raise ValueError("the query is empty")
         if method in (Method.costeer, Method.light, Method.llm_context, Method.slm_context) and not (
-            context and context.strip()
+            (context and context.strip()) or (context_message and context_message.strip())
         ):
             raise ValueError(f"method '{method.value}' needs a personal context")
         if method.uses_llm and self.llm is None:
@@ -142,7 +147,8 @@ class CoSteer:
         if method.uses_slm and self.slm is None:
             raise ValueError(f"method '{method.value}' needs an SLM")
         s_cfg, st_cfg = self._config(sampling, steering, overrides)
-        prompts = self.prompts(query, None if method in (Method.llm, Method.slm) else context)
+        private = method not in (Method.llm, Method.slm)
+        prompts = self.prompts(query, context if private else None, context_message if private else None)
         prompts = {k: v for k, v in prompts.items() if k in _BRANCHES[method]}
 
         if method.steered:

@@ -61,8 +61,29 @@ def _run_guarded(fn):
         _fail("interrupted")
 
 
-def _steering(T: int, alpha: float, beta: float, lam: float, eta: float) -> SteeringConfig:
-    return SteeringConfig(T=T, alpha=alpha, beta=beta, lam=lam, eta=eta)
+# Options shared by the commands that generate.
+LLM_OPT = typer.Option(DEFAULT_LLM, help="LLM: preset, .gguf file, model folder or hub name.")
+SLM_OPT = typer.Option(DEFAULT_SLM, help="SLM (on the device): preset, .gguf file, folder or hub name.")
+MAX_NEW_OPT = typer.Option(128, min=1)
+TEMPERATURE_OPT = typer.Option(0.0, min=0.0, help="0 = greedy (the paper's setting).")
+TOP_K_OPT = typer.Option(0, min=0)
+TOP_P_OPT = typer.Option(1.0, min=0.0, max=1.0)
+SEED_OPT = typer.Option(None)
+T_OPT = typer.Option(20, "--T", min=1, help="FTRL iterations.")
+ALPHA_OPT = typer.Option(2.0, help="α: LLM policy contrast.")
+BETA_OPT = typer.Option(1.0, help="β: weight of the SLM delta.")
+LAMBDA_OPT = typer.Option(2.0, "--lambda", help="λ: KL anchor to the LLM's policy.")
+ETA_OPT = typer.Option(10.0, help="η: FTRL step size.")
+DEVICE_OPT = typer.Option("auto", help="auto | cpu | cuda[:N]")
+
+
+def _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens) -> GenerationConfig:
+    return GenerationConfig(
+        steering=SteeringConfig(T=T, alpha=alpha, beta=beta, lam=lam, eta=eta),
+        sampling=SamplingConfig(
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens
+        ),
+    )
 
 
 @app.command()
@@ -72,20 +93,20 @@ def generate(
         None, "--context-file", "-c", help="Private profile / history: plain text, JSON or YAML."
     ),
     context: Optional[str] = typer.Option(None, "--context", help="Private context given inline instead of a file."),
-    llm: str = typer.Option(DEFAULT_LLM, help="LLM: preset, .gguf file, model folder or hub name."),
-    slm: str = typer.Option(DEFAULT_SLM, help="SLM (on the device): preset, .gguf file, folder or hub name."),
+    llm: str = LLM_OPT,
+    slm: str = SLM_OPT,
     method: Method = typer.Option(Method.costeer, help=METHODS_DOC),
-    max_new_tokens: int = typer.Option(128, min=1),
-    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy (the paper's setting)."),
-    top_k: int = typer.Option(0, min=0),
-    top_p: float = typer.Option(1.0, min=0.0, max=1.0),
-    seed: Optional[int] = typer.Option(None),
-    T: int = typer.Option(20, "--T", min=1, help="FTRL iterations."),
-    alpha: float = typer.Option(2.0, help="α: LLM policy contrast."),
-    beta: float = typer.Option(1.0, help="β: weight of the SLM delta."),
-    lam: float = typer.Option(2.0, "--lambda", help="λ: KL anchor to the LLM's policy."),
-    eta: float = typer.Option(10.0, help="η: FTRL step size."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda[:N]"),
+    max_new_tokens: int = MAX_NEW_OPT,
+    temperature: float = TEMPERATURE_OPT,
+    top_k: int = TOP_K_OPT,
+    top_p: float = TOP_P_OPT,
+    seed: Optional[int] = SEED_OPT,
+    T: int = T_OPT,
+    alpha: float = ALPHA_OPT,
+    beta: float = BETA_OPT,
+    lam: float = LAMBDA_OPT,
+    eta: float = ETA_OPT,
+    device: str = DEVICE_OPT,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
 ) -> None:
     """Generate one response with any method; tokens stream as they are chosen."""
@@ -98,12 +119,7 @@ def generate(
         ctx = load_context(context_file) if context_file is not None else context
         if not query.strip():
             raise ValueError("the query is empty")
-        cfg = GenerationConfig(
-            steering=_steering(T, alpha, beta, lam, eta),
-            sampling=SamplingConfig(
-                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens
-            ),
-        )
+        cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens)
         _quiet_libraries()
         needs_llm, needs_slm = method.uses_llm, method.uses_slm
         cs = _load(llm if needs_llm else None, slm if needs_slm else None, cfg, device)
@@ -140,10 +156,10 @@ def generate(
 
 @app.command()
 def demo(
-    llm: str = typer.Option(DEFAULT_LLM, help="LLM: preset, .gguf file, model folder or hub name."),
-    slm: str = typer.Option(DEFAULT_SLM, help="SLM: preset, .gguf file, folder or hub name."),
+    llm: str = LLM_OPT,
+    slm: str = SLM_OPT,
     max_new_tokens: int = typer.Option(64, min=1),
-    device: str = typer.Option("auto"),
+    device: str = DEVICE_OPT,
 ) -> None:
     """Run the default pair on the shipped example persona: `llm` vs `costeer` vs `slm_context`."""
     import yaml
@@ -167,6 +183,137 @@ def demo(
             steps = stream.generation.steps
             ms = 1000 * sum(s.llm_s + s.slm_s + s.fusion_s + s.sample_s for s in steps[1:]) / max(1, len(steps) - 1)
             typer.echo(f"\n   [{len(stream.generation.token_ids)} tokens, {ms:.0f} ms/token]\n")
+
+    _run_guarded(run)
+
+
+ALL_METHODS = ",".join(("slm", "slm_context", "llm", "costeer", "light", "llm_context"))
+
+
+def _load_examples(task: str, data: Optional[Path], preference: Optional[str], limit: Optional[int]):
+    """The task's examples (default file: its shipped sample) and the file they came from."""
+    from costeer.eval.tasks import load_task, sample_path
+
+    path = data if data is not None else sample_path(task)  # sample_path rejects an unknown task
+    examples = load_task(task, path, preference=preference, limit=limit)
+    if not examples:
+        raise ValueError(f"no examples in {path}")
+    return examples, path
+
+
+def _load_for(methods, llm: str, slm: str, cfg: GenerationConfig, device: str):
+    """Load only the models the methods need."""
+    _quiet_libraries()
+    needs_llm = any(m.uses_llm for m in methods)
+    needs_slm = any(m.uses_slm for m in methods)
+    return _load(llm if needs_llm else None, slm if needs_slm else None, cfg, device)
+
+
+def _interruptible(out: Path, fn):
+    """Ctrl-C keeps every finished generation: say how to pick up from there."""
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        _fail(f"interrupted; rerun the same command to resume into {out}")
+
+
+@app.command("eval")
+def eval_(
+    task: str = typer.Option(..., help="cogenesis | longlamp_abstract | longlamp_review | longlamp_writing | "
+                             "helpsteer | personal_preference_eval | truthfulqa | ultrachat"),
+    data: Optional[Path] = typer.Option(None, help="Task JSONL file or a folder with <task>.jsonl "
+                                        "(default: the shipped sample rows)."),
+    out: Path = typer.Option(..., "--out", help="Run folder (reruns into it resume)."),
+    methods: str = typer.Option(ALL_METHODS, help=f"Comma-separated. {METHODS_DOC}"),
+    preference: Optional[str] = typer.Option(None, help="Preference tasks: concise | creative | uplifting | verbose."),
+    limit: Optional[int] = typer.Option(None, min=0, help="First N examples only."),
+    llm: str = LLM_OPT,
+    slm: str = SLM_OPT,
+    cloud: Optional[str] = typer.Option(None, help="Remote LLM endpoint (the cloud split; not available yet)."),
+    max_new_tokens: int = MAX_NEW_OPT,
+    temperature: float = TEMPERATURE_OPT,
+    top_k: int = TOP_K_OPT,
+    top_p: float = TOP_P_OPT,
+    seed: Optional[int] = SEED_OPT,
+    T: int = T_OPT,
+    alpha: float = ALPHA_OPT,
+    beta: float = BETA_OPT,
+    lam: float = LAMBDA_OPT,
+    eta: float = ETA_OPT,
+    device: str = DEVICE_OPT,
+) -> None:
+    """Run methods over a task into a resumable folder, then write metrics.json and report.md/csv/png."""
+
+    def run():
+        from costeer.eval.runner import parse_methods, run_eval
+        from costeer.eval.report import render_markdown
+
+        if cloud is not None:
+            raise ValueError("the cloud split is not available yet")
+        ms = parse_methods(methods.split(","))
+        examples, path = _load_examples(task, data, preference, limit)
+        cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens)
+        cs = _load_for(ms, llm, slm, cfg, device)
+        metrics = _interruptible(out, lambda: run_eval(
+            cs, examples, ms, out, data=path, limit=limit, models={"llm": llm, "slm": slm}
+        ))  # fmt: skip
+        typer.echo(render_markdown(metrics))
+        typer.echo(f"wrote {out}/metrics.json, report.md, report.csv, report.png", err=True)
+
+    _run_guarded(run)
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A folder written by `costeer eval`."),
+    task: Optional[str] = typer.Option(None, help="Default: the task in the folder's run.json."),
+    data: Optional[Path] = typer.Option(None, help="Default: the file in run.json, else the task's sample."),
+    preference: Optional[str] = typer.Option(None, help="Default: the preference in run.json."),
+) -> None:
+    """Re-score a run folder: metrics.json and report.md/csv/png; prints the Markdown table."""
+
+    def run():
+        from costeer.eval.report import render_markdown
+        from costeer.eval.runner import report_run
+
+        typer.echo(render_markdown(report_run(run_dir, task, data, preference)))
+
+    _run_guarded(run)
+
+
+@app.command()
+def sweep(
+    task: str = typer.Option(..., help="Task name (the paper sweeps longlamp_abstract)."),
+    data: Optional[Path] = typer.Option(None, help="Task JSONL file (default: the shipped sample rows)."),
+    out: Path = typer.Option(..., "--out", help="Sweep folder (generations are cached there by b)."),
+    params: str = typer.Option("alpha,beta,lambda,eta,T", help="Comma-separated hyper-parameters to vary."),
+    preference: Optional[str] = typer.Option(None, help="Preference tasks: concise | creative | uplifting | verbose."),
+    limit: Optional[int] = typer.Option(None, min=0, help="First N examples only."),
+    max_new_tokens: int = MAX_NEW_OPT,
+    llm: str = LLM_OPT,
+    slm: str = SLM_OPT,
+    device: str = DEVICE_OPT,
+) -> None:
+    """Vary α, β, λ, η, T one at a time around the defaults (paper Fig. 2); writes sweep.json/csv/png."""
+
+    def run():
+        from costeer.eval.sweep import parse_params, run_sweep
+
+        names = parse_params(params.split(","))
+        examples, path = _load_examples(task, data, preference, limit)
+        cfg = GenerationConfig(sampling=SamplingConfig(max_new_tokens=max_new_tokens))
+        cs = _load_for([Method.costeer], llm, slm, cfg, device)
+        result = _interruptible(out, lambda: run_sweep(
+            cs, examples, out, params=names, data=path, limit=limit, models={"llm": llm, "slm": slm}
+        ))  # fmt: skip
+        metric = result["metric"] or "score"
+        typer.echo(f"{'param':<6} {'value':>8} {'b':>12} {metric:>10}")
+        for s in result["settings"]:
+            score = "skipped" if s["skipped"] else ("–" if s["score"] is None else f"{s['score']:.4f}")
+            b = "–" if s["b"] is None else f"{s['b']:.4g}"
+            typer.echo(f"{s['param']:<6} {s['value']:>8g} {b:>12} {score:>10}")
+        typer.echo(f"{result['distinct_coefficients']} distinct b generated; wrote {out}/sweep.json, "
+                   "sweep.csv, sweep.png", err=True)
 
     _run_guarded(run)
 

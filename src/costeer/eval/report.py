@@ -84,7 +84,7 @@ PREFERENCE_DIRECTIONS: dict[str, dict[str, bool]] = {
     "creative": {},
 }
 HEADLINE: dict[str, tuple[str, ...]] = {
-    "cogenesis": ("judge_overall", "judge_personal", "detail_recall"),
+    "cogenesis": ("judge_overall", "judge_personal", "rougeL", "detail_recall"),
     "longlamp": ("rouge1", "rougeL", "meteor"),
     "preference": ("armorm",),
 }
@@ -191,6 +191,8 @@ def _score_one(family: str, ex: Example, gen: Generation, method: str, judge: An
         row.update(M.rouge(text, ex.reference))
         row["meteor"] = M.meteor(text, ex.reference)
     if family == "cogenesis":
+        if ex.reference:
+            row.update(M.rouge(text, ex.reference))  # against `output`, the reference written with context
         row.update(M.personal_detail_recall(text, personal_text(ex), ex.query))
         if judge is not None and cache is not None:
             for kind, key in (("overall", "judge_overall"), ("personal", "judge_personal")):
