@@ -12,16 +12,23 @@ from costeer.steering import FTRLParams, ftrl_literal
 
 def literal_costeer(cs: CoSteer, query: str, context: str, n_tokens: int, params: FTRLParams | None = None) -> list[int]:
     params = params or cs.config.steering.params()
+    return literal_steered(cs, query, context, n_tokens, lambda lp, lq, lb, _: ftrl_literal(lp, lq, lb, params))
+
+
+def literal_steered(cs: CoSteer, query: str, context: str, n_tokens: int, fusion) -> list[int]:
+    """The same loop with any fusion(log π_base, log π*_pers, log π*_base, aligned ids so far) -> log π."""
     p = cs.prompts(query, context)
     vm = cs.vocab()
     llm_ids, base_ids, pers_ids = list(p["llm"]), list(p["slm"]), list(p["slm_context"])
     out: list[int] = []
+    history: list[int] = []  # aligned ids
     for _ in range(n_tokens):
         view = lambda x, f: torch.log_softmax(f(x).double(), -1)  # noqa: E731
         lp = view(full_forward_logprobs(cs.llm, llm_ids), vm.llm_view)
         lb = view(full_forward_logprobs(cs.slm, base_ids), vm.slm_view)
         lq = view(full_forward_logprobs(cs.slm, pers_ids), vm.slm_view)
-        k = int(torch.argmax(ftrl_literal(lp, lq, lb, params)))
+        k = int(torch.argmax(fusion(lp, lq, lb, list(history))))
+        history.append(k)
         if vm.is_stop(k):
             break
         out.append(vm.llm_token(k))

@@ -2,9 +2,10 @@
 
 import pytest
 
-from costeer import CoSteer, GenerationConfig, SamplingConfig, SteeringConfig
+from costeer import CoSteer, GenerationConfig, Method, SamplingConfig, SteeringConfig, VariantConfig
 from costeer.engine.vocab import IncompatibleVocabularies
-from tests.reference import literal_costeer
+from costeer.steering import fuse_plausible_trust, repetition_guard
+from tests.reference import literal_costeer, literal_steered
 from tests.tiny import bpe_tokenizer, disjoint_tokenizer, gemma3, llama, make_lm, sp_tokenizer
 
 QUERY = "what should I cook tonight"
@@ -48,6 +49,10 @@ def test_every_method_runs_and_records_its_prompts(same_pair):
     branches = {
         "costeer": {"llm", "slm", "slm_context"},
         "light": {"llm", "slm", "slm_context"},
+        "costeer_plausible": {"llm", "slm", "slm_context"},
+        "costeer_trust": {"llm", "slm", "slm_context"},
+        "costeer_plausible_trust": {"llm", "slm", "slm_context"},
+        "costeer_guarded": {"llm", "slm", "slm_context"},
         "llm": {"llm"},
         "llm_context": {"llm_context"},
         "slm": {"slm"},
@@ -128,3 +133,64 @@ def test_context_message_replaces_context_plus_query(same_pair):
     assert tok.decode(p["llm"]) == f"<|user|>{QUERY}<|end|><|assistant|>"
     g = same_pair.generate(QUERY, None, "costeer", context_message=msg, max_new_tokens=4)
     assert g.prompt_ids["slm_context"] == p["slm_context"]
+
+
+# ------------------------------------------------------------------------------------------- steering variants
+
+VARIANTS = ["costeer_plausible", "costeer_trust", "costeer_plausible_trust", "costeer_guarded"]
+OFF = SteeringConfig(variant=VariantConfig(tau=0.0, epsilon=None, repetition_penalty=0.0, no_repeat_ngram=0))
+
+
+@pytest.mark.parametrize("pair", ["same_pair", "cross_pair"])
+@pytest.mark.parametrize("method", VARIANTS)
+def test_each_variant_runs_end_to_end_and_is_the_paper_update_when_off(method, pair, request):
+    cs = request.getfixturevalue(pair)
+    g = cs.generate(QUERY, CONTEXT, method, max_new_tokens=12)
+    assert g.method == method and 1 <= len(g.token_ids) <= 12
+    assert g.coefficient == pytest.approx(1.7833, abs=1e-4)  # b_T: the cap the variants steer under
+    off = cs.generate(QUERY, CONTEXT, method, steering=OFF, max_new_tokens=12)
+    assert off.token_ids == cs.generate(QUERY, CONTEXT, "costeer", max_new_tokens=12).token_ids
+
+
+@pytest.mark.parametrize("pair", ["same_pair", "cross_pair"])
+def test_guarded_equals_the_literal_loop(pair, request):
+    cs = request.getfixturevalue(pair)
+    v = VariantConfig(tau=0.02, tau_pers=0.05, epsilon=0.3, repetition_penalty=0.5, no_repeat_ngram=2)
+    b = SteeringConfig().coefficient(Method.costeer)
+
+    def fusion(lp, lq, lb, history):
+        return fuse_plausible_trust(repetition_guard(lp, history, 0.5, 2), lq, lb, b, v.tau, v.epsilon, v.tau_pers)
+
+    got = cs.generate(QUERY, CONTEXT, "costeer_guarded", steering=SteeringConfig(variant=v), max_new_tokens=20)
+    assert got.token_ids == literal_steered(cs, QUERY, CONTEXT, 20, fusion)
+
+
+def test_variant_limits_give_back_the_llm(same_pair):
+    # τ = 1 keeps only the LLM's favourite; ε = 0 allows no move from π_base: greedy, both are `llm`
+    llm = same_pair.generate(QUERY, CONTEXT, "llm", max_new_tokens=16).token_ids
+    for method, v in [("costeer_plausible", VariantConfig(tau=1.0)), ("costeer_trust", VariantConfig(epsilon=0.0))]:
+        g = same_pair.generate(QUERY, CONTEXT, method, steering=SteeringConfig(variant=v), max_new_tokens=16)
+        assert g.token_ids == llm, method
+    assert same_pair.generate(QUERY, CONTEXT, "costeer", max_new_tokens=16).token_ids != llm
+
+
+def _repeats(ids, n):
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+@pytest.mark.parametrize("variant", [VariantConfig(tau=0.0, epsilon=None, no_repeat_ngram=2),  # the guard alone
+                                     VariantConfig(no_repeat_ngram=2)])  # with the head and the trust region
+def test_the_guard_bans_repeated_ngrams_in_the_output(same_pair, variant):
+    plain = same_pair.generate(QUERY, CONTEXT, "costeer", max_new_tokens=40).token_ids
+    guarded = same_pair.generate(QUERY, CONTEXT, "costeer_guarded", steering=SteeringConfig(variant=variant),
+                                 max_new_tokens=40).token_ids  # fmt: skip
+    assert _repeats(plain, 2)  # the random tiny model loops
+    assert not _repeats(guarded, 2) and len(guarded) >= 20
+
+
+def test_variant_parameters_are_validated(same_pair):
+    with pytest.raises(ValueError):
+        same_pair.generate(QUERY, CONTEXT, "costeer_trust", steering=SteeringConfig(variant=dict(epsilon=-1)))
+    with pytest.raises(ValueError, match="needs a personal context"):
+        same_pair.generate(QUERY, None, "costeer_guarded")

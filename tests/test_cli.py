@@ -90,3 +90,37 @@ def test_incompatible_pair_is_one_line(folders, context_file):
     assert "share" in r.output and "Traceback" not in r.output
     errors = [line for line in r.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1
+
+
+def test_generate_and_eval_take_the_variant_options(folders, context_file, tmp_path):
+    base = ["--llm", folders["llm"], "--slm", folders["slm"], "--max-new-tokens", "6"]
+    q = ["-q", "what should I cook", "--context-file", str(context_file)]
+    r = run("generate", *base, *q, "--method", "costeer_trust", "--epsilon", "0", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["method"] == "costeer_trust"
+    assert out["config"]["steering"]["variant"] == {"tau": 0.1, "tau_pers": None, "epsilon": 0.0,
+                                                    "repetition_penalty": 0.0, "no_repeat_ngram": 4}  # fmt: skip
+    llm = json.loads(run("generate", *base, *q, "--method", "llm", "--json").stdout.strip().splitlines()[-1])
+    assert out["token_ids"] == llm["token_ids"]  # ε = 0: no move away from the LLM
+
+    r = run("generate", *base, *q, "--method", "costeer_guarded", "--tau", "0", "--epsilon", "inf",
+            "--repetition-penalty", "0.5", "--no-repeat-ngram", "2", "--json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1])["config"]["steering"]["variant"]["epsilon"] is None
+    r = run("generate", *base, *q, "--method", "costeer_plausible", "--tau-pers", "0.1", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1])["config"]["steering"]["variant"]["tau_pers"] == 0.1
+    r = run("generate", *base, *q, "--method", "costeer_plausible", "--tau", "2")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+
+    run_dir = tmp_path / "run"
+    ev = ["eval", "--task", "cogenesis", "--limit", "1", "--llm", folders["llm"], "--slm", folders["slm"],
+          "--max-new-tokens", "4", "--device", "cpu", "--out", str(run_dir)]  # fmt: skip
+    r = run(*ev, "--methods", "llm,costeer_trust", "--epsilon", "0")
+    assert r.exit_code == 0, r.output
+    assert json.loads((run_dir / "run.json").read_text())["steering"]["variant"]["epsilon"] == 0.0
+    rows = {m: json.loads((run_dir / f"{m}.jsonl").read_text()) for m in ("llm", "costeer_trust")}
+    assert rows["costeer_trust"]["token_ids"] == rows["llm"]["token_ids"]
+    r = run(*ev, "--methods", "costeer_trust", "--epsilon", "0.5")  # other parameters: refused on resume
+    assert r.exit_code == 2 and "steering.variant" in r.output

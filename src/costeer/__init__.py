@@ -6,6 +6,12 @@ Layers (imported in one direction):  cli -> api -> engine -> steering.
 __version__ = "0.1.0"
 
 from costeer.api import CoSteer, Generation  # noqa: E402
-from costeer.engine.config import GenerationConfig, Method, SamplingConfig, SteeringConfig  # noqa: E402
+from costeer.engine.config import (  # noqa: E402
+    GenerationConfig,
+    Method,
+    SamplingConfig,
+    SteeringConfig,
+    VariantConfig,
+)
 
-__all__ = ["CoSteer", "Generation", "GenerationConfig", "Method", "SamplingConfig", "SteeringConfig"]
+__all__ = ["CoSteer", "Generation", "GenerationConfig", "Method", "SamplingConfig", "SteeringConfig", "VariantConfig"]

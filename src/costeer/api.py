@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from costeer.engine.config import GenerationConfig, Method, SamplingConfig, SteeringConfig
+from costeer.engine.fusion import fusion_pipeline
 from costeer.engine.loop import LocalModelSource, LocalSteeringSource, Step, decode
 from costeer.engine.models import LM, load_lm
 from costeer.engine.prompts import prompt_ids, user_message
@@ -35,7 +36,7 @@ class Generation:
     token_ids: list[int]  # generated ids in the primary model's vocabulary (stop token excluded)
     prompt_ids: dict[str, list[int]]  # the exact prompts each branch started from
     stop_reason: str  # "stop" or "length"
-    coefficient: float | None  # the delta's effective coefficient b (steered methods)
+    coefficient: float | None  # the delta's coefficient b_T (steered methods; the trust region's cap)
     steps: list[Step] = field(default_factory=list)
 
     def timing(self) -> dict[str, float]:
@@ -134,11 +135,13 @@ class CoSteer:
 
         context_message: the whole with-context user message, used verbatim instead of
         context + query (e.g. CoGenesis' `personalized_input`).
+        steering: the FTRL hyper-parameters and, for the costeer_* variants, `variant`
+        (e.g. SteeringConfig(variant=VariantConfig(epsilon=0.3))).
         Overrides: temperature, top_k, top_p, seed, max_new_tokens."""
         method = Method(method)
         if not query or not query.strip():
             raise ValueError("the query is empty")
-        if method in (Method.costeer, Method.light, Method.llm_context, Method.slm_context) and not (
+        if (method.steered or method in (Method.llm_context, Method.slm_context)) and not (
             (context and context.strip()) or (context_message and context_message.strip())
         ):
             raise ValueError(f"method '{method.value}' needs a personal context")
@@ -146,6 +149,8 @@ class CoSteer:
             raise ValueError(f"method '{method.value}' needs an LLM")
         if method.uses_slm and self.slm is None:
             raise ValueError(f"method '{method.value}' needs an SLM")
+        if method is Method.llm_context and getattr(self.llm, "remote", False):
+            raise ValueError("method 'llm_context' would send the private context to the cloud: refused")
         s_cfg, st_cfg = self._config(sampling, steering, overrides)
         private = method not in (Method.llm, Method.slm)
         prompts = self.prompts(query, context if private else None, context_message if private else None)
@@ -154,16 +159,27 @@ class CoSteer:
         if method.steered:
             vocab, b = self.vocab(), st_cfg.coefficient(method)
             primary = self.llm
-            steps = decode(
-                LocalModelSource(self.llm), prompts["llm"], vocab, s_cfg,
-                LocalSteeringSource(self.slm), (prompts["slm"], prompts["slm_context"]), b,
-            )  # fmt: skip
+            slm_prompts = (prompts["slm"], prompts["slm_context"])
+            source, steering = self._llm_side(vocab, s_cfg, LocalSteeringSource(self.slm), slm_prompts)
+            steps = decode(source, prompts["llm"], vocab, s_cfg, steering, slm_prompts, b,
+                           fusion=fusion_pipeline(method, st_cfg))  # fmt: skip
         else:
             primary = self.llm if method.uses_llm else self.slm
             vocab = VocabMap(size=primary.vocab_size, identity=True, stop_ids=primary.stop_ids)
             b = None
-            steps = decode(LocalModelSource(primary), prompts[method.value], vocab, s_cfg)
+            source = self._llm_side(vocab, s_cfg)[0] if method.uses_llm else LocalModelSource(primary)
+            steps = decode(source, prompts[method.value], vocab, s_cfg)
+        steps = _closing(steps, source)
         return GenerationStream(steps, primary.tokenizer, Generation(method.value, "", [], prompts, "length", b))
+
+    def _llm_side(self, vocab: VocabMap, sampling: SamplingConfig, steering=None, slm_prompts=None):
+        """The LLM as a next-token source, with the steering source to pair it with: in-process,
+        or — when `llm` is a `costeer.device.CloudLLM` — a client of the cloud service that runs
+        the SLM pair while the cloud answers."""
+        connect = getattr(self.llm, "connect", None)
+        if connect is None:
+            return LocalModelSource(self.llm), steering
+        return connect(vocab, sampling.max_new_tokens, steering, slm_prompts)
 
     def generate(self, query: str, context: str | None = None, method: Method | str = Method.costeer, **kw) -> Generation:
         """Run to the end and return text, token ids, prompts and per-token timings."""
@@ -183,20 +199,34 @@ class GenerationStream:
 
     def __iter__(self) -> Iterator[Chunk]:
         g = self.generation
-        for step in self._steps:
-            g.steps.append(step)
-            if step.stop:
-                g.stop_reason = "stop"
-                return
-            g.token_ids.append(step.token_id)
-            piece = self._text.push(step.token_id)
-            g.text += piece
-            yield Chunk(step, piece)
+        try:
+            for step in self._steps:
+                g.steps.append(step)
+                if step.stop:
+                    g.stop_reason = "stop"
+                    return
+                g.token_ids.append(step.token_id)
+                piece = self._text.push(step.token_id)
+                g.text += piece
+                yield Chunk(step, piece)
+        finally:
+            close = getattr(self._steps, "close", None)
+            if close is not None:  # ends a cloud session as soon as the stream ends
+                close()
+
+
+def _closing(steps: Iterator[Step], source) -> Iterator[Step]:
+    """Close the source (a cloud session) when the stream ends, however it ends."""
+    try:
+        yield from steps
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
 
 
 _BRANCHES: dict[Method, tuple[str, ...]] = {
-    Method.costeer: ("llm", "slm", "slm_context"),
-    Method.light: ("llm", "slm", "slm_context"),
+    **{m: ("llm", "slm", "slm_context") for m in Method if m.steered},
     Method.llm: ("llm",),
     Method.llm_context: ("llm_context",),
     Method.slm: ("slm",),

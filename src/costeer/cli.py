@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from costeer.engine.config import METHOD_HELP, GenerationConfig, Method, SamplingConfig, SteeringConfig
+from costeer.engine.config import METHOD_HELP, GenerationConfig, Method, SamplingConfig, SteeringConfig, VariantConfig
 
 DEFAULT_LLM = "smollm2-135m-instruct"
 DEFAULT_SLM = "smollm2-135m-instruct"
@@ -48,6 +48,20 @@ def _load(llm: Optional[str], slm: Optional[str], config: GenerationConfig, devi
     return CoSteer.load(llm, slm, config, device=device)
 
 
+def _load_cloud(url: str, slm: Optional[str], config: GenerationConfig, device: str, k: str, tail: str,
+                wire_log: Optional[Path], query: str):  # fmt: skip
+    """The LLM is the cloud at `url`; the SLM loads here, on the device."""
+    from costeer.api import CoSteer
+    from costeer.device import connect_cloud, parse_k
+    from costeer.engine.models import load_lm
+
+    typer.echo(f"connecting to {url}; loading SLM={slm} …", err=True)
+    llm = connect_cloud(url, k=parse_k(k), tail=tail, wire_log=wire_log)
+    if llm.wire is not None:
+        llm.wire.meta(query=query)  # the audit's default public query
+    return CoSteer(llm, load_lm(slm, device) if slm else None, config)
+
+
 def _run_guarded(fn):
     """User errors -> one line; anything else is a bug and keeps its traceback."""
     from costeer.engine.models import ModelLoadError
@@ -75,11 +89,26 @@ BETA_OPT = typer.Option(1.0, help="β: weight of the SLM delta.")
 LAMBDA_OPT = typer.Option(2.0, "--lambda", help="λ: KL anchor to the LLM's policy.")
 ETA_OPT = typer.Option(10.0, help="η: FTRL step size.")
 DEVICE_OPT = typer.Option("auto", help="auto | cpu | cuda[:N]")
+_V = VariantConfig()  # the costeer_* variants' options; unset ones keep these defaults
+TAU_OPT = typer.Option(None, min=0.0, max=1.0, help=f"Plausible head τ (default {_V.tau}; 0 = off).")
+TAU_PERS_OPT = typer.Option(None, min=0.0, max=1.0, help="Also keep the context SLM's head at this τ (default off).")
+EPSILON_OPT = typer.Option(None, min=0.0, help=f"Trust region ε, nats/token (default {_V.epsilon}; inf = off).")
+REP_PENALTY_OPT = typer.Option(None, min=0.0, help=f"Guard: nats off used tokens (default {_V.repetition_penalty}).")
+NO_REPEAT_OPT = typer.Option(None, min=0, help=f"Guard: ban repeated n-grams (default {_V.no_repeat_ngram}; 0 = off).")
 
 
-def _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens) -> GenerationConfig:
+def _variant(tau, tau_pers, epsilon, repetition_penalty, no_repeat_ngram) -> VariantConfig | None:
+    """The variant options given, or None (the defaults) when none was."""
+    given = dict(tau=tau, tau_pers=tau_pers, epsilon=epsilon, repetition_penalty=repetition_penalty,
+                 no_repeat_ngram=no_repeat_ngram)  # fmt: skip
+    given = {k: v for k, v in given.items() if v is not None}
+    return VariantConfig(**given) if given else None
+
+
+def _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens,
+                variant: VariantConfig | None = None) -> GenerationConfig:  # fmt: skip
     return GenerationConfig(
-        steering=SteeringConfig(T=T, alpha=alpha, beta=beta, lam=lam, eta=eta),
+        steering=SteeringConfig(T=T, alpha=alpha, beta=beta, lam=lam, eta=eta, variant=variant),
         sampling=SamplingConfig(
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens
         ),
@@ -106,8 +135,18 @@ def generate(
     beta: float = BETA_OPT,
     lam: float = LAMBDA_OPT,
     eta: float = ETA_OPT,
+    tau: Optional[float] = TAU_OPT,
+    tau_pers: Optional[float] = TAU_PERS_OPT,
+    epsilon: Optional[float] = EPSILON_OPT,
+    repetition_penalty: Optional[float] = REP_PENALTY_OPT,
+    no_repeat_ngram: Optional[int] = NO_REPEAT_OPT,
     device: str = DEVICE_OPT,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
+    cloud: Optional[str] = typer.Option(None, help="ws://HOST:PORT of `costeer serve`: the LLM runs there "
+                                        "(key from COSTEER_API_KEY; --llm is then the server's)."),
+    cloud_k: str = typer.Option("256", help="With --cloud: top-k entries per frame, or 'full' (exact)."),
+    cloud_tail: str = typer.Option("slm", help="With --cloud: model of the mass outside the top-k: slm | uniform."),
+    wire_log: Optional[Path] = typer.Option(None, help="With --cloud: record every byte sent and received here."),
 ) -> None:
     """Generate one response with any method; tokens stream as they are chosen."""
 
@@ -116,13 +155,19 @@ def generate(
 
         if context_file is not None and context is not None:
             raise ValueError("give --context or --context-file, not both")
+        if wire_log is not None and cloud is None:
+            raise ValueError("--wire-log records the exchange with the cloud: give --cloud too")
         ctx = load_context(context_file) if context_file is not None else context
         if not query.strip():
             raise ValueError("the query is empty")
-        cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens)
+        variant = _variant(tau, tau_pers, epsilon, repetition_penalty, no_repeat_ngram)
+        cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens, variant)
         _quiet_libraries()
         needs_llm, needs_slm = method.uses_llm, method.uses_slm
-        cs = _load(llm if needs_llm else None, slm if needs_slm else None, cfg, device)
+        if cloud is not None:
+            cs = _load_cloud(cloud, slm if needs_slm else None, cfg, device, cloud_k, cloud_tail, wire_log, query)
+        else:
+            cs = _load(llm if needs_llm else None, slm if needs_slm else None, cfg, device)
         stream = cs.stream(query, ctx, method)
         if as_json:
             for _ in stream:
@@ -143,7 +188,7 @@ def generate(
                         "prompt_ids": g.prompt_ids,
                         "stop_reason": g.stop_reason,
                         "coefficient": g.coefficient,
-                        "llm": llm if needs_llm else None,
+                        "llm": (cloud or llm) if needs_llm else None,
                         "slm": slm if needs_slm else None,
                         "config": cfg.model_dump(),
                         "timing_s": g.timing(),
@@ -240,6 +285,11 @@ def eval_(
     beta: float = BETA_OPT,
     lam: float = LAMBDA_OPT,
     eta: float = ETA_OPT,
+    tau: Optional[float] = TAU_OPT,
+    tau_pers: Optional[float] = TAU_PERS_OPT,
+    epsilon: Optional[float] = EPSILON_OPT,
+    repetition_penalty: Optional[float] = REP_PENALTY_OPT,
+    no_repeat_ngram: Optional[int] = NO_REPEAT_OPT,
     device: str = DEVICE_OPT,
 ) -> None:
     """Run methods over a task into a resumable folder, then write metrics.json and report.md/csv/png."""
@@ -252,7 +302,8 @@ def eval_(
             raise ValueError("the cloud split is not available yet")
         ms = parse_methods(methods.split(","))
         examples, path = _load_examples(task, data, preference, limit)
-        cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens)
+        variant = _variant(tau, tau_pers, epsilon, repetition_penalty, no_repeat_ngram)
+        cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens, variant)
         cs = _load_for(ms, llm, slm, cfg, device)
         metrics = _interruptible(out, lambda: run_eval(
             cs, examples, ms, out, data=path, limit=limit, models={"llm": llm, "slm": slm}
@@ -316,6 +367,74 @@ def sweep(
                    "sweep.csv, sweep.png", err=True)
 
     _run_guarded(run)
+
+
+@app.command()
+def serve(
+    llm: str = LLM_OPT,
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8765, min=1, max=65535),
+    api_keys_file: Optional[Path] = typer.Option(None, help="Allowed API keys, one per line (also: COSTEER_API_KEYS)."),
+    max_sessions: int = typer.Option(16, min=1, help="Open sessions in all."),
+    max_sessions_per_key: int = typer.Option(4, min=1),
+    max_prompt_tokens: int = typer.Option(4096, min=1),
+    max_new_tokens: int = typer.Option(2048, min=1),
+    idle_timeout: float = typer.Option(120.0, min=0.1, help="Seconds without a message before a session is evicted."),
+    values: str = typer.Option("f16", help="Top-k log-probabilities on the wire: f16 | f32."),
+    device: str = DEVICE_OPT,
+    log_level: str = typer.Option("info"),
+) -> None:
+    """Serve the LLM to devices over a WebSocket (the cloud side of the split; docs/wire-format.md)."""
+
+    def run():
+        import logging
+
+        from costeer.cloud import ServerSettings, read_api_keys, serve as run_server
+
+        if values not in ("f16", "f32"):
+            raise ValueError("--values must be f16 or f32")
+        keys = read_api_keys(os.environ.get("COSTEER_API_KEYS"), api_keys_file)
+        settings = ServerSettings(api_keys=keys, max_sessions=max_sessions, max_sessions_per_key=max_sessions_per_key,
+                                  max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
+                                  idle_timeout_s=idle_timeout, values=values)  # fmt: skip
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        _quiet_libraries()
+        run_server(llm, settings, host=host, port=port, device=device, log_level=log_level)
+
+    _run_guarded(run)
+
+
+@app.command("audit-wire")
+def audit_wire(
+    log: Path = typer.Argument(..., help="A file written by `generate --cloud ... --wire-log`."),
+    context_file: Path = typer.Option(..., "--context-file", "-c", help="The private context to look for."),
+    query: Optional[str] = typer.Option(None, "--query", "-q", help="The public query (default: noted in the log)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Report every word 5-gram of the context found on the wire outside the query and the answer (exit 1 if any)."""
+
+    def run():
+        from costeer.device.wire import audit_wire as audit
+        from costeer.engine.prompts import load_context
+
+        if not log.is_file():
+            raise FileNotFoundError(f"wire log not found: {log}")
+        _quiet_libraries()
+        return audit(log, load_context(context_file), query)
+
+    report = _run_guarded(run)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict()))
+    else:
+        typer.echo(f"{report.records} records, {report.bytes_sent} bytes sent, {report.bytes_received} received; "
+                   f"{report.context_ngrams} context 5-grams checked")  # fmt: skip
+        for note in report.notes:
+            typer.echo(f"note: {note}")
+        typer.echo("no leak found" if report.clean else f"LEAK: {len(report.leaks)} context 5-grams on the wire:")
+        for g in report.leaks:
+            typer.echo(f"  {g}")
+    if not report.clean:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from costeer.steering import FTRLParams, effective_coefficient, light_coefficient
 
@@ -14,6 +15,11 @@ class Method(str, Enum):
 
     costeer = "costeer"  # LLM steered by the SLM delta, T-step FTRL update (the paper's method)
     light = "light"  # LightCoSteer: the T = 1 update (Eq. 8)
+    # the paper's update plus named fusion stages (VariantConfig; docs/steering-variants.md)
+    costeer_plausible = "costeer_plausible"  # delta only among the LLM's plausible tokens (τ)
+    costeer_trust = "costeer_trust"  # per-token trust region KL(π ‖ π_base) ≤ ε
+    costeer_plausible_trust = "costeer_plausible_trust"  # both
+    costeer_guarded = "costeer_guarded"  # both, and the repetition guard
     llm = "llm"  # LLM alone, public query only
     llm_context = "llm_context"  # LLM sees the context: privacy-VIOLATING upper bound, for comparison only
     slm = "slm"  # SLM alone, public query only
@@ -21,11 +27,11 @@ class Method(str, Enum):
 
     @property
     def steered(self) -> bool:
-        return self in (Method.costeer, Method.light)
+        return self in STEERING_STAGES
 
     @property
     def uses_llm(self) -> bool:
-        return self in (Method.costeer, Method.light, Method.llm, Method.llm_context)
+        return self.steered or self in (Method.llm, Method.llm_context)
 
     @property
     def uses_slm(self) -> bool:
@@ -35,6 +41,10 @@ class Method(str, Enum):
 METHOD_HELP = {
     Method.costeer: "LLM steered by the on-device SLM delta (paper's T-step FTRL update)",
     Method.light: "LightCoSteer: one-step update, β* = β/(λ+1/η)",
+    Method.costeer_plausible: "costeer among the LLM's plausible tokens, π_base ≥ τ·max π_base",
+    Method.costeer_trust: "costeer with a per-token trust region, KL(π‖π_base) ≤ ε",
+    Method.costeer_plausible_trust: "costeer_plausible and costeer_trust together",
+    Method.costeer_guarded: "costeer_plausible_trust plus a repetition penalty and no-repeat n-gram ban",
     Method.llm: "LLM alone on the public query (baseline)",
     Method.llm_context: "LLM is GIVEN the private context: privacy-violating upper bound, never for real use",
     Method.slm: "SLM alone on the public query (baseline)",
@@ -42,8 +52,51 @@ METHOD_HELP = {
 }
 
 
+# The fusion stages each steered method runs, in order (engine/fusion.py builds them). "costeer" is
+# the paper's update log_softmax(log π_base + b Δ) and always comes first; "guard" comes before the
+# head and the trust region so that they work on the tokens that may still be said (fusion.py).
+STEERING_STAGES: dict[Method, tuple[str, ...]] = {
+    Method.costeer: ("costeer",),
+    Method.light: ("costeer",),  # the same update with LightCoSteer's coefficient
+    Method.costeer_plausible: ("costeer", "plausible"),
+    Method.costeer_trust: ("costeer", "trust"),
+    Method.costeer_plausible_trust: ("costeer", "plausible", "trust"),
+    Method.costeer_guarded: ("costeer", "guard", "plausible", "trust"),
+}
+
+
+class VariantConfig(BaseModel):
+    """Parameters of the fusion stages after the paper's update (docs/steering-variants.md).
+
+    Each stage is the identity at its "off" value, so e.g. `costeer_guarded` with tau=0, epsilon=None
+    is the paper's update plus the repetition guard alone.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Contrastive Decoding's own value: keep tokens at least a tenth as likely as the LLM's favourite.
+    tau: float = Field(0.1, ge=0, le=1, description="plausible head: π_base(a) ≥ τ·max π_base; 0 = off")
+    # The issue's head is the LLM's alone; a union with the with-context SLM's head is the option to
+    # measure against it (a personal detail is implausible to the LLM by construction: steering_head).
+    tau_pers: float | None = Field(None, ge=0, le=1, description="plus π*_pers ≥ τ_pers·max π*_pers; None: off")
+    # 0.5 nats: under greedy decoding the delta can overturn the LLM's favourite p against one rival only
+    # while −½·log(4p(1−p)) ≤ ε, i.e. p ≲ 0.9: it re-ranks what the LLM is unsure of, not what it is sure of.
+    epsilon: float | None = Field(0.5, ge=0, description="trust region, nats per token; None (or inf) = off")
+    # Off by default: the n-gram ban targets loops without taxing every function word already used.
+    repetition_penalty: float = Field(0.0, ge=0, description="nats taken from every generated token; 0 = off")
+    # 4, the window of the degeneration figure: 3 can already ban a repeated markdown bullet opener.
+    no_repeat_ngram: int = Field(4, ge=0, le=64, description="ban repeating any n-gram of the output; 0 = off")
+
+    @field_validator("epsilon")
+    @classmethod
+    def _infinite_is_off(cls, v: float | None) -> float | None:
+        if v is not None and math.isnan(v):
+            raise ValueError("epsilon is NaN")
+        return None if v is None or math.isinf(v) else v
+
+
 class SteeringConfig(BaseModel):
-    """The paper's FTRL hyper-parameters (Appendix B.1 defaults)."""
+    """The paper's FTRL hyper-parameters (Appendix B.1 defaults), and the variants' parameters."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -52,9 +105,16 @@ class SteeringConfig(BaseModel):
     beta: float = 1.0
     lam: float = Field(2.0, ge=0)
     eta: float = Field(10.0, gt=0)
+    # None: VariantConfig()'s defaults. Kept None unless set, so run folders written before the
+    # variants existed (no such key) still resume.
+    variant: VariantConfig | None = None
 
     def params(self) -> FTRLParams:
         return FTRLParams(T=self.T, alpha=self.alpha, beta=self.beta, lam=self.lam, eta=self.eta)
+
+    def variants(self) -> VariantConfig:
+        """The variant parameters in force (the defaults when none were given)."""
+        return self.variant or VariantConfig()
 
     def coefficient(self, method: Method) -> float:
         """The delta's effective coefficient b for a steered method."""

@@ -4,8 +4,8 @@
 - a steering source (the SLM side, both branches): start(base_ids, pers_ids) -> [2, V]
   (row 0: without context, row 1: with context), advance(token_id) -> [2, V]
 
-Per token: fuse on the aligned vocabulary, sample, advance both sources. The baselines are
-the same loop with the steering source switched off.
+Per token: fuse on the aligned vocabulary (a `FusionPipeline` of named stages, engine/fusion.py),
+sample, advance both sources. The baselines are the same loop with the steering source switched off.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Iterator, Protocol
 from torch import Tensor
 
 from costeer.engine.config import SamplingConfig
+from costeer.engine.fusion import FusionPipeline, paper_pipeline
 from costeer.engine.models import LM, DecodeBatch
 from costeer.engine.sampling import make_generator, sample
 from costeer.engine.vocab import VocabMap
-from costeer.steering import fuse
 
 
 class NextTokenSource(Protocol):
@@ -86,8 +86,14 @@ def decode(
     steering: SteeringSource | None = None,
     slm_prompts: tuple[list[int], list[int]] | None = None,
     b: float = 0.0,
+    fusion: FusionPipeline | None = None,
 ) -> Iterator[Step]:
-    """Yield chosen tokens until a stop token (yielded with stop=True) or max_new_tokens."""
+    """Yield chosen tokens until a stop token (yielded with stop=True) or max_new_tokens.
+
+    Steered, each token is fused by `fusion` (default: the paper's update with coefficient b), which
+    sees the aligned ids chosen so far."""
+    fusion = fusion or paper_pipeline(b)
+    history: list[int] = []  # aligned ids chosen so far
     gen = make_generator(sampling.seed)
     clock = time.perf_counter
     t = clock()
@@ -100,9 +106,10 @@ def decode(
         z = vocab.llm_view(logp)  # [K]
         if pair is not None:
             slm = vocab.slm_view(pair)  # [2, K]
-            z = fuse(z, slm[1], slm[0], b)
+            z = fusion(z, slm[1], slm[0], history)
         t_fused = clock()
         k = sample(z, sampling, gen)
+        history.append(k)
         stop = vocab.is_stop(k)
         t_sampled = clock()
         yield Step(i, k, vocab.llm_token(k), stop, llm_s, slm_s, t_fused - t, t_sampled - t_fused)

@@ -1,0 +1,180 @@
+"""Bytes per token and fidelity of the cloud frames against full-vocabulary fusion.
+
+    python bench/wire_frames.py [--llm smollm2-135m-instruct] [--slm ...] [--tokens 64]
+        [--k 8,32,128,256] [--tails slm,uniform] [--values f16] [--cogenesis N] [--free]
+
+For each prompt (the example persona, plus the first N CoGenesis rows with --cogenesis) it
+runs CoSteer in-process once, keeping every step's LLM log-probabilities and SLM pair. Then
+for each (k, tail, values) it sends each step's LLM vector through the same code as the
+socket (frames.encode_dist -> decode_downlink -> densify, the tail spread by the device's
+SLM or uniformly) and fuses again. It reports:
+  - bytes/token: the DIST payload;
+  - top-1 agreement: the share of steps (on the reference trajectory) where the fused argmax
+    equals the full-vocabulary one;
+  - mean KL(full || top-k) of the fused distributions;
+  - with --free: whether a free-running greedy generation through the frames is identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from costeer import frames  # noqa: E402
+from costeer.api import CoSteer  # noqa: E402
+from costeer.device.client import _SteeringAhead  # noqa: E402
+from costeer.engine.config import Method, SamplingConfig  # noqa: E402
+from costeer.engine.loop import LocalModelSource, LocalSteeringSource, decode  # noqa: E402
+from costeer.engine.models import load_lm  # noqa: E402
+from costeer.engine.prompts import render_context  # noqa: E402
+from costeer.steering import fuse  # noqa: E402
+
+
+class Recording(LocalModelSource):
+    def __init__(self, lm):
+        super().__init__(lm)
+        self.seen: list[torch.Tensor] = []
+
+    def start(self, prompt_ids):
+        self.seen.append(super().start(prompt_ids))
+        return self.seen[-1]
+
+    def advance(self, token_id):
+        self.seen.append(super().advance(token_id))
+        return self.seen[-1]
+
+
+class RecordingPair(LocalSteeringSource):
+    def __init__(self, lm):
+        super().__init__(lm)
+        self.seen: list[torch.Tensor] = []
+
+    def start(self, base_ids, pers_ids):
+        self.seen.append(super().start(base_ids, pers_ids))
+        return self.seen[-1]
+
+    def advance(self, token_id):
+        self.seen.append(super().advance(token_id))
+        return self.seen[-1]
+
+
+class Framed(LocalModelSource):
+    """The in-process LLM squeezed through a DIST frame (for the free-running check)."""
+
+    def __init__(self, lm, k, values, ahead, tail):
+        super().__init__(lm)
+        self.k, self.values, self.ahead, self.tail, self.pos = k, values, ahead, tail, 0
+
+    def _wire(self, logp):
+        dist = frames.decode_downlink(frames.encode_dist(logp, self.k, self.pos, self.values))
+        return frames.densify(dist, self.ahead.reference() if self.tail == "slm" and not dist.full else None)
+
+    def start(self, prompt_ids):
+        logp = super().start(prompt_ids)
+        self.ahead.run_start()
+        return self._wire(logp)
+
+    def advance(self, token_id):
+        logp = super().advance(token_id)
+        self.pos += 1
+        self.ahead.run_advance(token_id)
+        return self._wire(logp)
+
+
+def prompts_of(cs, query, ctx, context_message=None):
+    p = cs.prompts(query, ctx, context_message)
+    return p["llm"], (p["slm"], p["slm_context"])
+
+
+def record(cs, llm_prompt, slm_prompts, n, b):
+    src, pair = Recording(cs.llm), RecordingPair(cs.slm)
+    ids = [s.token_id for s in decode(src, llm_prompt, cs.vocab(), SamplingConfig(max_new_tokens=n), pair, slm_prompts, b)]
+    return ids, src.seen, pair.seen
+
+
+def fidelity(cs, steps_llm, steps_pair, k, values, tail, b):
+    vocab = cs.vocab()
+    ahead = _SteeringAhead(None, None, vocab, cs.llm.vocab_size)
+    agree, kl, nbytes = 0, 0.0, 0
+    for i, (logp, pair) in enumerate(zip(steps_llm, steps_pair)):
+        slm = vocab.slm_view(pair)
+        full = fuse(vocab.llm_view(logp), slm[1], slm[0], b)
+        data = frames.encode_dist(logp, k, i, values)
+        nbytes += len(data)
+        dist = frames.decode_downlink(data)
+        ahead.pair = pair
+        dense = frames.densify(dist, ahead.reference() if tail == "slm" else None)
+        approx = fuse(vocab.llm_view(dense), slm[1], slm[0], b)
+        agree += int(approx.argmax() == full.argmax())
+        p = full.double().exp()
+        kl += float((p * (full.double() - approx.double())).nan_to_num(0.0).sum())
+    n = len(steps_llm)
+    return nbytes / n, agree / n, kl / n
+
+
+def free_running(cs, llm_prompt, slm_prompts, n, b, k, values, tail):
+    vocab = cs.vocab()
+    ahead = _SteeringAhead(LocalSteeringSource(cs.slm), slm_prompts, vocab, cs.llm.vocab_size)
+    src = Framed(cs.llm, k, values, ahead, tail)
+    return [s.token_id for s in decode(src, llm_prompt, vocab, SamplingConfig(max_new_tokens=n), ahead, slm_prompts, b)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--llm", default="smollm2-135m-instruct")
+    ap.add_argument("--slm", default="smollm2-135m-instruct")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--k", default="8,32,128,256")
+    ap.add_argument("--tails", default="slm,uniform")
+    ap.add_argument("--values", default="f16")
+    ap.add_argument("--cogenesis", type=int, default=0, help="also the first N rows of ../shared/datasets/cogenesis.jsonl")
+    ap.add_argument("--free", action="store_true", help="also run free-running greedy generations through the frames")
+    a = ap.parse_args()
+
+    llm = load_lm(a.llm, "cpu")
+    cs = CoSteer(llm, llm if a.slm == a.llm else load_lm(a.slm, "cpu"))
+    b = cs.config.steering.coefficient(Method.costeer)
+    persona = yaml.safe_load((ROOT / "src/costeer/examples/persona.yaml").read_text())
+    items = [("persona", *prompts_of(cs, persona["query"], render_context(persona["profile"])))]
+    if a.cogenesis:
+        from costeer.eval.tasks import load_task
+
+        for ex in load_task("cogenesis", ROOT.parent / "shared/datasets/cogenesis.jsonl", limit=a.cogenesis):
+            items.append((ex.id, *prompts_of(cs, ex.query, ex.context, ex.with_context_prompt())))
+
+    recorded = []
+    for name, lp, sp in items:
+        ids, sl, spair = record(cs, lp, sp, a.tokens, b)
+        recorded.append((name, lp, sp, ids, sl, spair))
+    steps = sum(len(r[4]) for r in recorded)
+    print(f"{a.llm} / {a.slm}: V={llm.vocab_size}, full float32 vector {4 * llm.vocab_size} bytes; "
+          f"{len(items)} prompt(s), {steps} steps on the reference trajectories")  # fmt: skip
+    head = f"{'k':>5} {'tail':>8} {'values':>6} {'bytes/token':>11} {'top-1 agree':>11} {'mean KL':>9}"
+    print(head + ("  identical (free-running)" if a.free else ""))
+    for kk in a.k.split(","):
+        k = frames.FULL if kk == "full" else int(kk)
+        for tail in a.tails.split(",") if k else ["-"]:
+            for values in a.values.split(","):
+                tot_b = tot_a = tot_kl = 0.0
+                for _, _, _, _, sl, spair in recorded:
+                    nb, ag, kl = fidelity(cs, sl, spair, k, values, tail, b)
+                    tot_b += nb * len(sl)
+                    tot_a += ag * len(sl)
+                    tot_kl += kl * len(sl)
+                line = f"{kk:>5} {tail:>8} {values:>6} {tot_b / steps:>11.0f} {100 * tot_a / steps:>10.1f}% {tot_kl / steps:>9.2e}"
+                if a.free:
+                    same = sum(free_running(cs, lp, sp, a.tokens, b, k, values, tail) == ids
+                               for _, lp, sp, ids, _, _ in recorded)  # fmt: skip
+                    line += f"  {same}/{len(recorded)}"
+                print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""The cloud service: FastAPI on uvicorn.
+
+    WS   /v1/stream               the per-token exchange (binary frames, costeer.frames)
+    GET  /v1/health               liveness (no key needed, tells nothing)
+    GET  /v1/info                 model name, vocabulary size, stop ids, tokenizer fingerprint, limits
+    GET  /v1/tokenizer            the LLM's tokenizer files (public), so a device needs no LLM weights
+    GET  /v1/sessions             this key's sessions
+    GET  /v1/sessions/{id}        one of them (404 for unknown *and* foreign ids)
+    DELETE /v1/sessions/{id}      end it (its socket is closed with 4410)
+
+Every route but /v1/health needs `Authorization: Bearer <key>`. HTTP errors are a status and
+a JSON body {"error": ...}; WebSocket errors are a close code and reason (docs/wire-format.md).
+
+The only inputs are token ids and options: there is no route or message that takes context
+text, SLM outputs or deltas. A session's forwards run in worker threads (torch releases the
+GIL), so one slow or broken session never blocks the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import HTTPException, RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from costeer import frames
+from costeer.cloud.sessions import KeyRing, ProtocolError, Registry, ServerSettings, Session
+from costeer.engine.models import LM
+
+log = logging.getLogger("costeer.cloud")
+
+
+def tokenizer_files(tokenizer) -> dict[str, str]:
+    """The tokenizer as saved by save_pretrained, file name -> text."""
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save_pretrained(d)
+        return {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(d).iterdir()) if p.is_file()}
+
+
+def create_app(lm: LM, settings: ServerSettings) -> FastAPI:
+    registry = Registry(lm, settings)
+    keys = KeyRing(settings.api_keys)
+    fingerprint = frames.tokenizer_fingerprint(lm.tokenizer)
+    tok_files: dict[str, str] = {}
+
+    async def reaper():
+        period = max(0.05, min(1.0, settings.idle_timeout_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            for sess in registry.idle():
+                ws = sess.websocket
+                registry.end(sess, "idle")
+                if ws is not None:
+                    await _close(ws, frames.CLOSE_IDLE, f"idle for more than {settings.idle_timeout_s:g} s; session evicted")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.create_task(reaper())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    app = FastAPI(title="costeer cloud", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.registry = registry
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return JSONResponse({"error": "invalid request", "detail": str(exc.errors()[:1])}, status_code=422)
+
+    def require_key(request: Request) -> str:
+        owner = keys.authenticate(request.headers.get("authorization"))
+        if owner is None:
+            raise HTTPException(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
+        return owner
+
+    @app.get("/v1/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/info")
+    async def info(owner: str = Depends(require_key)):
+        s = settings
+        return {
+            "model": lm.name,
+            "vocab_size": lm.vocab_size,
+            "stop_ids": sorted(lm.stop_ids),
+            "tokenizer_fingerprint": fingerprint,
+            "frame_version": frames.VERSION,
+            "limits": {
+                "max_sessions_per_key": s.max_sessions_per_key,
+                "max_prompt_tokens": s.max_prompt_tokens,
+                "max_new_tokens": s.max_new_tokens,
+                "idle_timeout_s": s.idle_timeout_s,
+            },
+        }
+
+    @app.get("/v1/tokenizer")
+    async def tokenizer(owner: str = Depends(require_key)):
+        if not tok_files:
+            tok_files.update(await asyncio.to_thread(tokenizer_files, lm.tokenizer))
+        return {"fingerprint": fingerprint, "files": tok_files}
+
+    def _lookup(owner: str, sid: str) -> Session:
+        try:
+            return registry.find(owner, bytes.fromhex(sid))
+        except (ValueError, ProtocolError):
+            raise HTTPException(404, "unknown session") from None
+
+    @app.get("/v1/sessions")
+    async def list_sessions(owner: str = Depends(require_key)):
+        return {"sessions": [s.info() for s in registry.sessions.values() if s.owner == owner]}
+
+    @app.get("/v1/sessions/{sid}")
+    async def get_session(sid: str, owner: str = Depends(require_key)):
+        return _lookup(owner, sid).info()
+
+    @app.delete("/v1/sessions/{sid}")
+    async def delete_session(sid: str, owner: str = Depends(require_key)):
+        sess = _lookup(owner, sid)
+        ws = sess.websocket
+        registry.end(sess, "deleted by owner")
+        if ws is not None:
+            await _close(ws, frames.CLOSE_ENDED, "session ended by its owner")
+        return {"ended": sid}
+
+    @app.websocket("/v1/stream")
+    async def stream(ws: WebSocket):
+        owner = keys.authenticate(ws.headers.get("authorization"))
+        if owner is None:
+            await _deny(ws)
+            return
+        await ws.accept()
+        try:
+            await _serve(ws, owner, registry, settings)
+        except ProtocolError as e:  # a bad input ends this connection and its session, nothing else
+            sess = getattr(ws.state, "session", None)
+            if sess is not None and sess.websocket is ws:
+                registry.end(sess, f"error {e.code}")
+            await _close(ws, e.code, e.reason)
+        except Exception:  # a bug: this session ends, the server goes on
+            log.exception("session failed")
+            sess = getattr(ws.state, "session", None)
+            if sess is not None and sess.websocket is ws:
+                registry.end(sess, "internal error")
+            await _close(ws, frames.CLOSE_INTERNAL, "internal error")
+
+    return app
+
+
+async def _deny(ws: WebSocket) -> None:
+    """Refuse the handshake with HTTP 401 + JSON where the server supports it, else close 4401."""
+    body = {"error": "missing or invalid API key"}
+    if "websocket.http.response" in ws.scope.get("extensions", {}):
+        await ws.send_denial_response(JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"}))
+    else:
+        await ws.accept()
+        await _close(ws, frames.CLOSE_UNAUTHORIZED, body["error"])
+
+
+async def _close(ws: WebSocket, code: int, reason: str) -> None:
+    if ws.application_state == WebSocketState.CONNECTED and ws.client_state == WebSocketState.CONNECTED:
+        with contextlib.suppress(Exception):
+            await ws.close(code, reason[:120])
+
+
+async def _receive(ws: WebSocket, settings: ServerSettings) -> bytes | None:
+    """The next binary message; None when the peer is gone."""
+    try:
+        msg = await asyncio.wait_for(ws.receive(), timeout=settings.idle_timeout_s)
+    except asyncio.TimeoutError:
+        raise ProtocolError(frames.CLOSE_IDLE, f"idle for more than {settings.idle_timeout_s:g} s; session evicted")
+    if msg["type"] == "websocket.disconnect":
+        ws.state.disconnect_code = msg.get("code", 1005)
+        return None
+    if msg.get("bytes") is None:
+        raise ProtocolError(frames.CLOSE_MALFORMED, "text frames are not part of the protocol: send binary frames")
+    return msg["bytes"]
+
+
+async def _serve(ws: WebSocket, owner: str, registry: Registry, settings: ServerSettings) -> None:
+    """One connection: OPEN or ATTACH, then TOKEN after TOKEN. Raises ProtocolError on bad input."""
+    sess: Session | None = None
+    while True:
+        data = await _receive(ws, settings)
+        if data is None:  # the device went away
+            if sess is not None and not sess.ended and sess.websocket is ws:
+                if getattr(ws.state, "disconnect_code", None) == frames.CLOSE_NORMAL:
+                    registry.end(sess, "closed by the device")
+                else:  # a dropped connection: keep the state for ATTACH until the idle timeout
+                    sess.attached, sess.websocket = False, None
+                    sess.touch()
+            return
+        if sess is not None and (sess.ended or sess.websocket is not ws):  # evicted, deleted or taken over
+            return
+        try:
+            msg = frames.decode_uplink(data)
+        except frames.FrameError as e:
+            raise ProtocolError(e.code, e.reason) from None
+        if sess is None:
+            if isinstance(msg, frames.Open):
+                sess = registry.open(owner, msg)
+                ws.state.session = sess
+                sess.websocket, sess.busy = ws, True
+                try:
+                    frame = await asyncio.to_thread(registry.start, sess)
+                finally:
+                    sess.busy = False
+            elif isinstance(msg, frames.Attach):
+                sess = registry.find(owner, msg.session_id)
+                # The owner's new connection takes the session over (the device lost the old one,
+                # perhaps before the server noticed): a forward under way finishes first, then the
+                # old connection is closed with 4409.
+                deadline = time.monotonic() + settings.idle_timeout_s
+                while sess.busy and time.monotonic() < deadline:
+                    await asyncio.sleep(0.005)
+                if sess.ended or sess.busy:
+                    raise ProtocolError(frames.CLOSE_UNKNOWN_SESSION, "unknown session")
+                old = sess.websocket
+                ws.state.session = sess
+                sess.websocket, sess.attached = ws, True
+                if old is not None and old is not ws:
+                    await _close(old, frames.CLOSE_ORDER, "taken over by a new connection")
+                if msg.n_generated == sess.position:
+                    frame = sess.last_frame
+                elif msg.n_generated == sess.position + 1 and msg.last_token != frames.NO_TOKEN:
+                    registry.check_token(sess, msg.last_token)  # the token whose answer was lost
+                    frame = await _advance(registry, sess, msg.last_token)
+                else:
+                    raise ProtocolError(frames.CLOSE_ORDER, f"out of step: the device has {msg.n_generated} "
+                                        f"tokens, the session {sess.position}")  # fmt: skip
+            else:
+                raise ProtocolError(frames.CLOSE_ORDER, "TOKEN before OPEN: open a session first")
+            sess.touch()
+            if not (await _send(ws, sess, frames.Ready(sess.id, registry.lm.vocab_size, sess.position).encode())
+                    and await _send(ws, sess, frame)):  # fmt: skip
+                return
+            continue
+        if not isinstance(msg, frames.Token):
+            raise ProtocolError(frames.CLOSE_ORDER, "this connection already has a session; send TOKEN frames")
+        registry.check_token(sess, msg.token_id)
+        frame = await _advance(registry, sess, msg.token_id)
+        if sess.ended or sess.websocket is not ws:
+            return
+        sess.touch()
+        if not await _send(ws, sess, frame):
+            return
+
+
+async def _send(ws: WebSocket, sess: Session, data: bytes) -> bool:
+    """Send; a device that went away meanwhile detaches the session (kept for ATTACH)."""
+    try:
+        await ws.send_bytes(data)
+        return True
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        if not sess.ended and sess.websocket is ws:
+            sess.attached, sess.websocket = False, None
+            sess.touch()
+        return False
+
+
+async def _advance(registry: Registry, sess: Session, token_id: int) -> bytes:
+    sess.busy = True
+    try:
+        return await asyncio.to_thread(registry.advance, sess, token_id)
+    finally:
+        sess.busy = False
+
+
+def serve(
+    llm: str,
+    settings: ServerSettings,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    device: str = "auto",
+    log_level: str = "info",
+) -> None:
+    """Load the LLM and serve until interrupted."""
+    import uvicorn
+
+    from costeer.engine.models import load_lm
+
+    lm = load_lm(llm, device)
+    log.info("serving %s (V=%d) on %s:%d", lm.name, lm.vocab_size, host, port)
+    uvicorn.run(
+        create_app(lm, settings),
+        host=host,
+        port=port,
+        ws="websockets-sansio",
+        ws_max_size=settings.max_uplink_bytes,
+        log_level=log_level,
+    )

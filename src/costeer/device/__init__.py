@@ -1,0 +1,18 @@
+"""The device side of the cloud split: the cloud's LLM as a next-token source (run with the
+on-device SLM pair), the wire log and its audit. Imports the engine and `costeer.frames`."""
+
+from costeer.device.client import DEFAULT_K, CloudError, CloudLLM, CloudSource, Retry, connect_cloud, parse_k
+from costeer.device.wire import AuditReport, WireLog, audit_wire
+
+__all__ = [
+    "DEFAULT_K",
+    "AuditReport",
+    "CloudError",
+    "CloudLLM",
+    "CloudSource",
+    "Retry",
+    "WireLog",
+    "audit_wire",
+    "connect_cloud",
+    "parse_k",
+]

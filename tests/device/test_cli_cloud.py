@@ -1,0 +1,98 @@
+"""`costeer generate --cloud`, `costeer audit-wire` and `costeer serve`'s key check, on tiny folders."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from costeer.cli import app
+from costeer.engine.models import load_lm
+from tests.cloud.server_util import KEY_A, ThreadServer
+from tests.device.folders import tiny_folders
+
+runner = CliRunner()
+QUERY = "what should I cook"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return tiny_folders(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def cloud(folders):
+    srv = ThreadServer(load_lm(folders["llm"], "cpu"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def context_file(tmp_path):
+    f = tmp_path / "me.yaml"
+    f.write_text("name: Sam Okafor\ncity: Seattle\nlikes: [spicy tofu, lentils, running on Sunday mornings]\n"
+                 "dog: a golden retriever named Biscuit\n")  # fmt: skip
+    return f
+
+
+def run(*args, key=KEY_A):
+    return runner.invoke(app, list(args), env={"COSTEER_API_KEY": key})
+
+
+def test_generate_over_the_cloud_equals_in_process(folders, cloud, context_file, tmp_path):
+    common = ["-q", QUERY, "--context-file", str(context_file), "--slm", folders["slm"], "--max-new-tokens", "12",
+              "--json"]  # fmt: skip
+    local = run("generate", "--llm", folders["llm"], *common)
+    assert local.exit_code == 0, local.output
+    log = tmp_path / "wire.jsonl"
+    remote = run("generate", "--cloud", cloud.url, "--cloud-k", "full", "--wire-log", str(log), *common)
+    assert remote.exit_code == 0, remote.output
+    a, b = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (local, remote))
+    assert a["token_ids"] == b["token_ids"] and a["prompt_ids"] == b["prompt_ids"]
+    assert b["llm"] == cloud.url
+
+    audit = run("audit-wire", str(log), "--context-file", str(context_file))
+    assert audit.exit_code == 0, audit.output
+    assert "no leak found" in audit.output
+
+    streamed = run("generate", "--cloud", cloud.url, "-q", QUERY, "--context-file", str(context_file),
+                   "--slm", folders["slm"], "--max-new-tokens", "6")  # fmt: skip
+    assert streamed.exit_code == 0 and streamed.stdout.strip()
+
+
+def test_audit_wire_exits_1_on_a_leak(folders, cloud, context_file, tmp_path):
+    log = tmp_path / "wire.jsonl"
+    query = "what should I cook for dinner tonight"
+    r = run("generate", "--cloud", cloud.url, "--wire-log", str(log), "-q", query, "--context-file",
+            str(context_file), "--slm", folders["slm"], "--max-new-tokens", "4")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    # audited against a "context" that holds the query's words and a query that does not:
+    # the prompt on the wire now counts as a leak
+    other = tmp_path / "ctx.txt"
+    other.write_text(f"private: {query} with friends")
+    audit = run("audit-wire", str(log), "--context-file", str(other), "--query", "something else entirely")
+    assert audit.exit_code == 1 and "LEAK" in audit.output
+    audit = run("audit-wire", str(log), "--context-file", str(other), "--json")
+    assert audit.exit_code == 0 and json.loads(audit.stdout)["clean"]
+
+
+@pytest.mark.parametrize(
+    "args, key, message",
+    [
+        (["--wire-log", "x.jsonl"], KEY_A, "give --cloud too"),
+        (["--cloud", "CLOUD"], "bad-key", "HTTP 401"),
+        (["--cloud", "CLOUD"], "", "no API key"),
+        (["--cloud", "CLOUD", "--cloud-k", "lots"], KEY_A, "k must be"),
+        (["--cloud", "CLOUD", "--method", "llm_context"], KEY_A, "would send the private context"),
+        (["--cloud", "CLOUD", "--max-new-tokens", "5000"], KEY_A, "exceeds the limit"),
+    ],
+)
+def test_cloud_errors_are_one_line(args, key, message, folders, cloud, context_file):
+    args = [a.replace("CLOUD", cloud.url) for a in args]
+    r = run("generate", "-q", QUERY, "--context-file", str(context_file), "--slm", folders["slm"], *args, key=key)
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output
+
+
+def test_serve_refuses_to_start_without_keys():
+    r = runner.invoke(app, ["serve", "--llm", "whatever"], env={"COSTEER_API_KEYS": ""})
+    assert r.exit_code == 2 and "no API keys" in r.output
