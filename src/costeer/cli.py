@@ -274,7 +274,10 @@ def eval_(
     limit: Optional[int] = typer.Option(None, min=0, help="First N examples only."),
     llm: str = LLM_OPT,
     slm: str = SLM_OPT,
-    cloud: Optional[str] = typer.Option(None, help="Remote LLM endpoint (the cloud split; not available yet)."),
+    cloud: Optional[str] = typer.Option(None, help="ws://HOST:PORT of `costeer serve`: the LLM runs there, the SLM "
+                                        "and the context stay here (llm_context is refused)."),
+    cloud_k: str = typer.Option("256", help="With --cloud: top-k entries per frame, or 'full' (exact)."),
+    cloud_tail: str = typer.Option("slm", help="With --cloud: model of the mass outside the top-k: slm | uniform."),
     max_new_tokens: int = MAX_NEW_OPT,
     temperature: float = TEMPERATURE_OPT,
     top_k: int = TOP_K_OPT,
@@ -298,15 +301,21 @@ def eval_(
         from costeer.eval.runner import parse_methods, run_eval
         from costeer.eval.report import render_markdown
 
-        if cloud is not None:
-            raise ValueError("the cloud split is not available yet")
         ms = parse_methods(methods.split(","))
+        if cloud is not None and Method.llm_context in ms:
+            raise ValueError("method 'llm_context' would send the private context to the cloud: drop it with --cloud")
         examples, path = _load_examples(task, data, preference, limit)
         variant = _variant(tau, tau_pers, epsilon, repetition_penalty, no_repeat_ngram)
         cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens, variant)
-        cs = _load_for(ms, llm, slm, cfg, device)
+        if cloud is not None:
+            _quiet_libraries()
+            needs_slm = any(m.uses_slm for m in ms)
+            cs = _load_cloud(cloud, slm if needs_slm else None, cfg, device, cloud_k, cloud_tail, None, "")
+        else:
+            cs = _load_for(ms, llm, slm, cfg, device)
+        models = {"llm": f"{cloud} (k={cloud_k}, tail={cloud_tail})" if cloud else llm, "slm": slm}
         metrics = _interruptible(out, lambda: run_eval(
-            cs, examples, ms, out, data=path, limit=limit, models={"llm": llm, "slm": slm}
+            cs, examples, ms, out, data=path, limit=limit, models=models
         ))  # fmt: skip
         typer.echo(render_markdown(metrics))
         typer.echo(f"wrote {out}/metrics.json, report.md, report.csv, report.png", err=True)

@@ -96,3 +96,17 @@ def test_cloud_errors_are_one_line(args, key, message, folders, cloud, context_f
 def test_serve_refuses_to_start_without_keys():
     r = runner.invoke(app, ["serve", "--llm", "whatever"], env={"COSTEER_API_KEYS": ""})
     assert r.exit_code == 2 and "no API keys" in r.output
+
+
+def test_eval_over_the_cloud_equals_in_process(folders, cloud, tmp_path):
+    common = ["eval", "--task", "helpsteer", "--preference", "concise", "--limit", "2", "--methods", "costeer,llm",
+              "--slm", folders["slm"], "--max-new-tokens", "6"]  # fmt: skip
+    local = run(*common, "--llm", folders["llm"], "--out", str(tmp_path / "local"))
+    assert local.exit_code == 0, local.output
+    remote = run(*common, "--cloud", cloud.url, "--cloud-k", "full", "--out", str(tmp_path / "remote"))
+    assert remote.exit_code == 0, remote.output
+    for method in ("costeer", "llm"):
+        rows = [[json.loads(line)["token_ids"] for line in (tmp_path / side / f"{method}.jsonl").read_text().splitlines()]
+                for side in ("local", "remote")]  # fmt: skip
+        assert rows[0] == rows[1] and len(rows[0]) == 2
+    assert cloud.url in json.loads((tmp_path / "remote" / "run.json").read_text())["llm"]

@@ -64,7 +64,7 @@ def test_sweep_cli(models, tmp_path):
     (["eval", "--task", "nope"], "unknown task 'nope'"),
     (["eval", "--task", "cogenesis", "--data", "/no/such.jsonl"], "dataset file not found"),
     (["eval", "--task", "cogenesis", "--methods", "llm,bogus"], "unknown method 'bogus'"),
-    (["eval", "--task", "cogenesis", "--cloud", "http://localhost:1"], "the cloud split is not available yet"),
+    (["eval", "--task", "cogenesis", "--cloud", "http://localhost:1"], "drop it with --cloud"),
     (["eval", "--task", "helpsteer"], "needs a preference"),
     (["report", "/no/such/run"], "run folder not found"),
     (["sweep", "--task", "cogenesis", "--params", "alpha,gamma"], "unknown sweep parameter 'gamma'"),
@@ -81,3 +81,10 @@ def test_bad_input_is_one_line_exit_2(args, message, tmp_path):
 def test_report_without_run_json_needs_task(tmp_path):
     r = run("report", tmp_path)
     assert r.exit_code == 2 and "give --task" in r.output
+
+
+def test_eval_cloud_unreachable_is_one_line(tmp_path):
+    r = runner.invoke(app, ["eval", "--task", "cogenesis", "--methods", "costeer", "--cloud", "http://127.0.0.1:1",
+                            "--out", str(tmp_path / "out")], env={"COSTEER_API_KEY": "k"})  # fmt: skip
+    assert r.exit_code == 2, r.output
+    assert "cannot reach the cloud at http://127.0.0.1:1" in r.output and "Traceback" not in r.output
