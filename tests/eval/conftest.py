@@ -27,3 +27,19 @@ def needs_wordnet():
 
     if not wordnet_available():
         pytest.skip("NLTK WordNet not installed: run scripts/setup_wordnet.sh (and set NLTK_DATA if not ~/nltk_data)")
+
+
+@pytest.fixture(scope="module")
+def cs(tmp_path_factory):
+    """A tiny saved-and-reloaded LLM/SLM pair (one per test module)."""
+    from tests.eval.tiny_pair import load_pair, save_pair
+
+    return load_pair(save_pair(tmp_path_factory.mktemp("models")))
+
+
+@pytest.fixture
+def counting(cs):
+    """The pair, counting its generate() calls (to check resume and caching)."""
+    from tests.eval.tiny_pair import CountingCoSteer
+
+    return CountingCoSteer(cs)

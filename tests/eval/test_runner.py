@@ -10,20 +10,10 @@ from costeer.engine.config import SamplingConfig, SteeringConfig
 from costeer.eval.report import load_generations
 from costeer.eval.runner import done_ids, read_run, report_run, run_eval
 from costeer.eval.tasks import load_task, sample_path
-from tests.eval.tiny_pair import CountingCoSteer, load_pair, save_pair
 
 TASK = "cogenesis"
 DATA = sample_path(TASK)
 
-
-@pytest.fixture(scope="module")
-def cs(tmp_path_factory):
-    return load_pair(save_pair(tmp_path_factory.mktemp("models")))
-
-
-@pytest.fixture
-def counting(cs):
-    return CountingCoSteer(cs)
 
 
 def _examples(limit=None):

@@ -11,17 +11,7 @@ import pytest
 from costeer.engine.config import Method, SteeringConfig
 from costeer.eval.sweep import DEFAULT_GRIDS, make_settings, parse_params, run_sweep, skip_reason
 from costeer.eval.tasks import load_task, sample_path
-from tests.eval.tiny_pair import CountingCoSteer, load_pair, save_pair
 
-
-@pytest.fixture(scope="module")
-def cs(tmp_path_factory):
-    return load_pair(save_pair(tmp_path_factory.mktemp("models")))
-
-
-@pytest.fixture
-def counting(cs):
-    return CountingCoSteer(cs)
 
 
 def test_default_grids_cover_the_papers_ranges_and_defaults():
