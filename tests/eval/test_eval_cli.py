@@ -33,7 +33,7 @@ def test_eval_then_report(models, tmp_path):
         assert (out / name).is_file(), name
     assert "| costeer | 2 |" in r.stdout
     rec = json.loads((out / "run.json").read_text())
-    assert rec["data"].endswith("samples/cogenesis.jsonl") and rec["methods"] == ["llm", "costeer", "slm_context"]
+    assert rec["data"].endswith("samples/cogenesis.sample.jsonl") and rec["methods"] == ["llm", "costeer", "slm_context"]
     assert rec["steering"]["T"] == 20 and rec["sampling"]["max_new_tokens"] == 8
 
     (out / "report.md").unlink()

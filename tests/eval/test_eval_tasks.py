@@ -84,11 +84,12 @@ def test_preference_tasks(task, pref):
     assert e.preference == pref and e.reference is None
 
 
-def test_limit_and_folder_path():
-    exs = load_task("helpsteer", sample_path("helpsteer").parent / "preference.jsonl", preference="verbose", limit=2)
+def test_limit_and_folder_path(tmp_path):
+    exs = load_task("helpsteer", sample_path("helpsteer").parent / "preference.sample.jsonl", preference="verbose", limit=2)
     assert len(exs) == 2
     # A folder is accepted and resolved to <task>.jsonl
-    assert len(load_task("cogenesis", sample_path("cogenesis").parent)) == 2
+    (tmp_path / "cogenesis.jsonl").write_text(sample_path("cogenesis").read_text())
+    assert len(load_task("cogenesis", tmp_path)) == 2
 
 
 def test_retrieval_from_profile_replaces_top5(tmp_path):

@@ -380,4 +380,5 @@ def load_task(name: str, path: str | Path, preference: str | None = None, limit:
 def sample_path(name: str) -> Path:
     """The small hand-written sample file shipped for a task (for demos and tests)."""
     family = task_family(name)
-    return SAMPLES_DIR / ("preference.jsonl" if family == "preference" else f"{name}.jsonl")
+    # "<task>.sample.jsonl": hand-written rows, named apart from the released dataset files
+    return SAMPLES_DIR / ("preference.sample.jsonl" if family == "preference" else f"{name}.sample.jsonl")
