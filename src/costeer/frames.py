@@ -162,23 +162,26 @@ def decode_uplink(data: bytes) -> Uplink:
         ids = np.frombuffer(data, dtype="<u4", offset=_OPEN.size).astype(np.int64).tolist()
         return Open(ids[:n_prompt], k, max_new, ids[n_prompt:])
     if kind == ATTACH:
-        if len(data) != _ATTACH.size:
-            raise FrameError(f"ATTACH frame must be {_ATTACH.size} bytes, got {len(data)}")
+        _expect_size(data, _ATTACH, "ATTACH")
         _, _, _, sid, n_gen, last = _ATTACH.unpack(data)
         return Attach(sid, n_gen, last)
     if kind == TOKEN:
-        if len(data) != _TOKEN.size:
-            raise FrameError(f"TOKEN frame must be {_TOKEN.size} bytes, got {len(data)}")
+        _expect_size(data, _TOKEN, "TOKEN")
         return Token(_TOKEN.unpack(data)[2])
     raise FrameError(f"unknown uplink message type 0x{kind:02x}")
+
+
+def _expect_size(data: bytes, layout: struct.Struct, name: str) -> None:
+    """Fixed-size frames must match their layout exactly."""
+    if len(data) != layout.size:
+        raise FrameError(f"{name} frame must be {layout.size} bytes, got {len(data)}")
 
 
 def decode_downlink(data: bytes) -> Downlink:
     """Cloud -> device bytes -> message; raises FrameError."""
     kind = _header(data)
     if kind == READY:
-        if len(data) != _READY.size:
-            raise FrameError(f"READY frame must be {_READY.size} bytes, got {len(data)}")
+        _expect_size(data, _READY, "READY")
         _, _, _, sid, vocab, pos = _READY.unpack(data)
         return Ready(sid, vocab, pos)
     if kind == DIST:
