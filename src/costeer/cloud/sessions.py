@@ -20,7 +20,7 @@ from pathlib import Path
 from torch import Tensor
 
 from costeer import frames
-from costeer.engine.models import LM, DecodeBatch
+from costeer.engine.models import LM
 
 log = logging.getLogger("costeer.cloud")
 
@@ -96,7 +96,7 @@ class Session:
     max_new_tokens: int
     prompt: list[int]
     generated: list[int] = field(default_factory=list)  # tokens fed after the prompt
-    batch: DecodeBatch | None = None
+    batch: object | None = None  # LM.open(...): the decode state with its KV cache
     last_frame: bytes | None = None  # the DIST for the current position (re-sent on ATTACH)
     attached: bool = True
     ended: bool = False
@@ -179,7 +179,9 @@ class Registry:
     def end(self, sess: Session, why: str) -> None:
         if not sess.ended:
             sess.ended = True
-            sess.batch = None  # frees the KV cache
+            if sess.batch is not None:
+                sess.batch.close()  # frees the KV cache (llama.cpp: the whole context)
+            sess.batch = None
             sess.last_frame = None
             self.sessions.pop(sess.id, None)
             log.info("session %s… ended (%s) after %d tokens", sess.id.hex()[:8], why, sess.position)
@@ -199,7 +201,9 @@ class Registry:
     def start(self, sess: Session) -> bytes:
         """Prefill the prompt, then replay resumed tokens one by one: the state is exactly the
         one an uninterrupted session would hold (a one-shot prefill would differ in rounding)."""
-        sess.batch = DecodeBatch(self.lm, [sess.prompt])
+        if sess.batch is not None:
+            sess.batch.close()
+        sess.batch = self.lm.open([sess.prompt], sess.max_new_tokens + 1)
         logp = sess.batch.start()[0]
         for t in sess.generated:
             logp = sess.batch.advance([t])[0]

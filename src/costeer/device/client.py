@@ -120,16 +120,22 @@ class _Http:
 
         self.base, self.wire = base, wire
         # trust_env=False: never route the device's traffic through a proxy from the environment
-        self.client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {api_key}"},
-                                   timeout=timeout, trust_env=False)  # fmt: skip
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=base, headers=headers, timeout=timeout, trust_env=False)
 
     def get_json(self, path: str) -> dict:
+        return self.request_json("GET", path)
+
+    def post_json(self, path: str, body: dict) -> dict:
+        return self.request_json("POST", path, body)
+
+    def request_json(self, method: str, path: str, body: dict | None = None) -> dict:
         import httpx
 
-        req = self.client.build_request("GET", path)
+        req = self.client.build_request(method, path, json=body)
         if self.wire:
-            head = f"GET {req.url.raw_path.decode()} HTTP/1.1\r\n{redact_headers(req.headers)}\r\n\r\n"
-            self.wire.record("sent", "http-request", head.encode())
+            head = f"{method} {req.url.raw_path.decode()} HTTP/1.1\r\n{redact_headers(req.headers)}\r\n\r\n"
+            self.wire.record("sent", "http-request", head.encode() + (req.content or b""))
         try:
             resp = self.client.send(req)
         except httpx.HTTPError as e:
@@ -139,8 +145,9 @@ class _Http:
             self.wire.record("received", "http-response", head.encode() + resp.content)
         if resp.status_code != 200:
             try:
-                msg = resp.json().get("error", resp.text)
-            except ValueError:
+                err = resp.json().get("error", resp.text)
+                msg = err.get("message", err) if isinstance(err, dict) else err
+            except (ValueError, AttributeError):
                 msg = resp.text
             raise CloudError(f"cloud refused {path}: HTTP {resp.status_code}: {msg}", resp.status_code)
         return resp.json()
@@ -174,7 +181,7 @@ class CloudLLM:
     def connect(self, vocab: VocabMap, max_new_tokens: int, steering=None, slm_prompts=None):
         """-> (next-token source, steering source) for one generation; the steering source (the
         SLM pair) is wrapped so that its forwards run while the cloud answers."""
-        ahead = _SteeringAhead(steering, slm_prompts, vocab, self.vocab_size) if steering is not None else None
+        ahead = SteeringAhead(steering, slm_prompts, vocab, self.vocab_size) if steering is not None else None
         return CloudSource(self, max_new_tokens, ahead), ahead
 
 
@@ -214,7 +221,7 @@ def connect_cloud(url: str, api_key: str | None = None, k: int | str = DEFAULT_K
     return CloudLLM(ws_url, api_key, info, tok, parse_k(k), tail, wire, retry)
 
 
-class _SteeringAhead:
+class SteeringAhead:
     """The SLM pair as a SteeringSource whose forwards CloudSource runs ahead, while it
     waits for the cloud; decode() then gets the pair already computed."""
 
@@ -275,7 +282,7 @@ class _SteeringAhead:
 class CloudSource:
     """A NextTokenSource over the cloud's WebSocket (one generation, one session)."""
 
-    def __init__(self, llm: CloudLLM, max_new_tokens: int, ahead: _SteeringAhead | None = None):
+    def __init__(self, llm: CloudLLM, max_new_tokens: int, ahead: SteeringAhead | None = None):
         self.llm, self.max_new_tokens, self.ahead = llm, max_new_tokens, ahead
         self.ws = None
         self.session_id: bytes | None = None

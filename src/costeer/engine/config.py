@@ -108,6 +108,9 @@ class SteeringConfig(BaseModel):
     # None: VariantConfig()'s defaults. Kept None unless set, so run folders written before the
     # variants existed (no such key) still resume.
     variant: VariantConfig | None = None
+    # Confidence gate (off by default): where the LLM's top probability reaches `gate`, the token
+    # is the LLM's own and the SLM pair does not run; its caches catch up when steering resumes.
+    gate: float | None = Field(None, gt=0, le=1)
 
     def params(self) -> FTRLParams:
         return FTRLParams(T=self.T, alpha=self.alpha, beta=self.beta, lam=self.lam, eta=self.eta)

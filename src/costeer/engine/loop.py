@@ -2,14 +2,18 @@
 
 - a next-token source (the LLM side): start(prompt_ids) -> [V], advance(token_id) -> [V]
 - a steering source (the SLM side, both branches): start(base_ids, pers_ids) -> [2, V]
-  (row 0: without context, row 1: with context), advance(token_id) -> [2, V]
+  (row 0: without context, row 1: with context), advance(token_id) -> [2, V],
+  extend(token_ids) -> [2, V] (several tokens in one forward: catching up after gated steps)
 
 Per token: fuse on the aligned vocabulary (a `FusionPipeline` of named stages, engine/fusion.py),
 sample, advance both sources. The baselines are the same loop with the steering source switched off.
+With a confidence gate, tokens where the LLM is already sure (max π_base ≥ gate) skip the SLM
+pair; its caches catch up in one batched forward when steering resumes.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Iterator, Protocol
@@ -18,7 +22,7 @@ from torch import Tensor
 
 from costeer.engine.config import SamplingConfig
 from costeer.engine.fusion import FusionPipeline, paper_pipeline
-from costeer.engine.models import LM, DecodeBatch
+from costeer.engine.models import LM
 from costeer.engine.sampling import make_generator, sample
 from costeer.engine.vocab import VocabMap
 
@@ -31,36 +35,48 @@ class NextTokenSource(Protocol):
 class SteeringSource(Protocol):
     def start(self, base_ids: list[int], pers_ids: list[int]) -> Tensor: ...
     def advance(self, token_id: int) -> Tensor: ...
+    def extend(self, token_ids: list[int]) -> Tensor: ...
 
 
-class LocalModelSource:
+class _Local:
+    """An in-process decode batch (either backend: `LM.open`), sized for max_new_tokens."""
+
+    def __init__(self, lm: LM, max_new_tokens: int = 1024):
+        self.lm, self.reserve = lm, max_new_tokens + 1
+        self.batch = None
+
+    def _open(self, prompts: list[list[int]]) -> Tensor:
+        self.close()
+        self.batch = self.lm.open(prompts, self.reserve)
+        return self.batch.start()
+
+    def close(self) -> None:
+        if self.batch is not None:
+            self.batch.close()
+            self.batch = None
+
+
+class LocalModelSource(_Local):
     """A next-token source backed by an in-process model."""
 
-    def __init__(self, lm: LM):
-        self.lm = lm
-        self.batch: DecodeBatch | None = None
-
     def start(self, prompt_ids: list[int]) -> Tensor:
-        self.batch = DecodeBatch(self.lm, [prompt_ids])
-        return self.batch.start()[0]
+        return self._open([prompt_ids])[0]
 
     def advance(self, token_id: int) -> Tensor:
         return self.batch.advance([token_id])[0]
 
 
-class LocalSteeringSource:
-    """Both SLM branches in ONE batched forward per step (left-padded, masked)."""
-
-    def __init__(self, lm: LM):
-        self.lm = lm
-        self.batch: DecodeBatch | None = None
+class LocalSteeringSource(_Local):
+    """Both SLM branches in ONE batched forward per step."""
 
     def start(self, base_ids: list[int], pers_ids: list[int]) -> Tensor:
-        self.batch = DecodeBatch(self.lm, [base_ids, pers_ids])
-        return self.batch.start()
+        return self._open([base_ids, pers_ids])
 
     def advance(self, token_id: int) -> Tensor:
         return self.batch.advance([token_id, token_id])
+
+    def extend(self, token_ids: list[int]) -> Tensor:
+        return self.batch.extend(token_ids)
 
 
 @dataclass(frozen=True)
@@ -76,6 +92,7 @@ class Step:
     slm_s: float
     fusion_s: float
     sample_s: float
+    gated: bool = False  # the confidence gate skipped steering: the LLM's own distribution
 
 
 def decode(
@@ -87,13 +104,17 @@ def decode(
     slm_prompts: tuple[list[int], list[int]] | None = None,
     b: float = 0.0,
     fusion: FusionPipeline | None = None,
+    gate: float | None = None,
 ) -> Iterator[Step]:
     """Yield chosen tokens until a stop token (yielded with stop=True) or max_new_tokens.
 
     Steered, each token is fused by `fusion` (default: the paper's update with coefficient b), which
-    sees the aligned ids chosen so far."""
+    sees the aligned ids chosen so far. `gate` in (0, 1]: where the LLM's top probability reaches
+    it, take the LLM's distribution and do not run the SLM pair (None: always steer)."""
     fusion = fusion or paper_pipeline(b)
+    log_gate = math.log(gate) if gate is not None else math.inf
     history: list[int] = []  # aligned ids chosen so far
+    pending: list[int] = []  # SLM ids the SLM pair has not been fed yet
     gen = make_generator(sampling.seed)
     clock = time.perf_counter
     t = clock()
@@ -104,7 +125,12 @@ def decode(
     for i in range(sampling.max_new_tokens):
         t = clock()
         z = vocab.llm_view(logp)  # [K]
-        if pair is not None:
+        gated = bool(pending) and float(z.max()) >= log_gate  # the LLM is sure: no SLM, no steering
+        if pending and not gated:  # feed the SLM pair what it missed, in one forward
+            pair = steering.advance(pending[0]) if len(pending) == 1 else steering.extend(pending)
+            pending = []
+            slm_s, t = slm_s + clock() - t, clock()
+        if steering is not None and not gated:
             slm = vocab.slm_view(pair)  # [2, K]
             z = fusion(z, slm[1], slm[0], history)
         t_fused = clock()
@@ -112,12 +138,11 @@ def decode(
         history.append(k)
         stop = vocab.is_stop(k)
         t_sampled = clock()
-        yield Step(i, k, vocab.llm_token(k), stop, llm_s, slm_s, t_fused - t, t_sampled - t_fused)
+        yield Step(i, k, vocab.llm_token(k), stop, llm_s, slm_s, t_fused - t, t_sampled - t_fused, gated)
         if stop or i + 1 == sampling.max_new_tokens:
             return
         t = clock()
         logp = primary.advance(vocab.llm_token(k))
-        llm_s, t = clock() - t, clock()
+        llm_s, slm_s = clock() - t, 0.0
         if steering is not None:
-            pair = steering.advance(vocab.slm_token(k))
-        slm_s = clock() - t
+            pending.append(vocab.slm_token(k))

@@ -1,5 +1,6 @@
-"""Model backend on HF transformers: loading (presets, local folders, hub names, GGUF files)
-and KV-cached incremental decoding of a batch of sequences.
+"""Model loading (presets, local folders, hub names, GGUF files) onto a backend — HF transformers
+(any checkpoint, CPU or GPU, no compiler needed) or llama.cpp (GGUF files, engine/llamacpp.py) —
+and the transformers backend's KV-cached incremental decoding of a batch of sequences.
 
 A batch holds sequences of different prompt lengths (the SLM's two branches): prompts are
 left-padded, the attention mask hides the padding, and position ids count real tokens only,
@@ -162,29 +163,48 @@ def _convert_gguf(src: ModelSource, target: Path) -> None:
 _END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>", "<eos>")
 
 
+BACKENDS = ("auto", "transformers", "llamacpp")
+
+
 @dataclass
 class LM:
-    """A causal LM with its tokenizer, device and the ids that end a generation."""
+    """A causal LM with its tokenizer, device and the ids that end a generation.
+
+    `model` is a transformers model, or a `LlamaCppModel` when backend == "llamacpp"; either
+    way the tokenizer is the HF one (for a GGUF, read from the same file: the same ids)."""
 
     name: str
     model: object
     tokenizer: object
     device: torch.device
     stop_ids: frozenset[int] = field(default_factory=frozenset)
+    backend: str = "transformers"
 
     @property
     def vocab_size(self) -> int:
         """Width of the logits (can exceed the tokenizer's size by padding rows)."""
+        if self.backend == "llamacpp":
+            return self.model.n_vocab
         return int(self.model.get_output_embeddings().weight.shape[0])
+
+    def open(self, prompts: list[list[int]], reserve: int = 1024):
+        """A decode batch over `prompts`: start() -> [B, V], advance(tokens[B]) -> [B, V],
+        extend(tokens[n]) -> [B, V]. `reserve`: new tokens per sequence to make room for
+        (llama.cpp sizes its context up front; transformers' cache grows)."""
+        if self.backend == "llamacpp":
+            return self.model.open(prompts, reserve)
+        return DecodeBatch(self, prompts)
 
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
 
-def _stop_ids(model, tok) -> frozenset[int]:
+def _stop_ids(tok, generation_eos=None) -> frozenset[int]:
+    """The tokenizer's eos, the checkpoint's generation eos (an id or a list) and the named
+    end-of-turn tokens."""
     ids: set[int] = set()
-    for cand in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+    for cand in (tok.eos_token_id, generation_eos):
         if isinstance(cand, int):
             ids.add(cand)
         elif isinstance(cand, (list, tuple)):
@@ -205,10 +225,67 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load_lm(spec: str, device: str = "auto") -> LM:
-    """Load a model: float32 on CPU, the checkpoint's own dtype on GPU."""
+def pick_backend(src: ModelSource, dev: torch.device, backend: str = "auto") -> str:
+    """auto: llama.cpp for a GGUF file on the CPU when llama-cpp-python is installed, else
+    transformers."""
+    from costeer.engine import llamacpp
+
+    if backend not in BACKENDS:
+        raise ModelLoadError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
+    if backend == "auto":
+        return "llamacpp" if src.gguf_file and dev.type == "cpu" and llamacpp.available() else "transformers"
+    if backend == "llamacpp":
+        if not src.gguf_file:
+            raise ModelLoadError(f"backend 'llamacpp' needs a .gguf model; '{src.name}' is not one")
+        if not llamacpp.available():
+            raise ModelLoadError("backend 'llamacpp' needs llama-cpp-python: run scripts/build_llamacpp.sh (see README)")
+    return backend
+
+
+def _tokenizer(src: ModelSource):
+    from transformers import AutoTokenizer
+
+    if not src.gguf_file:
+        return AutoTokenizer.from_pretrained(src.location, local_files_only=src.is_local)
+    # The converted folder's tokenizer loads in milliseconds; reading it from the GGUF parses the
+    # file's metadata (seconds for a 262k vocabulary). Both carry the GGUF's own ids.
+    cached = _gguf_cache_dir(src)
+    if (cached / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
+    return AutoTokenizer.from_pretrained(src.location, gguf_file=src.gguf_file, local_files_only=True)
+
+
+def load_tokenizer(spec: str):
+    """Only the tokenizer of a model spec (a device talking to a third-party engine needs the
+    LLM's ids, not its weights) -> (tokenizer, stop ids)."""
+    src = resolve(spec)
+    try:
+        tok = _tokenizer(src)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load the tokenizer of '{spec}': {first}") from e
+    return tok, _stop_ids(tok)
+
+
+def _load_llamacpp(src: ModelSource, spec: str) -> LM:
+    from costeer.engine.llamacpp import LlamaCppError, LlamaCppModel
+
+    try:
+        tok = _tokenizer(src)
+        model = LlamaCppModel(str(Path(src.location) / src.gguf_file))
+    except (OSError, ValueError, KeyError, LlamaCppError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load model '{spec}' with llama.cpp: {first}") from e
+    return LM(src.name, model, tok, torch.device("cpu"), _stop_ids(tok, list(model.eos_ids)), backend="llamacpp")
+
+
+def load_lm(spec: str, device: str = "auto", backend: str = "auto") -> LM:
+    """Load a model: float32 on CPU, the checkpoint's own dtype on GPU (transformers), or the
+    GGUF's own quantised formats (llama.cpp)."""
     src = resolve(spec)
     dev = pick_device(device)
+    if pick_backend(src, dev, backend) == "llamacpp":
+        return _load_llamacpp(src, spec)
     dtype = torch.float32 if dev.type == "cpu" else "auto"
     try:
         if src.gguf_file:
@@ -224,7 +301,7 @@ def load_lm(spec: str, device: str = "auto") -> LM:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot load model '{spec}': {first}") from e
     model.to(dev).eval()
-    return LM(name=src.name, model=model, tokenizer=tok, device=dev, stop_ids=_stop_ids(model, tok))
+    return LM(name=src.name, model=model, tokenizer=tok, device=dev, stop_ids=_stop_ids(tok, getattr(model.generation_config, "eos_token_id", None)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -248,7 +325,8 @@ class DecodeBatch:
     """B sequences decoded together with one KV cache.
 
     start() -> [B, V] next-token log-probabilities after the prompts;
-    advance(tokens[B]) -> [B, V] after appending one token to each sequence.
+    advance(tokens[B]) -> [B, V] after appending one token to each sequence;
+    extend(tokens[n]) -> [B, V] after appending the same n tokens to every sequence.
     """
 
     def __init__(self, lm: LM, prompts: list[list[int]]):
@@ -290,9 +368,30 @@ class DecodeBatch:
         self.next_pos = pos + 1
         return self._forward(ids, pos)
 
+    def extend(self, tokens: list[int]) -> Tensor:
+        if self.mask is None:
+            raise RuntimeError("extend() before start()")
+        if not tokens:
+            raise ValueError("extend() needs at least one token")
+        n, B = len(tokens), self.mask.shape[0]
+        ids = torch.tensor(tokens, dtype=torch.long).expand(B, n)
+        self.mask = torch.cat([self.mask, torch.ones((B, n), dtype=self.mask.dtype)], dim=-1)
+        pos = self.next_pos + torch.arange(n)
+        self.next_pos = pos[:, -1:] + 1
+        return self._forward(ids, pos)
+
+    def close(self) -> None:
+        self.cache = None
+
 
 @torch.inference_mode()
 def full_forward_logprobs(lm: LM, ids: list[int]) -> Tensor:
     """Cache-free reference: one whole forward over ids -> [V] next-token log-probabilities."""
+    if lm.backend == "llamacpp":  # a fresh context, the whole sequence in one llama_decode
+        batch = lm.open([ids], reserve=1)
+        try:
+            return batch.start()[0].clone()
+        finally:
+            batch.close()
     out = lm.model(input_ids=torch.tensor([ids], device=lm.device), use_cache=False, logits_to_keep=1)
     return torch.log_softmax(out.logits[0, -1, :].float(), dim=-1)
