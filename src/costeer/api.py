@@ -15,7 +15,7 @@ from typing import Iterator
 
 from costeer.engine.config import GenerationConfig, Method, SamplingConfig, SteeringConfig
 from costeer.engine.fusion import fusion_pipeline
-from costeer.engine.loop import LocalModelSource, LocalSteeringSource, Step, decode
+from costeer.engine.loop import LocalModelSource, LocalSteeringSource, SharedModel, Step, decode
 from costeer.engine.models import LM, load_lm
 from costeer.engine.prompts import prompt_ids, user_message
 from costeer.engine.vocab import VocabMap, align_vocabularies
@@ -163,7 +163,12 @@ class CoSteer:
             primary = self.llm
             slm_prompts = (prompts["slm"], prompts["slm_context"])
             local = LocalSteeringSource(self.slm, s_cfg.max_new_tokens)
-            source, steering = self._llm_side(vocab, s_cfg, local, slm_prompts)
+            if self.llm is self.slm and st_cfg.gate is None:
+                # one model on both sides: its three sequences in one batch (a gate instead skips rows)
+                shared = SharedModel(self.slm, slm_prompts, s_cfg.max_new_tokens)
+                source, steering, local = shared.llm, shared.steering, shared.steering
+            else:
+                source, steering = self._llm_side(vocab, s_cfg, local, slm_prompts)
             if st_cfg.gate is not None and steering is not local:
                 raise ValueError("the confidence gate is for in-process generation: with the cloud, the SLM pair "
                                  "already runs while the cloud answers")

@@ -103,3 +103,31 @@ def test_gated_run_equals_always_on_slm_with_the_same_mask(cs, quantile):
     assert [s.token_id for s in gated] == [s.token_id for s in always]
     fired = sum(s.gated for s in gated)
     assert not gated[0].gated and 0 < fired < len(gated) - 1  # the gate fired, and not everywhere
+
+
+def test_one_model_on_both_sides_runs_one_batch_with_the_same_tokens(cs):
+    """LLM = SLM: the LLM's and the SLM pair's sequences go in one batch per token; the tokens are
+    those of separate sources."""
+    import dataclasses
+
+    from costeer.api import CoSteer
+
+    lm = cs.llm
+    opened = []
+    real_open = type(lm).open
+
+    def spy(self, prompts, reserve=1024):
+        opened.append(len(prompts))
+        return real_open(self, prompts, reserve)
+
+    shared_cs, separate_cs = CoSteer(lm, lm), CoSteer(lm, dataclasses.replace(lm))
+    type(lm).open = spy
+    try:
+        a = shared_cs.generate("Plan a weekend trip.", "I live in Lisbon and I surf.", "costeer", max_new_tokens=12)
+        assert opened == [3]  # one batch: LLM row + both SLM branches
+        opened.clear()
+        b = separate_cs.generate("Plan a weekend trip.", "I live in Lisbon and I surf.", "costeer", max_new_tokens=12)
+        assert sorted(opened) == [1, 2]
+    finally:
+        type(lm).open = real_open
+    assert a.token_ids == b.token_ids and len(a.token_ids) > 0

@@ -91,3 +91,12 @@ def test_auto_backend_picks_llamacpp_for_gguf_on_cpu(smollm2_cpp):
     lm = load_lm("smollm2-135m-instruct", device="cpu")  # auto
     assert lm.backend == "llamacpp" and lm.vocab_size == 49152
     assert lm.stop_ids == smollm2_cpp.stop_ids and lm.stop_ids
+
+
+def test_one_model_both_sides_in_one_batch_equals_separate_sources(smollm2_cpp):
+    import dataclasses
+
+    shared = CoSteer(smollm2_cpp, smollm2_cpp).generate(QUERY, CONTEXT, "costeer", max_new_tokens=24)
+    separate = CoSteer(smollm2_cpp, dataclasses.replace(smollm2_cpp)).generate(QUERY, CONTEXT, "costeer",
+                                                                             max_new_tokens=24)
+    assert shared.token_ids == separate.token_ids
