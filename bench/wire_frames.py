@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from costeer import frames  # noqa: E402
 from costeer.api import CoSteer  # noqa: E402
-from costeer.device.client import _SteeringAhead  # noqa: E402
+from costeer.device.client import SteeringAhead  # noqa: E402
 from costeer.engine.config import Method, SamplingConfig  # noqa: E402
 from costeer.engine.loop import LocalModelSource, LocalSteeringSource, decode  # noqa: E402
 from costeer.engine.models import load_lm  # noqa: E402
@@ -101,7 +101,7 @@ def record(cs, llm_prompt, slm_prompts, n, b):
 
 def fidelity(cs, steps_llm, steps_pair, k, values, tail, b):
     vocab = cs.vocab()
-    ahead = _SteeringAhead(None, None, vocab, cs.llm.vocab_size)
+    ahead = SteeringAhead(None, None, vocab, cs.llm.vocab_size)
     agree, kl, nbytes = 0, 0.0, 0
     for i, (logp, pair) in enumerate(zip(steps_llm, steps_pair)):
         slm = vocab.slm_view(pair)
@@ -121,7 +121,7 @@ def fidelity(cs, steps_llm, steps_pair, k, values, tail, b):
 
 def free_running(cs, llm_prompt, slm_prompts, n, b, k, values, tail):
     vocab = cs.vocab()
-    ahead = _SteeringAhead(LocalSteeringSource(cs.slm), slm_prompts, vocab, cs.llm.vocab_size)
+    ahead = SteeringAhead(LocalSteeringSource(cs.slm), slm_prompts, vocab, cs.llm.vocab_size)
     src = Framed(cs.llm, k, values, ahead, tail)
     return [s.token_id for s in decode(src, llm_prompt, vocab, SamplingConfig(max_new_tokens=n), ahead, slm_prompts, b)]
 

@@ -81,3 +81,32 @@ def test_engine_restart_mid_generation_loses_nothing(smollm2_cpp, tmp_path):
 def test_engine_with_another_tokenizer_is_refused(engine):
     with pytest.raises(CloudError, match="tokenises differently"):
         connect_engine(engine.url, "gemma3-270m", api="llamacpp")
+
+
+def test_cli_generate_through_llama_server(engine, smollm2_cpp, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from costeer.cli import app
+
+    ctx = tmp_path / "me.txt"
+    ctx.write_text(CONTEXT)
+    r = CliRunner().invoke(app, ["generate", "--cloud", engine.url, "--cloud-api", "llamacpp", "--llm",
+                                 "smollm2-135m-instruct", "-q", QUERY, "--context-file", str(ctx),
+                                 "--max-new-tokens", "16", "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    want = CoSteer(smollm2_cpp, smollm2_cpp).generate(QUERY, CONTEXT, "costeer", max_new_tokens=16)
+    assert out["token_ids"] == want.token_ids
+
+
+def test_cli_unreachable_engine_is_one_line(smollm2_cpp):
+    from typer.testing import CliRunner
+
+    from costeer.cli import app
+    from tests.device.llama_server import free_port
+
+    r = CliRunner().invoke(app, ["generate", "--cloud", f"http://127.0.0.1:{free_port()}", "--cloud-api", "llamacpp",
+                                 "-q", "hi", "--context", "x", "--max-new-tokens", "2"])  # fmt: skip
+    assert r.exit_code == 2 and r.output.count("error:") == 1 and "Traceback" not in r.output

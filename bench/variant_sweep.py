@@ -1,0 +1,99 @@
+"""Sweep the steering variants' parameters on CoGenesis: the trust region's ε and the plausible
+head's τ, next to the paper's update (ε = ∞, τ = 0) and the two baselines.
+
+    python bench/variant_sweep.py [--pair smollm2|gemma] [--rows 20] [--tokens 64] [--out runs/variant-sweep]
+
+Each setting is one resumable run folder (`costeer eval` format) under --out; the plot
+(ROUGE-L, personal-detail recall and the degeneration share against ε and τ, the baselines as
+horizontal lines) goes to docs/img/variant-sweep-<pair>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PAIRS = {"smollm2": ("smollm2-135m-instruct", "smollm2-135m-instruct"),
+         "gemma": ("gemma3-270m", "smollm2-135m-instruct")}  # fmt: skip
+EPSILONS = (0.1, 0.25, 0.5, 1.0, 2.0, math.inf)
+TAUS = (0.0, 0.01, 0.03, 0.1, 0.3)
+METRICS = (("rougeL", "ROUGE-L"), ("detail_recall", "personal-detail recall"), ("degenerate", "degenerate share"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pair", default="smollm2", choices=sorted(PAIRS))
+    ap.add_argument("--rows", type=int, default=20)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--backend", default="llamacpp")
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/datasets/cogenesis.jsonl")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs/variant-sweep")
+    args = ap.parse_args()
+    if not args.data.is_file():
+        raise SystemExit(f"error: {args.data} not found (the shared evaluation inputs)")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from costeer.api import CoSteer
+    from costeer.engine.config import GenerationConfig, SamplingConfig, SteeringConfig, VariantConfig
+    from costeer.eval.runner import run_eval
+    from costeer.eval.tasks import load_task
+
+    llm, slm = PAIRS[args.pair]
+    sampling = SamplingConfig(max_new_tokens=args.tokens)
+    cs = CoSteer.load(llm, slm, GenerationConfig(sampling=sampling), device="cpu", backend=args.backend)
+    examples = load_task("cogenesis", args.data, limit=args.rows)
+    out = args.out / args.pair
+    models = {"llm": f"{llm} [{cs.llm.backend}]", "slm": f"{slm} [{cs.slm.backend}]"}
+
+    def run(name, methods, variant=None):
+        steering = SteeringConfig(variant=variant) if variant else SteeringConfig()
+        return run_eval(cs, examples, methods, out / name, steering, sampling, data=args.data, limit=args.rows,
+                        models=models)["methods"]  # fmt: skip
+
+    base = run("baselines", ["llm", "slm_context", "costeer"])
+    # the no-repeat guard off, so each curve shows its own stage alone
+    eps = [run(f"trust-eps{e}", ["costeer_trust"], VariantConfig(epsilon=e, no_repeat_ngram=0))["costeer_trust"]
+           for e in EPSILONS]
+    tau = [run(f"plausible-tau{t}", ["costeer_plausible"], VariantConfig(tau=t, no_repeat_ngram=0))["costeer_plausible"]
+           for t in TAUS]
+
+    fig, axes = plt.subplots(2, len(METRICS), figsize=(4.2 * len(METRICS), 7), squeeze=False)
+    xs_eps = [e if math.isfinite(e) else 4.0 for e in EPSILONS]
+    xs_tau = [t if t > 0 else 0.003 for t in TAUS]
+    for col, (key, label) in enumerate(METRICS):
+        for row, (xs, series, xlabel) in enumerate(((xs_eps, eps, "trust region ε (nats; right: ∞ = the paper)"),
+                                                    (xs_tau, tau, "plausible head τ (left: 0 = the paper)"))):
+            ax = axes[row][col]
+            ax.plot(xs, [s[key] for s in series], "o-", color="C0", label="variant")
+            for name, style in (("llm", "C1--"), ("slm_context", "C2:"), ("costeer", "C3-.")):
+                ax.axhline(base[name][key], color=style[:2], linestyle=style[2:], label=name)
+            ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(label)
+            if row == 0 and col == 0:
+                ax.legend(fontsize=8)
+    fig.suptitle(f"CoGenesis, {args.rows} rows, {llm} / {slm}, greedy, {args.tokens} tokens "
+                 f"(T=20, α=2, β=1, λ=2, η=10)")
+    fig.tight_layout()
+    img = ROOT / "docs/img" / f"variant-sweep-{args.pair}.png"
+    img.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(img, dpi=110)
+    print(f"wrote {img}")
+    print("| setting | ROUGE-L | detail recall | degenerate |\n|---|---:|---:|---:|")
+    for name in ("llm", "slm_context", "costeer"):
+        s = base[name]
+        print(f"| {name} | {s['rougeL']:.3f} | {s['detail_recall']:.3f} | {s['degenerate']:.2f} |")
+    for e, s in zip(EPSILONS, eps):
+        print(f"| costeer_trust ε={e} | {s['rougeL']:.3f} | {s['detail_recall']:.3f} | {s['degenerate']:.2f} |")
+    for t, s in zip(TAUS, tau):
+        print(f"| costeer_plausible τ={t} | {s['rougeL']:.3f} | {s['detail_recall']:.3f} | {s['degenerate']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
