@@ -17,15 +17,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = {"smollm2": ("smollm2-135m-instruct", "smollm2-135m-instruct"),
          "gemma": ("gemma3-270m", "smollm2-135m-instruct")}  # fmt: skip
-EPSILONS = (0.1, 0.25, 0.5, 1.0, 2.0, math.inf)
-TAUS = (0.0, 0.01, 0.03, 0.1, 0.3)
+EPSILONS = (0.25, 0.5, 1.0, 2.0, math.inf)  # ∞: the paper's update (taken from the `costeer` run)
+TAUS = (0.0, 0.001, 0.01, 0.1)  # 0: the paper's update
 METRICS = (("rougeL", "ROUGE-L"), ("detail_recall", "personal-detail recall"), ("degenerate", "degenerate share"))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pair", default="smollm2", choices=sorted(PAIRS))
-    ap.add_argument("--rows", type=int, default=20)
+    ap.add_argument("--rows", type=int, default=12)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--backend", default="llamacpp")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/datasets/cogenesis.jsonl")
@@ -58,14 +58,15 @@ def main() -> None:
 
     base = run("baselines", ["llm", "slm_context", "costeer"])
     # the no-repeat guard off, so each curve shows its own stage alone
-    eps = [run(f"trust-eps{e}", ["costeer_trust"], VariantConfig(epsilon=e, no_repeat_ngram=0))["costeer_trust"]
-           for e in EPSILONS]
-    tau = [run(f"plausible-tau{t}", ["costeer_plausible"], VariantConfig(tau=t, no_repeat_ngram=0))["costeer_plausible"]
-           for t in TAUS]
+    # ε = ∞ and τ = 0 are the paper's update bit for bit (tests/steering/test_variants.py): the costeer run
+    eps = [run(f"trust-eps{e}", ["costeer_trust"], VariantConfig(epsilon=e))["costeer_trust"]
+           if math.isfinite(e) else base["costeer"] for e in EPSILONS]
+    tau = [run(f"plausible-tau{t}", ["costeer_plausible"], VariantConfig(tau=t))["costeer_plausible"]
+           if t > 0 else base["costeer"] for t in TAUS]
 
     fig, axes = plt.subplots(2, len(METRICS), figsize=(4.2 * len(METRICS), 7), squeeze=False)
     xs_eps = [e if math.isfinite(e) else 4.0 for e in EPSILONS]
-    xs_tau = [t if t > 0 else 0.003 for t in TAUS]
+    xs_tau = [t if t > 0 else 3e-4 for t in TAUS]
     for col, (key, label) in enumerate(METRICS):
         for row, (xs, series, xlabel) in enumerate(((xs_eps, eps, "trust region ε (nats; right: ∞ = the paper)"),
                                                     (xs_tau, tau, "plausible head τ (left: 0 = the paper)"))):

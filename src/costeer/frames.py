@@ -264,23 +264,35 @@ def densify(dist: Dist, reference: Tensor | None = None) -> Tensor:
     if dist.full:
         return dist.logp
     V = dist.vocab_size
-    out = torch.full((V,), float("-inf"), dtype=torch.float32)
-    in_top = torch.zeros(V, dtype=torch.bool)
-    in_top[dist.ids] = True
-    n_tail = V - int(in_top.sum())
-    if n_tail > 0 and math.isfinite(dist.log_tail):
-        tail = None
-        if reference is not None:
-            ref = reference.detach().double().reshape(-1)[:V]
-            if ref.shape[0] < V:
-                ref = torch.cat([ref, torch.full((V - ref.shape[0],), float("-inf"), dtype=ref.dtype)])
-            ref = ref.masked_fill(in_top, float("-inf"))
-            norm = torch.logsumexp(ref, dim=0)
-            if torch.isfinite(norm):
-                tail = (ref - norm + dist.log_tail).float()
-        if tail is None:
-            tail = torch.full((V,), dist.log_tail - math.log(n_tail), dtype=torch.float32)
-        out = torch.where(in_top, out, tail)
+    n_tail = V - int(dist.ids.numel())
+    if n_tail <= 0 or not math.isfinite(dist.log_tail):
+        out = torch.full((V,), float("-inf"), dtype=torch.float32)
+        out[dist.ids] = dist.logp
+        return out
+    if reference is not None:
+        out = _reference_tail(dist, reference, V)
+        if out is not None:
+            return out
+    out = torch.full((V,), dist.log_tail - math.log(n_tail), dtype=torch.float32)
+    out[dist.ids] = dist.logp
+    return out
+
+
+def _reference_tail(dist: Dist, reference: Tensor, V: int) -> Tensor | None:
+    """The reference rescaled so that the tokens outside the top-k hold exp(log_tail); None when
+    the reference puts (almost) no mass there. Two passes over V (a logsumexp, one add): this
+    runs on the device's critical path every token, for V up to 262,144."""
+    ref = reference.detach().reshape(-1)[:V].float()
+    if ref.shape[0] < V:
+        ref = torch.cat([ref, torch.full((V - ref.shape[0],), float("-inf"))])
+    lse = torch.logsumexp(ref, dim=0).double()
+    if not torch.isfinite(lse):
+        return None
+    top_mass = float(torch.exp(ref[dist.ids].double() - lse).sum())  # the reference's mass inside the top-k
+    if top_mass > 1.0 - 1e-6:
+        return None
+    norm = float(lse) + math.log1p(-top_mass)  # log of the reference's tail mass
+    out = ref + (dist.log_tail - norm)
     out[dist.ids] = dist.logp
     return out
 
