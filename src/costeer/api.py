@@ -40,12 +40,14 @@ class Generation:
     steps: list[Step] = field(default_factory=list)
 
     def timing(self) -> dict[str, float]:
-        """Totals in seconds over the generation (the first token's forwards are the prefill)."""
+        """Totals in seconds over the generation (the first token's forwards are the prefill), and the
+        number of tokens the confidence gate left unsteered."""
         return {
             "llm_s": sum(s.llm_s for s in self.steps),
             "slm_s": sum(s.slm_s for s in self.steps),
             "fusion_s": sum(s.fusion_s for s in self.steps),
             "sample_s": sum(s.sample_s for s in self.steps),
+            "gated_tokens": sum(s.gated for s in self.steps),  # tokens the confidence gate left unsteered
         }
 
 

@@ -131,3 +131,28 @@ def test_one_model_on_both_sides_runs_one_batch_with_the_same_tokens(cs):
     finally:
         type(lm).open = real_open
     assert a.token_ids == b.token_ids and len(a.token_ids) > 0
+
+
+def test_api_gate_reports_how_often_it_fired(cs):
+    from costeer.api import CoSteer
+
+    pair = CoSteer(cs.llm, cs.slm)
+    on = pair.generate("Plan a weekend trip.", "I live in Lisbon and I surf.", "costeer", max_new_tokens=10,
+                       steering=SteeringConfig(gate=1e-6))  # fires on every token after the first
+    off = pair.generate("Plan a weekend trip.", "I live in Lisbon and I surf.", "costeer", max_new_tokens=10)
+    assert on.timing()["gated_tokens"] == len(on.steps) - 1 > 0
+    assert off.timing()["gated_tokens"] == 0
+    assert on.steps[0].gated is False and all(s.gated for s in on.steps[1:])
+
+
+def test_gate_with_the_cloud_is_refused(cs):
+    from costeer.api import CoSteer
+
+    class Remote:  # what CoSteer sees of a CloudLLM: connect() gives sources of its own
+        remote, tokenizer, vocab_size, stop_ids = True, cs.llm.tokenizer, cs.llm.vocab_size, cs.llm.stop_ids
+
+        def connect(self, vocab, max_new_tokens, steering=None, slm_prompts=None):
+            return object(), object()
+
+    with pytest.raises(ValueError, match="confidence gate"):
+        CoSteer(Remote(), cs.slm).generate("hi", "ctx", "costeer", steering=SteeringConfig(gate=0.5))
