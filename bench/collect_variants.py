@@ -42,7 +42,13 @@ def cogenesis_table(m: dict) -> str:
     return "\n".join(rows)
 
 
+def present(runs: dict[str, dict]) -> list[str]:
+    """The methods that some run of this pair has, in ORDER."""
+    return [k for k in ORDER if any(k in m["methods"] for m in runs.values())]
+
+
 def length_table(runs: dict[str, dict]) -> str:
+    ORDER = present(runs)  # noqa: N806
     rows = ["| run | rows | " + " | ".join(ORDER) + " |", "|---|---:|" + "---:|" * len(ORDER)]
     for name, m in runs.items():
         if m["family"] != "preference":
@@ -62,6 +68,7 @@ def length_table(runs: dict[str, dict]) -> str:
 
 
 def degeneration_table(runs: dict[str, dict]) -> str:
+    ORDER = present(runs)  # noqa: N806
     rows = ["| run | " + " | ".join(ORDER) + " |", "|---|" + "---:|" * len(ORDER)]
     for name, m in runs.items():
         rows.append(f"| {name} | " + " | ".join(fmt(m["methods"].get(k, {}).get("degenerate"), 2) for k in ORDER) + " |")
@@ -104,7 +111,8 @@ def main() -> None:
     crit = list(checks(next(iter(pairs.values())), "costeer"))
     print("| method | " + " | ".join(crit) + " |")
     print("|---|" + "---|" * len(crit))
-    for method in STEERED:
+    tried = {k for runs in pairs.values() for k in present(runs)}
+    for method in (m for m in STEERED if m in tried):
         cells = []
         for c in crit:
             marks = []

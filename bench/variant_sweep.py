@@ -64,6 +64,9 @@ def main() -> None:
     tau = [run(f"plausible-tau{t}", ["costeer_plausible"], VariantConfig(tau=t))["costeer_plausible"]
            if t > 0 else base["costeer"] for t in TAUS]
 
+    # the repetition guard alone on the paper's update (no head, no trust region)
+    guard = run("guard-only", ["costeer_guarded"], VariantConfig(tau=0.0, epsilon=None))["costeer_guarded"]
+
     fig, axes = plt.subplots(2, len(METRICS), figsize=(4.2 * len(METRICS), 7), squeeze=False)
     xs_eps = [e if math.isfinite(e) else 4.0 for e in EPSILONS]
     xs_tau = [t if t > 0 else 3e-4 for t in TAUS]
@@ -94,6 +97,8 @@ def main() -> None:
         print(f"| costeer_trust ε={e} | {s['rougeL']:.3f} | {s['detail_recall']:.3f} | {s['degenerate']:.2f} |")
     for t, s in zip(TAUS, tau):
         print(f"| costeer_plausible τ={t} | {s['rougeL']:.3f} | {s['detail_recall']:.3f} | {s['degenerate']:.2f} |")
+    print(f"| costeer + guard only (τ=0, ε=∞) | {guard['rougeL']:.3f} | {guard['detail_recall']:.3f} | "
+          f"{guard['degenerate']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -164,16 +164,7 @@ class CoSteer:
             vocab, b = self.vocab(), st_cfg.coefficient(method)
             primary = self.llm
             slm_prompts = (prompts["slm"], prompts["slm_context"])
-            local = LocalSteeringSource(self.slm, s_cfg.max_new_tokens)
-            if self.llm is self.slm and st_cfg.gate is None:
-                # one model on both sides: its three sequences in one batch (a gate instead skips rows)
-                shared = SharedModel(self.slm, slm_prompts, s_cfg.max_new_tokens)
-                source, steering, local = shared.llm, shared.steering, shared.steering
-            else:
-                source, steering = self._llm_side(vocab, s_cfg, local, slm_prompts)
-            if st_cfg.gate is not None and steering is not local:
-                raise ValueError("the confidence gate is for in-process generation: with the cloud, the SLM pair "
-                                 "already runs while the cloud answers")
+            source, steering, local = self._steered_sources(vocab, s_cfg, st_cfg, slm_prompts)
             steps = decode(source, prompts["llm"], vocab, s_cfg, steering, slm_prompts, b,
                            fusion=fusion_pipeline(method, st_cfg), gate=st_cfg.gate)  # fmt: skip
             steps = _closing(steps, local)
@@ -185,6 +176,19 @@ class CoSteer:
             steps = decode(source, prompts[method.value], vocab, s_cfg)
         steps = _closing(steps, source)
         return GenerationStream(steps, primary.tokenizer, Generation(method.value, "", [], prompts, "length", b))
+
+    def _steered_sources(self, vocab: VocabMap, sampling: SamplingConfig, steering: SteeringConfig, slm_prompts):
+        """-> (next-token source, steering source, the in-process SLM source to close, if any)."""
+        if self.llm is self.slm and steering.gate is None:
+            # one model on both sides: its three sequences in one batch (a gate needs them apart)
+            shared = SharedModel(self.slm, slm_prompts, sampling.max_new_tokens)
+            return shared.llm, shared.steering, None
+        local = LocalSteeringSource(self.slm, sampling.max_new_tokens)
+        source, steering_source = self._llm_side(vocab, sampling, local, slm_prompts)
+        if steering.gate is not None and steering_source is not local:
+            raise ValueError("the confidence gate is for in-process generation: with the cloud, the SLM pair "
+                             "already runs while the cloud answers")
+        return source, steering_source, local
 
     def _llm_side(self, vocab: VocabMap, sampling: SamplingConfig, steering=None, slm_prompts=None):
         """The LLM as a next-token source, with the steering source to pair it with: in-process,

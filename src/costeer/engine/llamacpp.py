@@ -35,9 +35,14 @@ def available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
+# Warnings that say nothing to a user: Gemma-3's sliding-window cache is kept at full size (every
+# context we create says so), which is what a cache that only grows needs.
+_QUIET_WARNINGS = (b"using full-size SWA cache",)
+
+
 def _log_sink(level, text, user_data):
     # llama.cpp logs every tensor it loads; keep its warnings and errors only.
-    if level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
+    if level in (3, 4) and not any(w in text for w in _QUIET_WARNINGS):  # GGML_LOG_LEVEL_WARN, _ERROR
         os.write(2, text)
 
 
