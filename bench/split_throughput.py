@@ -24,10 +24,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PAIRS = {
-    "smollm2": ("smollm2-135m-instruct", "smollm2-135m-instruct"),
-    "gemma": ("gemma3-270m", "smollm2-135m-instruct"),
-}
+sys.path.insert(0, str(ROOT / "bench"))
+from throughput import PAIRS  # noqa: E402
 KEY = "bench-split-key-0123456789"
 
 
@@ -49,7 +47,6 @@ def worker(mode: str, llm: str, slm: str, backend: str, tokens: int, runs: int, 
     import yaml
 
     torch.set_num_threads(1)
-    sys.path.insert(0, str(ROOT / "bench"))
     from throughput import one_run, vanilla_run
 
     from costeer.api import CoSteer

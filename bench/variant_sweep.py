@@ -15,8 +15,7 @@ import math
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PAIRS = {"smollm2": ("smollm2-135m-instruct", "smollm2-135m-instruct"),
-         "gemma": ("gemma3-270m", "smollm2-135m-instruct")}  # fmt: skip
+from throughput import PAIRS  # noqa: E402  (bench/ is on sys.path when a bench script runs)
 EPSILONS = (0.25, 0.5, 1.0, 2.0, math.inf)  # ∞: the paper's update (taken from the `costeer` run)
 TAUS = (0.0, 0.001, 0.01, 0.1)  # 0: the paper's update
 METRICS = (("rougeL", "ROUGE-L"), ("detail_recall", "personal-detail recall"), ("degenerate", "degenerate share"))
