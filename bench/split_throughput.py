@@ -2,13 +2,15 @@
 cloud and the device as separate processes pinned to separate cores (taskset).
 
     python bench/split_throughput.py [--pairs smollm2,gemma] [--runs 3] [--tokens 64] [--backend llamacpp]
+        [--cloud-k packed,256]
 
 Every process gets ONE core and one compute thread (COSTEER_THREADS=1, OMP_NUM_THREADS=1):
   vanilla   the LLM decoding alone on the cloud's core (core 0): the bare llama.cpp loop for the
             llama.cpp backend (bench/throughput.py's `vanilla`), the `llm` method otherwise;
   in-process `costeer` with both models in one process on one core (core 0);
   split     `costeer serve` on core 0, the device (SLM pair, fusion, sampling) on core 1, over
-            a WebSocket on 127.0.0.1 with the default k; the SLM pair runs while the cloud answers.
+            a WebSocket on 127.0.0.1 with each --cloud-k (default: packed frames, the device's
+            default); the SLM pair runs while the cloud answers.
 Greedy, the demo persona; medians of --runs (each after a warm-up), ratios within one run.
 """
 
@@ -42,7 +44,7 @@ def _pinned(core: int, args: list[str], **kw) -> subprocess.Popen:
 # ------------------------------------------------------------------------------- worker (one process)
 
 
-def worker(mode: str, llm: str, slm: str, backend: str, tokens: int, runs: int, cloud: str | None) -> None:
+def worker(mode: str, llm: str, slm: str, backend: str, tokens: int, runs: int, cloud: str | None, k: str) -> None:
     import torch
     import yaml
 
@@ -58,7 +60,7 @@ def worker(mode: str, llm: str, slm: str, backend: str, tokens: int, runs: int, 
     query, context = persona["query"], render_context(persona["profile"])
     slm_lm = load_lm(slm, "cpu", backend)
     if mode == "split":
-        cs = CoSteer(connect_cloud(cloud), slm_lm)
+        cs = CoSteer(connect_cloud(cloud, k=k), slm_lm)
         method = "costeer"
     else:
         llm_lm = slm_lm if llm == slm else load_lm(llm, "cpu", backend)
@@ -81,9 +83,9 @@ def worker(mode: str, llm: str, slm: str, backend: str, tokens: int, runs: int, 
 # ------------------------------------------------------------------------------- driver
 
 
-def measure(mode: str, core: int, llm: str, slm: str, args, cloud: str | None = None) -> list[float]:
+def measure(mode: str, core: int, llm: str, slm: str, args, cloud: str | None = None, k: str = "packed") -> list[float]:
     cmd = [__file__, "--worker", mode, "--llm", llm, "--slm", slm, "--backend", args.backend,
-           "--tokens", str(args.tokens), "--runs", str(args.runs)] + (["--cloud", cloud] if cloud else [])
+           "--tokens", str(args.tokens), "--runs", str(args.runs), "--cloud-k", k] + (["--cloud", cloud] if cloud else [])
     out = _pinned(core, cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).communicate()[0]
     return json.loads(out.decode().strip().splitlines()[-1])
 
@@ -113,6 +115,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--backend", default="llamacpp")
     ap.add_argument("--port", type=int, default=8790)
+    ap.add_argument("--cloud-k", default="packed", help="comma-separated frame kinds for the split: packed, 256, …")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/split_throughput.json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--llm", help=argparse.SUPPRESS)
@@ -120,7 +123,7 @@ def main() -> None:
     ap.add_argument("--cloud", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        return worker(args.worker, args.llm, args.slm, args.backend, args.tokens, args.runs, args.cloud)
+        return worker(args.worker, args.llm, args.slm, args.backend, args.tokens, args.runs, args.cloud, args.cloud_k)
     if (os.cpu_count() or 1) < 2:
         sys.exit("error: needs 2 cores (cloud and device pinned apart)")
     rows = []
@@ -131,19 +134,24 @@ def main() -> None:
         res["inprocess"] = statistics.median(measure("inprocess", 0, llm, slm, args))
         server = serve(llm, args.backend, args.port)
         try:
-            res["split"] = statistics.median(measure("split", 1, llm, slm, args, f"ws://127.0.0.1:{args.port}"))
+            for k in args.cloud_k.split(","):
+                res[f"split k={k}"] = statistics.median(
+                    measure("split", 1, llm, slm, args, f"ws://127.0.0.1:{args.port}", k)
+                )
         finally:
             server.kill()
             server.wait()
         rows.append(res)
     print(f"one core and one thread per process, median of {args.runs} runs, {args.tokens} new tokens, greedy, "
           f"backend {args.backend}")
-    print("| pair | vanilla LLM tok/s | in-process costeer tok/s | split costeer tok/s | in-process × vanilla | "
-          "split × vanilla |")
-    print("|---|---:|---:|---:|---:|---:|")
+    splits = [f"split k={k}" for k in args.cloud_k.split(",")]
+    print("| pair | vanilla LLM tok/s | in-process costeer tok/s | " + " | ".join(f"{c} tok/s" for c in splits)
+          + " | in-process × vanilla | " + " | ".join(f"{c} × vanilla" for c in splits) + " |")  # fmt: skip
+    print("|---|" + "---:|" * (3 + 2 * len(splits)))
     for r in rows:
-        print(f"| {r['pair']} | {r['vanilla']:.1f} | {r['inprocess']:.1f} | {r['split']:.1f} | "
-              f"{r['inprocess'] / r['vanilla']:.2f} | {r['split'] / r['vanilla']:.2f} |")
+        print(f"| {r['pair']} | {r['vanilla']:.1f} | {r['inprocess']:.1f} | "
+              + " | ".join(f"{r[c]:.1f}" for c in splits) + f" | {r['inprocess'] / r['vanilla']:.2f} | "
+              + " | ".join(f"{r[c] / r['vanilla']:.2f}" for c in splits) + " |")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2))
 

@@ -58,14 +58,25 @@ def _load_cloud(url: str, slm: Optional[str], config: GenerationConfig, device: 
 
     typer.echo(f"connecting to {url}; loading SLM={slm} …", err=True)
     if api == "costeer":
-        llm = connect_cloud(url, k=parse_k(k), tail=tail, wire_log=wire_log)
+        llm = connect_cloud(url, k=_cloud_k(k, api), tail=tail, wire_log=wire_log)
     elif api in ("llamacpp", "openai", "auto"):
+        k = _cloud_k(k, api)
+        if k.strip().lower().startswith("packed"):
+            raise ValueError("--cloud-k packed needs --cloud-api costeer (serving engines answer with top-k lists)")
         llm = connect_engine(url, llm_spec or DEFAULT_LLM, api=api, k=parse_k(k), tail=tail, wire_log=wire_log)
     else:
         raise ValueError(f"unknown --cloud-api '{api}' (costeer | llamacpp | openai | auto)")
     if llm.wire is not None:
         llm.wire.meta(query=query)  # the audit's default public query
     return CoSteer(llm, load_lm(slm, device, backend) if slm else None, config)
+
+
+def _cloud_k(k: Optional[str], api: str) -> str:
+    """--cloud-k as given, else the default of the cloud kind: packed frames from costeer serve,
+    top-256 lists from a serving engine."""
+    from costeer.device import DEFAULT_FRAMES, DEFAULT_K
+
+    return k if k is not None else (DEFAULT_FRAMES if api == "costeer" else str(DEFAULT_K))
 
 
 def _label(spec: Optional[str], lm) -> Optional[str]:
@@ -165,7 +176,9 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
     cloud: Optional[str] = typer.Option(None, help="ws://HOST:PORT of `costeer serve`: the LLM runs there "
                                         "(key from COSTEER_API_KEY; --llm is then the server's)."),
-    cloud_k: str = typer.Option("256", help="With --cloud: top-k entries per frame, or 'full' (exact)."),
+    cloud_k: Optional[str] = typer.Option(None, help="With --cloud: 'packed[:N]' (every token down to the cloud's "
+                                          "floor, at most N; the default with costeer serve), a top-k size (256 with a "
+                                          "serving engine), or 'full' (exact). docs/wire-format.md."),
     cloud_tail: str = typer.Option("slm", help="With --cloud: model of the mass outside the top-k: slm | uniform."),
     cloud_api: str = CLOUD_API_OPT,
     wire_log: Optional[Path] = typer.Option(None, help="With --cloud: record every byte sent and received here."),
@@ -300,7 +313,9 @@ def eval_(
     slm: str = SLM_OPT,
     cloud: Optional[str] = typer.Option(None, help="ws://HOST:PORT of `costeer serve`: the LLM runs there, the SLM "
                                         "and the context stay here (llm_context is refused)."),
-    cloud_k: str = typer.Option("256", help="With --cloud: top-k entries per frame, or 'full' (exact)."),
+    cloud_k: Optional[str] = typer.Option(None, help="With --cloud: 'packed[:N]' (every token down to the cloud's "
+                                          "floor, at most N; the default with costeer serve), a top-k size (256 with a "
+                                          "serving engine), or 'full' (exact). docs/wire-format.md."),
     cloud_tail: str = typer.Option("slm", help="With --cloud: model of the mass outside the top-k: slm | uniform."),
     cloud_api: str = CLOUD_API_OPT,
     max_new_tokens: int = MAX_NEW_OPT,
@@ -341,7 +356,7 @@ def eval_(
                              cloud_api, llm)
         else:
             cs = _load_for(ms, llm, slm, cfg, device, backend)
-        models = {"llm": f"{cloud} (k={cloud_k}, tail={cloud_tail})" if cloud else _label(llm, cs.llm),
+        models = {"llm": f"{cloud} (k={_cloud_k(cloud_k, cloud_api)}, tail={cloud_tail})" if cloud else _label(llm, cs.llm),
                   "slm": _label(slm, cs.slm)}
         metrics = _interruptible(out, lambda: run_eval(
             cs, examples, ms, out, data=path, limit=limit, models=models
@@ -420,6 +435,7 @@ def serve(
     max_new_tokens: int = typer.Option(2048, min=1),
     idle_timeout: float = typer.Option(120.0, min=0.1, help="Seconds without a message before a session is evicted."),
     values: str = typer.Option("f16", help="Top-k log-probabilities on the wire: f16 | f32."),
+    packed_floor: float = typer.Option(-11.5, help="Packed frames hold every token whose log-probability is at least this."),
     device: str = DEVICE_OPT,
     backend: str = BACKEND_OPT,
     log_level: str = typer.Option("info"),
@@ -436,7 +452,7 @@ def serve(
         keys = read_api_keys(os.environ.get("COSTEER_API_KEYS"), api_keys_file)
         settings = ServerSettings(api_keys=keys, max_sessions=max_sessions, max_sessions_per_key=max_sessions_per_key,
                                   max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
-                                  idle_timeout_s=idle_timeout, values=values)  # fmt: skip
+                                  idle_timeout_s=idle_timeout, values=values, packed_floor=packed_floor)  # fmt: skip
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
         _quiet_libraries()
         run_server(llm, settings, host=host, port=port, device=device, backend=backend, log_level=log_level)

@@ -33,7 +33,17 @@ OPEN, ATTACH, TOKEN = 0x01, 0x02, 0x03  # uplink
 READY, DIST = 0x81, 0x82  # downlink
 
 # DIST encodings
-FULL_F32, TOPK_F16, TOPK_F32 = 0, 1, 2
+FULL_F32, TOPK_F16, TOPK_F32, TOPK_PACKED = 0, 1, 2, 3
+
+# OPEN flags
+FLAG_PACKED = 0x0001  # the device asks for TOPK_PACKED frames; `k` is then their largest size
+
+# TOPK_PACKED (docs/wire-format.md, "Packed frames")
+PACKED_HEAD = 128  # the most likely entries, with values to 1/2048 nat
+PACKED_HEAD_SCALE = 2048
+PACKED_STEP = 0.25  # width (nats) of the value bands that hold the other entries
+PACKED_FLOOR = -11.5  # default: every token at least this likely is sent (up to k): about 2 KB at V = 262,144
+_MAX_EG_WIDTH = 40  # no id gap needs more bits; a frame that claims more is malformed
 
 NO_TOKEN = 0xFFFFFFFF
 SESSION_ID_BYTES = 16
@@ -59,6 +69,7 @@ _ATTACH = struct.Struct(f"<BBH{SESSION_ID_BYTES}sII")  # version, type, 0, sessi
 _TOKEN = struct.Struct("<BBI")  # version, type, token id
 _READY = struct.Struct(f"<BBH{SESSION_ID_BYTES}sII")  # version, type, 0, session id, vocab size, position
 _DIST = struct.Struct("<BBBBIIIf")  # version, type, encoding, id width, position, V, k, log tail mass
+_PACKED = struct.Struct("<fffHHf")  # top value, head floor, k-th value, head size, bands, band width
 
 
 class FrameError(ValueError):
@@ -82,10 +93,12 @@ class Open:
     k: int = FULL  # 0 = the full vocabulary
     max_new_tokens: int = 128
     generated: list[int] = field(default_factory=list)
+    packed: bool = False  # TOPK_PACKED frames, at most k entries
 
     def encode(self) -> bytes:
         ids = list(self.prompt_ids) + list(self.generated)
-        head = _OPEN.pack(VERSION, OPEN, 0, self.k, self.max_new_tokens, len(self.prompt_ids), len(self.generated))
+        flags = FLAG_PACKED if self.packed else 0
+        head = _OPEN.pack(VERSION, OPEN, flags, self.k, self.max_new_tokens, len(self.prompt_ids), len(self.generated))
         return head + np.asarray(ids, dtype="<u4").tobytes()
 
 
@@ -127,9 +140,16 @@ class Dist:
 
     position: int
     vocab_size: int
-    logp: Tensor  # [k] float32 (full: [V])
-    ids: Tensor | None  # [k] long, by descending log-probability; None = full vocabulary
+    logp: Tensor  # [k] float32 (full: [V]); packed frames: the middle of each entry's band
+    ids: Tensor | None  # [k] long (top-k: by descending log-probability); None = full vocabulary
     log_tail: float  # log of the probability mass outside `ids` (-inf for full)
+    width: Tensor | None = None  # [k] packed frames: each entry lies in logp ± width/2
+    cap: float | None = None  # the smallest log-probability sent (None: logp.min())
+
+    @property
+    def floor(self) -> float:
+        """No token outside `ids` is more likely than this."""
+        return float(self.logp.min()) if self.cap is None else self.cap
 
     @property
     def full(self) -> bool:
@@ -156,11 +176,13 @@ def decode_uplink(data: bytes) -> Uplink:
     if kind == OPEN:
         if len(data) < _OPEN.size:
             raise FrameError("OPEN frame too short")
-        _, _, _, k, max_new, n_prompt, n_gen = _OPEN.unpack_from(data)
+        _, _, flags, k, max_new, n_prompt, n_gen = _OPEN.unpack_from(data)
         if len(data) != _OPEN.size + 4 * (n_prompt + n_gen):
             raise FrameError(f"OPEN frame length {len(data)} does not match {n_prompt}+{n_gen} token ids")
+        if flags & ~FLAG_PACKED:
+            raise FrameError(f"unknown OPEN flags 0x{flags:04x}")
         ids = np.frombuffer(data, dtype="<u4", offset=_OPEN.size).astype(np.int64).tolist()
-        return Open(ids[:n_prompt], k, max_new, ids[n_prompt:])
+        return Open(ids[:n_prompt], k, max_new, ids[n_prompt:], bool(flags & FLAG_PACKED))
     if kind == ATTACH:
         _expect_size(data, _ATTACH, "ATTACH")
         _, _, _, sid, n_gen, last = _ATTACH.unpack(data)
@@ -194,6 +216,8 @@ def decode_downlink(data: bytes) -> Downlink:
                 raise FrameError("full DIST frame length does not match its vocabulary size")
             logp = torch.from_numpy(np.frombuffer(body, dtype="<f4").astype(np.float32))
             return Dist(pos, vocab, logp, None, float("-inf"))
+        if enc == TOPK_PACKED:
+            return _decode_packed(body, pos, vocab, k, log_tail)
         if enc not in (TOPK_F16, TOPK_F32) or width not in (2, 4):
             raise FrameError(f"unknown DIST encoding {enc} / id width {width}")
         vbytes = 2 if enc == TOPK_F16 else 4
@@ -203,7 +227,11 @@ def decode_downlink(data: bytes) -> Downlink:
         vals = np.frombuffer(body[k * width :], dtype="<f2" if vbytes == 2 else "<f4").astype(np.float32)
         if k and int(ids.max()) >= vocab:
             raise FrameError("DIST frame holds a token id outside the vocabulary")
-        return Dist(pos, vocab, torch.from_numpy(vals), torch.from_numpy(ids), float(log_tail))
+        cap = None
+        if k and vbytes == 2:  # the k-th value was rounded to float16: the bound is half a step above it
+            low = np.float16(vals.min())
+            cap = float(low) + float(np.spacing(np.abs(low))) / 2
+        return Dist(pos, vocab, torch.from_numpy(vals), torch.from_numpy(ids), float(log_tail), cap=cap)
     raise FrameError(f"unknown downlink message type 0x{kind:02x}")
 
 
@@ -245,6 +273,162 @@ def frame_bytes(vocab_size: int, k: int, values: str = "f16") -> int:
 
 
 # ---------------------------------------------------------------------------------------
+# Packed frames: more entries in the same bytes
+# ---------------------------------------------------------------------------------------
+#
+# Across tokenizers the fused argmax sometimes is a token the LLM ranks in the thousands that
+# the delta lifts by 7-10 nats; a frame has to reach that deep (docs/wire-format.md). Packed
+# frames send every token down to an absolute floor (default -12 nats), at most k of them:
+#   - the head (the PACKED_HEAD most likely): values to 1/2048 nat below the top value;
+#   - the rest in bands PACKED_STEP nats wide below the head; the device places each entry
+#     inside its band with its tail model;
+#   - ids sorted within each group and sent as gaps in order-k Exp-Golomb codes, written as
+#     two bit streams (the unary prefixes, then the binary suffixes) so that both sides code
+#     and decode with whole-array numpy operations rather than a loop over entries.
+
+
+def _bit_length(y: np.ndarray) -> np.ndarray:
+    """Bits of each y >= 1 (exact for y < 2**52)."""
+    return np.floor(np.log2(y.astype(np.float64))).astype(np.int64) + 1
+
+
+def _eg_choose(gaps: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Per group (starting at `starts`), the Exp-Golomb order 0..15 with the fewest bits."""
+    orders = np.arange(16)[:, None]
+    n = _bit_length(gaps[None, :] + (1 << orders))  # [16, n]
+    cost = 2 * n - orders - 1
+    return np.add.reduceat(cost, starts, axis=1).argmin(axis=0) if len(gaps) else np.zeros(len(starts), np.int64)
+
+
+def _eg_encode(x: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Values x >= 0 with per-value orders -> (prefix bits, suffix bits) as uint8 0/1 arrays.
+    With y = x + 2**order of N bits: the prefix is N-order-1 zeros and a one, the suffix the
+    N-1 bits of y below its leading one."""
+    y = x.astype(np.int64) + (np.int64(1) << order)
+    w = _bit_length(y) - 1  # suffix width
+    ends = np.cumsum(w - order + 1) - 1
+    prefix = np.zeros(int(ends[-1]) + 1 if len(x) else 0, dtype=np.uint8)
+    prefix[ends] = 1
+    j = np.arange(int(w.max()) if len(x) else 0)
+    inside = j[None, :] < w[:, None]
+    bits = (y[:, None] >> np.maximum(w[:, None] - 1 - j[None, :], 0)) & 1
+    suffix = np.zeros(int(w.sum()), dtype=np.uint8)
+    suffix[((np.cumsum(w) - w)[:, None] + j[None, :])[inside]] = bits[inside]
+    return prefix, suffix
+
+
+def _eg_decode(prefix: np.ndarray, suffix: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """The inverse of _eg_encode for len(order) values; raises FrameError on short streams."""
+    n = len(order)
+    ones = np.flatnonzero(prefix)[:n]
+    if len(ones) < n:
+        raise FrameError("packed DIST frame: id stream too short")
+    w = np.diff(ones, prepend=-1) - 1 + order
+    if n and int(w.max()) > _MAX_EG_WIDTH:
+        raise FrameError("packed DIST frame: id gap out of range")
+    off = np.cumsum(w) - w
+    if n and int(off[-1] + w[-1]) > len(suffix):
+        raise FrameError("packed DIST frame: id stream too short")
+    j = np.arange(int(w.max()) if n else 0)
+    inside = j[None, :] < w[:, None]
+    bits = np.where(inside, suffix[np.where(inside, off[:, None] + j[None, :], 0)], 0).astype(np.int64)
+    y = (np.int64(1) << w) + (bits << np.maximum(w[:, None] - 1 - j[None, :], 0)).sum(axis=1)
+    return y - (np.int64(1) << order)
+
+
+def encode_packed(logp: Tensor, k: int, position: int, floor: float = PACKED_FLOOR) -> bytes:
+    """The cloud's [V] log-probabilities -> a TOPK_PACKED DIST frame: the tokens at least
+    exp(floor) likely, at least the head and at most k of them (k = 0: no upper limit)."""
+    x = logp.detach().float().cpu().reshape(-1)
+    V = x.shape[0]
+    above = x >= floor
+    n = int(above.sum())
+    k = min(V - 1, max(n, PACKED_HEAD), k or V)
+    if k == n:  # the usual case: the floor decides, one pass over V instead of a top-k
+        ids_t = above.nonzero().squeeze(1)
+        vals_t, order = torch.sort(x[ids_t], descending=True)
+        ids_t = ids_t[order]
+        rest = x.masked_fill(above, float("-inf"))
+    else:
+        vals_t, ids_t = torch.topk(x, k)  # descending
+        rest = x.clone()
+        rest[ids_t] = float("-inf")
+    # float32 is enough here: the tail mass only scales the device's guesses for unsent tokens
+    log_tail = float(torch.logsumexp(rest, dim=0))
+    vals, ids = vals_t.numpy().astype(np.float64), ids_t.numpy().astype(np.int64)
+    top_value, kth = float(vals_t[0]), float(vals_t[-1])
+    h = min(k, PACKED_HEAD)
+    head_floor = vals[h - 1]
+    band = np.zeros(k, dtype=np.int64)  # group: 0 = head, 1 + b = band b
+    band[h:] = 1 + np.floor((head_floor - vals[h:]) / PACKED_STEP).astype(np.int64)
+    n_bands = int(band.max())
+    order = np.lexsort((ids, band))  # by group, ids ascending within each
+    ids, band, vals = ids[order], band[order], vals[order]
+    counts = np.bincount(band, minlength=n_bands + 1)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    prev = np.concatenate([[-1], ids[:-1]])
+    prev[starts] = -1  # each group's first id is coded from -1
+    gaps = ids - prev - 1
+    used = counts > 0
+    eg_order = np.zeros(n_bands + 1, dtype=np.int64)
+    eg_order[used] = _eg_choose(gaps, starts[used])
+    prefix, suffix = _eg_encode(gaps, np.repeat(eg_order, counts))
+    head_q = np.clip(np.round((top_value - vals[:h]) * PACKED_HEAD_SCALE), 0, 65535)
+    pre = np.packbits(prefix).tobytes()
+    return b"".join(
+        [
+            _DIST.pack(VERSION, DIST, TOPK_PACKED, 0, position, V, k, log_tail),
+            _PACKED.pack(top_value, float(head_floor), kth, h, n_bands, PACKED_STEP),
+            counts[1:].astype("<u2").tobytes(),
+            eg_order.astype(np.uint8).tobytes(),
+            head_q.astype("<u2").tobytes(),
+            struct.pack("<I", len(pre)),
+            pre,
+            np.packbits(suffix).tobytes(),
+        ]
+    )
+
+
+def _decode_packed(body: memoryview, pos: int, vocab: int, k: int, log_tail: float) -> Dist:
+    if len(body) < _PACKED.size:
+        raise FrameError("packed DIST frame too short")
+    top, head_floor, kth, h, n_bands, step = _PACKED.unpack_from(body)
+    at = _PACKED.size
+    fixed = 2 * n_bands + (n_bands + 1) + 2 * h + 4
+    if len(body) < at + fixed or not 0 < k < vocab or h > k or not step > 0:
+        raise FrameError("packed DIST frame: header does not match its length")
+    counts = np.concatenate([[h], np.frombuffer(body, "<u2", n_bands, at).astype(np.int64)])
+    at += 2 * n_bands
+    eg_order = np.frombuffer(body, np.uint8, n_bands + 1, at).astype(np.int64)
+    at += n_bands + 1
+    head_q = np.frombuffer(body, "<u2", h, at).astype(np.float64)
+    at += 2 * h
+    (n_pre,) = struct.unpack_from("<I", body, at)
+    at += 4
+    if int(counts.sum()) != k or len(body) < at + n_pre or int(eg_order.max()) > 15:
+        raise FrameError("packed DIST frame: entry counts do not match k")
+    prefix = np.unpackbits(np.frombuffer(body, np.uint8, n_pre, at))
+    suffix = np.unpackbits(np.frombuffer(body, np.uint8, len(body) - at - n_pre, at + n_pre))
+    gaps = _eg_decode(prefix, suffix, np.repeat(eg_order, counts))
+    steps = gaps + 1
+    total = np.cumsum(steps)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    before = np.repeat(np.where(starts > 0, total[np.maximum(starts - 1, 0)], 0), counts)
+    ids = total - before - 1
+    if k and int(ids.max()) >= vocab:
+        raise FrameError("DIST frame holds a token id outside the vocabulary")
+    band = np.repeat(np.arange(n_bands + 1), counts)[h:] - 1
+    hi = head_floor - band * step
+    lo = np.maximum(hi - step, kth)  # every entry sent is at least the k-th value
+    values = np.concatenate([top - head_q / PACKED_HEAD_SCALE, (hi + lo) / 2])
+    width = np.concatenate([np.zeros(h), hi - lo])
+    return Dist(
+        pos, vocab, torch.from_numpy(values.astype(np.float32)), torch.from_numpy(ids), float(log_tail),
+        torch.from_numpy(width.astype(np.float32)), float(kth),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------
 # The distribution: device side (the tail model)
 # ---------------------------------------------------------------------------------------
 
@@ -260,6 +444,12 @@ def densify(dist: Dist, reference: Tensor | None = None) -> Tensor:
         reference rescaled to the tail mass. Where the reference *is* the LLM (same model on
         both sides) this rebuilds the LLM's vector up to the float16 rounding of the top-k.
         Tokens the reference rules out (-inf, e.g. LLM ids with no SLM counterpart) get none.
+    Either way no tail token is set above the smallest top-k value: the cloud sent its k most
+    likely tokens, so every other token is at most that likely. The stand-in breaks this bound
+    where the two models disagree, and a tail token lifted there by the delta would win fusion
+    on a probability the LLM cannot have given it (docs/wire-format.md, "The tail model").
+    Entries of a packed frame that come as a band (width > 0) take the reference's value
+    clamped into their band, or the band's middle without a reference.
     """
     if dist.full:
         return dist.logp
@@ -273,7 +463,8 @@ def densify(dist: Dist, reference: Tensor | None = None) -> Tensor:
         out = _reference_tail(dist, reference, V)
         if out is not None:
             return out
-    out = torch.full((V,), dist.log_tail - math.log(n_tail), dtype=torch.float32)
+    level = min(dist.log_tail - math.log(n_tail), dist.floor)
+    out = torch.full((V,), level, dtype=torch.float32)
     out[dist.ids] = dist.logp
     return out
 
@@ -292,8 +483,14 @@ def _reference_tail(dist: Dist, reference: Tensor, V: int) -> Tensor | None:
     if top_mass > 1.0 - 1e-6:
         return None
     norm = float(lse) + math.log1p(-top_mass)  # log of the reference's tail mass
-    out = ref + (dist.log_tail - norm)
-    out[dist.ids] = dist.logp
+    scaled = ref + (dist.log_tail - norm)
+    out = scaled.clamp(max=dist.floor)
+    if dist.width is None:
+        out[dist.ids] = dist.logp
+    else:
+        guess = scaled[dist.ids]
+        inside = (guess - dist.logp).abs() <= dist.width / 2 + 1e-4  # rounding at the band edges
+        out[dist.ids] = torch.where(inside, guess, dist.logp)
     return out
 
 

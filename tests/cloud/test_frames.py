@@ -4,6 +4,7 @@ top-k and the tail mass; the tail models; malformed frames get their close codes
 import math
 import struct
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +21,7 @@ def test_uplink_messages_round_trip():
     for msg in (
         Open([5, 6, 7], k=256, max_new_tokens=99, generated=[1, 2]),
         Open([0], k=frames.FULL, max_new_tokens=1),
+        Open([9, 8], k=4096, max_new_tokens=64, packed=True),
         Attach(b"\x07" * 16, 12, 345),
         Attach(b"\x00" * 16, 0, frames.NO_TOKEN),
         Token(49151),
@@ -87,9 +89,34 @@ def test_reference_tail_is_exact_when_the_reference_is_the_model():
     assert torch.equal(dense[d.ids], d.logp)
     tail = torch.ones(1000, dtype=torch.bool)
     tail[d.ids] = False
-    assert torch.logsumexp(dense[tail].double(), 0).item() == pytest.approx(d.log_tail, abs=1e-5)
-    ratio = dense[tail] - ref[tail]
+    kth = float(d.logp.min())
+    assert dense[tail].max() <= kth  # no tail token above the cloud's k-th value
+    scaled = ref[tail] - torch.logsumexp(ref[tail].double(), 0).float() + d.log_tail
+    capped = scaled > kth
+    assert torch.equal(dense[tail][capped], torch.full((int(capped.sum()),), kth))
+    ratio = dense[tail][~capped] - ref[tail][~capped]  # the rest in the reference's proportions
     assert ratio.max() - ratio.min() < 1e-4
+    assert float(ratio[0]) == pytest.approx(float(scaled[~capped][0] - ref[tail][~capped][0]), abs=1e-5)
+
+
+def test_the_tail_is_capped_at_the_kth_value():
+    """A stand-in that ranks a tail token above the cloud's k-th entry would let a delta lift it
+    to a win the LLM's own numbers rule out: the cap keeps it at the k-th value."""
+    # a flat tail: 20 tokens that together outweigh the k-th entry
+    x = torch.log_softmax(torch.tensor([3.0, 2.0, 1.0] + [0.5] * 20), 0)
+    d = frames.decode_downlink(frames.encode_dist(x, 3, 0, values="f32"))
+    assert d.log_tail > float(x[2])
+    ref = torch.log_softmax(torch.tensor([0.0] * 3 + [9.0] + [0.0] * 19), 0)  # token 3 far too likely
+    dense = frames.densify(d, reference=ref)
+    assert float(dense[3]) == pytest.approx(float(x[2]))  # capped: it would be ~log_tail
+    assert dense[4:].max() <= float(x[2])
+    # with a delta that favours token 3 by 1.5 nats, the LLM's own numbers keep token 0 ahead
+    delta = torch.zeros(23)
+    delta[3] = 1.5
+    assert int(torch.argmax(x + delta)) == 0 and int(torch.argmax(dense + delta)) == 0
+    # also when the uniform level (log_tail - log 2) would exceed the k-th value
+    uniform = frames.densify(frames.Dist(0, 5, x[:3], torch.arange(3), math.log(0.9)))
+    assert torch.equal(uniform[3:], torch.full((2,), float(x[2])))
 
 
 def test_reference_that_rules_out_tokens_gives_them_nothing_and_falls_back_when_empty():
@@ -114,6 +141,7 @@ def test_reference_that_rules_out_tokens_gives_them_nothing_and_falls_back_when_
         (Open([1, 2, 3]).encode()[:-2], frames.CLOSE_MALFORMED, "does not match"),
         (struct.pack("<BBHIIII", 1, 1, 0, 0, 5, 10**6, 0), frames.CLOSE_MALFORMED, "does not match"),
         (Attach(b"x" * 16, 1, 2).encode() + b"!", frames.CLOSE_MALFORMED, "ATTACH frame must be"),
+        (struct.pack("<BBHIIIII", 1, 1, 4, 8, 5, 1, 0, 3), frames.CLOSE_MALFORMED, "unknown OPEN flags"),
     ],
 )
 def test_malformed_uplink_frames(data, code, message):
@@ -141,3 +169,93 @@ def test_tokenizer_fingerprint_tracks_vocab_and_template():
 
 def test_dist_full_property():
     assert Dist(0, 3, torch.zeros(3), None, float("-inf")).full
+
+
+def test_float16_frames_cap_half_a_rounding_step_above_the_kth_value():
+    """The k-th value travels rounded to float16; the true one (and so every tail token) can be
+    up to half a float16 step above what arrives, and the cap must not cut below it."""
+    x = logp()
+    d = frames.decode_downlink(frames.encode_dist(x, 16, 0))
+    kth = torch.topk(x, 17).values
+    assert d.floor >= float(kth[15]) >= float(kth[16])
+    assert d.floor - float(d.logp.min()) <= float(np.spacing(np.float16(abs(float(d.logp.min()))))) / 2 + 1e-9
+
+
+# --- packed frames ---------------------------------------------------------------------
+
+
+def test_exp_golomb_streams_round_trip():
+    rng = np.random.default_rng(0)
+    gaps = np.concatenate([np.zeros(5, np.int64), rng.integers(0, 300, 200), [2**18, 2**20 - 1, 1]])
+    order = rng.integers(0, 16, len(gaps))
+    prefix, suffix = frames._eg_encode(gaps, order)
+    assert np.array_equal(frames._eg_decode(prefix, suffix, order), gaps)
+    # the chosen order is the cheapest one for each group
+    starts = np.array([0, 5, 205])
+    best = frames._eg_choose(gaps, starts)
+    cost = [sum(len(s) for s in frames._eg_encode(gaps[a:b], np.full(b - a, o))) for a, b, o in
+            zip(starts, [5, 205, len(gaps)], best)]  # fmt: skip
+    for (a, b), c in zip([(0, 5), (5, 205), (205, len(gaps))], cost):
+        assert c == min(sum(len(s) for s in frames._eg_encode(gaps[a:b], np.full(b - a, o))) for o in range(16))
+    empty = frames._eg_encode(np.zeros(0, np.int64), np.zeros(0, np.int64))
+    assert frames._eg_decode(*empty, np.zeros(0, np.int64)).size == 0
+
+
+@pytest.mark.parametrize("V, k, floor", [(262_144, 4096, -12.0), (262_144, 300, -12.0), (49_152, 4096, -9.0), (5000, 4096, -99.0)])
+def test_packed_frames_hold_every_token_above_the_floor_within_their_bands(V, k, floor):
+    x = logp(V=V, seed=3, scale=2.5)
+    d = frames.decode_downlink(frames.encode_packed(x, k, 7, floor))
+    n = min(V - 1, max(int((x >= floor).sum()), frames.PACKED_HEAD), k)
+    top = torch.topk(x, n)
+    assert d.position == 7 and d.ids.numel() == n
+    assert set(d.ids.tolist()) == set(top.indices.tolist())
+    true = x[d.ids]
+    head = d.width == 0
+    assert int(head.sum()) == min(n, frames.PACKED_HEAD)
+    assert (true[head] - d.logp[head]).abs().max() <= 0.5 / frames.PACKED_HEAD_SCALE + 1e-6
+    body = ~head
+    assert ((true[body] - d.logp[body]).abs() <= d.width[body] / 2 + 1e-5).all()
+    assert (d.width[body] <= frames.PACKED_STEP + 1e-6).all()
+    assert d.floor == pytest.approx(float(top.values[-1]))
+    rest = x.double().clone()
+    rest[top.indices] = float("-inf")
+    assert d.log_tail == pytest.approx(float(torch.logsumexp(rest, 0)), abs=1e-5)
+
+
+def test_packed_frames_fit_many_more_entries_than_float16_top_k():
+    x = logp(V=262_144, seed=4, scale=2.5)
+    packed = frames.encode_packed(x, 4096, 0, -12.0)
+    n = frames.decode_downlink(packed).ids.numel()
+    assert n > 1000
+    assert len(packed) < 0.4 * len(frames.encode_dist(x, n, 0))
+
+
+def test_packed_frames_with_the_model_as_reference_rebuild_the_model():
+    """Same model on both sides: each band entry takes the reference's (exact) value."""
+    x = logp(V=20_000, seed=5, scale=2.5)
+    d = frames.decode_downlink(frames.encode_packed(x, 4096, 0, -14.0))
+    assert (d.width > 0).any()
+    dense = frames.densify(d, reference=x)
+    head = d.ids[d.width == 0]
+    body = d.ids[d.width > 0]
+    assert torch.allclose(dense[body], x[body], atol=1e-5)
+    assert (dense[head] - x[head]).abs().max() <= 0.5 / frames.PACKED_HEAD_SCALE + 1e-6
+    tail = torch.ones(20_000, dtype=torch.bool)
+    tail[d.ids] = False
+    assert torch.allclose(dense[tail], x[tail], atol=1e-4)
+    # without a reference, each band entry sits in the middle of its band
+    mid = frames.densify(d)
+    assert torch.equal(mid[d.ids], d.logp)
+
+
+def test_malformed_packed_frames():
+    x = logp(V=70_000, seed=6, scale=2.5)
+    good = frames.encode_packed(x, 2000, 0, -12.0)
+    head = frames._DIST.size
+    bad_k = bytearray(good)
+    struct.pack_into("<I", bad_k, 12, 1999)  # k no longer matches the counts
+    small_v = bytearray(good)
+    struct.pack_into("<I", small_v, 8, 100)  # ids beyond a (claimed) vocabulary of 100
+    for bad in (good[: head + 10], good[:-40], bytes(bad_k), bytes(small_v)):
+        with pytest.raises(FrameError):
+            frames.decode_downlink(bad)

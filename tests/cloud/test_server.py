@@ -102,6 +102,7 @@ def test_a_key_cannot_read_attach_or_end_another_keys_session(server):
         ready, _ = open_session(ws)
         sid = ready.session_id.hex()
         assert get(server, f"/v1/sessions/{sid}", KEY_A).json()["position"] == 0
+        assert get(server, f"/v1/sessions/{sid}", KEY_A).json()["frames"] == "topk"
         # key B: the session does not exist for it
         assert get(server, f"/v1/sessions/{sid}", KEY_B).status_code == 404
         assert get(server, f"/v1/sessions/{sid}", KEY_B).json() == {"error": "unknown session"}
@@ -291,3 +292,16 @@ def test_the_cloud_never_imports_the_device():
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
                 assert not any(n.startswith(("costeer.device", "costeer.api", "costeer.cli")) for n in names), f
+
+
+def test_a_packed_session_answers_with_packed_frames(server):
+    with ws_open(server, KEY_A) as ws:
+        ws.send(Open([1, 2, 3], 300, 3, packed=True).encode())
+        ready = frames.decode_downlink(ws.recv(timeout=10))
+        raw = ws.recv(timeout=10)
+        assert raw[2] == frames.TOPK_PACKED
+        dist = frames.decode_downlink(raw)
+        assert 0 < dist.ids.numel() <= 300 and dist.width is not None
+        assert get(server, f"/v1/sessions/{ready.session_id.hex()}", KEY_A).json()["frames"] == "packed"
+        ws.send(frames.Token(int(dist.ids[0])).encode())
+        assert frames.decode_downlink(ws.recv(timeout=10)).position == 1

@@ -54,6 +54,10 @@ def test_generate_over_the_cloud_equals_in_process(folders, cloud, context_file,
     assert audit.exit_code == 0, audit.output
     assert "no leak found" in audit.output
 
+    packed = run("generate", "--cloud", cloud.url, "--cloud-k", "packed", *common)
+    assert packed.exit_code == 0, packed.output
+    assert json.loads(packed.stdout.strip().splitlines()[-1])["token_ids"]
+
     streamed = run("generate", "--cloud", cloud.url, "-q", QUERY, "--context-file", str(context_file),
                    "--slm", folders["slm"], "--max-new-tokens", "6")  # fmt: skip
     assert streamed.exit_code == 0 and streamed.stdout.strip()
@@ -82,6 +86,8 @@ def test_audit_wire_exits_1_on_a_leak(folders, cloud, context_file, tmp_path):
         (["--cloud", "CLOUD"], "bad-key", "HTTP 401"),
         (["--cloud", "CLOUD"], "", "no API key"),
         (["--cloud", "CLOUD", "--cloud-k", "lots"], KEY_A, "k must be"),
+        (["--cloud", "CLOUD", "--cloud-k", "packed:0"], KEY_A, "k must be"),
+        (["--cloud", "CLOUD", "--cloud-k", "packed", "--cloud-api", "llamacpp"], KEY_A, "needs --cloud-api costeer"),
         (["--cloud", "CLOUD", "--method", "llm_context"], KEY_A, "would send the private context"),
         (["--cloud", "CLOUD", "--max-new-tokens", "5000"], KEY_A, "exceeds the limit"),
     ],

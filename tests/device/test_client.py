@@ -75,6 +75,30 @@ def test_topk_with_the_slm_tail_is_exact_when_the_slm_is_the_llm(tiny_llm):
         srv.stop()
 
 
+def test_packed_frames_over_the_socket(tiny_llm, monkeypatch):
+    """k='packed': the OPEN flag reaches the cloud, every DIST comes packed, and with the SLM
+    as the LLM (the reference is exact) the greedy tokens equal full-vocabulary fusion."""
+    srv = ThreadServer(tiny_llm, ServerSettings(api_keys=frozenset({KEY_A}), packed_floor=-9.0))
+    encodings = []
+    decode = frames.decode_downlink
+
+    def spy(data):
+        msg = decode(data)
+        if isinstance(msg, frames.Dist):
+            encodings.append(data[2])
+        return msg
+
+    monkeypatch.setattr(frames, "decode_downlink", spy)
+    try:
+        want = CoSteer(tiny_llm, tiny_llm).generate(QUERY, CONTEXT, "costeer", max_new_tokens=N).token_ids
+        cs = CoSteer(connect_cloud(srv.url, api_key=KEY_A, k="packed:300"), tiny_llm)
+        assert cs.llm.packed and cs.llm.k == 300
+        assert cs.generate(QUERY, CONTEXT, "costeer", max_new_tokens=N).token_ids == want
+        assert encodings and set(encodings) == {frames.TOPK_PACKED}
+    finally:
+        srv.stop()
+
+
 def test_llm_context_is_refused_over_the_cloud(server, tiny_slm):
     with pytest.raises(ValueError, match="would send the private context"):
         cloud_pair(server, tiny_slm).generate(QUERY, CONTEXT, "llm_context")
@@ -85,8 +109,9 @@ def test_bad_key_and_bad_options_are_clear_errors(server, tiny_slm):
         connect_cloud(server.url, api_key="nope")
     with pytest.raises(CloudError, match="no API key"):
         connect_cloud(server.url, api_key="")
-    with pytest.raises(ValueError, match="k must be"):
-        connect_cloud(server.url, api_key=KEY_A, k="many")
+    for bad in ("many", "packed:0", "packed:x", "packedy"):
+        with pytest.raises(ValueError, match="k must be"):
+            connect_cloud(server.url, api_key=KEY_A, k=bad)
     with pytest.raises(CloudError, match="exceeds the limit of 40"):
         cloud_pair(server, tiny_slm).generate(QUERY, CONTEXT, "costeer", max_new_tokens=41)
     with pytest.raises(CloudError, match="cannot reach"):
@@ -177,3 +202,36 @@ def test_the_audit_finds_a_leak(server, tiny_llm, tiny_slm, tmp_path):
     assert meta and meta[0]["tokenizer_fingerprint"] == frames.tokenizer_fingerprint(tiny_llm.tokenizer)
     # without a query, the prompt counts as wire text too
     assert audit_wire(log, CONTEXT).leaks
+
+
+def test_the_tail_reference_is_built_while_the_cloud_works():
+    """SteeringAhead builds the SLM reference in run_advance (overlapped with the cloud's
+    forward), once per pair, mapped onto the LLM's ids across tokenizers."""
+    import torch
+
+    from costeer.device.client import SteeringAhead
+    from costeer.engine.vocab import VocabMap
+
+    pairs = iter([torch.log_softmax(torch.randn(2, 6, generator=torch.Generator().manual_seed(i)), -1) for i in range(2)])
+
+    class Pair:
+        def start(self, base, pers):
+            return next(pairs)
+
+        def advance(self, token_id):
+            return next(pairs)
+
+    vocab = VocabMap(
+        size=4, identity=False, llm_index=torch.tensor([0, 2, 4]), slm_index=torch.tensor([1, 2, 3]),
+        llm_stop=torch.tensor([7]), slm_stop=torch.tensor([5]),
+    )  # fmt: skip
+    ahead = SteeringAhead(Pair(), ([1], [1, 2]), vocab, llm_vocab_size=8)
+    ahead.run_start()
+    first = ahead._ref[1]
+    assert ahead._ref[0] is ahead.pair  # built before anyone asked for it
+    assert ahead.reference() is first  # and not rebuilt
+    assert torch.equal(first[[0, 2, 4]], ahead.pair[0][[1, 2, 3]])
+    assert float(first[7]) == pytest.approx(float(ahead.pair[0][5]))
+    assert torch.isinf(first[[1, 3, 5, 6]]).all()  # LLM ids with no SLM counterpart
+    ahead.run_advance(2)
+    assert ahead.reference() is not first and torch.equal(ahead.reference()[[0, 2, 4]], ahead.pair[0][[1, 2, 3]])

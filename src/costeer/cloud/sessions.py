@@ -42,6 +42,7 @@ class ServerSettings:
     max_new_tokens: int = 2048  # tokens a session may be fed after its prompt
     idle_timeout_s: float = 120.0  # no message for this long: the session is evicted
     values: str = "f16"  # top-k log-probabilities: f16 | f32
+    packed_floor: float = frames.PACKED_FLOOR  # packed frames hold every token at least this likely (log)
 
     def __post_init__(self):
         if not self.api_keys:
@@ -95,6 +96,7 @@ class Session:
     k: int
     max_new_tokens: int
     prompt: list[int]
+    packed: bool = False  # TOPK_PACKED frames (k: their largest size)
     generated: list[int] = field(default_factory=list)  # tokens fed after the prompt
     batch: object | None = None  # LM.open(...): the decode state with its KV cache
     last_frame: bytes | None = None  # the DIST for the current position (re-sent on ATTACH)
@@ -116,6 +118,7 @@ class Session:
             "id": self.id.hex(),
             "position": self.position,
             "k": self.k,
+            "frames": "packed" if self.packed else ("full" if self.k == frames.FULL else "topk"),
             "max_new_tokens": self.max_new_tokens,
             "prompt_tokens": len(self.prompt),
             "attached": self.attached,
@@ -154,11 +157,12 @@ class Registry:
             raise ProtocolError(frames.CLOSE_INVALID, f"token id {bad} is outside the vocabulary (size {V})")
         self._check_capacity(owner)
         sid = secrets.token_bytes(frames.SESSION_ID_BYTES)
-        sess = Session(sid, owner, msg.k, msg.max_new_tokens, list(msg.prompt_ids))
+        sess = Session(sid, owner, msg.k, msg.max_new_tokens, list(msg.prompt_ids), msg.packed)
         sess.generated = list(msg.generated)
         self.sessions[sid] = sess
-        log.info("session %s… opened: %d prompt tokens, %d resumed, k=%s",
-                 sid.hex()[:8], len(msg.prompt_ids), len(msg.generated), msg.k or "full")  # fmt: skip
+        log.info("session %s… opened: %d prompt tokens, %d resumed, k=%s%s",
+                 sid.hex()[:8], len(msg.prompt_ids), len(msg.generated), msg.k or "full",
+                 " packed" if msg.packed else "")  # fmt: skip
         return sess
 
     def _check_capacity(self, owner: str) -> None:
@@ -195,7 +199,10 @@ class Registry:
     # -- forwards (blocking; run them in a worker thread) --------------------------------
 
     def _frame(self, sess: Session, logp: Tensor) -> bytes:
-        sess.last_frame = frames.encode_dist(logp, sess.k, sess.position, self.settings.values)
+        if sess.packed:
+            sess.last_frame = frames.encode_packed(logp, sess.k, sess.position, self.settings.packed_floor)
+        else:
+            sess.last_frame = frames.encode_dist(logp, sess.k, sess.position, self.settings.values)
         return sess.last_frame
 
     def start(self, sess: Session) -> bytes:

@@ -2,11 +2,12 @@
 on-device SLM pair) — our own cloud service (client.py) or a third-party serving engine
 (engines.py) — the wire log and its audit. Imports the engine and `costeer.frames`."""
 
-from costeer.device.client import DEFAULT_K, CloudError, CloudLLM, CloudSource, Retry, connect_cloud, parse_k
+from costeer.device.client import DEFAULT_FRAMES, DEFAULT_K, CloudError, CloudLLM, CloudSource, Retry, connect_cloud, parse_frames, parse_k
 from costeer.device.engines import EngineLLM, connect_engine
 from costeer.device.wire import AuditReport, WireLog, audit_wire
 
 __all__ = [
+    "DEFAULT_FRAMES",
     "DEFAULT_K",
     "AuditReport",
     "CloudError",
@@ -18,5 +19,6 @@ __all__ = [
     "audit_wire",
     "connect_cloud",
     "connect_engine",
+    "parse_frames",
     "parse_k",
 ]

@@ -75,6 +75,12 @@ _FATAL = {frames.CLOSE_MALFORMED, frames.CLOSE_UNAUTHORIZED, frames.CLOSE_TOO_LA
           frames.CLOSE_VERSION, frames.CLOSE_ENDED, frames.CLOSE_BUSY, 1008, 1009}  # fmt: skip
 
 
+PACKED_K = 4096  # 'packed' without a number: the largest packed frame (about 5.5 KB at V = 262,144)
+# What a device asks `costeer serve` for by default: packed frames, the representation that stays
+# under 2 KB a token at >= 99.5% greedy agreement across tokenizers (docs/wire-format.md).
+DEFAULT_FRAMES = "packed"
+
+
 def parse_k(k: int | str | None) -> int:
     """'full' / 0 / None -> 0 (FULL); a positive int -> itself."""
     if k is None or (isinstance(k, str) and k.strip().lower() == "full"):
@@ -86,6 +92,22 @@ def parse_k(k: int | str | None) -> int:
     if v < 0:
         raise ValueError(f"k must be a positive integer or 'full', got {k!r}")
     return v
+
+
+def parse_frames(k: int | str | None) -> tuple[int, bool]:
+    """What the device asks the cloud for -> (k, packed): 'full', a top-k size, or 'packed' /
+    'packed:N' (every token down to the cloud's floor, at most N; docs/wire-format.md)."""
+    if isinstance(k, str) and k.strip().lower().startswith("packed"):
+        rest = k.strip()[len("packed") :]
+        if not rest:
+            return PACKED_K, True
+        if not rest.startswith(":") or not rest[1:].isdigit() or int(rest[1:]) < 1:
+            raise ValueError(f"k must be 'packed' or 'packed:N' with N >= 1, got {k!r}")
+        return int(rest[1:]), True
+    try:
+        return parse_k(k), False
+    except ValueError:
+        raise ValueError(f"k must be a positive integer, 'full', 'packed' or 'packed:N', got {k!r}") from None
 
 
 def _urls(url: str) -> tuple[str, str]:
@@ -162,7 +184,8 @@ class CloudLLM:
     remote = True  # CoSteer refuses `llm_context` with a remote LLM: it would send the context
 
     def __init__(self, ws_url: str, api_key: str, info: dict, tokenizer, k: int = DEFAULT_K,
-                 tail: str = "slm", wire: WireLog | None = None, retry: Retry = Retry()):  # fmt: skip
+                 tail: str = "slm", wire: WireLog | None = None, retry: Retry = Retry(),
+                 packed: bool = False):  # fmt: skip
         if tail not in TAILS:
             raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
         self.ws_url, self.api_key, self.info = ws_url, api_key, info
@@ -171,7 +194,7 @@ class CloudLLM:
         self.vocab_size = int(info["vocab_size"])
         self.stop_ids = frozenset(int(i) for i in info["stop_ids"])
         self.device = torch.device("cpu")
-        self.k, self.tail, self.wire, self.retry = k, tail, wire, retry
+        self.k, self.tail, self.wire, self.retry, self.packed = k, tail, wire, retry, packed
         self.bytes_down = self.bytes_up = self.frames_down = 0  # DIST payload bytes / TOKEN payload bytes
 
     @property
@@ -185,7 +208,7 @@ class CloudLLM:
         return CloudSource(self, max_new_tokens, ahead), ahead
 
 
-def connect_cloud(url: str, api_key: str | None = None, k: int | str = DEFAULT_K, tail: str = "slm",
+def connect_cloud(url: str, api_key: str | None = None, k: int | str = DEFAULT_FRAMES, tail: str = "slm",
                   wire_log: str | Path | WireLog | None = None, retry: Retry = Retry()) -> CloudLLM:  # fmt: skip
     """Ask the cloud what it serves and fetch its tokenizer (cached by fingerprint)."""
     api_key = api_key if api_key is not None else os.environ.get("COSTEER_API_KEY", "")
@@ -218,7 +241,8 @@ def connect_cloud(url: str, api_key: str | None = None, k: int | str = DEFAULT_K
         http.close()
     if wire is not None:
         wire.meta(url=ws_url, model=info.get("model"), tokenizer_fingerprint=fp, tokenizer_dir=str(tokenizer_dir(fp)))
-    return CloudLLM(ws_url, api_key, info, tok, parse_k(k), tail, wire, retry)
+    k, packed = parse_frames(k)
+    return CloudLLM(ws_url, api_key, info, tok, k, tail, wire, retry, packed)
 
 
 class SteeringAhead:
@@ -230,6 +254,7 @@ class SteeringAhead:
         self.pair: Tensor | None = None
         self._ready_for = None  # ("start",) | ("advance", slm_id)
         self._to_slm: dict[int, int] | None = None
+        self._ref: tuple[Tensor, Tensor] | None = None  # (pair it was built from, reference)
 
     def _slm_id(self, llm_id: int) -> int:
         if self.vocab.identity:
@@ -240,12 +265,17 @@ class SteeringAhead:
         return self._to_slm[llm_id]
 
     # run ahead (called by CloudSource while the cloud computes)
+    # The reference is built here too, so that it is ready when the cloud's answer arrives:
+    # across tokenizers it is a scatter into [V_llm] (0.3 ms at V = 262,144) that would
+    # otherwise sit on the critical path between the DIST frame and the next TOKEN.
     def run_start(self) -> None:
         self.pair, self._ready_for = self.inner.start(*self.prompts), ("start",)
+        self.reference()
 
     def run_advance(self, llm_id: int) -> None:
         slm = self._slm_id(llm_id)
         self.pair, self._ready_for = self.inner.advance(slm), ("advance", slm)
+        self.reference()
 
     # SteeringSource
     def start(self, base_ids: list[int], pers_ids: list[int]) -> Tensor:
@@ -265,17 +295,20 @@ class SteeringAhead:
 
     def reference(self) -> Tensor:
         """The SLM's no-context log-probabilities on the LLM's vocabulary ([V_llm]; LLM ids with
-        no SLM counterpart get -inf): the stand-in for the LLM's tail."""
+        no SLM counterpart get -inf): the stand-in for the LLM's tail. Built once per pair."""
+        if self._ref is not None and self._ref[0] is self.pair:
+            return self._ref[1]
         base = self.pair[0]
         if self.vocab.identity:
             ref = base[: self.V]
             if ref.shape[0] < self.V:
                 ref = torch.cat([ref, torch.full((self.V - ref.shape[0],), float("-inf"))])
-            return ref
-        ref = torch.full((self.V,), float("-inf"))
-        ref[self.vocab.llm_index] = base[self.vocab.slm_index]
-        stop = torch.logsumexp(base[self.vocab.slm_stop], dim=0) - math.log(len(self.vocab.llm_stop))
-        ref[self.vocab.llm_stop] = stop
+        else:
+            ref = torch.full((self.V,), float("-inf"))
+            ref[self.vocab.llm_index] = base[self.vocab.slm_index]
+            stop = torch.logsumexp(base[self.vocab.slm_stop], dim=0) - math.log(len(self.vocab.llm_stop))
+            ref[self.vocab.llm_stop] = stop
+        self._ref = (self.pair, ref)
         return ref
 
 
@@ -397,7 +430,7 @@ class CloudSource:
             last = self.chosen[-1] if self.chosen else frames.NO_TOKEN
             self._send(frames.Attach(self.session_id, len(self.chosen), last).encode())
         else:
-            self._send(frames.Open(self.prompt, self.llm.k, self.max_new_tokens, list(self.chosen)).encode())
+            self._send(frames.Open(self.prompt, self.llm.k, self.max_new_tokens, list(self.chosen), self.llm.packed).encode())
         self._expect_ready = True
 
     def _send(self, data: bytes) -> None:
