@@ -8,7 +8,7 @@ log-probability vector with `densify`, the one place that decides how the mass o
 top-k (the tail) is spread. Improving the representation means changing these functions.
 
 Uplink (device -> cloud) carries only token ids: the public query's prompt ids (OPEN), the
-tokens chosen so far when resuming (OPEN, ATTACH) and one chosen id per step (TOKEN). There is
+tokens chosen so far when resuming (OPEN, ATTACH) and one chosen id per step (TOKEN, 4 bytes). There is
 no message that could carry context text, SLM outputs or deltas, and the cloud alone decides
 what a DIST frame holds (the device never names tokens it wants probabilities for).
 """
@@ -66,7 +66,8 @@ CLOSE_BUSY = 4429
 
 _OPEN = struct.Struct("<BBHIIII")  # version, type, flags, k, max_new_tokens, n_prompt, n_generated
 _ATTACH = struct.Struct(f"<BBH{SESSION_ID_BYTES}sII")  # version, type, 0, session id, n_generated, last token
-_TOKEN = struct.Struct("<BBI")  # version, type, token id
+_TOKEN = struct.Struct("<BBI")  # version, type, token id (the long form, for ids >= 2**24)
+TOKEN_BYTES = 4  # the short form: version, token id as u24; a 4-byte uplink frame is always a TOKEN
 _READY = struct.Struct(f"<BBH{SESSION_ID_BYTES}sII")  # version, type, 0, session id, vocab size, position
 _DIST = struct.Struct("<BBBBIIIf")  # version, type, encoding, id width, position, V, k, log tail mass
 _PACKED = struct.Struct("<fffHHf")  # top value, head floor, k-th value, head size, bands, band width
@@ -121,6 +122,8 @@ class Token:
     token_id: int
 
     def encode(self) -> bytes:
+        if self.token_id < 1 << 24:  # every real vocabulary (Gemma-3: 262,144)
+            return bytes([VERSION]) + self.token_id.to_bytes(3, "little")
         return _TOKEN.pack(VERSION, TOKEN, self.token_id)
 
 
@@ -172,6 +175,8 @@ def _header(data: bytes) -> int:
 
 def decode_uplink(data: bytes) -> Uplink:
     """Device -> cloud bytes -> message; raises FrameError (malformed, wrong version)."""
+    if isinstance(data, (bytes, bytearray, memoryview)) and len(data) == TOKEN_BYTES and data[0] == VERSION:
+        return Token(int.from_bytes(bytes(data[1:]), "little"))
     kind = _header(data)
     if kind == OPEN:
         if len(data) < _OPEN.size:

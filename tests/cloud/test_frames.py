@@ -29,8 +29,16 @@ def test_uplink_messages_round_trip():
         assert frames.decode_uplink(msg.encode()) == msg
 
 
-def test_token_frame_is_six_bytes_and_ready_round_trips():
-    assert len(Token(7).encode()) == 6
+def test_token_frame_is_four_bytes_and_ready_round_trips():
+    for t in (0, 7, 262_143, (1 << 24) - 1):
+        assert len(Token(t).encode()) == frames.TOKEN_BYTES == 4
+        assert frames.decode_uplink(Token(t).encode()) == Token(t)
+    # ids beyond 24 bits (no real vocabulary) and frames from older devices: the 6-byte form
+    assert len(Token(1 << 24).encode()) == 6 and frames.decode_uplink(Token(1 << 24).encode()) == Token(1 << 24)
+    assert frames.decode_uplink(struct.pack("<BBI", 1, frames.TOKEN, 9)) == Token(9)
+    with pytest.raises(FrameError) as e:
+        frames.decode_uplink(b"\x02\x05\x00\x00")  # another version
+    assert e.value.code == frames.CLOSE_VERSION
     r = Ready(b"\x01" * 16, 49152, 3)
     assert frames.decode_downlink(r.encode()) == r
 
@@ -136,8 +144,8 @@ def test_reference_that_rules_out_tokens_gives_them_nothing_and_falls_back_when_
         (b"", frames.CLOSE_MALFORMED, "too short"),
         (b"\x01", frames.CLOSE_MALFORMED, "too short"),
         (b"\x02\x03\x00\x00\x00\x00", frames.CLOSE_VERSION, "version 2"),
-        (b"\x01\x7f\x00\x00", frames.CLOSE_MALFORMED, "unknown uplink message type"),
-        (b"\x01\x03\x01\x00", frames.CLOSE_MALFORMED, "TOKEN frame must be 6 bytes"),
+        (b"\x01\x7f\x00\x00\x00", frames.CLOSE_MALFORMED, "unknown uplink message type"),
+        (b"\x01\x03\x01\x00\x00", frames.CLOSE_MALFORMED, "TOKEN frame must be 6 bytes"),
         (Open([1, 2, 3]).encode()[:-2], frames.CLOSE_MALFORMED, "does not match"),
         (struct.pack("<BBHIIII", 1, 1, 0, 0, 5, 10**6, 0), frames.CLOSE_MALFORMED, "does not match"),
         (Attach(b"x" * 16, 1, 2).encode() + b"!", frames.CLOSE_MALFORMED, "ATTACH frame must be"),

@@ -147,7 +147,7 @@ BAD = {
     "text frame": ([lambda s: "hello"], frames.CLOSE_MALFORMED, "binary frames"),
     "one byte": ([lambda s: b"\x01"], frames.CLOSE_MALFORMED, "too short"),
     "wrong version": ([lambda s: b"\x09\x03\x00\x00\x00\x00"], frames.CLOSE_VERSION, "unsupported frame version 9"),
-    "unknown type": ([lambda s: b"\x01\x55\x00\x00"], frames.CLOSE_MALFORMED, "unknown uplink message type"),
+    "unknown type": ([lambda s: b"\x01\x55\x00\x00\x00"], frames.CLOSE_MALFORMED, "unknown uplink message type"),
     "truncated OPEN": ([lambda s: Open([1, 2, 3]).encode()[:-1]], frames.CLOSE_MALFORMED, "does not match"),
     "TOKEN before OPEN": ([lambda s: Token(1).encode()], frames.CLOSE_ORDER, "TOKEN before OPEN"),
     "OPEN twice": (["open", lambda s: Open([1], max_new_tokens=5).encode()], frames.CLOSE_ORDER, "already has a session"),

@@ -41,10 +41,10 @@ def test_full_frames_give_the_in_process_tokens(server, local, tiny_slm, method)
     got = cs.generate(QUERY, CONTEXT, method, max_new_tokens=N)
     assert got.token_ids == want.token_ids and got.text == want.text
     assert got.prompt_ids == want.prompt_ids
-    # bytes per token: one full float32 vector down, 6 bytes up
+    # bytes per token: one full float32 vector down, 4 bytes up
     V = cs.llm.vocab_size
     assert cs.llm.bytes_down == cs.llm.frames_down * frames.frame_bytes(V, frames.FULL)
-    assert cs.llm.bytes_up == 6 * (cs.llm.frames_down - 1)
+    assert cs.llm.bytes_up == 4 * (cs.llm.frames_down - 1)
 
 
 def test_full_frames_across_two_tokenizers(server, tiny_llm):

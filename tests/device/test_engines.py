@@ -68,3 +68,31 @@ def test_llamacpp_answer_shape():
 def test_unexpected_answer_is_a_clear_error():
     with pytest.raises(CloudError, match="unexpected answer"):
         engine("openai").parse({"choices": []}, position=0)
+
+
+class _Answers:
+    """Stands in for _Http: answers from a script (a dict, or a CloudError to raise)."""
+
+    def __init__(self, script):
+        self.script = list(script)
+
+    def post_json(self, path, body):
+        item = self.script.pop(0)
+        if isinstance(item, CloudError):
+            raise item
+        return item
+
+
+@pytest.mark.parametrize("code, retried", [(503, True), (502, True), (504, True), (400, False), (401, False)])
+def test_transient_http_answers_are_retried_and_refusals_are_not(code, retried):
+    from costeer.device import Retry
+
+    ok = {"completion_probabilities": [{"id": 7, "logprob": -0.5, "top_logprobs": [{"id": 7, "logprob": -0.5}]}]}
+    e = engine("llamacpp")
+    e.retry = Retry(attempts=3, backoff_s=0.001)
+    e.http = _Answers([CloudError(f"HTTP {code}", code), ok])
+    if retried:
+        assert e.step([1, 2], 0).ids.tolist() == [7]
+    else:
+        with pytest.raises(CloudError, match=str(code)):
+            e.step([1, 2], 0)

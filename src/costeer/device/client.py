@@ -362,7 +362,7 @@ class CloudSource:
                 if self.ws is None:
                     self._connect_and_open()
                 elif token_id is not None:
-                    self._send(frames.Token(token_id).encode())
+                    self._send(frames.Token(token_id).encode(), token=True)
                 token_id = None  # a reconnection re-sends it inside OPEN / ATTACH
                 if hook is not None:
                     hook, h = None, hook
@@ -433,11 +433,11 @@ class CloudSource:
             self._send(frames.Open(self.prompt, self.llm.k, self.max_new_tokens, list(self.chosen), self.llm.packed).encode())
         self._expect_ready = True
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes, token: bool = False) -> None:
         if self.llm.wire is not None:
             self.llm.wire.record("sent", "ws-message", data)
         self.ws.send(data)
-        if data[1] == frames.TOKEN:
+        if token:
             self.llm.bytes_up += len(data)
 
     def _recv(self):

@@ -33,6 +33,8 @@ from torch import Tensor
 
 from costeer import frames
 from costeer.device.client import DEFAULT_K, TAILS, CloudError, Retry, SteeringAhead, _Http
+
+TRANSIENT = frozenset({502, 503, 504})  # HTTP answers that a later try may not get
 from costeer.device.wire import WireLog
 from costeer.engine.vocab import VocabMap
 
@@ -115,7 +117,9 @@ class EngineLLM:
                 self.requests += 1
                 return self.parse(resp, position)
             except CloudError as e:
-                if e.code is not None or failures >= self.retry.attempts:  # an HTTP refusal is final
+                # unreachable or 502/503/504 (llama-server answers 503 while it loads the model
+                # after a restart; a proxy answers 502/504) are worth retrying; other refusals are final
+                if (e.code is not None and e.code not in TRANSIENT) or failures >= self.retry.attempts:
                     raise
                 time.sleep(self.retry.delay(failures))
                 failures += 1
