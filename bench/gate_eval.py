@@ -15,21 +15,13 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-from throughput import PAIRS  # noqa: E402  (bench/ is on sys.path when a bench script runs)
+from throughput import PAIRS, parse_cogenesis_args  # noqa: E402  (bench/ is on sys.path when a bench script runs)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gates", default="0.5,0.9")
-    ap.add_argument("--rows", type=int, default=12)
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--pair", default="smollm2", choices=sorted(PAIRS))
-    ap.add_argument("--backend", default="llamacpp")
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/datasets/cogenesis.jsonl")
-    ap.add_argument("--out", type=Path, default=ROOT / "runs/gate")
-    args = ap.parse_args()
-    if not args.data.is_file():
-        raise SystemExit(f"error: {args.data} not found (the shared evaluation inputs)")
+    args = parse_cogenesis_args(ap, ROOT / "runs/gate")
 
     from costeer.api import CoSteer
     from costeer.engine.config import GenerationConfig, SamplingConfig, SteeringConfig

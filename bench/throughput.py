@@ -38,6 +38,22 @@ PAIRS = {
 METHODS = ("llm", "light", "costeer")
 
 
+def parse_cogenesis_args(ap: argparse.ArgumentParser, out: Path) -> argparse.Namespace:
+    """The options the CoGenesis bench scripts share (gate_eval, variant_sweep), parsed; exits
+    with one line when the shared evaluation inputs are missing."""
+    ap.add_argument("--pair", default="smollm2", choices=sorted(PAIRS))
+    ap.add_argument("--rows", type=int, default=12)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--backend", default="llamacpp")
+    root = Path(__file__).resolve().parents[1]
+    ap.add_argument("--data", type=Path, default=root.parent / "shared/datasets/cogenesis.jsonl")
+    ap.add_argument("--out", type=Path, default=out)
+    args = ap.parse_args()
+    if not args.data.is_file():
+        raise SystemExit(f"error: {args.data} not found (the shared evaluation inputs)")
+    return args
+
+
 def vanilla_run(cs: CoSteer, query: str, tokens: int) -> dict:
     """llama.cpp decoding with nothing around it: one llama_decode per token, argmax in numpy."""
     import numpy as np

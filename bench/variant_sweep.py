@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-from throughput import PAIRS  # noqa: E402  (bench/ is on sys.path when a bench script runs)
+from throughput import PAIRS, parse_cogenesis_args  # noqa: E402  (bench/ is on sys.path when a bench script runs)
 EPSILONS = (0.25, 0.5, 1.0, 2.0, math.inf)  # ∞: the paper's update (taken from the `costeer` run)
 TAUS = (0.0, 0.001, 0.01, 0.1)  # 0: the paper's update
 METRICS = (("rougeL", "ROUGE-L"), ("detail_recall", "personal-detail recall"), ("degenerate", "degenerate share"))
@@ -23,15 +23,7 @@ METRICS = (("rougeL", "ROUGE-L"), ("detail_recall", "personal-detail recall"), (
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pair", default="smollm2", choices=sorted(PAIRS))
-    ap.add_argument("--rows", type=int, default=12)
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--backend", default="llamacpp")
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/datasets/cogenesis.jsonl")
-    ap.add_argument("--out", type=Path, default=ROOT / "runs/variant-sweep")
-    args = ap.parse_args()
-    if not args.data.is_file():
-        raise SystemExit(f"error: {args.data} not found (the shared evaluation inputs)")
+    args = parse_cogenesis_args(ap, ROOT / "runs/variant-sweep")
 
     import matplotlib
 

@@ -53,17 +53,17 @@ def _load_cloud(url: str, slm: Optional[str], config: GenerationConfig, device: 
     """The LLM is the cloud at `url` (our service, or a serving engine whose model `llm_spec`
     names for its tokenizer); the SLM loads here, on the device."""
     from costeer.api import CoSteer
-    from costeer.device import connect_cloud, connect_engine, parse_k
+    from costeer.device import connect_cloud, connect_engine, parse_frames
     from costeer.engine.models import load_lm
 
     typer.echo(f"connecting to {url}; loading SLM={slm} …", err=True)
     if api == "costeer":
         llm = connect_cloud(url, k=_cloud_k(k, api), tail=tail, wire_log=wire_log)
     elif api in ("llamacpp", "openai", "auto"):
-        k = _cloud_k(k, api)
-        if k.strip().lower().startswith("packed"):
+        top_k, packed = parse_frames(_cloud_k(k, api))
+        if packed:
             raise ValueError("--cloud-k packed needs --cloud-api costeer (serving engines answer with top-k lists)")
-        llm = connect_engine(url, llm_spec or DEFAULT_LLM, api=api, k=parse_k(k), tail=tail, wire_log=wire_log)
+        llm = connect_engine(url, llm_spec or DEFAULT_LLM, api=api, k=top_k, tail=tail, wire_log=wire_log)
     else:
         raise ValueError(f"unknown --cloud-api '{api}' (costeer | llamacpp | openai | auto)")
     if llm.wire is not None:

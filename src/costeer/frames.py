@@ -348,7 +348,8 @@ def encode_packed(logp: Tensor, k: int, position: int, floor: float = PACKED_FLO
     V = x.shape[0]
     above = x >= floor
     n = int(above.sum())
-    k = min(V - 1, max(n, PACKED_HEAD), k or V)
+    # entry counts travel as u16 per band: 65,535 entries in all keeps every band within one
+    k = min(V - 1, max(n, PACKED_HEAD), k or V, 0xFFFF)
     if k == n:  # the usual case: the floor decides, one pass over V instead of a top-k
         ids_t = above.nonzero().squeeze(1)
         vals_t, order = torch.sort(x[ids_t], descending=True)

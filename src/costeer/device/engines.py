@@ -33,10 +33,10 @@ from torch import Tensor
 
 from costeer import frames
 from costeer.device.client import DEFAULT_K, TAILS, CloudError, Retry, SteeringAhead, _Http
-
-TRANSIENT = frozenset({502, 503, 504})  # HTTP answers that a later try may not get
 from costeer.device.wire import WireLog
 from costeer.engine.vocab import VocabMap
+
+TRANSIENT = frozenset({502, 503, 504})  # HTTP answers that a later try may not get
 
 APIS = ("auto", "llamacpp", "openai")
 _PROBE = "Hello, world! Ünïcödé 123 — tokenisation probe."
