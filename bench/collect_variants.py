@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-STEERED = ("costeer", "costeer_plausible", "costeer_trust", "costeer_plausible_trust", "costeer_guarded")
+STEERED = ("costeer", "costeer_plausible", "costeer_trust", "costeer_plausible_trust", "costeer_guarded",
+           "costeer_matched")
 ORDER = ("llm", "slm_context", *STEERED)
 
 

@@ -11,7 +11,7 @@ ROWS=${2:-40}
 TOKENS=${3:-64}
 DATA=../shared/datasets
 COSTEER=${COSTEER:-.venv/bin/costeer}
-METHODS=llm,slm_context,costeer,costeer_trust,costeer_guarded
+METHODS=llm,slm_context,costeer,costeer_trust,costeer_guarded,costeer_matched
 [ -d "$DATA" ] || { echo "error: $DATA not found (the shared evaluation inputs)" >&2; exit 2; }
 for pair in smollm2 gemma; do
   llm=smollm2-135m-instruct; [ "$pair" = gemma ] && llm=gemma3-270m

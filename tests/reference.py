@@ -15,11 +15,13 @@ def literal_costeer(cs: CoSteer, query: str, context: str, n_tokens: int, params
     return literal_steered(cs, query, context, n_tokens, lambda lp, lq, lb, _: ftrl_literal(lp, lq, lb, params))
 
 
-def literal_steered(cs: CoSteer, query: str, context: str, n_tokens: int, fusion) -> list[int]:
-    """The same loop with any fusion(log π_base, log π*_pers, log π*_base, aligned ids so far) -> log π."""
-    p = cs.prompts(query, context)
+def literal_steered(cs: CoSteer, query: str, context: str, n_tokens: int, fusion,
+                    reference: str | None = None) -> list[int]:  # fmt: skip
+    """The same loop with any fusion(log π_base, log π*_pers, log π*_base, aligned ids so far) -> log π.
+    With `reference`, the SLM's without-context branch reads that user message (costeer_matched)."""
+    p = cs.prompts(query, context, reference_message=reference)
     vm = cs.vocab()
-    llm_ids, base_ids, pers_ids = list(p["llm"]), list(p["slm"]), list(p["slm_context"])
+    llm_ids, base_ids, pers_ids = list(p["llm"]), list(p["slm_reference" if reference else "slm"]), list(p["slm_context"])
     out: list[int] = []
     history: list[int] = []  # aligned ids
     for _ in range(n_tokens):

@@ -4,7 +4,9 @@ import pytest
 
 from costeer import CoSteer, GenerationConfig, Method, SamplingConfig, SteeringConfig, VariantConfig
 from costeer.engine.vocab import IncompatibleVocabularies
-from costeer.steering import fuse_plausible_trust, repetition_guard
+from costeer.engine.prompts import user_message
+from costeer.engine.vocab import support_mask
+from costeer.steering import fuse_delta, fuse_plausible_trust, lift_supported, repetition_guard, safe_delta
 from tests.reference import literal_costeer, literal_steered
 from tests.tiny import bpe_tokenizer, disjoint_tokenizer, gemma3, llama, make_lm, sp_tokenizer
 
@@ -53,6 +55,7 @@ def test_every_method_runs_and_records_its_prompts(same_pair):
         "costeer_trust": {"llm", "slm", "slm_context"},
         "costeer_plausible_trust": {"llm", "slm", "slm_context"},
         "costeer_guarded": {"llm", "slm", "slm_context"},
+        "costeer_matched": {"llm", "slm", "slm_context"},  # no reference given: the bare query
         "llm": {"llm"},
         "llm_context": {"llm_context"},
         "slm": {"slm"},
@@ -194,3 +197,51 @@ def test_variant_parameters_are_validated(same_pair):
         same_pair.generate(QUERY, CONTEXT, "costeer_trust", steering=SteeringConfig(variant=dict(epsilon=-1)))
     with pytest.raises(ValueError, match="needs a personal context"):
         same_pair.generate(QUERY, None, "costeer_guarded")
+
+
+# ------------------------------------------------------------------------------- the matched reference context
+
+REFERENCE = "my name is Alex, I live in Boston and I like mild pasta\n\nwhat should I cook tonight"
+GUARD_ONLY = SteeringConfig(variant=VariantConfig(tau=0.0, epsilon=None))  # the paper's update + no-repeat 4-grams
+
+
+@pytest.mark.parametrize("pair", ["same_pair", "cross_pair"])
+def test_matched_is_the_guarded_update_with_the_reference_as_the_slm_base(pair, request):
+    cs = request.getfixturevalue(pair)
+    b = SteeringConfig().coefficient(Method.costeer)
+
+    support = support_mask(cs.vocab(), cs.llm.tokenizer, user_message(QUERY, CONTEXT))
+
+    def fusion(lp, lq, lb, history):  # the paper's update on the guarded base; Δ against the reference,
+        d = lift_supported(safe_delta(lq, lb), support)  # raising only the context's tokens
+        return fuse_delta(repetition_guard(lp, history, 0.0, 4), d, b)
+
+    got = cs.generate(QUERY, CONTEXT, "costeer_matched", reference_message=REFERENCE, max_new_tokens=20)
+    assert got.token_ids == literal_steered(cs, QUERY, CONTEXT, 20, fusion, reference=REFERENCE)
+    assert set(got.prompt_ids) == {"llm", "slm", "slm_reference", "slm_context"}
+    assert got.prompt_ids["slm_reference"] == cs.prompts(QUERY, CONTEXT, reference_message=REFERENCE)["slm_reference"]
+    # the reference is read: against the bare query the same stages choose other tokens
+    bare = cs.generate(QUERY, CONTEXT, "costeer_guarded", steering=GUARD_ONLY, max_new_tokens=20).token_ids
+    assert got.token_ids != bare
+
+
+def test_matched_without_a_reference_is_the_guarded_paper_update(same_pair):
+    # the support rule comes with the reference only: a one-line instruction ("be concise") is no profile
+    got = same_pair.generate(QUERY, CONTEXT, "costeer_matched", max_new_tokens=20).token_ids
+    assert got == same_pair.generate(QUERY, CONTEXT, "costeer_guarded", steering=GUARD_ONLY, max_new_tokens=20).token_ids
+
+
+def test_the_support_rule_changes_the_matched_tokens(same_pair):
+    got = same_pair.generate(QUERY, CONTEXT, "costeer_matched", reference_message=REFERENCE, max_new_tokens=20)
+    b = SteeringConfig().coefficient(Method.costeer)
+    no_support = literal_steered(same_pair, QUERY, CONTEXT, 20, reference=REFERENCE,
+                                 fusion=lambda lp, lq, lb, h: fuse_delta(repetition_guard(lp, h, 0.0, 4),
+                                                                         safe_delta(lq, lb), b))  # fmt: skip
+    assert got.token_ids != no_support
+
+
+def test_only_the_matched_method_reads_the_reference(same_pair):
+    for method in ("costeer", "costeer_guarded", "llm", "slm_context"):
+        with_ref = same_pair.generate(QUERY, CONTEXT, method, reference_message=REFERENCE, max_new_tokens=10)
+        assert "slm_reference" not in with_ref.prompt_ids
+        assert with_ref.token_ids == same_pair.generate(QUERY, CONTEXT, method, max_new_tokens=10).token_ids

@@ -124,3 +124,35 @@ def test_generate_and_eval_take_the_variant_options(folders, context_file, tmp_p
     assert rows["costeer_trust"]["token_ids"] == rows["llm"]["token_ids"]
     r = run(*ev, "--methods", "costeer_trust", "--epsilon", "0.5")  # other parameters: refused on resume
     assert r.exit_code == 2 and "steering.variant" in r.output
+
+
+def test_generate_takes_a_reference_file_for_the_matched_method(folders, context_file, tmp_path):
+    ref = tmp_path / "ref.yaml"
+    ref.write_text("name: Alex\ncity: Boston\nlikes: [mild pasta, cycling]\n")
+    base = ["--llm", folders["llm"], "--slm", folders["slm"], "--max-new-tokens", "6", "-q", "what should I cook",
+            "--context-file", str(context_file)]  # fmt: skip
+    r = run("generate", *base, "--method", "costeer_matched", "--reference-file", str(ref), "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(out["prompt_ids"]) == {"llm", "slm", "slm_reference", "slm_context"}
+    from costeer.engine.prompts import load_context, user_message
+
+    cs = CoSteer(load_lm(folders["llm"], "cpu"), load_lm(folders["slm"], "cpu"))
+    g = cs.generate("what should I cook", load_context(context_file), "costeer_matched", max_new_tokens=6,
+                    reference_message=user_message("what should I cook", load_context(ref)))  # fmt: skip
+    assert g.token_ids == out["token_ids"] and g.prompt_ids == out["prompt_ids"]
+
+    r = run("generate", *base, "--method", "costeer_matched", "--json")
+    assert r.exit_code == 0 and "without --reference-file" in r.stderr
+    for bad, message in [(["--method", "costeer", "--reference-file", str(ref)], "costeer_matched only"),
+                         (["--method", "costeer_matched", "--reference-file", "/no/ref.yaml"], "not found")]:
+        r = run("generate", *base, *bad)
+        assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+
+
+def test_demo_runs_every_shown_method_on_the_shipped_persona(folders):
+    r = run("demo", "--llm", folders["llm"], "--slm", folders["slm"], "--max-new-tokens", "3", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    for m in ("llm", "costeer", "costeer_matched", "slm_context"):
+        assert f"── {m}:" in r.output
+    assert "Sam Okafor" in r.output and "Jordan Avery" not in r.output  # the reference is never printed

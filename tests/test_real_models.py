@@ -9,7 +9,7 @@ import yaml
 
 from costeer.api import CoSteer
 from costeer.engine.models import DecodeBatch, cache_root
-from costeer.engine.prompts import render_context
+from costeer.engine.prompts import render_context, user_message
 from costeer.steering import FTRLParams
 from tests.reference import literal_costeer
 
@@ -68,3 +68,12 @@ def test_steering_personalises_the_demo(smollm2):
     plain = cs.generate(QUERY, CONTEXT, "llm", max_new_tokens=40).text
     steered = cs.generate(QUERY, CONTEXT, "costeer", max_new_tokens=40).text
     assert "Sam" not in plain and "Sam" in steered
+
+
+def test_the_matched_variant_personalises_the_demo_without_the_reference(smollm2):
+    ref = yaml.safe_load((Path(__file__).parents[1] / "src/costeer/examples/reference_persona.yaml").read_text())
+    cs = CoSteer(smollm2, smollm2)
+    g = cs.generate(QUERY, CONTEXT, "costeer_matched", max_new_tokens=40,
+                    reference_message=user_message(QUERY, render_context(ref["profile"])))  # fmt: skip
+    assert "Sam" in g.text
+    assert not any(w in g.text for w in ("Jordan", "Avery", "Columbus", "Pepper"))  # the reference's own details

@@ -13,12 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from costeer.engine.config import GenerationConfig, Method, SamplingConfig, SteeringConfig
+from costeer.engine.config import STEERING_STAGES, GenerationConfig, Method, SamplingConfig, SteeringConfig
 from costeer.engine.fusion import fusion_pipeline
 from costeer.engine.loop import LocalModelSource, LocalSteeringSource, SharedModel, Step, decode
 from costeer.engine.models import LM, load_lm
 from costeer.engine.prompts import prompt_ids, user_message
-from costeer.engine.vocab import VocabMap, align_vocabularies
+from costeer.engine.vocab import VocabMap, align_vocabularies, support_mask
 
 
 @dataclass
@@ -102,11 +102,13 @@ class CoSteer:
             )
         return self._vocab
 
-    def prompts(self, query: str, context: str | None, context_message: str | None = None) -> dict[str, list[int]]:
+    def prompts(self, query: str, context: str | None, context_message: str | None = None,
+                reference_message: str | None = None) -> dict[str, list[int]]:  # fmt: skip
         """Every prompt a method may start from (only *_context prompts hold the context).
 
         The with-context user message is `context_message` verbatim when given (a dataset's own
-        personalised prompt), else the context followed by the query."""
+        personalised prompt), else the context followed by the query. `reference_message` (public: a
+        reference profile in the context's format, then the query) gives the SLM's "slm_reference"."""
         with_ctx = context_message or (user_message(query, context) if context else None)
         out: dict[str, list[int]] = {}
         for side, lm in (("llm", self.llm), ("slm", self.slm)):
@@ -114,6 +116,8 @@ class CoSteer:
                 out[side] = prompt_ids(lm.tokenizer, user_message(query))
                 if with_ctx:
                     out[f"{side}_context"] = prompt_ids(lm.tokenizer, with_ctx)
+        if reference_message and self.slm is not None:
+            out["slm_reference"] = prompt_ids(self.slm.tokenizer, reference_message)
         return out
 
     def _config(self, sampling: SamplingConfig | None, steering: SteeringConfig | None, overrides: dict):
@@ -133,12 +137,17 @@ class CoSteer:
         sampling: SamplingConfig | None = None,
         steering: SteeringConfig | None = None,
         context_message: str | None = None,
+        reference_message: str | None = None,
         **overrides,
     ) -> "GenerationStream":
         """Tokens as they are chosen; `.generation` fills in as the stream is consumed.
 
         context_message: the whole with-context user message, used verbatim instead of
         context + query (e.g. CoGenesis' `personalized_input`).
+        reference_message: for `costeer_matched`, what the SLM's without-context branch reads instead of
+        the bare query: a public reference profile in the same format as the context, then the query
+        (docs/steering-variants.md §5); the delta then raises only tokens of the context. Without it
+        `costeer_matched` is the paper's update with the repetition guard. Other methods do not read it.
         steering: the FTRL hyper-parameters and, for the costeer_* variants, `variant`
         (e.g. SteeringConfig(variant=VariantConfig(epsilon=0.3))).
         Overrides: temperature, top_k, top_p, seed, max_new_tokens."""
@@ -157,16 +166,23 @@ class CoSteer:
             raise ValueError("method 'llm_context' would send the private context to the cloud: refused")
         s_cfg, st_cfg = self._config(sampling, steering, overrides)
         private = method not in (Method.llm, Method.slm)
-        prompts = self.prompts(query, context if private else None, context_message if private else None)
+        prompts = self.prompts(query, context if private else None, context_message if private else None,
+                               reference_message if method.matched else None)  # fmt: skip
         prompts = {k: v for k, v in prompts.items() if k in _BRANCHES[method]}
 
         if method.steered:
             vocab, b = self.vocab(), st_cfg.coefficient(method)
             primary = self.llm
-            slm_prompts = (prompts["slm"], prompts["slm_context"])
+            slm_prompts = (prompts.get("slm_reference", prompts["slm"]), prompts["slm_context"])
             source, steering, local = self._steered_sources(vocab, s_cfg, st_cfg, slm_prompts)
+            # the support rule goes with the matched reference: together they keep the user's details
+            # (docs/steering-variants.md §5); against the bare query the delta stays the paper's
+            support = None
+            if "support" in STEERING_STAGES[method] and "slm_reference" in prompts:
+                with_ctx = context_message or user_message(query, context)
+                support = support_mask(vocab, self.llm.tokenizer, with_ctx)
             steps = decode(source, prompts["llm"], vocab, s_cfg, steering, slm_prompts, b,
-                           fusion=fusion_pipeline(method, st_cfg), gate=st_cfg.gate)  # fmt: skip
+                           fusion=fusion_pipeline(method, st_cfg, support), gate=st_cfg.gate)  # fmt: skip
             steps = _closing(steps, local)
         else:
             primary = self.llm if method.uses_llm else self.slm
@@ -245,6 +261,7 @@ def _closing(steps: Iterator[Step], source) -> Iterator[Step]:
 
 _BRANCHES: dict[Method, tuple[str, ...]] = {
     **{m: ("llm", "slm", "slm_context") for m in Method if m.steered},
+    Method.costeer_matched: ("llm", "slm", "slm_reference", "slm_context"),
     Method.llm: ("llm",),
     Method.llm_context: ("llm_context",),
     Method.slm: ("slm",),

@@ -152,6 +152,9 @@ def generate(
         None, "--context-file", "-c", help="Private profile / history: plain text, JSON or YAML."
     ),
     context: Optional[str] = typer.Option(None, "--context", help="Private context given inline instead of a file."),
+    reference_file: Optional[Path] = typer.Option(
+        None, "--reference-file", help="For costeer_matched: a public reference profile in the context's format "
+        "(text, JSON or YAML); the SLM's without-context branch reads it with the query."),
     llm: str = LLM_OPT,
     slm: str = SLM_OPT,
     method: Method = typer.Option(Method.costeer, help=METHODS_DOC),
@@ -186,7 +189,7 @@ def generate(
     """Generate one response with any method; tokens stream as they are chosen."""
 
     def run():
-        from costeer.engine.prompts import load_context
+        from costeer.engine.prompts import load_context, user_message
 
         if context_file is not None and context is not None:
             raise ValueError("give --context or --context-file, not both")
@@ -195,6 +198,12 @@ def generate(
         ctx = load_context(context_file) if context_file is not None else context
         if not query.strip():
             raise ValueError("the query is empty")
+        if reference_file is not None and not method.matched:
+            raise ValueError(f"--reference-file is read by costeer_matched only, not by {method.value}")
+        reference = user_message(query, load_context(reference_file)) if reference_file is not None else None
+        if method.matched and reference is None:
+            typer.echo("note: costeer_matched without --reference-file is the paper's update with the repetition "
+                       "guard (docs/steering-variants.md §5)", err=True)
         variant = _variant(tau, tau_pers, epsilon, repetition_penalty, no_repeat_ngram)
         cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens, variant, gate)
         _quiet_libraries()
@@ -204,7 +213,7 @@ def generate(
                              query, cloud_api, llm)
         else:
             cs = _load(llm if needs_llm else None, slm if needs_slm else None, cfg, device, backend)
-        stream = cs.stream(query, ctx, method)
+        stream = cs.stream(query, ctx, method, reference_message=reference)
         if as_json:
             for _ in stream:
                 pass
@@ -243,22 +252,27 @@ def demo(
     device: str = DEVICE_OPT,
     backend: str = BACKEND_OPT,
 ) -> None:
-    """Run the default pair on the shipped example persona: `llm` vs `costeer` vs `slm_context`."""
+    """Run the default pair on the shipped example persona: `llm`, `costeer`, `costeer_matched`, `slm_context`."""
     import yaml
 
     def run():
-        from costeer.engine.prompts import render_context
+        from costeer.engine.prompts import render_context, user_message
 
-        example = yaml.safe_load(resources.files("costeer").joinpath("examples/persona.yaml").read_text())
+        def persona(name: str) -> dict:
+            return yaml.safe_load(resources.files("costeer").joinpath(f"examples/{name}.yaml").read_text())
+
+        example = persona("persona")
         ctx = render_context(example["profile"])
+        # costeer_matched's public reference: another made-up user in the same format
+        reference = user_message(example["query"], render_context(persona("reference_persona")["profile"]))
         cfg = GenerationConfig(sampling=SamplingConfig(max_new_tokens=max_new_tokens))
         _quiet_libraries()
         cs = _load(llm, slm, cfg, device, backend)
         typer.echo(f"\nPrivate context (stays on the device):\n{ctx}\n")
         typer.echo(f"Public query (all the cloud LLM sees): {example['query']}\n")
-        for m in (Method.llm, Method.costeer, Method.slm_context):
+        for m in (Method.llm, Method.costeer, Method.costeer_matched, Method.slm_context):
             typer.secho(f"── {m.value}: {METHOD_HELP[m]}", bold=True)
-            stream = cs.stream(example["query"], ctx, m)
+            stream = cs.stream(example["query"], ctx, m, reference_message=reference)
             for chunk in stream:
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()

@@ -23,8 +23,8 @@ b_1 = β/(λ+1/η) = 0.4762 (LightCoSteer's β*, Eq. 8) and b_20 ≈ 1.7833.
 `ftrl_literal` keeps the paper's loop verbatim as the reference the tests compare against.
 
 Below the paper's update sit the steering variants (docs/steering-variants.md): a plausibility head
-(`fuse_plausible`), a per-token trust region (`fuse_trust`), both (`fuse_plausible_trust`) and a
-repetition guard (`repetition_guard`). Each reduces to the paper's update at its
+(`fuse_plausible`), a per-token trust region (`fuse_trust`), both (`fuse_plausible_trust`), a
+repetition guard (`repetition_guard`) and a context-support rule for the delta (`lift_supported`). Each reduces to the paper's update at its
 "off" setting (τ = 0, ε = ∞, penalty = 0 and n = 0), bit for bit.
 """
 
@@ -162,6 +162,16 @@ def steering_head(logp_base: Tensor, logp_pers: Tensor, tau: float, tau_pers: fl
     if tau_pers is not None and tau > 0.0:
         keep = keep | plausible_head(logp_pers, tau_pers)
     return keep
+
+
+def lift_supported(d: Tensor, support: Tensor) -> Tensor:
+    """Δ may raise only the tokens the private context supports.   [..., V], bool [V] -> [..., V]
+
+    Outside `support` (the tokens of the context's text, and the stop entry) Δ keeps its negative part
+    only: the context may still argue against a token, but a token that appears nowhere in it cannot be a
+    detail taken from it. On small SLMs the lifted outsiders are the failures (an emoji run, a switch to
+    Spanish, a hashtag chain: docs/steering-variants.md §5). An all-True support returns `d`."""
+    return torch.where(support.to(d.device), d, d.clamp(max=0.0))
 
 
 def restrict(logp: Tensor, keep: Tensor) -> Tensor:

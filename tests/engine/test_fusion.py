@@ -15,7 +15,16 @@ from costeer.engine.fusion import (
     fusion_pipeline,
     paper_pipeline,
 )
-from costeer.steering import fuse, fuse_plausible, fuse_plausible_trust, fuse_trust, repetition_guard
+from costeer.steering import (
+    fuse,
+    fuse_delta,
+    fuse_plausible,
+    fuse_plausible_trust,
+    fuse_trust,
+    lift_supported,
+    repetition_guard,
+    safe_delta,
+)
 
 
 def triplet(V: int = 3000, seed: int = 0, dtype=torch.float32):
@@ -71,6 +80,21 @@ def test_every_variant_at_its_off_setting_is_the_paper_update_bit_for_bit(method
     paper = fuse(base, pers, base_slm, OFF.coefficient(Method.costeer))
     assert torch.equal(fusion_pipeline(method, OFF)(base, pers, base_slm, HISTORY), paper)
     assert torch.equal(paper_pipeline(OFF.coefficient(Method.costeer))(base, pers, base_slm), paper)
+
+
+def test_the_matched_method_raises_only_supported_tokens_then_guards():
+    base, pers, base_slm = triplet(seed=2)
+    support = torch.rand(base.shape[-1], generator=torch.Generator().manual_seed(0)) < 0.2
+    b, v = CFG.coefficient(Method.costeer), CFG.variants()
+    pipe = fusion_pipeline(Method.costeer_matched, CFG, support)
+    assert pipe.names == ("costeer", "support", "guard")
+    ref = fuse_delta(repetition_guard(base, HISTORY, v.repetition_penalty, v.no_repeat_ngram),
+                     lift_supported(safe_delta(pers, base_slm), support), b)  # fmt: skip
+    assert torch.allclose(pipe(base, pers, base_slm, HISTORY), ref, atol=1e-6)
+    guard_only = fuse(repetition_guard(base, HISTORY, v.repetition_penalty, v.no_repeat_ngram), pers, base_slm, b)
+    assert not torch.allclose(ref.exp(), guard_only.exp(), atol=1e-4)
+    # no support given: the stage is the identity
+    assert torch.equal(fusion_pipeline(Method.costeer_matched, CFG)(base, pers, base_slm, HISTORY), guard_only)
 
 
 def test_the_state_carries_the_coefficient_used():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from costeer.engine.vocab import IncompatibleVocabularies, align_vocabularies, token_strings
+from costeer.engine.vocab import IncompatibleVocabularies, align_vocabularies, support_mask, token_strings
 from tests.tiny import bpe_tokenizer, disjoint_tokenizer, sp_tokenizer
 
 
@@ -61,3 +61,22 @@ def test_views_gather_and_pool_the_stop_mass():
 def test_too_small_an_intersection_is_refused():
     with pytest.raises(IncompatibleVocabularies, match="share"):
         _align(bpe_tokenizer(), disjoint_tokenizer())
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_the_support_is_the_context_tokens_with_and_without_a_leading_space(cross):
+    a = bpe_tokenizer()
+    b = sp_tokenizer() if cross else a
+    vm = _align(a, b, min_shared=0.1)
+    text = "my dog\nBiscuit likes Seattle"
+    mask = support_mask(vm, a, text)
+    assert mask.dtype == torch.bool and mask.shape == (vm.size,)
+    llm_ids = [vm.llm_token(k) for k in mask.nonzero().flatten().tolist() if not vm.is_stop(k)]
+    for piece in ("Biscuit", " Biscuit", " Seattle", " dog"):
+        ids = a(piece, add_special_tokens=False)["input_ids"]
+        shared = [i for i in ids if i in set(vm.llm_index.tolist())] if cross else ids
+        assert shared and set(shared) <= set(llm_ids), piece
+    assert all(mask[k] for k in range(vm.size) if vm.is_stop(k))  # the stop entry: a context may end the answer
+    other = a(" park quick fox", add_special_tokens=False)["input_ids"]
+    assert not set(other) & set(llm_ids)
+    assert mask.sum() < vm.size // 2

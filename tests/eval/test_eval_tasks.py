@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -12,7 +13,9 @@ from costeer.eval.tasks import (
     TASKS,
     LexicalRetriever,
     load_task,
+    cogenesis_sections,
     personal_text,
+    reference_profile,
     render_longlamp_context,
     sample_path,
 )
@@ -31,6 +34,24 @@ def test_cogenesis_sample():
     assert e.reference == e.raw["output"]
     assert "Plot 14" not in e.query and "plot 14" in personal_text(e)
     assert "helpful personal AI assistant" not in personal_text(e)
+
+
+def test_cogenesis_reference_is_the_row_format_around_the_public_profile():
+    for e in load_task("cogenesis", sample_path("cogenesis")):
+        ref = e.reference_prompt()
+        row, mine = cogenesis_sections(e.context_prompt), cogenesis_sections(ref)
+        assert list(mine) == list(row)  # the same preamble and sections, in the same order
+        assert mine[""] == row[""] and mine["Task"] == e.query.strip()
+        assert ref.count(reference_profile()) == 1
+        # nothing of the user's profile or history is in it
+        name = re.search(r"Name: (.+)", row["User Profile"]).group(1).strip()
+        assert name in e.context_prompt and name not in ref
+        assert row["User Writing History"] not in ref and "plot 14" not in ref.lower()
+
+
+def test_only_cogenesis_has_a_reference():
+    assert load_task("helpsteer", sample_path("helpsteer"), preference="concise")[0].reference_prompt() is None
+    assert load_task(LONGLAMP[0], sample_path(LONGLAMP[0]))[0].reference_prompt() is None
 
 
 @pytest.mark.parametrize("task", LONGLAMP)

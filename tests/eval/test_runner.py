@@ -136,3 +136,18 @@ def test_missing_wordnet_fails_before_generating(counting, tmp_path, monkeypatch
     with pytest.raises(ValueError, match="WordNet"):
         run_eval(counting, exs, ["llm"], tmp_path, progress=False)
     assert counting.calls == []
+
+
+def test_the_runner_hands_each_example_its_reference(counting, tmp_path, monkeypatch):
+    seen = []
+    gen = counting.cs.generate
+
+    def spy(query, context=None, method="costeer", **kw):
+        seen.append((str(getattr(method, "value", method)), kw.get("reference_message")))
+        return gen(query, context, method, **kw)
+
+    monkeypatch.setattr(counting.cs, "generate", spy)
+    exs = _examples()
+    run_eval(counting, exs, ["costeer_matched"], tmp_path, data=DATA, progress=False)
+    assert seen == [("costeer_matched", e.reference_prompt()) for e in exs]
+    assert all(ref and "## User Profile" in ref for _, ref in seen)

@@ -15,6 +15,7 @@ from costeer.steering import (
     fuse_plausible,
     fuse_plausible_trust,
     fuse_trust,
+    lift_supported,
     no_repeat_ngram,
     path_kl,
     plausible_head,
@@ -323,3 +324,21 @@ def test_guard_composes_penalty_then_ban_and_is_off_at_zero():
     assert torch.allclose(out, no_repeat_ngram(repetition_penalty(logp, hist, 0.7), hist, 2), atol=0)
     assert torch.isinf(out[:, 2]).all()  # (1, 2) was seen: 2 is banned after 1, in every row
     assert torch.allclose(out.exp().sum(-1), torch.ones(2, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------- context support
+
+def test_the_delta_raises_only_supported_tokens():
+    g = torch.Generator().manual_seed(3)
+    d = torch.randn(2, 50, generator=g) * 4
+    support = torch.rand(50, generator=g) < 0.3
+    out = lift_supported(d, support)
+    assert torch.equal(out[:, support], d[:, support])  # inside: untouched, both signs
+    assert torch.equal(out[:, ~support], d[:, ~support].clamp(max=0.0))  # outside: the negative part only
+    assert (out[:, ~support] <= 0).all() and (d[:, ~support] > 0).any()
+    assert torch.equal(lift_supported(d, torch.ones(50, dtype=torch.bool)), d)
+    # with b ≥ 0 a token outside the support can never gain on the LLM's own odds against a supported one
+    base = torch.log_softmax(torch.randn(50, generator=g), -1)
+    fused = fuse_delta(base, out[0], B_T)
+    a, s_ = int((~support).nonzero()[0]), int(support.nonzero()[0])
+    assert fused[a] - fused[s_] <= base[a] - base[s_] - B_T * out[0, s_] + 1e-5

@@ -20,6 +20,9 @@ class Method(str, Enum):
     costeer_trust = "costeer_trust"  # per-token trust region KL(π ‖ π_base) ≤ ε
     costeer_plausible_trust = "costeer_plausible_trust"  # both
     costeer_guarded = "costeer_guarded"  # both, and the repetition guard
+    # the delta against a matched reference context (a public profile in the same format), raising only
+    # tokens of the private context, and the repetition guard
+    costeer_matched = "costeer_matched"
     llm = "llm"  # LLM alone, public query only
     llm_context = "llm_context"  # LLM sees the context: privacy-VIOLATING upper bound, for comparison only
     slm = "slm"  # SLM alone, public query only
@@ -28,6 +31,11 @@ class Method(str, Enum):
     @property
     def steered(self) -> bool:
         return self in STEERING_STAGES
+
+    @property
+    def matched(self) -> bool:
+        """The SLM's without-context branch sees a reference context, not the bare query."""
+        return self is Method.costeer_matched
 
     @property
     def uses_llm(self) -> bool:
@@ -45,6 +53,8 @@ METHOD_HELP = {
     Method.costeer_trust: "costeer with a per-token trust region, KL(π‖π_base) ≤ ε",
     Method.costeer_plausible_trust: "costeer_plausible and costeer_trust together",
     Method.costeer_guarded: "costeer_plausible_trust plus a repetition penalty and no-repeat n-gram ban",
+    Method.costeer_matched: "costeer with the delta taken against a matched public reference profile (raising "
+    "only tokens of the private context), plus the no-repeat n-gram guard",
     Method.llm: "LLM alone on the public query (baseline)",
     Method.llm_context: "LLM is GIVEN the private context: privacy-violating upper bound, never for real use",
     Method.slm: "SLM alone on the public query (baseline)",
@@ -62,6 +72,8 @@ STEERING_STAGES: dict[Method, tuple[str, ...]] = {
     Method.costeer_trust: ("costeer", "trust"),
     Method.costeer_plausible_trust: ("costeer", "plausible", "trust"),
     Method.costeer_guarded: ("costeer", "guard", "plausible", "trust"),
+    # and the SLM's without-context branch reads a matched reference (api.py)
+    Method.costeer_matched: ("costeer", "support", "guard"),
 }
 
 

@@ -3,8 +3,8 @@
 Per token the decode loop hands the pipeline the LLM's aligned log-probabilities, the SLM's two branches and
 the aligned ids generated so far; each stage maps a `FusionState` to a new one, calling the pure functions
 of `costeer.steering`. Every stage shapes the exponential family π ∝ π_base·e^{bΔ}, changing which base or
-which b, and recomputes the policy from it: "costeer" (the paper's update, always first), "guard",
-"plausible", "trust". Which stages a method runs, in which order, is data: `config.STEERING_STAGES`.
+which b, and recomputes the policy from it: "costeer" (the paper's update, always first), "support",
+"guard", "plausible", "trust". "support" edits the delta rather than the base. Which stages a method runs, in which order, is data: `config.STEERING_STAGES`.
 
 The guard edits the base. For the paper's update that is the same as editing the fused policy (both are
 additive or masks in log space, and the policy is log_softmax(base + bΔ)), i.e. a guard "after fusion";
@@ -23,6 +23,7 @@ from torch import Tensor
 from costeer.engine.config import STEERING_STAGES, Method, SteeringConfig
 from costeer.steering import (
     fuse_delta,
+    lift_supported,
     repetition_guard,
     restrict,
     safe_delta,
@@ -109,6 +110,21 @@ class RepetitionGuard:
 
 
 @dataclass(frozen=True)
+class ContextSupport:
+    """Δ raises only the tokens of the private context (steering.lift_supported); outside them it may only
+    lower. `support` (bool [K]) comes from the request's context (vocab.support_mask); None is the identity."""
+
+    support: Tensor | None
+    name: ClassVar[str] = "support"
+
+    def __call__(self, s: FusionState) -> FusionState:
+        if self.support is None:
+            return s
+        d = lift_supported(s.delta, self.support)
+        return replace(s, delta=d, logp=fuse_delta(s.base, d, s.b))
+
+
+@dataclass(frozen=True)
 class FusionPipeline:
     stages: tuple[Stage, ...]
 
@@ -140,8 +156,9 @@ def paper_pipeline(b: float) -> FusionPipeline:
     return FusionPipeline((PaperUpdate(b),))
 
 
-def fusion_pipeline(method: Method, steering: SteeringConfig) -> FusionPipeline:
-    """The stages `method` runs (config.STEERING_STAGES), parameterised by `steering`."""
+def fusion_pipeline(method: Method, steering: SteeringConfig, support: Tensor | None = None) -> FusionPipeline:
+    """The stages `method` runs (config.STEERING_STAGES), parameterised by `steering`; `support` (bool [K],
+    vocab.support_mask of the with-context message) for the "support" stage."""
     if method not in STEERING_STAGES:
         raise ValueError(f"method '{method.value}' does not steer")
     v = steering.variants()
@@ -150,5 +167,6 @@ def fusion_pipeline(method: Method, steering: SteeringConfig) -> FusionPipeline:
         "plausible": lambda: PlausibilityHead(v.tau, v.tau_pers),
         "trust": lambda: TrustRegion(v.epsilon),
         "guard": lambda: RepetitionGuard(v.repetition_penalty, v.no_repeat_ngram),
+        "support": lambda: ContextSupport(support),
     }
     return FusionPipeline(tuple(build[name]() for name in STEERING_STAGES[method]))

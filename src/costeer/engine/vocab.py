@@ -73,6 +73,25 @@ class VocabMap:
         return int(self.slm_stop[0]) if k == self.stop_index else int(self.slm_index[k])
 
 
+def support_mask(vocab: VocabMap, llm_tokenizer, text: str) -> Tensor:
+    """Aligned positions of the tokens `text` is written with (plus the stop entries).   -> bool [K]
+
+    The text is tokenized as a whole and word by word, with and without a leading space, so that a name
+    at the start of a line in the context ("\nMartin") still supports " Martin" in the answer. The LLM's
+    tokenizer: the chosen aligned token is what the LLM is fed."""
+    pieces = [text] + [w for word in set(text.split()) for w in (word, " " + word)]
+    ids = {i for enc in llm_tokenizer(pieces, add_special_tokens=False)["input_ids"] for i in enc}
+    mask = torch.zeros(vocab.size, dtype=torch.bool)
+    if vocab.identity:
+        ids |= set(vocab.stop_ids)
+        mask[[i for i in ids if i < vocab.size]] = True
+        return mask
+    position = {int(t): k for k, t in enumerate(vocab.llm_index.tolist())}
+    mask[[position[i] for i in ids if i in position]] = True
+    mask[vocab.stop_index] = True
+    return mask
+
+
 def special_ids(tokenizer) -> set[int]:
     """Ids the tokenizer marks special (its named specials and added tokens flagged special)."""
     ids = set(tokenizer.all_special_ids)

@@ -177,7 +177,7 @@ def generate_record(cs: "CoSteer", ex: Example, method: Method, steering: Steeri
     """One example through one method; ``seconds`` is wall time, prefill included."""
     start = time.perf_counter()
     g = cs.generate(ex.query, context=ex.context, method=method, context_message=ex.with_context_prompt(),
-                    steering=steering, sampling=sampling)
+                    reference_message=ex.reference_prompt(), steering=steering, sampling=sampling)
     seconds = time.perf_counter() - start
     return GenerationRecord(id=ex.id, method=method.value, text=g.text, n_tokens=len(g.token_ids),
                             seconds=seconds, token_ids=g.token_ids, stop_reason=g.stop_reason,

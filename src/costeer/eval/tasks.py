@@ -91,6 +91,14 @@ class Example(BaseModel):
         """The user message for a branch that may see the private context."""
         return self.context_prompt
 
+    def reference_prompt(self) -> str | None:
+        """The matched reference for `costeer_matched`: the with-context prompt's format around a public
+        reference profile instead of the user's (None where the task has none: the delta is then taken
+        against the bare query, as the paper does)."""
+        if TASKS[self.task] == "cogenesis":
+            return cogenesis_reference(self.context_prompt, self.query)
+        return None
+
 
 def task_family(name: str) -> str:
     if name not in TASKS:
@@ -120,6 +128,22 @@ def cogenesis_sections(personalized_input: str) -> dict[str, str]:
         end = matches[i + 1].start() if i + 1 < len(matches) else len(personalized_input)
         parts[m.group(1)] = personalized_input[m.end() : end].strip()
     return parts
+
+
+def reference_profile() -> str:
+    """The shipped public reference profile (a made-up user, CoGenesis' "## User Profile" and "## User
+    Writing History" sections): the control that `costeer_matched`'s delta is taken against."""
+    from importlib import resources
+
+    return resources.files("costeer").joinpath("examples/reference_profile.md").read_text(encoding="utf-8").strip()
+
+
+def cogenesis_reference(personalized_input: str, query: str) -> str:
+    """The row's prompt with the reference profile in place of the user's: the same instruction preamble,
+    the same sections, the same task. Only the profile and the writing history differ."""
+    preamble = cogenesis_sections(personalized_input)[""]
+    head = f"{preamble}\n\n" if preamble else ""
+    return f"{head}{reference_profile()}\n\n## Task\n{query.strip()}\n"
 
 
 def _cogenesis_context(personalized_input: str) -> str:
