@@ -40,6 +40,7 @@ from tests.tiny import bpe_tokenizer, gemma3, llama, make_lm, sp_tokenizer  # no
 
 QUERY = "what should I cook tonight"
 CONTEXT = "my name is Sam and I live in Seattle with my dog Biscuit; I like spicy tofu and lentils"
+DEVICE = "cuda"  # --device
 REFERENCE = "my name is Alex and I live in Boston with my cat Pepper; I like mild pasta and rice\n\n" + QUERY
 
 
@@ -72,9 +73,6 @@ def check_methods(tokens: int) -> dict:
         out[name] = res
         print(name, {k: v["same_tokens"] for k, v in res.items()}, flush=True)
     return out
-
-
-DEVICE = "cuda"
 
 
 def sync() -> None:

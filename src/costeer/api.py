@@ -109,7 +109,7 @@ class CoSteer:
         The with-context user message is `context_message` verbatim when given (a dataset's own
         personalised prompt), else the context followed by the query. `reference_message` (public: a
         reference profile in the context's format, then the query) gives the SLM's "slm_reference"."""
-        with_ctx = context_message or (user_message(query, context) if context else None)
+        with_ctx = _with_context(query, context, context_message)
         out: dict[str, list[int]] = {}
         for side, lm in (("llm", self.llm), ("slm", self.slm)):
             if lm is not None:
@@ -179,8 +179,8 @@ class CoSteer:
             # (docs/steering-variants.md §5); against the bare query the delta stays the paper's
             support = None
             if "support" in STEERING_STAGES[method] and "slm_reference" in prompts:
-                with_ctx = context_message or user_message(query, context)
-                support = support_mask(vocab, self.llm.tokenizer, with_ctx)
+                text = _with_context(query, context, context_message)
+                support = support_mask(vocab, self.llm.tokenizer, text).to(self.slm.device)  # where Δ lives
             steps = decode(source, prompts["llm"], vocab, s_cfg, steering, slm_prompts, b,
                            fusion=fusion_pipeline(method, st_cfg, support), gate=st_cfg.gate)  # fmt: skip
             steps = _closing(steps, local)
@@ -257,6 +257,11 @@ def _closing(steps: Iterator[Step], source) -> Iterator[Step]:
         close = getattr(source, "close", None)
         if close is not None:
             close()
+
+
+def _with_context(query: str, context: str | None, context_message: str | None) -> str | None:
+    """The with-context user message: `context_message` verbatim, else the context then the query."""
+    return context_message or (user_message(query, context) if context else None)
 
 
 _BRANCHES: dict[Method, tuple[str, ...]] = {

@@ -24,8 +24,9 @@ b_1 = β/(λ+1/η) = 0.4762 (LightCoSteer's β*, Eq. 8) and b_20 ≈ 1.7833.
 
 Below the paper's update sit the steering variants (docs/steering-variants.md): a plausibility head
 (`fuse_plausible`), a per-token trust region (`fuse_trust`), both (`fuse_plausible_trust`), a
-repetition guard (`repetition_guard`) and a context-support rule for the delta (`lift_supported`). Each reduces to the paper's update at its
-"off" setting (τ = 0, ε = ∞, penalty = 0 and n = 0), bit for bit.
+repetition guard (`repetition_guard`) and a context-support rule for the delta (`lift_supported`). Each
+reduces to the paper's update at its "off" setting (τ = 0, ε = ∞, penalty = 0, n = 0, an all-True
+support), bit for bit.
 """
 
 from __future__ import annotations

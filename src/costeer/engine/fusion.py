@@ -4,7 +4,8 @@ Per token the decode loop hands the pipeline the LLM's aligned log-probabilities
 the aligned ids generated so far; each stage maps a `FusionState` to a new one, calling the pure functions
 of `costeer.steering`. Every stage shapes the exponential family π ∝ π_base·e^{bΔ}, changing which base or
 which b, and recomputes the policy from it: "costeer" (the paper's update, always first), "support",
-"guard", "plausible", "trust". "support" edits the delta rather than the base. Which stages a method runs, in which order, is data: `config.STEERING_STAGES`.
+"guard", "plausible", "trust" ("support" edits the delta rather than the base). Which stages a method runs,
+in which order, is data: `config.STEERING_STAGES`.
 
 The guard edits the base. For the paper's update that is the same as editing the fused policy (both are
 additive or masks in log space, and the policy is log_softmax(base + bΔ)), i.e. a guard "after fusion";

@@ -86,8 +86,12 @@ def support_mask(vocab: VocabMap, llm_tokenizer, text: str) -> Tensor:
         ids |= set(vocab.stop_ids)
         mask[[i for i in ids if i < vocab.size]] = True
         return mask
-    position = {int(t): k for k, t in enumerate(vocab.llm_index.tolist())}
-    mask[[position[i] for i in ids if i in position]] = True
+    # LLM id -> aligned position (-1: not shared), then the text's ids through it
+    position = torch.full((int(vocab.llm_index.max()) + 1,), -1, dtype=torch.long)
+    position[vocab.llm_index] = torch.arange(len(vocab.llm_index))
+    found = torch.tensor([i for i in ids if i < len(position)], dtype=torch.long)
+    k = position[found]
+    mask[k[k >= 0]] = True
     mask[vocab.stop_index] = True
     return mask
 
