@@ -17,7 +17,8 @@ from costeer.engine.config import STEERING_STAGES, GenerationConfig, Method, Sam
 from costeer.engine.fusion import fusion_pipeline
 from costeer.engine.loop import LocalModelSource, LocalSteeringSource, SharedModel, Step, decode
 from costeer.engine.models import LM, load_lm
-from costeer.engine.prompts import prompt_ids, user_message
+from costeer.engine.prefix_cache import PrefixCache, PrefixPlan
+from costeer.engine.prompts import prompt_ids, stable_prefix_len, user_message
 from costeer.engine.vocab import VocabMap, align_vocabularies, support_mask
 
 
@@ -70,21 +71,27 @@ class _TextStream:
 
 
 class CoSteer:
-    def __init__(self, llm: LM | None, slm: LM | None, config: GenerationConfig | None = None):
+    """`prefix_cache`: where the private context's KV state is kept between generations (a long-lived
+    object reuses it for every request): True builds one from the environment (memory, and encrypted on
+    disk when a key is set: engine/prefix_cache.py), None or False prefills every prompt whole."""
+
+    def __init__(self, llm: LM | None, slm: LM | None, config: GenerationConfig | None = None,
+                 prefix_cache: PrefixCache | bool | None = True):  # fmt: skip
         if llm is None and slm is None:
             raise ValueError("need at least one model")
         self.llm, self.slm = llm, slm
         self.config = config or GenerationConfig()
         self._vocab: VocabMap | None = None
+        self.prefix_cache = PrefixCache.from_env() if prefix_cache is True else (None if prefix_cache is False else prefix_cache)
 
     @classmethod
     def load(cls, llm: str | None, slm: str | None, config: GenerationConfig | None = None, device: str = "auto",
-             backend: str = "auto"):  # fmt: skip
+             backend: str = "auto", prefix_cache: PrefixCache | bool | None = True):  # fmt: skip
         """Load by preset name, local folder, GGUF file or hub name; the same spec loads once.
         backend: transformers | llamacpp | auto (llama.cpp for GGUF files on the CPU when installed)."""
         llm_lm = load_lm(llm, device, backend) if llm else None
         slm_lm = llm_lm if (slm == llm and llm_lm is not None) else (load_lm(slm, device, backend) if slm else None)
-        return cls(llm_lm, slm_lm, config)
+        return cls(llm_lm, slm_lm, config, prefix_cache)
 
     # -- pieces ------------------------------------------------------------------------
 
@@ -119,6 +126,21 @@ class CoSteer:
         if reference_message and self.slm is not None:
             out["slm_reference"] = prompt_ids(self.slm.tokenizer, reference_message)
         return out
+
+    def _prefix(self, prompts: dict[str, list[int]], rows: tuple[str | None, ...], query: str, context: str | None,
+                context_message: str | None, reference_message: str | None) -> PrefixPlan | None:  # fmt: skip
+        """The prefix-cache plan for a decode batch over the branches `rows` (None: a row without a prefix):
+        the private context's branches and the public reference keep their stable prefix."""
+        if self.prefix_cache is None:
+            return None
+        messages = {"slm_context": _with_context(query, context, context_message), "slm_reference": reference_message,
+                    "llm_context": _with_context(query, context, context_message)}  # fmt: skip
+        lengths = []
+        for branch in rows:
+            lm = self.llm if branch == "llm_context" else self.slm
+            text = messages.get(branch) if branch in prompts else None
+            lengths.append(stable_prefix_len(lm.tokenizer, text, query, context) if text else 0)
+        return PrefixPlan(self.prefix_cache, tuple(lengths)) if any(lengths) else None
 
     def _config(self, sampling: SamplingConfig | None, steering: SteeringConfig | None, overrides: dict):
         s = sampling or self.config.sampling
@@ -174,7 +196,9 @@ class CoSteer:
             vocab, b = self.vocab(), st_cfg.coefficient(method)
             primary = self.llm
             slm_prompts = (prompts.get("slm_reference", prompts["slm"]), prompts["slm_context"])
-            source, steering, local = self._steered_sources(vocab, s_cfg, st_cfg, slm_prompts)
+            prefix = self._prefix(prompts, ("slm_reference", "slm_context"), query, context, context_message,
+                                  reference_message)  # fmt: skip
+            source, steering, local = self._steered_sources(vocab, s_cfg, st_cfg, slm_prompts, prefix)
             # the support rule goes with the matched reference: together they keep the user's details
             # (docs/steering-variants.md §5); against the bare query the delta stays the paper's
             support = None
@@ -188,31 +212,36 @@ class CoSteer:
             primary = self.llm if method.uses_llm else self.slm
             vocab = VocabMap(size=primary.vocab_size, identity=True, stop_ids=primary.stop_ids)
             b = None
-            source = self._llm_side(vocab, s_cfg)[0] if method.uses_llm else LocalModelSource(primary, s_cfg.max_new_tokens)
+            prefix = self._prefix(prompts, (method.value,), query, context, context_message, None)
+            source = (self._llm_side(vocab, s_cfg, prefix=prefix)[0] if method.uses_llm
+                      else LocalModelSource(primary, s_cfg.max_new_tokens, prefix))  # fmt: skip
             steps = decode(source, prompts[method.value], vocab, s_cfg)
         steps = _closing(steps, source)
         return GenerationStream(steps, primary.tokenizer, Generation(method.value, "", [], prompts, "length", b))
 
-    def _steered_sources(self, vocab: VocabMap, sampling: SamplingConfig, steering: SteeringConfig, slm_prompts):
+    def _steered_sources(self, vocab: VocabMap, sampling: SamplingConfig, steering: SteeringConfig, slm_prompts,
+                         prefix: PrefixPlan | None = None):  # fmt: skip
         """-> (next-token source, steering source, the in-process SLM source to close, if any)."""
         if self.llm is self.slm and steering.gate is None:
             # one model on both sides: its three sequences in one batch (a gate needs them apart)
-            shared = SharedModel(self.slm, slm_prompts, sampling.max_new_tokens)
+            shared_prefix = PrefixPlan(prefix.cache, (0, *prefix.lengths)) if prefix is not None else None
+            shared = SharedModel(self.slm, slm_prompts, sampling.max_new_tokens, shared_prefix)
             return shared.llm, shared.steering, None
-        local = LocalSteeringSource(self.slm, sampling.max_new_tokens)
+        local = LocalSteeringSource(self.slm, sampling.max_new_tokens, prefix)
         source, steering_source = self._llm_side(vocab, sampling, local, slm_prompts)
         if steering.gate is not None and steering_source is not local:
             raise ValueError("the confidence gate is for in-process generation: with the cloud, the SLM pair "
                              "already runs while the cloud answers")
         return source, steering_source, local
 
-    def _llm_side(self, vocab: VocabMap, sampling: SamplingConfig, steering=None, slm_prompts=None):
+    def _llm_side(self, vocab: VocabMap, sampling: SamplingConfig, steering=None, slm_prompts=None,
+                  prefix: PrefixPlan | None = None):  # fmt: skip
         """The LLM as a next-token source, with the steering source to pair it with: in-process,
         or — when `llm` is a `costeer.device.CloudLLM` — a client of the cloud service that runs
-        the SLM pair while the cloud answers."""
+        the SLM pair while the cloud answers. `prefix`: for an in-process LLM's own prompt."""
         connect = getattr(self.llm, "connect", None)
         if connect is None:
-            return LocalModelSource(self.llm, sampling.max_new_tokens), steering
+            return LocalModelSource(self.llm, sampling.max_new_tokens, prefix), steering
         return connect(vocab, sampling.max_new_tokens, steering, slm_prompts)
 
     def generate(self, query: str, context: str | None = None, method: Method | str = Method.costeer, **kw) -> Generation:

@@ -507,6 +507,46 @@ def audit_wire(
         raise typer.Exit(1)
 
 
+cache_app = typer.Typer(help="The private contexts' KV prefix cache (docs/prefix-cache.md).", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("clear")
+def cache_clear() -> None:
+    """Remove every cached context from disk (the in-memory cache ends with its process)."""
+    from costeer.engine import prefix_cache
+
+    def run():
+        directory = prefix_cache.default_directory()
+        n, size = prefix_cache.clear(directory)
+        typer.echo(f"removed {n} files ({size / 2**20:.1f} MiB) from {directory}")
+
+    _run_guarded(lambda: _or_oserror(run))
+
+
+@cache_app.command("new-key")
+def cache_new_key(key_file: Optional[Path] = typer.Option(None, help="Default: COSTEER_CACHE_KEY_FILE, else "
+                                                          "~/.config/costeer/cache.key.")) -> None:  # fmt: skip
+    """Create the key that encrypts cached contexts on disk (never replaces an existing one)."""
+    from costeer.engine import prefix_cache
+
+    def run():
+        path = key_file or Path(os.environ.get(prefix_cache.KEY_FILE_ENV) or prefix_cache.default_key_file())
+        if path.exists():
+            raise ValueError(f"{path} exists already: a new key would make the cached contexts unreadable")
+        typer.echo(f"wrote {prefix_cache.write_key_file(path.expanduser())} (mode 0600)")
+
+    _run_guarded(lambda: _or_oserror(run))
+
+
+def _or_oserror(fn):
+    """A file-system refusal (permissions, a full disk) as a user error."""
+    try:
+        return fn()
+    except OSError as e:
+        raise ValueError(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) from None
+
+
 def main() -> None:
     app()
 

@@ -116,9 +116,9 @@ def test_one_model_on_both_sides_runs_one_batch_with_the_same_tokens(cs):
     opened = []
     real_open = type(lm).open
 
-    def spy(self, prompts, reserve=1024):
+    def spy(self, prompts, reserve=1024, prefix=None):
         opened.append(len(prompts))
-        return real_open(self, prompts, reserve)
+        return real_open(self, prompts, reserve, prefix)
 
     shared_cs, separate_cs = CoSteer(lm, lm), CoSteer(lm, dataclasses.replace(lm))
     type(lm).open = spy

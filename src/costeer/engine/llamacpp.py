@@ -18,12 +18,17 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import logging
 import os
 import threading
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from costeer.engine.prefix_cache import Codec, PrefixPlan
+
+log = logging.getLogger(__name__)
 
 _init_lock = threading.Lock()
 _lib = None
@@ -96,8 +101,16 @@ class LlamaCppModel:
         self.eos_ids = frozenset(i for i in (ll.llama_vocab_eos(vocab), ll.llama_vocab_eot(vocab)) if 0 <= i < self.n_vocab)
         self.n_threads = n_threads or default_threads()
 
-    def open(self, prompts: list[list[int]], reserve: int = 1024) -> "LlamaDecodeBatch":
-        return LlamaDecodeBatch(self, prompts, reserve)
+    def open(self, prompts: list[list[int]], reserve: int = 1024, prefix: PrefixPlan | None = None) -> "LlamaDecodeBatch":
+        return LlamaDecodeBatch(self, prompts, reserve, prefix)
+
+    def identity(self, n_stream: int) -> str:
+        """What a sequence's saved state depends on: the GGUF file, the library, the context's stream count
+        (llama_state_seq_set_data refuses a state from a context with another) and the KV cache's types."""
+        st = os.stat(self.path)
+        version = getattr(self._ll, "__version__", "?")
+        return (f"llamacpp|{os.path.realpath(self.path)}|{st.st_size}|{st.st_mtime_ns}|llama-cpp-python {version}|"
+                f"streams {n_stream}|kv f16")  # fmt: skip
 
     def __del__(self):
         model, self.model = getattr(self, "model", None), None
@@ -108,6 +121,15 @@ class LlamaCppModel:
                 pass
 
 
+# Streams of every context that uses the prefix cache (the most sequences a decode batch with a
+# private prefix holds: the shared model's LLM row and SLM pair).
+PREFIX_STREAMS = 3
+
+# A sequence state crosses the disk as it is; llama.cpp checks it on restore (and the disk store has
+# authenticated it before: it was written by this program, with this key, for this model).
+STATE_CODEC: Codec[bytearray] = Codec(encode=bytes, decode=bytearray)
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -116,7 +138,8 @@ class LlamaDecodeBatch:
     """B sequences in one llama.cpp context. start() -> [B, V]; advance(tokens[B]) -> [B, V];
     extend(tokens[n]) appends the same n tokens to every sequence -> [B, V] after the last."""
 
-    def __init__(self, model: LlamaCppModel, prompts: list[list[int]], reserve: int = 1024):
+    def __init__(self, model: LlamaCppModel, prompts: list[list[int]], reserve: int = 1024,
+                 prefix: PrefixPlan | None = None):  # fmt: skip
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         ll = model._ll
@@ -124,16 +147,21 @@ class LlamaDecodeBatch:
         self.prompts = [list(p) for p in prompts]
         self.B = len(prompts)
         self.pos = [0] * self.B  # next position of each sequence
+        self.prefix = prefix if prefix is not None and prefix.usable(self.prompts) else None
+        # A saved sequence state names its context's stream count: with a prefix cache every context
+        # has the same (the SLM pair's 2 rows and the shared model's 3), so a state moves between them.
+        n_stream = max(self.B, PREFIX_STREAMS) if self.prefix is not None else self.B
         # One KV stream per sequence (kv_unified off): each row then computes exactly what it
         # computes alone (a unified cache changes the attention's layout, and with it the
         # rounding: up to 0.6 nats on tail tokens). Room for the longest prompt plus `reserve`.
         n_ctx_seq = _round_up(max(len(p) for p in prompts) + max(reserve, 16), 256)
-        n_ctx = n_ctx_seq * self.B
+        n_ctx = n_ctx_seq * n_stream
+        self.n_ctx_seq, self.n_stream = n_ctx_seq, n_stream
         cp = ll.llama_context_default_params()
         cp.n_ctx = n_ctx
         cp.n_batch = _round_up(max(max(len(p) for p in prompts), 512), 64)  # a whole prompt per llama_decode
         cp.n_ubatch = 512
-        cp.n_seq_max = self.B
+        cp.n_seq_max = n_stream
         cp.kv_unified = False
         cp.n_threads = cp.n_threads_batch = model.n_threads
         cp.no_perf = True
@@ -173,7 +201,7 @@ class LlamaDecodeBatch:
         rc = self._ll.llama_decode(self.ctx, b)
         if rc != 0:
             raise LlamaCppError(
-                f"llama_decode failed ({rc}): the context ({self.n_ctx // self.B} tokens per sequence) is full"
+                f"llama_decode failed ({rc}): the context ({self.n_ctx_seq} tokens per sequence) is full"
                 if rc == 1 else f"llama_decode failed ({rc})"
             )
         return out_index
@@ -183,11 +211,47 @@ class LlamaDecodeBatch:
         # equal-length ubatches, i.e. the longer prompt would be prefilled in chunks, which rounds
         # differently (up to 0.35 nats on likely tokens measured on SmolLM2). Per prompt, every row
         # is exactly what it is alone; the per-token steps after it batch all sequences.
+        # With a prefix cache, a prompt's stable prefix is restored (or prefilled and saved) first, and
+        # only the rest is decoded here: a hit and a miss then compute the rest on the same state.
         out = []
         for seq, p in enumerate(self.prompts):
-            out.append(self._decode([(t, seq, j, j == len(p) - 1) for j, t in enumerate(p)]))
+            n = self._prefix(seq, p) if self.prefix is not None else 0
+            out.append(self._decode([(t, seq, n + j, n + j == len(p) - 1) for j, t in enumerate(p[n:])]))
             self.pos[seq] = len(p)
         return torch.cat(out)
+
+    # -- the prefix cache (engine/prefix_cache.py) -----------------------------------------
+
+    def _prefix(self, seq: int, prompt: list[int]) -> int:
+        """Sequence `seq` holds its prompt's stable prefix, restored or prefilled and kept -> its length."""
+        n = self.prefix.length(seq, prompt)
+        if n == 0:
+            return 0
+        cache, identity, tokens = self.prefix.cache, self.model.identity(self.n_stream), prompt[:n]
+        state = cache.lookup(identity, tokens, STATE_CODEC)
+        if state is not None and self._set_state(seq, state):
+            return n
+        self._decode_raw([(t, seq, j, False) for j, t in enumerate(tokens)])
+        state = self._get_state(seq)
+        if state is not None:
+            cache.store(identity, tokens, state, len(state), STATE_CODEC)
+        return n
+
+    def _get_state(self, seq: int) -> bytearray | None:
+        size = self._ll.llama_state_seq_get_size(self.ctx, seq)
+        buf = bytearray(size)
+        n = self._ll.llama_state_seq_get_data(self.ctx, (ctypes.c_uint8 * size).from_buffer(buf), size, seq)
+        return buf[:n] if 0 < n < size else (buf if n else None)
+
+    def _set_state(self, seq: int, state: bytearray) -> bool:
+        """Restore a saved state into `seq`; False (the sequence left empty, one warning) if llama.cpp
+        refuses it."""
+        size = len(state)
+        if self._ll.llama_state_seq_set_data(self.ctx, (ctypes.c_uint8 * size).from_buffer(state), size, seq):
+            return True
+        log.warning("prefix cache: llama.cpp refused a cached state; prefilling")
+        self._ll.llama_memory_seq_rm(self._ll.llama_get_memory(self.ctx), seq, -1, -1)
+        return False
 
     def advance(self, tokens: list[int]) -> Tensor:
         if len(tokens) != self.B:

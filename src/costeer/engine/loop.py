@@ -23,6 +23,7 @@ from torch import Tensor
 from costeer.engine.config import SamplingConfig
 from costeer.engine.fusion import FusionPipeline, paper_pipeline
 from costeer.engine.models import LM
+from costeer.engine.prefix_cache import PrefixPlan
 from costeer.engine.sampling import make_generator, sample
 from costeer.engine.vocab import VocabMap
 
@@ -39,15 +40,16 @@ class SteeringSource(Protocol):
 
 
 class _Local:
-    """An in-process decode batch (either backend: `LM.open`), sized for max_new_tokens."""
+    """An in-process decode batch (either backend: `LM.open`), sized for max_new_tokens; `prefix`: the
+    prompts' stable prefixes and the cache that keeps them (engine/prefix_cache.py)."""
 
-    def __init__(self, lm: LM, max_new_tokens: int = 1024):
-        self.lm, self.reserve = lm, max_new_tokens + 1
+    def __init__(self, lm: LM, max_new_tokens: int = 1024, prefix: PrefixPlan | None = None):
+        self.lm, self.reserve, self.prefix = lm, max_new_tokens + 1, prefix
         self.batch = None
 
     def _open(self, prompts: list[list[int]]) -> Tensor:
         self.close()
-        self.batch = self.lm.open(prompts, self.reserve)
+        self.batch = self.lm.open(prompts, self.reserve, self.prefix)
         return self.batch.start()
 
     def close(self) -> None:
@@ -87,15 +89,17 @@ class SharedModel:
     separate sources. `.llm` is the next-token source, `.steering` the steering source; the
     loop must call llm.start/advance before steering.start/advance, as decode() does."""
 
-    def __init__(self, lm: LM, slm_prompts: tuple[list[int], list[int]], max_new_tokens: int = 1024):
+    def __init__(self, lm: LM, slm_prompts: tuple[list[int], list[int]], max_new_tokens: int = 1024,
+                 prefix: PrefixPlan | None = None):  # fmt: skip
         self.lm, self.prompts, self.reserve = lm, tuple(map(list, slm_prompts)), max_new_tokens + 1
+        self.prefix = prefix  # lengths for the three rows: the LLM's, then the SLM pair's
         self.batch = None
         self.pair: Tensor | None = None  # [2, V] rows 1-2 of the last forward
         self.llm, self.steering = _SharedLLM(self), _SharedSteering(self)
 
     def start(self, prompt_ids: list[int]) -> Tensor:
         self.close()
-        self.batch = self.lm.open([prompt_ids, *self.prompts], self.reserve)
+        self.batch = self.lm.open([prompt_ids, *self.prompts], self.reserve, self.prefix)
         out = self.batch.start()  # [3, V]
         self.pair = out[1:]
         return out[0]

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from costeer.engine.prefix_cache import Codec, PrefixPlan
 from costeer.engine.vocab import special_ids
 
 log = logging.getLogger(__name__)
@@ -187,13 +188,14 @@ class LM:
             return self.model.n_vocab
         return int(self.model.get_output_embeddings().weight.shape[0])
 
-    def open(self, prompts: list[list[int]], reserve: int = 1024):
+    def open(self, prompts: list[list[int]], reserve: int = 1024, prefix: PrefixPlan | None = None):
         """A decode batch over `prompts`: start() -> [B, V], advance(tokens[B]) -> [B, V],
         extend(tokens[n]) -> [B, V]. `reserve`: new tokens per sequence to make room for
-        (llama.cpp sizes its context up front; transformers' cache grows)."""
+        (llama.cpp sizes its context up front; transformers' cache grows). `prefix`: the prompts'
+        stable prefixes, restored from / kept in a prefix cache (engine/prefix_cache.py)."""
         if self.backend == "llamacpp":
-            return self.model.open(prompts, reserve)
-        return DecodeBatch(self, prompts)
+            return self.model.open(prompts, reserve, prefix)
+        return DecodeBatch(self, prompts, prefix)
 
     @property
     def has_chat_template(self) -> bool:
@@ -329,11 +331,12 @@ class DecodeBatch:
     extend(tokens[n]) -> [B, V] after appending the same n tokens to every sequence.
     """
 
-    def __init__(self, lm: LM, prompts: list[list[int]]):
+    def __init__(self, lm: LM, prompts: list[list[int]], prefix: PrefixPlan | None = None):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         self.lm = lm
         self.prompts = [list(p) for p in prompts]
+        self.prefix = prefix if prefix is not None and prefix.usable(self.prompts) else None
         self.cache = None
         self.mask: Tensor | None = None  # [B, L] grows by one column per step
         self.next_pos: Tensor | None = None  # [B, 1]
@@ -355,9 +358,44 @@ class DecodeBatch:
         return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
 
     def start(self) -> Tensor:
+        if self.prefix is not None:
+            return self._start_by_rows()
         ids, self.mask, pos = left_pad(self.prompts)
         self.next_pos = pos[:, -1:] + 1
         return self._forward(ids, pos)
+
+    def _start_by_rows(self) -> Tensor:
+        """Each prompt prefilled alone, its stable prefix restored from the cache or prefilled and kept
+        first; then the rows' caches left-padded into one batch, as `start` would have laid them out."""
+        rows = [self._prefill_row(b, p) for b, p in enumerate(self.prompts)]  # (logp [V], cache)
+        lengths = [len(p) for p in self.prompts]
+        _, self.mask, pos = left_pad(self.prompts)
+        self.next_pos = pos[:, -1:] + 1
+        caches = [c for _, c in rows]
+        self.cache = caches[0] if len(caches) == 1 else _merge_rows(self.lm, caches, lengths)
+        return torch.stack([lp for lp, _ in rows])
+
+    def _prefill_row(self, b: int, prompt: list[int]):
+        n = self.prefix.length(b, prompt)
+        cache, identity, codec = None, hf_identity(self.lm), _snapshot_codec(self.lm)
+        if n > 0:
+            snap = self.prefix.cache.lookup(identity, prompt[:n], codec)
+            if snap is not None:
+                cache = _cache_from(self.lm, snap)
+            else:
+                cache = self._row_forward(prompt[:n], 0, None)[1]
+                snap = KVSnapshot.of(cache, n)
+                self.prefix.cache.store(identity, prompt[:n], snap, snap.nbytes, codec)
+        return self._row_forward(prompt[n:], n, cache)
+
+    @torch.inference_mode()
+    def _row_forward(self, ids: list[int], start: int, cache):
+        """One prompt alone (no padding, no mask) -> ([V] log-probabilities after it, its cache)."""
+        dev = self.lm.device
+        pos = torch.arange(start, start + len(ids), device=dev).unsqueeze(0)  # [1, n]
+        out = self.lm.model(input_ids=torch.tensor([ids], device=dev), position_ids=pos, past_key_values=cache,
+                            use_cache=True, logits_to_keep=1)  # fmt: skip
+        return torch.log_softmax(out.logits[0, -1, :].float(), dim=-1), out.past_key_values
 
     def advance(self, tokens: list[int]) -> Tensor:
         if self.mask is None:
@@ -395,3 +433,116 @@ def full_forward_logprobs(lm: LM, ids: list[int]) -> Tensor:
             batch.close()
     out = lm.model(input_ids=torch.tensor([ids], device=lm.device), use_cache=False, logits_to_keep=1)
     return torch.log_softmax(out.logits[0, -1, :].float(), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------
+# The transformers backend's side of the prefix cache (engine/prefix_cache.py)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KVSnapshot:
+    """A one-sequence DynamicCache after `length` tokens: per layer keys and values, each [1, H, n, D]
+    (n = length, or a sliding layer's window). The tensors are the cache's own: a DynamicCache never
+    writes into a tensor it holds (each update concatenates into a new one), so no copy is needed."""
+
+    layers: tuple[tuple[Tensor, Tensor], ...]
+    length: int
+
+    @classmethod
+    def of(cls, cache, length: int) -> "KVSnapshot":
+        return cls(tuple((layer.keys, layer.values) for layer in cache.layers), length)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+
+
+def hf_identity(lm: LM) -> str:
+    """What a transformers KV state depends on: the checkpoint, its dtype and device, the libraries."""
+    ident = getattr(lm, "_prefix_identity", None)
+    if ident is None:
+        import transformers
+
+        cfg = lm.model.config
+        digest = hashlib.sha256(cfg.to_json_string(use_diff=False).encode()).hexdigest()[:16]
+        ident = (f"transformers|{lm.name}|{getattr(cfg, '_name_or_path', '')}|{digest}|{lm.model.dtype}|"
+                 f"{lm.device.type}|transformers {transformers.__version__}|torch {torch.__version__}")  # fmt: skip
+        lm._prefix_identity = ident
+    return ident
+
+
+def _snapshot_codec(lm: LM) -> Codec[KVSnapshot]:
+    from safetensors.torch import load, save
+
+    def encode(snap: KVSnapshot) -> bytes:
+        tensors = {f"{kind}{i}": t.detach().to("cpu").contiguous() for i, kv in enumerate(snap.layers)
+                   for kind, t in zip("kv", kv)}  # fmt: skip
+        return save(tensors, metadata={"length": str(snap.length)})
+
+    def decode(blob: bytes) -> KVSnapshot | None:
+        try:
+            tensors = load(blob)
+            length = int(_safetensors_metadata(blob).get("length", "-1"))
+        except Exception:  # safetensors raises its own error types for a malformed buffer
+            return None
+        n_layers = len(tensors) // 2
+        layers = tuple((tensors.get(f"k{i}"), tensors.get(f"v{i}")) for i in range(n_layers))
+        ok = length > 0 and len(tensors) == 2 * n_layers and all(
+            k is not None and v is not None and k.dim() == 4 and k.shape == v.shape and k.shape[0] == 1
+            and 0 < k.shape[2] <= length and k.dtype == lm.model.dtype for k, v in layers)  # fmt: skip
+        if not ok or n_layers != _n_cache_layers(lm):
+            return None
+        return KVSnapshot(tuple((k.to(lm.device), v.to(lm.device)) for k, v in layers), length)
+
+    return Codec(encode, decode)
+
+
+def _safetensors_metadata(blob: bytes) -> dict:
+    import json
+    import struct
+
+    (n,) = struct.unpack("<Q", blob[:8])
+    return json.loads(blob[8 : 8 + n]).get("__metadata__", {})
+
+
+def _n_cache_layers(lm: LM) -> int:
+    from transformers import DynamicCache
+
+    return len(DynamicCache(config=lm.model.config).layers)
+
+
+def _cache_from(lm: LM, snap: KVSnapshot):
+    """A DynamicCache holding the snapshot (its layers copy the tensors in on their first update)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(ddp_cache_data=snap.layers, config=lm.model.config)
+    _set_length(cache, snap.length)
+    return cache
+
+
+def _set_length(cache, length: int) -> None:
+    # a sliding layer counts the tokens it has seen (its mask offset), not the ones it keeps
+    for layer in cache.layers:
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = length
+
+
+def _merge_rows(lm: LM, caches: list, lengths: list[int]):
+    """One-row caches -> one batch cache, each row right-aligned (left padding, hidden by the mask)."""
+    from transformers import DynamicCache
+
+    data = []
+    for layers in zip(*(c.layers for c in caches)):
+        T = max(layer.keys.shape[-2] for layer in layers)
+        keys = torch.cat([_pad_left(layer.keys, T) for layer in layers])  # [B, H, T, D]
+        values = torch.cat([_pad_left(layer.values, T) for layer in layers])
+        data.append((keys, values))
+    cache = DynamicCache(ddp_cache_data=data, config=lm.model.config)
+    _set_length(cache, max(lengths))
+    return cache
+
+
+def _pad_left(t: Tensor, T: int) -> Tensor:
+    """[1, H, n, D] -> [1, H, T, D] with zeros before."""
+    return torch.nn.functional.pad(t, (0, 0, T - t.shape[-2], 0))

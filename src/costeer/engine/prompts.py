@@ -21,14 +21,51 @@ def user_message(query: str, context: str | None = None) -> str:
     return f"{context.strip()}\n\n{query.strip()}" if context else query.strip()
 
 
+def prompt_text(tokenizer, content: str) -> str:
+    """The prompt as text: the chat template around the user turn, or the plain framing."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)  # fmt: skip
+    return PLAIN_TEMPLATE.format(content=content)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # a chat template writes its own special tokens; the plain framing takes the tokenizer's (BOS)
+    special = not getattr(tokenizer, "chat_template", None)
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
 def prompt_ids(tokenizer, content: str) -> list[int]:
     """Tokenised prompt: the chat template when the tokenizer has one, plain text otherwise."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-        )
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(PLAIN_TEMPLATE.format(content=content), add_special_tokens=True)["input_ids"])
+    return _encode(tokenizer, prompt_text(tokenizer, content))
+
+
+def stable_prefix_len(tokenizer, content: str, query: str, context: str | None = None) -> int:
+    """How many tokens of `prompt_ids(tokenizer, content)` do not depend on the query: the KV prefix cache
+    keeps the model's state after them (engine/prefix_cache.py).
+
+    The stable text is the user turn up to the query's last occurrence (`user_message(query, context)`,
+    CoGenesis' `personalized_input`, the matched reference: context first, query last), else, where the
+    turn does not hold the query verbatim, the context when the turn starts with it; otherwise nothing.
+    In tokens: the longest common prefix of the prompt and its text cut where the stable text ends, so a
+    token the query's first characters could merge into is left out; never the whole prompt."""
+    q = query.strip()
+    cut = content.rfind(q) if q else -1
+    if cut <= 0 and context and content.startswith(context.strip()):
+        cut = len(context.strip())
+    if cut <= 0:
+        return 0
+    text = prompt_text(tokenizer, content)
+    start = text.find(content)
+    if start < 0:  # a template that rewrites the turn: no prefix to trust
+        return 0
+    full, head = _encode(tokenizer, text), _encode(tokenizer, text[: start + cut])
+    n = 0
+    for a, b in zip(full, head):
+        if a != b:
+            break
+        n += 1
+    return min(n, len(full) - 1)
 
 
 def render_context(data: object, indent: str = "") -> str:

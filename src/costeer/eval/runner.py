@@ -189,11 +189,31 @@ def append_generations(cs: "CoSteer", examples: Sequence[Example], method: Metho
     """Generate ``examples`` and append each row as soon as it exists (flushed, so a kill loses at most one)."""
     with path.open("a", encoding="utf-8") as fh:
         for ex in examples:
-            rec = generate_record(cs, ex, method, steering, sampling)
-            fh.write(rec.model_dump_json() + "\n")
-            fh.flush()
-            if bar is not None:
-                bar.update(1)
+            _write_row(fh, generate_record(cs, ex, method, steering, sampling), bar)
+
+
+def _write_row(fh, rec: GenerationRecord, bar: Any) -> None:
+    fh.write(rec.model_dump_json() + "\n")
+    fh.flush()
+    if bar is not None:
+        bar.update(1)
+
+
+def append_by_example(cs: "CoSteer", examples: Sequence[Example], pending: dict[Method, set[str]], out: Path,
+                      steering: SteeringConfig | None, sampling: SamplingConfig | None, bar: Any = None) -> None:
+    """Every pending method of an example before the next example: the methods that read its private
+    context (slm_context, costeer, light, …) then share one prefill of it through the prefix cache."""
+    files = {m: (out / f"{m.value}.jsonl").open("a", encoding="utf-8") for m in pending}
+    try:
+        for ex in examples:
+            for m, ids in pending.items():
+                if ex.id in ids:
+                    if bar is not None:
+                        bar.set_postfix_str(m.value)
+                    _write_row(files[m], generate_record(cs, ex, m, steering, sampling), bar)
+    finally:
+        for fh in files.values():
+            fh.close()
 
 
 def progress_bar(total: int, label: str, enabled: bool):
@@ -261,11 +281,9 @@ def run_eval(
                    **(models or default_models(cs)), steering=steering, sampling=sampling)
     claim_folder(out, spec, [m.value for m in ms], limit)
 
-    pending = {m: [ex for ex in examples if ex.id not in done_ids(out / f"{m.value}.jsonl")] for m in ms}
+    pending = {m: {ex.id for ex in examples} - done_ids(out / f"{m.value}.jsonl") for m in ms}
     with progress_bar(sum(map(len, pending.values())), spec.task, progress) as bar:
-        for m, todo in pending.items():
-            bar.set_postfix_str(m.value)
-            append_generations(cs, todo, m, out / f"{m.value}.jsonl", steering, sampling, bar)
+        append_by_example(cs, examples, pending, out, steering, sampling, bar)
 
     metrics = compute_metrics(out, examples, judge=judge, reward=reward)
     write_report(out, metrics)
