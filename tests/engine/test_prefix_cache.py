@@ -254,5 +254,7 @@ def test_from_env_reads_the_key_and_the_bounds(tmp_path, monkeypatch, key):
     assert pc.parse_key(PrefixCacheConfig.from_env().key)
     with pytest.raises(FileExistsError):
         pc.write_key_file(key_file)  # never replaces a key that encrypted files may depend on
+    monkeypatch.setenv("COSTEER_PREFIX_CACHE", "exact")
+    assert PrefixCacheConfig.from_env().exact
     monkeypatch.setenv("COSTEER_PREFIX_CACHE", "off")
     assert not PrefixCacheConfig.from_env().enabled

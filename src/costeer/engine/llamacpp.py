@@ -121,6 +121,12 @@ class LlamaCppModel:
                 pass
 
 
+# Tokens per llama.cpp compute step (a longer llama_decode is split into steps of this many). The
+# rounding of a prompt's logits depends on where those steps start (up to 0.5 nats on SmolLM2's likely
+# tokens, docs/prefix-cache.md): in the cache's exact mode a prefix ends on a multiple of it, and the
+# rest is then split exactly as in a whole-prompt prefill, bit for bit.
+N_UBATCH = 512
+
 # Streams of every context that uses the prefix cache (the most sequences a decode batch with a
 # private prefix holds: the shared model's LLM row and SLM pair).
 PREFIX_STREAMS = 3
@@ -160,7 +166,7 @@ class LlamaDecodeBatch:
         cp = ll.llama_context_default_params()
         cp.n_ctx = n_ctx
         cp.n_batch = _round_up(max(max(len(p) for p in prompts), 512), 64)  # a whole prompt per llama_decode
-        cp.n_ubatch = 512
+        cp.n_ubatch = N_UBATCH
         cp.n_seq_max = n_stream
         cp.kv_unified = False
         cp.n_threads = cp.n_threads_batch = model.n_threads
@@ -225,6 +231,8 @@ class LlamaDecodeBatch:
     def _prefix(self, seq: int, prompt: list[int]) -> int:
         """Sequence `seq` holds its prompt's stable prefix, restored or prefilled and kept -> its length."""
         n = self.prefix.length(seq, prompt)
+        if self.prefix.cache.config.exact:
+            n = n // N_UBATCH * N_UBATCH
         if n == 0:
             return 0
         cache, identity, tokens = self.prefix.cache, self.model.identity(self.n_stream), prompt[:n]

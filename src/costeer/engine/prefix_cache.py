@@ -93,7 +93,7 @@ def write_key_file(path: Path) -> Path:
 
 
 class PrefixCacheConfig(BaseModel):
-    """Where and how much. `from_env` reads COSTEER_PREFIX_CACHE (off|0 disables it),
+    """Where and how much. `from_env` reads COSTEER_PREFIX_CACHE (off|0 disables it, exact sets `exact`),
     COSTEER_PREFIX_CACHE_MEMORY_MB, COSTEER_PREFIX_CACHE_DISK_MB, COSTEER_CACHE_KEY, COSTEER_CACHE_KEY_FILE."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -104,12 +104,17 @@ class PrefixCacheConfig(BaseModel):
     directory: Path | None = None  # None: <cache root>/prefix
     key: str | None = Field(None, repr=False)  # urlsafe base64 of 32 bytes; None: memory only
     key_source: str = ""  # where the key came from, for messages
+    # llama.cpp: cut prefixes at a compute-step boundary (engine/llamacpp.py, N_UBATCH) so a cached prompt
+    # computes bit for bit what a whole-prompt prefill does, at the price of prefilling up to 511 more
+    # tokens on a hit. Off: the prefix is cut just before the query (the fastest hit; the split moves
+    # log-probabilities by rounding, docs/prefix-cache.md). No effect on transformers.
+    exact: bool = False
 
     @classmethod
     def from_env(cls) -> "PrefixCacheConfig":
         env = os.environ
-        enabled = env.get("COSTEER_PREFIX_CACHE", "on").strip().lower() not in ("off", "0", "false", "no")
-        kw: dict = {"enabled": enabled}
+        mode = env.get("COSTEER_PREFIX_CACHE", "on").strip().lower()
+        kw: dict = {"enabled": mode not in ("off", "0", "false", "no"), "exact": mode == "exact"}
         for name, field in (("MEMORY", "max_memory_bytes"), ("DISK", "max_disk_bytes")):
             raw = env.get(f"COSTEER_PREFIX_CACHE_{name}_MB")
             if raw:
