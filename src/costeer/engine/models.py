@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from costeer.engine.paths import cache_root
 from costeer.engine.prefix_cache import Codec, PrefixPlan
 from costeer.engine.vocab import special_ids
 
@@ -71,14 +72,6 @@ PRESETS: dict[str, Callable[[], Path]] = {
     "smollm2-135m-instruct": _smollm2_gguf,  # SmolLM2-135M-Instruct, Q4_1 GGUF, chat template
     "gemma3-270m": _gemma3_gguf,  # Gemma-3-270m base, Q4_K_M GGUF, no chat template
 }
-
-
-def cache_root() -> Path:
-    env = os.environ.get("COSTEER_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "costeer"
 
 
 @dataclass(frozen=True)

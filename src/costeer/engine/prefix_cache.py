@@ -39,6 +39,8 @@ from typing import Callable, Generic, Sequence, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from costeer.engine.paths import cache_root
+
 log = logging.getLogger(__name__)
 
 S = TypeVar("S")  # a backend's state: bytes (llama.cpp) or a KV snapshot (transformers)
@@ -63,8 +65,6 @@ def default_key_file() -> Path:
 
 
 def default_directory() -> Path:
-    from costeer.engine.models import cache_root
-
     return cache_root() / "prefix"
 
 
