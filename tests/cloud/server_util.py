@@ -139,17 +139,19 @@ class RawClient:
         self._flush()
         self.response: Response | None = None
         self.messages: list[bytes | str] = []
-        self.closed = False
+        self.closed = self.timed_out = False
         while self.response is None and not self.closed:
-            self._read()
+            self.read()
 
     def _flush(self) -> None:
         self.sock.sendall(b"".join(self.proto.data_to_send()))
 
-    def _read(self) -> None:
+    def read(self) -> None:
         try:
             data = self.sock.recv(1 << 16)
-        except (ConnectionError, socket.timeout):
+        except socket.timeout:
+            self.timed_out, data = True, b""
+        except ConnectionError:
             data = b""
         if data:
             self.proto.receive_data(data)
@@ -169,10 +171,25 @@ class RawClient:
     def send_raw(self, data: bytes) -> None:
         self.sock.sendall(data)
 
+    def send_text(self, text: str) -> None:
+        self.proto.send_text(text.encode())
+        self._flush()
+
+    def outcome(self) -> tuple[str, int | None]:
+        """Read until the server answers: ("message", None), ("close", code), ("eof", None) when
+        the socket ended without a close frame, or ("timeout", None)."""
+        while not self.closed and self.proto.close_rcvd is None and not self.messages:
+            self.read()
+        if self.proto.close_rcvd is not None:
+            return "close", self.proto.close_rcvd.code
+        if self.messages:
+            return "message", None
+        return ("timeout" if self.timed_out else "eof"), None
+
     def close_code(self) -> int | None:
         """Read until the server closes; its close code (None: the socket ended without one)."""
         while not self.closed and self.proto.close_rcvd is None:
-            self._read()
+            self.read()
         return self.proto.close_rcvd.code if self.proto.close_rcvd is not None else None
 
     def close(self) -> None:
