@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -163,6 +166,9 @@ class RawClient:
                 self.response = event
             elif isinstance(event, Frame) and event.opcode in (Opcode.BINARY, Opcode.TEXT):
                 self.messages.append(bytes(event.data))
+        if self.proto.close_rcvd is not None:  # answer the server's close, as any client does
+            with contextlib.suppress(OSError):
+                self._flush()
 
     def send(self, data: bytes) -> None:
         self.proto.send_binary(data)
@@ -194,3 +200,46 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class FileLimitedServer:
+    """The connection layer alone (a stand-in LM: no session is opened) in a subprocess whose
+    open-file limit is `files`, with no connection cap, so that connections can exhaust it.
+    guard=False leaves the log filters off (what a flood looked like before them)."""
+
+    SCRIPT = textwrap.dedent("""
+        import logging, resource, sys, time, types
+        files, guard = int(sys.argv[1]), sys.argv[2] == "1"
+        resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
+        logging.basicConfig(level="INFO")
+        import costeer.cloud.net as net
+        if not guard:
+            net.guard_logs = lambda: None
+        from tests.cloud.server_util import ThreadServer
+        tokenizer = types.SimpleNamespace(get_vocab=lambda: {"a": 0}, chat_template=None)
+        lm = types.SimpleNamespace(name="stand-in", vocab_size=1, stop_ids=frozenset(), tokenizer=tokenizer)
+        srv = ThreadServer(lm, max_connections=100_000)
+        print("PORT", srv.port, flush=True)
+        time.sleep(600)
+    """)
+
+    def __init__(self, log_file: Path, files: int, guard: bool = True):
+        root = Path(__file__).resolve().parents[2]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "src"), str(root)]))
+        with open(log_file, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-c", self.SCRIPT, str(files), "1" if guard else "0"],
+                                         stdout=subprocess.PIPE, stderr=out, env=env)  # fmt: skip
+        self.port = next(int(line.split()[1]) for line in self.proc.stdout if line.startswith(b"PORT"))
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.port}/v1/health", trust_env=False, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def __enter__(self) -> "FileLimitedServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)

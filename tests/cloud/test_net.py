@@ -2,13 +2,10 @@
 connections are capped, error logs are rate-limited, TLS is served."""
 
 import logging
-import os
 import shutil
 import socket
 import ssl
 import subprocess
-import sys
-import textwrap
 import time
 
 import httpx
@@ -20,7 +17,7 @@ from costeer import frames
 from costeer.cli import app
 from costeer.cloud.net import RateLimit, check_tls
 from costeer.frames import Open
-from tests.cloud.server_util import KEY_A, ThreadServer, wait_until
+from tests.cloud.server_util import KEY_A, FileLimitedServer, ThreadServer, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -119,49 +116,20 @@ def test_the_rate_limit_lets_a_burst_through_then_counts_what_it_drops():
     assert len(rl._windows) <= RateLimit.MAX_KEYS + 1
 
 
-EMFILE_SERVER = textwrap.dedent("""
-    import resource, sys, time, types
-    resource.setrlimit(resource.RLIMIT_NOFILE, (80, 80))
-    import logging
-    logging.basicConfig(level="INFO")
-    from tests.cloud.server_util import ThreadServer
-    # the connection layer alone: a stand-in LM (no session is opened), no cap, so EMFILE is reached
-    tokenizer = types.SimpleNamespace(get_vocab=lambda: {"a": 0}, chat_template=None)
-    lm = types.SimpleNamespace(name="stand-in", vocab_size=1, stop_ids=frozenset(), tokenizer=tokenizer)
-    srv = ThreadServer(lm, max_connections=1000)
-    print("PORT", srv.port, flush=True)
-    time.sleep(60)
-""")
 
 def test_too_many_open_files_is_logged_at_a_bounded_rate(tmp_path):
     """At the process's file limit Python 3.11's accept loop logs each failure (thousands a
     second, 20 MB in 5 s before the limit); the rate limit keeps it to a few lines."""
     log_file = tmp_path / "server.log"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd() + "/src", os.getcwd()]))
-    with open(log_file, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", EMFILE_SERVER], stdout=subprocess.PIPE, stderr=out, env=env)
-    try:
-        port = next(int(line.split()[1]) for line in proc.stdout if line.startswith(b"PORT"))
-        held = []
-        for _ in range(120):  # past the 80 descriptors the server may hold
-            held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+    with FileLimitedServer(log_file, files=80) as srv:
+        held = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(120)]  # past 80
         time.sleep(2)
         text = log_file.read_text(errors="replace")
         assert "Too many open files" in text
         assert len(text) < 100_000, len(text)
         for s in held:
             s.close()
-        wait_until(lambda: _health(port), timeout=15)  # it serves again once descriptors are free
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
-def _health(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/v1/health", trust_env=False, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+        wait_until(srv.healthy, timeout=15)  # it serves again once descriptors are free
 
 
 # ---------------------------------------------------------------------------------------
