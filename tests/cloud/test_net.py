@@ -186,3 +186,14 @@ def test_tls_files_are_checked_in_one_line(tls_files, tmp_path):
         check_tls(key, cert)
     r = CliRunner().invoke(app, ["serve", "--ssl-certfile", cert], env={"COSTEER_API_KEYS": KEY_A})
     assert r.exit_code != 0 and "together" in r.output and "Traceback" not in r.output
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line_before_loading_a_model():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = CliRunner().invoke(app, ["serve", "--port", str(port), "--llm", "no-such-model"],
+                               env={"COSTEER_API_KEYS": KEY_A})  # fmt: skip
+    assert r.exit_code != 0 and f"cannot listen on 127.0.0.1:{port}" in r.output
+    assert "serving" not in r.output and "no-such-model" not in r.output and "Traceback" not in r.output

@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import resource
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -202,6 +203,19 @@ def fit_file_limit(max_connections: int) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
         soft = need
     return soft
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a port in use or a bad address is one
+    line at once, not a log that claims to serve followed by uvicorn's exit."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 def check_tls(certfile: str | None, keyfile: str | None) -> None:
