@@ -302,7 +302,8 @@ async def _send(ws: WebSocket, sess: Session, registry: Registry, data: bytes, s
                  settings.send_timeout_s)  # fmt: skip
         _device_gone(registry, sess, ws, None)
     except (WebSocketDisconnect, RuntimeError, OSError):
-        _device_gone(registry, sess, ws, await _close_code(ws, settings.send_timeout_s))
+        mine = not sess.ended and sess.websocket is ws  # else the session is gone or taken over already
+        _device_gone(registry, sess, ws, await _close_code(ws, settings.send_timeout_s) if mine else None)
     return False
 
 
