@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from costeer import frames
+from costeer.device.tokenizers import cached_tokenizer
 
 N = 5  # word n-gram length the audit looks for
 
@@ -127,8 +128,6 @@ class AuditReport:
 def _load_tokenizer_for(records: list[dict], tokenizer):
     if tokenizer is not None:
         return tokenizer
-    from costeer.device.client import cached_tokenizer
-
     for rec in records:
         if rec.get("dir") == "meta" and rec.get("tokenizer_fingerprint"):
             tok = cached_tokenizer(rec["tokenizer_fingerprint"])
