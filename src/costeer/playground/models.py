@@ -78,9 +78,8 @@ class Models:
 
     def _connect_cloud(self):
         from costeer.device import connect_cloud
-        from costeer.device.client import DEFAULT_FRAMES
 
         wire_dir = self.settings.wire_dir or Path(tempfile.mkdtemp(prefix="costeer-playground-"))
         self.wire_path = wire_dir / "wire.jsonl"
-        k = self.settings.cloud_k or DEFAULT_FRAMES
-        return connect_cloud(self.settings.cloud, self.settings.api_key, k=k, wire_log=self.wire_path)
+        frames = {"k": self.settings.cloud_k} if self.settings.cloud_k else {}  # else the device's default
+        return connect_cloud(self.settings.cloud, self.settings.api_key, wire_log=self.wire_path, **frames)

@@ -6,7 +6,7 @@ stop closes every stream, which ends its cloud session at once (close code 1000)
 cloud, every wire-log record written while a stream advanced is that stream's, so the wire panel
 shows exactly what each answer sent and received.
 
-Events (kind, payload): start, status, token, done, wire, error, end (payloads: docs/playground.md).
+Events (kind, payload): run, status, start, token, done, error, wire, end (docs/playground.md).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from costeer.engine.llamacpp import LlamaCppError
 MAX_QUERY_CHARS = 2_000
 MAX_SECTION_CHARS = 8_000  # each of profile / history / preference
 MAX_NEW_TOKENS = 256
-MAX_STREAMS = 4
 ALTERNATIVES = 5  # tokens shown before / after steering on hover
 # Methods a page may add beside `llm` and the steered one: none shows the context to the LLM.
 EXTRA_METHODS = (Method.light, Method.slm_context, Method.slm)
@@ -212,7 +211,7 @@ class Play:
 
     def _decode(self, cs: CoSteer, columns: list[Column], tap: WireTap | None) -> Iterator[tuple[str, dict]]:
         """Round robin: one token of each live column per turn, until all end or a stop."""
-        tok = _Tokens(cs)
+        tok = cs.llm.tokenizer  # the steered columns' ids are the LLM's
         while not self.stopped and not all(c.done for c in columns):
             for col in columns:
                 if col.done or self.stopped:
@@ -230,7 +229,7 @@ class Play:
                     col.done = True
                     yield "done", self._done_payload(col)
                 else:
-                    yield "token", tok.payload(col.method, chunk)
+                    yield "token", _token_payload(col.method, chunk, tok)
 
     def _start_payload(self, cs: CoSteer, columns: list[Column], wire) -> dict:
         st = self.req.steering()
@@ -274,22 +273,16 @@ class Play:
         }
 
 
-class _Tokens:
-    """Token events: the text a step adds and, for steered columns, what steering did to it."""
-
-    def __init__(self, cs: CoSteer):
-        self.cs = cs
-
-    def payload(self, method: Method, chunk) -> dict:
-        step = chunk.step
-        out = {"stream": method.value, "i": step.index, "text": chunk.text, "id": step.token_id}
-        insp = step.inspection
-        if method.steered and insp is not None:
-            tok = self.cs.llm.tokenizer  # the steered methods' ids are the LLM's
-            out |= {"shift": round(insp.shift, 4), "gated": step.gated,
-                    "before": [[_piece(tok, i), round(p, 4)] for i, p in insp.before],
-                    "after": [[_piece(tok, i), round(p, 4)] for i, p in insp.after]}  # fmt: skip
-        return out
+def _token_payload(method: Method, chunk, llm_tokenizer) -> dict:
+    """A token event: the text the step adds and, on a steered column, what steering did to it."""
+    step = chunk.step
+    out = {"stream": method.value, "i": step.index, "text": chunk.text, "id": step.token_id}
+    insp = step.inspection
+    if method.steered and insp is not None:
+        out |= {"shift": round(insp.shift, 4), "gated": step.gated,
+                "before": [[_piece(llm_tokenizer, i), round(p, 4)] for i, p in insp.before],
+                "after": [[_piece(llm_tokenizer, i), round(p, 4)] for i, p in insp.after]}  # fmt: skip
+    return out
 
 
 def _piece(tokenizer, token_id: int) -> str:

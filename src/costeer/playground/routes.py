@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from costeer.engine.config import METHOD_HELP, STEERING_STAGES, Method
 from costeer.playground.models import Models
-from costeer.playground.play import EXTRA_METHODS, MAX_STREAMS, Play, PlayRequest, Sliders, new_run_id
+from costeer.playground.play import EXTRA_METHODS, Play, PlayRequest, Sliders, new_run_id
 
 ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 MAX_PENDING = 4  # answers running or waiting for the models at once
@@ -90,7 +90,6 @@ def playground_router(models: Models, prefix: str = "/playground") -> APIRouter:
             "methods": [{"value": m.value, "help": METHOD_HELP[m]} for m in STEERING_STAGES],
             "extra": [{"value": m.value, "help": METHOD_HELP[m]} for m in EXTRA_METHODS],
             "fields": _field_bounds(),
-            "max_streams": MAX_STREAMS,
             "example": example_persona(),
             # conversations are not in the API yet: the page offers one question at a time
             "chat": False,
