@@ -22,6 +22,12 @@ from costeer.engine.config import Method
 from costeer.engine.prompts import PLAIN_STOP, Messages, chat_ids, conversation, user_message
 
 
+def needs_context(method: Method | str) -> bool:
+    """Whether the method reads the private context (steered ones and the SLM with the context)."""
+    m = Method(method)
+    return m.steered or m in (Method.slm_context, Method.llm_context)
+
+
 class StopText:
     """Cuts streamed text at the first stop string; holds back a tail that may begin one."""
 
@@ -111,7 +117,7 @@ class Chat:
                  reference: str | None = None, system: str | None = None, **overrides):  # fmt: skip
         self.cs, self.method, self.context, self.reference = cs, Method(method), context, reference
         self.overrides = overrides
-        self.system = [{"role": "system", "content": system}] if system else []
+        self.system = [{"role": "system", "content": system}] if system and system.strip() else []
         self.history: Messages = list(self.system)
         self._asked: Messages = []  # the history and the user turn `say` answers
 

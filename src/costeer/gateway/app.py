@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from costeer.api import CoSteer
-from costeer.chat import Reply, reply
+from costeer.chat import Reply, needs_context, reply
 from costeer.cloud.sessions import KeyRing
 from costeer.device import CloudError
 from costeer.engine.config import Method
@@ -47,14 +47,10 @@ def served_methods(cs: CoSteer, has_context: bool) -> list[str]:
     for m in Method:
         if m is Method.llm_context or (m.uses_llm and cs.llm is None) or (m.uses_slm and cs.slm is None):
             continue
-        if _needs_context(m) and not has_context:
+        if needs_context(m) and not has_context:
             continue
         out.append(m.value)
     return out
-
-
-def _needs_context(m: Method) -> bool:
-    return m.steered or m is Method.slm_context
 
 
 class Gateway:
@@ -89,7 +85,7 @@ class Gateway:
         messages = [m.model_dump() for m in req.messages]
 
         def run() -> Reply:
-            context = self._private(self.context) if _needs_context(method) else None
+            context = self._private(self.context) if needs_context(method) else None
             reference = self._private(self.reference) if method.matched and self.reference else None
             r = reply(self.cs, messages, method, context, reference, req.stop, **overrides)
             if r.prompt_tokens > self.settings.max_prompt_tokens:
