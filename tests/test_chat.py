@@ -109,3 +109,24 @@ def test_a_reply_streams_once(pair):
     list(r)
     with pytest.raises(RuntimeError, match="once"):
         list(r)
+
+
+@pytest.mark.real
+def test_two_turns_on_the_real_gemma_smollm2_pair(gemma, smollm2):
+    """Gemma-3-270m base (plain-text turns) steered by SmolLM2 (its chat template), over two turns."""
+    cs = CoSteer(gemma, smollm2)
+    chat = Chat(cs, "costeer", CONTEXT, max_new_tokens=24)
+    for question in ("What should I cook tonight?", "And for breakfast?"):
+        answer = chat.say(question)
+        text = "".join(answer)
+        assert text.strip() and "\nUser:" not in text
+        prompts = answer.stream.generation.prompt_ids
+        public = conversation([*chat.history, {"role": "user", "content": question}])
+        # the LLM reads the public turns only (an earlier answer may reflect the context, as it is meant to)
+        assert prompts["llm"] == chat_ids(gemma.tokenizer, public)
+        assert gemma.tokenizer.decode(prompts["llm"]).endswith(f"User: {question}\nAssistant:")
+        assert prompts["slm_context"] == chat_ids(smollm2.tokenizer, with_context(public, CONTEXT))
+        assert CONTEXT in smollm2.tokenizer.decode(prompts["slm_context"])
+        chat.keep(answer)
+    assert [m["role"] for m in chat.history] == ["user", "assistant", "user", "assistant"]
+    assert gemma.tokenizer.decode(prompts["llm"]).count("Assistant:") == 2

@@ -157,6 +157,20 @@ def test_a_chunked_body_over_the_limit_is_413(gateway):
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 
+def test_a_body_that_trickles_in_is_408(pair):
+    srv = _serve(pair, body_timeout_s=0.3)
+    try:
+        def parts():
+            yield b'{"model": "llm", '
+            time.sleep(1.0)
+            yield b'"messages": [{"role": "user", "content": "hi"}]}'
+
+        r = httpx.post(f"{srv.url}/v1/chat/completions", content=parts(), trust_env=False, timeout=30)
+        assert r.status_code == 408 and r.json()["error"]["code"] == "timeout"
+    finally:
+        srv.stop()
+
+
 def test_unknown_routes_and_methods_are_openai_errors(gateway):
     r = httpx.get(f"{gateway.url}/v1/nothing", trust_env=False)
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"

@@ -12,6 +12,7 @@ level, holds request lines and errors, never message or context text.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -122,17 +123,26 @@ def as_api_error(exc: BaseException) -> ApiError:
     return ApiError(500, "internal error", "internal_error")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 past `limit` bytes (whether announced or not)."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refused with 413 past `limit` bytes (whether announced or not) and with 408 when
+    it takes longer than `timeout_s` to arrive."""
+    too_large = ApiError(413, f"the request body is over {limit} bytes", "request_too_large")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request body is over {limit} bytes", "request_too_large")
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise ApiError(413, f"the request body is over {limit} bytes", "request_too_large")
-    return bytes(body)
+        raise too_large
+
+    async def read() -> bytes:
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise too_large
+        return bytes(body)
+
+    try:
+        return await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", "timeout") from None
 
 
 def openai_router(gw: Gateway) -> APIRouter:
@@ -150,7 +160,7 @@ def openai_router(gw: Gateway) -> APIRouter:
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
         t0 = time.monotonic()
-        req = schema.parse_request(await read_body(request, gw.settings.max_body_bytes))
+        req = schema.parse_request(await read_body(request, gw.settings.max_body_bytes, gw.settings.body_timeout_s))
         job = gw.start(req)
         first = await job.next()
         if first.kind == "error":

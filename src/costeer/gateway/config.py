@@ -23,12 +23,15 @@ class GatewaySettings:
     max_tokens_limit: int = 2048  # the most a request may ask for
     max_prompt_tokens: int = 8192  # the public conversation, in the answering model's tokens
     max_body_bytes: int = 1 << 20
+    body_timeout_s: float = 30.0  # a client that trickles its body in does not hold a connection for ever
     max_waiting: int = 8  # requests queued behind the running generation; more get 429
 
     def __post_init__(self):
         for name in ("max_tokens_limit", "max_prompt_tokens", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if not self.body_timeout_s > 0:
+            raise ValueError("body_timeout_s must be positive")
         if self.max_waiting < 0:
             raise ValueError("max_waiting must be at least 0")
         if any(len(k) < 16 for k in self.api_keys):
