@@ -1,5 +1,6 @@
 """`costeer chat` (the terminal loop) and `costeer gateway` (the server) on tiny model folders."""
 
+import json
 import os
 import subprocess
 import sys
@@ -66,6 +67,40 @@ def test_chat_turn_errors_keep_the_loop(folders, contexts):
                             "--system", " "], input="hello\n")  # fmt: skip
     assert r.exit_code == 0, r.output
     assert r.stdout.strip()  # a blank system prompt is dropped, the answer streamed; the input's end quits
+
+
+TURNS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUERY},
+         {"role": "assistant", "content": "the cat sat on the mat"}, {"role": "user", "content": FOLLOW_UP}]  # fmt: skip
+
+
+def test_generate_takes_a_conversation(folders, pair, contexts, tmp_path):
+    f = tmp_path / "turns.json"
+    f.write_text(json.dumps(TURNS))
+    r = runner.invoke(app, ["generate", "--llm", folders["llm"], "--slm", folders["slm"], "--messages", str(f),
+                            "-c", str(contexts[0]), "--max-new-tokens", "6", "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    g = pair.generate(TURNS, CONTEXT, "costeer", max_new_tokens=6)
+    assert out["token_ids"] == g.token_ids and out["prompt_ids"] == g.prompt_ids
+
+
+@pytest.mark.parametrize(
+    "args, turns, message",
+    [
+        (["-q", QUERY, "--messages", "TURNS"], TURNS, "one of them"),
+        ([], TURNS, "one of them"),
+        (["--messages", "TURNS"], "{not json", "not valid JSON"),
+        (["--messages", "TURNS"], {"role": "user"}, "JSON list"),
+        (["--messages", "TURNS"], TURNS[:3], "end with a user turn"),
+        (["--messages", "TURNS"], [{"role": "tool", "content": "x"}], "unknown role 'tool'"),
+    ],
+)
+def test_generate_refuses_bad_conversations(folders, tmp_path, args, turns, message):
+    f = tmp_path / "turns.json"
+    f.write_text(turns if isinstance(turns, str) else json.dumps(turns))
+    args = [str(f) if a == "TURNS" else a for a in args]
+    r = runner.invoke(app, ["generate", "--llm", folders["llm"], "--method", "llm", *args])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from costeer.api import CoSteer, GenerationStream
 from costeer.engine.config import Method
-from costeer.engine.prompts import PLAIN_STOP, Messages, chat_ids, conversation, user_message
+from costeer.engine.prompts import PLAIN_STOP, Messages, chat_ids, conversation, first_user, user_message
 
 
 def needs_context(method: Method | str) -> bool:
@@ -102,8 +102,7 @@ def reply(cs: CoSteer, messages: str | Messages, method: Method | str = Method.c
     plain-text turns also ends where it starts the next user turn. Overrides: as CoSteer.stream."""
     method = Method(method)
     public = conversation(messages)
-    first = next(m["content"] for m in public if m["role"] == "user")
-    ref = user_message(first, reference) if reference and method.matched else None
+    ref = user_message(first_user(public), reference) if reference and method.matched else None
     stream = cs.stream(public, context, method, reference_message=ref, **overrides)
     answerer = cs.llm if method.uses_llm else cs.slm
     stops = tuple(stop) + (() if getattr(answerer.tokenizer, "chat_template", None) else (PLAIN_STOP,))

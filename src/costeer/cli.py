@@ -147,7 +147,10 @@ def _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_n
 
 @app.command()
 def generate(
-    query: str = typer.Option(..., "--query", "-q", help="The public query (the only text the LLM sees)."),
+    query: Optional[str] = typer.Option(None, "--query", "-q", help="The public query (the only text the LLM sees)."),
+    messages: Optional[Path] = typer.Option(None, "--messages", help="A public conversation instead of --query: a "
+                                            "JSON list of {role, content} turns (system / user / assistant), ending "
+                                            "with the user's; the context goes before the first user turn."),
     context_file: Optional[Path] = typer.Option(
         None, "--context-file", "-c", help="Private profile / history: plain text, JSON or YAML."
     ),
@@ -189,18 +192,20 @@ def generate(
     """Generate one response with any method; tokens stream as they are chosen."""
 
     def run():
-        from costeer.engine.prompts import load_context, user_message
+        from costeer.engine.prompts import conversation, first_user, load_context, user_message
 
+        if (query is None) == (messages is None):
+            raise ValueError("give --query or --messages (one of them)")
+        turns = conversation(_read_messages(messages) if messages is not None else query)
+        public = "\n".join(m["content"] for m in turns)  # what the cloud may see, for the wire audit
         if context_file is not None and context is not None:
             raise ValueError("give --context or --context-file, not both")
         if wire_log is not None and cloud is None:
             raise ValueError("--wire-log records the exchange with the cloud: give --cloud too")
         ctx = load_context(context_file) if context_file is not None else context
-        if not query.strip():
-            raise ValueError("the query is empty")
         if reference_file is not None and not method.matched:
             raise ValueError(f"--reference-file is read by costeer_matched only, not by {method.value}")
-        reference = user_message(query, load_context(reference_file)) if reference_file is not None else None
+        reference = user_message(first_user(turns), load_context(reference_file)) if reference_file else None
         if method.matched and reference is None:
             typer.echo("note: costeer_matched without --reference-file is the paper's update with the repetition "
                        "guard (docs/steering-variants.md §5)", err=True)
@@ -210,10 +215,10 @@ def generate(
         needs_llm, needs_slm = method.uses_llm, method.uses_slm
         if cloud is not None:
             cs = _load_cloud(cloud, slm if needs_slm else None, cfg, device, backend, cloud_k, cloud_tail, wire_log,
-                             query, cloud_api, llm)
+                             public, cloud_api, llm)
         else:
             cs = _load(llm if needs_llm else None, slm if needs_slm else None, cfg, device, backend)
-        stream = cs.stream(query, ctx, method, reference_message=reference)
+        stream = cs.stream(turns, ctx, method, reference_message=reference)
         if as_json:
             for _ in stream:
                 pass
@@ -474,6 +479,19 @@ def serve(
     _run_guarded(run)
 
 
+def _read_messages(path: Path) -> list:
+    """A conversation file: a JSON list of {role, content} (costeer.engine.prompts.conversation checks it)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"messages file not found: {path}")
+    try:
+        turns = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"messages file {path} is not valid JSON: {str(e).splitlines()[0]}") from None
+    if not isinstance(turns, list):
+        raise ValueError(f"messages file {path} must hold a JSON list of turns")
+    return turns
+
+
 def _pair(cloud: Optional[str], llm: Optional[str], slm: Optional[str], cfg: GenerationConfig, device: str,
           backend: str, cloud_k: Optional[str], cloud_tail: str, cloud_api: str):  # fmt: skip
     """The model pair: in-process, or the LLM behind `cloud` and the SLM here."""
@@ -537,12 +555,15 @@ def chat(
 
     session = _run_guarded(setup)
     typer.echo(f"chatting with method {method.value}. {CHAT_HELP}", err=True)
-    while (line := _ask()) is not None:
-        if line.startswith("/"):
-            if not _chat_command(session, line):
-                break
-        elif line:
-            _run_turn(session, line)
+    try:
+        while (line := _ask()) is not None:
+            if line.startswith("/"):
+                if not _chat_command(session, line):
+                    break
+            elif line:
+                _run_turn(session, line)
+    except KeyboardInterrupt:  # Ctrl-C at the prompt ends the chat like Ctrl-D
+        typer.echo("", err=True)
 
 
 def _ask() -> Optional[str]:

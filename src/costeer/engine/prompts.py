@@ -55,6 +55,11 @@ def conversation(query: str | Sequence[Mapping[str, str]]) -> Messages:
     return turns
 
 
+def first_user(messages: Messages) -> str:
+    """The text of the conversation's first user turn (where the context goes)."""
+    return next(m["content"] for m in messages if m["role"] == "user")
+
+
 def first_user_turn(messages: Messages, content: str) -> Messages:
     """The conversation with its first user turn's content replaced by `content`."""
     i = next(i for i, m in enumerate(messages) if m["role"] == "user")
@@ -63,8 +68,7 @@ def first_user_turn(messages: Messages, content: str) -> Messages:
 
 def with_context(messages: Messages, context: str) -> Messages:
     """The conversation with `context` before its first user turn (the with-context branch's layout)."""
-    first = next(m["content"] for m in messages if m["role"] == "user")
-    return first_user_turn(messages, user_message(first, context))
+    return first_user_turn(messages, user_message(first_user(messages), context))
 
 
 def chat_ids(tokenizer, messages: Messages) -> list[int]:
