@@ -285,3 +285,32 @@ def test_a_non_loopback_bind_needs_a_key():
     check_bind("0.0.0.0", GatewaySettings(api_keys=frozenset({KEY})))
     with pytest.raises(ValueError, match="16 characters"):
         GatewaySettings(api_keys=frozenset({"short"}))
+
+
+def test_a_client_that_goes_away_stops_its_generation():
+    tok = bpe_tokenizer()
+    lm = make_lm("llm", llama(len(tok), seed=1), tok)
+    gate, calls = threading.Event(), []
+    forward = lm.model.forward
+
+    def gated(*a, **kw):  # the first forward (the prefill) waits until the client has given up
+        calls.append(1)
+        if len(calls) > 1:
+            gate.wait(30)
+        return forward(*a, **kw)
+
+    lm.model.forward = gated
+    srv = _serve(CoSteer(lm, None))
+    try:
+        req = {"model": "llm", "messages": [{"role": "user", "content": QUERY}], "max_tokens": 60}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{srv.url}/v1/chat/completions", json=req, trust_env=False, timeout=1.0)
+        time.sleep(1.5)  # the gateway notices the client is gone
+        gate.set()
+        deadline = time.monotonic() + 30
+        while srv.gateway.worker._admitted and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.gateway.worker._admitted == 0 and len(calls) < 10  # not the 60 tokens asked for
+    finally:
+        gate.set()
+        srv.stop()

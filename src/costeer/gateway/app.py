@@ -168,9 +168,11 @@ def openai_router(gw: Gateway) -> APIRouter:
         if req.stream:
             return StreamingResponse(_sse(job, first, req, t0), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+        watch = asyncio.create_task(_cancel_on_disconnect(request, job))
         try:
             text, last = await _collect(job, first)
         finally:
+            watch.cancel()
             job.cancel()
         if last.kind == "error":
             raise as_api_error(last.value)
@@ -180,6 +182,13 @@ def openai_router(gw: Gateway) -> APIRouter:
                                  schema.usage(r.prompt_tokens, r.completion_tokens))  # fmt: skip
 
     return router
+
+
+async def _cancel_on_disconnect(request: Request, job: Job, period_s: float = 0.5) -> None:
+    """A client that went away while waiting for a whole answer stops its generation."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(period_s)
+    job.cancel()
 
 
 async def _collect(job: Job, event) -> tuple[str, object]:
