@@ -70,7 +70,8 @@ def test_chat_turn_errors_keep_the_loop(folders, contexts):
 
 
 TURNS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUERY},
-         {"role": "assistant", "content": "the cat sat on the mat"}, {"role": "user", "content": FOLLOW_UP}]  # fmt: skip
+         {"role": "assistant", "content": "the cat sat on the mat"},
+         {"role": "user", "content": FOLLOW_UP}]  # fmt: skip
 
 
 def test_generate_takes_a_conversation(folders, pair, contexts, tmp_path):

@@ -219,7 +219,8 @@ class CoSteer:
             return LocalModelSource(self.llm, sampling.max_new_tokens), steering
         return connect(vocab, sampling.max_new_tokens, steering, slm_prompts)
 
-    def generate(self, query: str | Messages, context: str | None = None, method: Method | str = Method.costeer, **kw) -> Generation:
+    def generate(self, query: str | Messages, context: str | None = None, method: Method | str = Method.costeer,
+                 **kw) -> Generation:  # fmt: skip
         """Run to the end and return text, token ids, prompts and per-token timings."""
         stream = self.stream(query, context, method, **kw)
         for _ in stream:

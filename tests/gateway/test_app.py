@@ -117,7 +117,8 @@ BAD = [
     (json.dumps({"model": "llm"}).encode(), 400, "invalid_value"),
     (json.dumps({"model": "llm", "messages": []}).encode(), 400, "invalid_value"),
     (json.dumps({"model": "llm", "messages": [{"role": "tool", "content": "x"}]}).encode(), 400, "invalid_request"),
-    (json.dumps({"model": "llm", "messages": [{"role": "user", "content": "hi"}], "n": 2}).encode(), 400, "invalid_value"),
+    (json.dumps({"model": "llm", "messages": [{"role": "user", "content": "hi"}], "n": 2}).encode(), 400,
+     "invalid_value"),
     (json.dumps({"model": "llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}).encode(), 400,
      "invalid_value"),
     (json.dumps({"model": "llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 65}).encode(), 400,
@@ -141,8 +142,8 @@ def test_bad_input_gets_an_openai_error_and_the_gateway_keeps_serving(gateway, b
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["code"] == code and err["message"]
-    ok = httpx.post(f"{gateway.url}/v1/chat/completions", trust_env=False, timeout=60,
-                    json={"model": "llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})  # fmt: skip
+    hi = {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    ok = httpx.post(f"{gateway.url}/v1/chat/completions", json=hi, trust_env=False, timeout=60)
     assert ok.status_code == 200
 
 
@@ -220,7 +221,8 @@ def test_busy_is_429(pair, context_file):
         req = {"model": "llm", "messages": [{"role": "user", "content": QUERY}], "max_tokens": 3}
         out = {}
         with srv.gateway.worker.lock:  # a generation is running
-            first = threading.Thread(target=lambda: out.update(r=httpx.post(url, json=req, trust_env=False, timeout=60)))
+            post = lambda: out.update(r=httpx.post(url, json=req, trust_env=False, timeout=60))  # noqa: E731
+            first = threading.Thread(target=post)
             first.start()
             deadline = time.monotonic() + 30
             while srv.gateway.worker._admitted < 1 and time.monotonic() < deadline:

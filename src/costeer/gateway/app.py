@@ -82,7 +82,8 @@ class Gateway:
         method = self.method(req.model)
         sampling = self.cs.config.sampling
         overrides = {"max_new_tokens": req.new_tokens(sampling.max_new_tokens, self.settings.max_tokens_limit)}
-        overrides.update({k: v for k in ("temperature", "top_p", "top_k", "seed") if (v := getattr(req, k)) is not None})
+        given = {k: getattr(req, k) for k in ("temperature", "top_p", "top_k", "seed")}
+        overrides.update({k: v for k, v in given.items() if v is not None})
         messages = [m.model_dump() for m in req.messages]
 
         def run() -> Reply:
@@ -217,7 +218,8 @@ async def _sse(job: Job, event, req: ChatRequest, t0: float) -> AsyncIterator[by
         r: Reply = event.value
         yield schema.sse(schema.chunk(cid, req.model, {}, r.finish_reason))
         if req.stream_options is not None and req.stream_options.include_usage:
-            yield schema.sse(schema.chunk(cid, req.model, {}, usage_=schema.usage(r.prompt_tokens, r.completion_tokens)))
+            counts = schema.usage(r.prompt_tokens, r.completion_tokens)
+            yield schema.sse(schema.chunk(cid, req.model, {}, usage_=counts))
         yield schema.sse("[DONE]")
         _log_done(req, r, t0)
     finally:

@@ -23,7 +23,8 @@ class ApiError(Exception):
     """An error answered in the OpenAI shape."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-             408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 500: "server_error"}  # fmt: skip
+             408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+             500: "server_error", 503: "server_error"}  # fmt: skip
 
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
         super().__init__(message)
@@ -171,5 +172,5 @@ def sse(data: dict | str) -> bytes:
 
 
 def models(names: list[str], created: int) -> dict:
-    return {"object": "list",
-            "data": [{"id": n, "object": "model", "created": created, "owned_by": "costeer"} for n in names]}  # fmt: skip
+    data = [{"id": n, "object": "model", "created": created, "owned_by": "costeer"} for n in names]
+    return {"object": "list", "data": data}
