@@ -16,7 +16,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from costeer.engine.models import LM, _stop_ids
+from costeer.engine.models import LM, from_transformers
 
 CORPUS = [
     "the cat sat on the mat and the dog ran to the park",
@@ -96,4 +96,4 @@ def gemma3(vocab_size: int, seed: int = 0, sliding_window: int = 8) -> Gemma3For
 def make_lm(name: str, model, tokenizer) -> LM:
     # random configs carry arbitrary default eos ids; tie them to the tokenizer's
     model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return LM(name=name, model=model, tokenizer=tokenizer, device=torch.device("cpu"), stop_ids=_stop_ids(tokenizer, model.generation_config.eos_token_id))
+    return from_transformers(model, tokenizer, name)

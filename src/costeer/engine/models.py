@@ -200,7 +200,7 @@ class LM:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
 
-def _stop_ids(tok, generation_eos=None) -> frozenset[int]:
+def stop_ids(tok, generation_eos=None) -> frozenset[int]:
     """The tokenizer's eos, the checkpoint's generation eos (an id or a list) and the named
     end-of-turn tokens."""
     ids: set[int] = set()
@@ -264,7 +264,7 @@ def load_tokenizer(spec: str):
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot load the tokenizer of '{spec}': {first}") from e
-    return tok, _stop_ids(tok)
+    return tok, stop_ids(tok)
 
 
 def _load_llamacpp(src: ModelSource, spec: str) -> LM:
@@ -276,7 +276,7 @@ def _load_llamacpp(src: ModelSource, spec: str) -> LM:
     except (OSError, ValueError, KeyError, LlamaCppError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot load model '{spec}' with llama.cpp: {first}") from e
-    return LM(src.name, model, tok, torch.device("cpu"), _stop_ids(tok, list(model.eos_ids)), backend="llamacpp")
+    return LM(src.name, model, tok, torch.device("cpu"), stop_ids(tok, list(model.eos_ids)), backend="llamacpp")
 
 
 def load_lm(spec: str, device: str = "auto", backend: str = "auto") -> LM:
@@ -300,8 +300,14 @@ def load_lm(spec: str, device: str = "auto", backend: str = "auto") -> LM:
     except (OSError, ValueError, KeyError) as e:  # transformers reports bad checkpoints this way
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot load model '{spec}': {first}") from e
-    model.to(dev).eval()
-    return LM(name=src.name, model=model, tokenizer=tok, device=dev, stop_ids=_stop_ids(tok, getattr(model.generation_config, "eos_token_id", None)))
+    return from_transformers(model.to(dev).eval(), tok, src.name)
+
+
+def from_transformers(model, tokenizer, name: str | None = None) -> LM:
+    """An already loaded transformers causal LM (on its own device and dtype) as an `LM`."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    name = name or getattr(model, "name_or_path", "") or type(model).__name__
+    return LM(name=name, model=model, tokenizer=tokenizer, device=model.device, stop_ids=stop_ids(tokenizer, eos))
 
 
 # ---------------------------------------------------------------------------------------
