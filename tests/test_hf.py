@@ -44,7 +44,8 @@ def hf_generate(cs: CoSteer, proc: CoSteerLogitsProcessor, input_ids: torch.Tens
     """The new ids of transformers' generate with the processor, without a final stop token."""
     kw = {"do_sample": False, **kw}
     out = cs.llm.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                logits_processor=[proc], max_new_tokens=n, **kw)[0, input_ids.shape[1] :].tolist()  # fmt: skip
+                                logits_processor=[proc], max_new_tokens=n, **kw)  # fmt: skip
+    out = out[0, input_ids.shape[1] :].tolist()
     return out[:-1] if out and out[-1] in cs.llm.stop_ids else out
 
 
@@ -81,7 +82,8 @@ def test_the_confidence_gate_gives_the_tokens_of_costeer_generate():
     cs.llm.model.lm_head.weight.data *= 40  # a sure LLM: top probabilities far from uniform
     gate = SteeringConfig(gate=0.2)
     want = cs.generate(QUERY, CONTEXT, "costeer", max_new_tokens=N, steering=gate)
-    assert 0 < want.timing()["gated_tokens"] and want.token_ids != cs.generate(QUERY, CONTEXT, max_new_tokens=N).token_ids
+    assert 0 < want.timing()["gated_tokens"]
+    assert want.token_ids != cs.generate(QUERY, CONTEXT, max_new_tokens=N).token_ids  # the gate changes the tokens
     proc = processor(cs, steering=gate)
     assert hf_generate(cs, proc, proc.encode(QUERY)["input_ids"]) == want.token_ids
 
@@ -100,7 +102,7 @@ def test_seeded_sampling_draws_what_costeer_generate_draws():
     tok = bpe_tokenizer()
     cs = CoSteer(make_lm("llm", llama(len(tok), seed=1), tok), make_lm("slm", gemma3(len(tok), seed=2), tok))
     proc = processor(cs)
-    draws = [cs.generate(QUERY, CONTEXT, "costeer", max_new_tokens=N, temperature=1.0, seed=s).token_ids for s in (0, 1)]
+    draws = [cs.generate(QUERY, CONTEXT, max_new_tokens=N, temperature=1.0, seed=s).token_ids for s in (0, 1)]
     assert draws[0] != draws[1]  # the seed matters, so the equality below is not luck
     assert [sample(cs, proc, s) for s in (0, 1)] == draws
 
@@ -122,7 +124,8 @@ def test_returned_scores_are_the_fused_policy_on_the_llm_ids(pair, request):
     p = cs.prompts(QUERY, CONTEXT)
     pair_logp = cs.slm.open([p["slm"], p["slm_context"]]).start()
     slm = vocab.slm_view(pair_logp)
-    fused = fusion_pipeline(proc.method, SteeringConfig())(vocab.llm_view(torch.log_softmax(logits[0], -1)), slm[1], slm[0])
+    base = vocab.llm_view(torch.log_softmax(logits[0], -1))
+    fused = fusion_pipeline(proc.method, SteeringConfig())(base, slm[1], slm[0])
     assert out.shape == logits[0].shape
     assert torch.softmax(out, -1).sum().item() == pytest.approx(1.0, abs=1e-5)
     if vocab.identity:

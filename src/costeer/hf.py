@@ -162,7 +162,7 @@ class CoSteerLogitsProcessor(LogitsProcessor):
         if input_ids.shape[0] != 1 or scores.shape[0] != 1:
             raise ValueError(f"CoSteerLogitsProcessor steers one sequence at a time (batch size 1, no beams); "
                              f"got {input_ids.shape[0]} rows")  # fmt: skip
-        needed = len(self._positions) if not self.vocab.identity else self.vocab.size
+        needed = len(self._positions)  # every LLM id the alignment maps
         if scores.shape[-1] < needed:
             raise ValueError(f"the scores have {scores.shape[-1]} entries but the tokenizer needs {needed}: "
                              "pass the LLM's own tokenizer")  # fmt: skip
