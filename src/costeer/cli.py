@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from pydantic import ValidationError
 
 from costeer.engine.config import METHOD_HELP, GenerationConfig, Method, SamplingConfig, SteeringConfig, VariantConfig
 
@@ -86,6 +87,21 @@ def _label(spec: Optional[str], lm) -> Optional[str]:
     return spec if spec is None or backend == "transformers" else f"{spec} [{backend}]"
 
 
+# Config fields whose flag is not the field's name with dashes.
+_FLAG_OF_FIELD = {"lam": "--lambda", "T": "--T"}
+
+
+def _invalid_options(e: ValidationError) -> str:
+    """A config's validation errors as one line that names each flag, its value and the reason."""
+    parts = []
+    for err in e.errors():
+        field = next((str(x) for x in reversed(err["loc"]) if isinstance(x, str)), "")
+        flag = _FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))
+        reason = err["msg"].replace("Input should be", "must be").replace("Value error, ", "")
+        parts.append(f"{flag} {err.get('input')!r}: {reason}")
+    return "; ".join(parts)
+
+
 def _run_guarded(fn):
     """User errors -> one line; anything else is a bug and keeps its traceback."""
     from costeer.engine.llamacpp import LlamaCppError
@@ -94,6 +110,8 @@ def _run_guarded(fn):
 
     try:
         return fn()
+    except ValidationError as e:
+        _fail(_invalid_options(e))
     except (ModelLoadError, IncompatibleVocabularies, FileNotFoundError, ValueError, LlamaCppError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt:
@@ -133,6 +151,19 @@ def _variant(tau, tau_pers, epsilon, repetition_penalty, no_repeat_ngram) -> Var
                  no_repeat_ngram=no_repeat_ngram)  # fmt: skip
     given = {k: v for k, v in given.items() if v is not None}
     return VariantConfig(**given) if given else None
+
+
+def _check_sampling_and_gate(cfg: GenerationConfig, methods: list[Method]) -> None:
+    """Options the run would not read: a gate without a steered method is refused; sampling options
+    under greedy decoding are named in a warning (they change nothing, the output is still right)."""
+    if cfg.steering.gate is not None and not any(m.steered for m in methods):
+        names = ", ".join(m.value for m in methods)
+        raise ValueError(f"--gate skips steering where the LLM is confident, and {names} does not steer")
+    unread = cfg.sampling.unread()
+    if unread:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unread)
+        typer.echo(f"warning: --temperature 0 decodes greedily and ignores {flags}; give --temperature > 0 to "
+                   "sample", err=True)  # fmt: skip
 
 
 def _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens,
@@ -185,6 +216,8 @@ def generate(
     cloud_tail: str = typer.Option("slm", help="With --cloud: model of the mass outside the top-k: slm | uniform."),
     cloud_api: str = CLOUD_API_OPT,
     wire_log: Optional[Path] = typer.Option(None, help="With --cloud: record every byte sent and received here."),
+    truncate_context: bool = typer.Option(False, help="Cut the context's end until every prompt fits its model's "
+                                          "trained window (default: refuse a context that does not fit)."),
 ) -> None:
     """Generate one response with any method; tokens stream as they are chosen."""
 
@@ -206,6 +239,7 @@ def generate(
                        "guard (docs/steering-variants.md §5)", err=True)
         variant = _variant(tau, tau_pers, epsilon, repetition_penalty, no_repeat_ngram)
         cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens, variant, gate)
+        _check_sampling_and_gate(cfg, [method])
         _quiet_libraries()
         needs_llm, needs_slm = method.uses_llm, method.uses_slm
         if cloud is not None:
@@ -213,7 +247,11 @@ def generate(
                              query, cloud_api, llm)
         else:
             cs = _load(llm if needs_llm else None, slm if needs_slm else None, cfg, device, backend)
-        stream = cs.stream(query, ctx, method, reference_message=reference)
+        stream = cs.stream(query, ctx, method, reference_message=reference, truncate_context=truncate_context)
+        cut = stream.generation.context_cut
+        if cut:
+            typer.echo(f"note: cut the context to its first {len(ctx) - cut:,} of {len(ctx):,} characters to fit "
+                       "the models' trained windows", err=True)  # fmt: skip
         if as_json:
             for _ in stream:
                 pass
@@ -233,6 +271,7 @@ def generate(
                         "prompt_ids": g.prompt_ids,
                         "stop_reason": g.stop_reason,
                         "coefficient": g.coefficient,
+                        "context_cut": g.context_cut,
                         "llm": (cloud or llm) if needs_llm else None,
                         "slm": slm if needs_slm else None,
                         "config": cfg.model_dump(),
@@ -363,6 +402,7 @@ def eval_(
         examples, path = _load_examples(task, data, preference, limit)
         variant = _variant(tau, tau_pers, epsilon, repetition_penalty, no_repeat_ngram)
         cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens, variant, gate)
+        _check_sampling_and_gate(cfg, ms)
         if cloud is not None:
             _quiet_libraries()
             needs_slm = any(m.uses_slm for m in ms)

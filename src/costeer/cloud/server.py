@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -287,18 +289,39 @@ def serve(
     backend: str = "auto",
     log_level: str = "info",
 ) -> None:
-    """Load the LLM and serve until interrupted."""
+    """Take the port, load the LLM and serve until interrupted."""
     import uvicorn
 
     from costeer.engine.models import load_lm
 
-    lm = load_lm(llm, device, backend)
-    log.info("serving %s (V=%d) on %s:%d", lm.name, lm.vocab_size, host, port)
-    uvicorn.run(
-        create_app(lm, settings),
-        host=host,
-        port=port,
-        ws="websockets-sansio",
-        ws_max_size=settings.max_uplink_bytes,
-        log_level=log_level,
-    )
+    sock = listen_socket(host, port)  # before the model loads: a port in use fails at once
+    try:
+        lm = load_lm(llm, device, backend)
+        log.info("serving %s (V=%d) on %s:%d", lm.name, lm.vocab_size, host, port)
+        config = uvicorn.Config(
+            create_app(lm, settings),
+            ws="websockets-sansio",
+            ws_max_size=settings.max_uplink_bytes,
+            log_level=log_level,
+        )
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (uvicorn listens on it); one-line ValueError when it cannot be."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]  # fmt: skip
+    except socket.gaierror as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart without TIME_WAIT
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        reason = "the port is in use" if e.errno == errno.EADDRINUSE else e.strerror
+        raise ValueError(f"cannot listen on {host}:{port}: {reason}") from None
+    return sock
