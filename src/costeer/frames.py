@@ -283,7 +283,7 @@ def frame_bytes(vocab_size: int, k: int, values: str = "f16") -> int:
 #
 # Across tokenizers the fused argmax sometimes is a token the LLM ranks in the thousands that
 # the delta lifts by 7-10 nats; a frame has to reach that deep (docs/wire-format.md). Packed
-# frames send every token down to an absolute floor (default -12 nats), at most k of them:
+# frames send every token down to an absolute floor (PACKED_FLOOR by default), at most k of them:
 #   - the head (the PACKED_HEAD most likely): values to 1/2048 nat below the top value;
 #   - the rest in bands PACKED_STEP nats wide below the head; the device places each entry
 #     inside its band with its tail model;
