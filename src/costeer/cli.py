@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from costeer import frames
 from costeer.device.options import HELP as CLOUD_K_HELP
+from costeer.device.transport import Retry
 from costeer.engine.config import METHOD_HELP, GenerationConfig, Method, SamplingConfig, SteeringConfig, VariantConfig
 
 DEFAULT_LLM = "smollm2-135m-instruct"
@@ -52,24 +53,34 @@ def _load(llm: Optional[str], slm: Optional[str], config: GenerationConfig, devi
 
 
 def _load_cloud(url: str, slm: Optional[str], config: GenerationConfig, device: str, backend: str, frames_,
-                tail: str, wire_log: Optional[Path], query: str, api: str = "costeer", llm_spec: Optional[str] = None):  # fmt: skip
+                tail: str, wire_log: Optional[Path], query: str, api: str = "costeer", llm_spec: Optional[str] = None,
+                link: Optional[dict] = None):  # fmt: skip
     """The LLM is the cloud at `url` (our service, or a serving engine whose model `llm_spec`
-    names for its tokenizer); the SLM loads here, on the device. frames_: a device.CloudFrames."""
+    names for its tokenizer); the SLM loads here, on the device. frames_: a device.CloudFrames;
+    link: how to reach it (_cloud_link)."""
     from costeer.api import CoSteer
     from costeer.device import connect_cloud, connect_engine
     from costeer.engine.models import load_lm
 
     typer.echo(f"connecting to {url}; loading SLM={slm} …", err=True)
+    link = link or {}
     if api == "costeer":
-        llm = connect_cloud(url, k=frames_, tail=tail, wire_log=wire_log)
+        llm = connect_cloud(url, k=frames_, tail=tail, wire_log=wire_log, **link)
     else:
-        llm = connect_engine(url, llm_spec or DEFAULT_LLM, api=api, k=frames_, tail=tail, wire_log=wire_log)
+        llm = connect_engine(url, llm_spec or DEFAULT_LLM, api=api, k=frames_, tail=tail, wire_log=wire_log, **link)
     if llm.wire is not None:
         llm.wire.meta(query=query)  # the audit's default public query
     return CoSteer(llm, load_lm(slm, device, backend) if slm else None, config)
 
 
 CLOUD_APIS = ("costeer", "llamacpp", "openai", "auto")
+
+
+def _cloud_link(ca_file: Optional[Path], insecure: bool, resume_s: float) -> dict:
+    """--ca-file, --insecure and --cloud-resume-s as connect_cloud / connect_engine keywords."""
+    from costeer.device import Retry
+
+    return {"ca_file": ca_file, "insecure": insecure, "retry": Retry(budget_s=resume_s)}
 
 
 def _cloud_frames(k: Optional[str], api: str):
@@ -139,6 +150,12 @@ BACKEND_OPT = typer.Option("auto", help="transformers | llamacpp | auto (llama.c
 CLOUD_API_OPT = typer.Option("costeer", help="With --cloud: costeer (our service, ws://) | llamacpp (llama-server) | "
                              "openai (vLLM, SGLang) | auto; for an engine, --llm names the model it serves (its tokenizer).")
 CLOUD_K_OPT = typer.Option(None, help=f"With --cloud: {CLOUD_K_HELP}")
+CA_FILE_OPT = typer.Option(None, "--ca-file", help="With a wss:// or https:// --cloud: the CA bundle to trust "
+                           "(default: SSL_CERT_FILE, else the system's).")
+INSECURE_OPT = typer.Option(False, "--insecure", help="With --cloud: allow the API key over plain ws:// or http:// "
+                            "to a host other than this machine (anyone on the path can read it).")
+RESUME_OPT = typer.Option(Retry().budget_s, "--cloud-resume-s", min=0.0, help="With --cloud: how long to keep "
+                          "trying to resume after the connection is lost (a cloud restart), in seconds.")
 GATE_OPT = typer.Option(None, min=0.0, max=1.0, help="Confidence gate: skip steering (and the SLM) where the LLM's top "
                         "probability reaches this; default off.")
 _V = VariantConfig()  # the costeer_* variants' options; unset ones keep these defaults
@@ -218,6 +235,9 @@ def generate(
     cloud_tail: str = typer.Option("slm", help="With --cloud: model of the mass outside the top-k: slm | uniform."),
     cloud_api: str = CLOUD_API_OPT,
     wire_log: Optional[Path] = typer.Option(None, help="With --cloud: record every byte sent and received here."),
+    ca_file: Optional[Path] = CA_FILE_OPT,
+    insecure: bool = INSECURE_OPT,
+    cloud_resume_s: float = RESUME_OPT,
     truncate_context: bool = typer.Option(False, help="Cut the context's end until every prompt fits its model's "
                                           "trained window (default: refuse a context that does not fit)."),
 ) -> None:
@@ -247,7 +267,7 @@ def generate(
         needs_llm, needs_slm = method.uses_llm, method.uses_slm
         if cloud is not None:
             cs = _load_cloud(cloud, slm if needs_slm else None, cfg, device, backend, frames_, cloud_tail, wire_log,
-                             query, cloud_api, llm)
+                             query, cloud_api, llm, _cloud_link(ca_file, insecure, cloud_resume_s))
         else:
             cs = _load(llm if needs_llm else None, slm if needs_slm else None, cfg, device, backend)
         stream = cs.stream(query, ctx, method, reference_message=reference, truncate_context=truncate_context)
@@ -372,6 +392,9 @@ def eval_(
     cloud_k: Optional[str] = CLOUD_K_OPT,
     cloud_tail: str = typer.Option("slm", help="With --cloud: model of the mass outside the top-k: slm | uniform."),
     cloud_api: str = CLOUD_API_OPT,
+    ca_file: Optional[Path] = CA_FILE_OPT,
+    insecure: bool = INSECURE_OPT,
+    cloud_resume_s: float = RESUME_OPT,
     max_new_tokens: int = MAX_NEW_OPT,
     temperature: float = TEMPERATURE_OPT,
     top_k: int = TOP_K_OPT,
@@ -409,7 +432,7 @@ def eval_(
             _quiet_libraries()
             needs_slm = any(m.uses_slm for m in ms)
             cs = _load_cloud(cloud, slm if needs_slm else None, cfg, device, backend, frames_, cloud_tail, None, "",
-                             cloud_api, llm)
+                             cloud_api, llm, _cloud_link(ca_file, insecure, cloud_resume_s))
         else:
             cs = _load_for(ms, llm, slm, cfg, device, backend)
         models = {"llm": f"{cloud} (k={frames_}, tail={cloud_tail})" if cloud else _label(llm, cs.llm),
