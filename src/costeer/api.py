@@ -185,7 +185,8 @@ class CoSteer:
         overflow = self._overflow(prompts, s_cfg.max_new_tokens)
         if overflow is not None:
             if not (truncate_context and private and context and not context_message):
-                raise PromptTooLong(f"{overflow}: shorten the context, or let it be cut (truncate_context)")
+                raise PromptTooLong(f"{overflow}: shorten the context, or let it be cut (--truncate-context, "
+                                    "truncate_context=True)")  # fmt: skip
             context, prompts = self._fit_context(context, build, s_cfg.max_new_tokens, overflow)
 
         if method.steered:

@@ -116,3 +116,9 @@ def test_an_outage_past_the_budget_ends_in_one_clear_error(tiny_llm, tiny_slm, c
 
 def test_the_default_budget_is_at_least_a_minute():
     assert Retry().budget_s >= 60
+
+
+def test_a_count_of_attempts_also_bounds_the_retries(clock):
+    outage = Retry(budget_s=60, attempts=2).outage()
+    assert outage.wait("down") and outage.wait("down") and not outage.wait("down")
+    assert clock.now == pytest.approx(0.25 + 0.5)

@@ -44,10 +44,13 @@ class Retry:
     backoff_s: float = 0.25
     max_backoff_s: float = 4.0
     recv_timeout_s: float = 120.0  # no frame for this long counts as a dropped connection
+    attempts: int | None = None  # also stop after this many tries (None: the time budget alone)
 
     def __post_init__(self) -> None:
         if not (self.budget_s >= 0 and self.backoff_s > 0 and self.max_backoff_s > 0 and self.recv_timeout_s > 0):
             raise ValueError("retry budget must be >= 0 s and its back-off and timeout > 0 s")
+        if self.attempts is not None and self.attempts < 0:
+            raise ValueError("retry attempts must be >= 0")
 
     def outage(self) -> Outage:
         return Outage(self)
@@ -62,7 +65,7 @@ class Outage:
 
     def wait(self, reason: str) -> bool:
         left = self.retry.budget_s - (monotonic() - self.started)
-        if left <= 0:
+        if left <= 0 or (self.retry.attempts is not None and self.tries >= self.retry.attempts):
             return False
         delay = min(self.retry.max_backoff_s, self.retry.backoff_s * 2**self.tries, left)
         self.tries += 1
