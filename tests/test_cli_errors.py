@@ -114,4 +114,4 @@ def test_serve_on_a_port_in_use_fails_in_one_line_before_loading(folders):
         p = subprocess.run([sys.executable, "-m", "costeer.cli", "serve", "--llm", folders["llm"], "--port", str(port),
                             "--device", "cpu"], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert p.returncode == 2, p.stderr
-    assert p.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: the port is in use"
+    assert p.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -304,7 +302,8 @@ async def _send(ws: WebSocket, sess: Session, registry: Registry, data: bytes, s
                  settings.send_timeout_s)  # fmt: skip
         _device_gone(registry, sess, ws, None)
     except (WebSocketDisconnect, RuntimeError, OSError):
-        _device_gone(registry, sess, ws, await _close_code(ws, settings.send_timeout_s))
+        mine = not sess.ended and sess.websocket is ws  # else the session is gone or taken over already
+        _device_gone(registry, sess, ws, await _close_code(ws, settings.send_timeout_s) if mine else None)
     return False
 
 
@@ -354,42 +353,21 @@ def serve(
     ssl_certfile: str | None = None,
     ssl_keyfile: str | None = None,
 ) -> None:
-    """Take the port, load the LLM and serve until interrupted."""
+    """Load the LLM and serve until interrupted."""
     import uvicorn
 
-    from costeer.cloud.net import check_tls, fit_file_limit, uvicorn_config
+    from costeer.cloud.net import check_tls, fit_file_limit, listen, uvicorn_config
     from costeer.engine.models import load_lm
 
     check_tls(ssl_certfile, ssl_keyfile)
     fit_file_limit(settings.max_connections)
-    sock = listen_socket(host, port)  # before the model loads: a port in use fails at once
-    try:
-        lm = load_lm(llm, device, backend)
-        cfg = uvicorn_config(create_app(lm, settings), settings, host=host, port=port, log_level=log_level,
-                             ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)  # fmt: skip
-        scheme = "wss" if ssl_certfile else "ws"
-        if not ssl_certfile and host not in ("127.0.0.1", "localhost", "::1"):
-            log.warning("serving on %s without TLS: API keys and tokens travel in clear unless a reverse proxy "
-                        "terminates TLS in front (--ssl-certfile/--ssl-keyfile; docs/security.md)", host)  # fmt: skip
-        log.info("serving %s (V=%d) on %s://%s:%d", lm.name, lm.vocab_size, scheme, host, port)
-        uvicorn.Server(cfg).run(sockets=[sock])
-    finally:
-        sock.close()
-
-
-def listen_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to host:port (uvicorn listens on it); one-line ValueError when it cannot be."""
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                          flags=socket.AI_PASSIVE)[0]  # fmt: skip
-    except socket.gaierror as e:
-        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart without TIME_WAIT
-    try:
-        sock.bind(addr)
-    except OSError as e:
-        sock.close()
-        reason = "the port is in use" if e.errno == errno.EADDRINUSE else e.strerror
-        raise ValueError(f"cannot listen on {host}:{port}: {reason}") from None
-    return sock
+    sock = listen(host, port)
+    lm = load_lm(llm, device, backend)
+    cfg = uvicorn_config(create_app(lm, settings), settings, host=host, port=port, log_level=log_level,
+                         ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)  # fmt: skip
+    scheme = "wss" if ssl_certfile else "ws"
+    if not ssl_certfile and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without TLS: API keys and tokens travel in clear unless a reverse proxy "
+                    "terminates TLS in front (--ssl-certfile/--ssl-keyfile; docs/security.md)", host)  # fmt: skip
+    log.info("serving %s (V=%d) on %s://%s:%d", lm.name, lm.vocab_size, scheme, host, port)
+    uvicorn.Server(cfg).run(sockets=[sock])
