@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -203,6 +204,7 @@ def main() -> None:
     prompts = [tok(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
                    add_special_tokens=False)["input_ids"] for q in QUERIES]  # fmt: skip
     load0 = os.getloadavg()[0]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated bench still stops its server
     server = Server(args, max(levels))
     report = {"args": vars(args), "cores": len(os.sched_getaffinity(0)), "load_before": load0, "levels": {}}
     try:

@@ -209,3 +209,24 @@ def test_a_message_before_ready_is_out_of_order(server):
         gate.open.set()
         closed_with(ws, frames.CLOSE_ORDER, "before READY")
     wait_until(lambda: not server.registry.sessions)
+
+
+@pytest.mark.real
+def test_delete_during_a_llamacpp_replay_does_not_crash(smollm2_cpp):
+    """The crash this guards against: DELETE freed the llama.cpp context under a running replay."""
+    srv = ThreadServer(smollm2_cpp, max_prompt_tokens=64, max_new_tokens=512, max_kv_tokens=2048)
+    try:
+        ws = ws_open(srv, KEY_A)
+        ws.send(Open([1, 2, 3], 8, 400, generated=[28] * 300).encode())
+        wait_until(lambda: srv.registry.sessions)
+        sess = session_of(srv, KEY_A)
+        wait_until(lambda: srv.registry.scheduler.holds(sess.id), timeout=60)  # its forwards have begun
+        assert get(srv, f"/v1/sessions/{sess.id.hex()}", KEY_A, "DELETE").status_code == 200
+        closed_with(ws, frames.CLOSE_ENDED)
+        wait_until(lambda: not srv.registry.scheduler.holds(sess.id), timeout=60)
+        with ws_open(srv, KEY_B) as other:  # the server is alive and serves the next session
+            open_session(other)
+            other.send(Token(28).encode())
+            assert frames.decode_downlink(other.recv(timeout=60)).position == 1
+    finally:
+        srv.stop()
