@@ -12,6 +12,8 @@ from typing import Optional
 
 import typer
 
+from costeer import frames
+from costeer.device.options import HELP as CLOUD_K_HELP
 from costeer.engine.config import METHOD_HELP, GenerationConfig, Method, SamplingConfig, SteeringConfig, VariantConfig
 
 DEFAULT_LLM = "smollm2-135m-instruct"
@@ -48,35 +50,36 @@ def _load(llm: Optional[str], slm: Optional[str], config: GenerationConfig, devi
     return CoSteer.load(llm, slm, config, device=device, backend=backend)
 
 
-def _load_cloud(url: str, slm: Optional[str], config: GenerationConfig, device: str, backend: str, k: str, tail: str,
-                wire_log: Optional[Path], query: str, api: str = "costeer", llm_spec: Optional[str] = None):  # fmt: skip
+def _load_cloud(url: str, slm: Optional[str], config: GenerationConfig, device: str, backend: str, frames_,
+                tail: str, wire_log: Optional[Path], query: str, api: str = "costeer", llm_spec: Optional[str] = None):  # fmt: skip
     """The LLM is the cloud at `url` (our service, or a serving engine whose model `llm_spec`
-    names for its tokenizer); the SLM loads here, on the device."""
+    names for its tokenizer); the SLM loads here, on the device. frames_: a device.CloudFrames."""
     from costeer.api import CoSteer
-    from costeer.device import connect_cloud, connect_engine, parse_frames
+    from costeer.device import connect_cloud, connect_engine
     from costeer.engine.models import load_lm
 
     typer.echo(f"connecting to {url}; loading SLM={slm} …", err=True)
     if api == "costeer":
-        llm = connect_cloud(url, k=_cloud_k(k, api), tail=tail, wire_log=wire_log)
-    elif api in ("llamacpp", "openai", "auto"):
-        top_k, packed = parse_frames(_cloud_k(k, api))
-        if packed:
-            raise ValueError("--cloud-k packed needs --cloud-api costeer (serving engines answer with top-k lists)")
-        llm = connect_engine(url, llm_spec or DEFAULT_LLM, api=api, k=top_k, tail=tail, wire_log=wire_log)
+        llm = connect_cloud(url, k=frames_, tail=tail, wire_log=wire_log)
     else:
-        raise ValueError(f"unknown --cloud-api '{api}' (costeer | llamacpp | openai | auto)")
+        llm = connect_engine(url, llm_spec or DEFAULT_LLM, api=api, k=frames_, tail=tail, wire_log=wire_log)
     if llm.wire is not None:
         llm.wire.meta(query=query)  # the audit's default public query
     return CoSteer(llm, load_lm(slm, device, backend) if slm else None, config)
 
 
-def _cloud_k(k: Optional[str], api: str) -> str:
-    """--cloud-k as given, else the default of the cloud kind: packed frames from costeer serve,
-    top-256 lists from a serving engine."""
-    from costeer.device import DEFAULT_FRAMES, DEFAULT_K
+CLOUD_APIS = ("costeer", "llamacpp", "openai", "auto")
 
-    return k if k is not None else (DEFAULT_FRAMES if api == "costeer" else str(DEFAULT_K))
+
+def _cloud_frames(k: Optional[str], api: str):
+    """--cloud-k parsed once (device.CloudFrames), else the default of the cloud kind; checked
+    against the kind before anything is loaded or sent."""
+    from costeer.device import CloudFrames
+
+    if api not in CLOUD_APIS:
+        raise ValueError(f"unknown --cloud-api '{api}' ({' | '.join(CLOUD_APIS)})")
+    frames_ = CloudFrames.parse(k) if k is not None else CloudFrames.default_for(api)
+    return frames_ if api == "costeer" else frames_.top_k_only()
 
 
 def _label(spec: Optional[str], lm) -> Optional[str]:
@@ -117,6 +120,7 @@ DEVICE_OPT = typer.Option("auto", help="auto | cpu | cuda[:N]")
 BACKEND_OPT = typer.Option("auto", help="transformers | llamacpp | auto (llama.cpp for GGUF files on the CPU when installed).")
 CLOUD_API_OPT = typer.Option("costeer", help="With --cloud: costeer (our service, ws://) | llamacpp (llama-server) | "
                              "openai (vLLM, SGLang) | auto; for an engine, --llm names the model it serves (its tokenizer).")
+CLOUD_K_OPT = typer.Option(None, help=f"With --cloud: {CLOUD_K_HELP}")
 GATE_OPT = typer.Option(None, min=0.0, max=1.0, help="Confidence gate: skip steering (and the SLM) where the LLM's top "
                         "probability reaches this; default off.")
 _V = VariantConfig()  # the costeer_* variants' options; unset ones keep these defaults
@@ -179,9 +183,7 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
     cloud: Optional[str] = typer.Option(None, help="ws://HOST:PORT of `costeer serve`: the LLM runs there "
                                         "(key from COSTEER_API_KEY; --llm is then the server's)."),
-    cloud_k: Optional[str] = typer.Option(None, help="With --cloud: 'packed[:N]' (every token down to the cloud's "
-                                          "floor, at most N; the default with costeer serve), a top-k size (256 with a "
-                                          "serving engine), or 'full' (exact). docs/wire-format.md."),
+    cloud_k: Optional[str] = CLOUD_K_OPT,
     cloud_tail: str = typer.Option("slm", help="With --cloud: model of the mass outside the top-k: slm | uniform."),
     cloud_api: str = CLOUD_API_OPT,
     wire_log: Optional[Path] = typer.Option(None, help="With --cloud: record every byte sent and received here."),
@@ -206,10 +208,11 @@ def generate(
                        "guard (docs/steering-variants.md §5)", err=True)
         variant = _variant(tau, tau_pers, epsilon, repetition_penalty, no_repeat_ngram)
         cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens, variant, gate)
+        frames_ = _cloud_frames(cloud_k, cloud_api) if cloud is not None else None
         _quiet_libraries()
         needs_llm, needs_slm = method.uses_llm, method.uses_slm
         if cloud is not None:
-            cs = _load_cloud(cloud, slm if needs_slm else None, cfg, device, backend, cloud_k, cloud_tail, wire_log,
+            cs = _load_cloud(cloud, slm if needs_slm else None, cfg, device, backend, frames_, cloud_tail, wire_log,
                              query, cloud_api, llm)
         else:
             cs = _load(llm if needs_llm else None, slm if needs_slm else None, cfg, device, backend)
@@ -327,9 +330,7 @@ def eval_(
     slm: str = SLM_OPT,
     cloud: Optional[str] = typer.Option(None, help="ws://HOST:PORT of `costeer serve`: the LLM runs there, the SLM "
                                         "and the context stay here (llm_context is refused)."),
-    cloud_k: Optional[str] = typer.Option(None, help="With --cloud: 'packed[:N]' (every token down to the cloud's "
-                                          "floor, at most N; the default with costeer serve), a top-k size (256 with a "
-                                          "serving engine), or 'full' (exact). docs/wire-format.md."),
+    cloud_k: Optional[str] = CLOUD_K_OPT,
     cloud_tail: str = typer.Option("slm", help="With --cloud: model of the mass outside the top-k: slm | uniform."),
     cloud_api: str = CLOUD_API_OPT,
     max_new_tokens: int = MAX_NEW_OPT,
@@ -364,13 +365,14 @@ def eval_(
         variant = _variant(tau, tau_pers, epsilon, repetition_penalty, no_repeat_ngram)
         cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens, variant, gate)
         if cloud is not None:
+            frames_ = _cloud_frames(cloud_k, cloud_api)
             _quiet_libraries()
             needs_slm = any(m.uses_slm for m in ms)
-            cs = _load_cloud(cloud, slm if needs_slm else None, cfg, device, backend, cloud_k, cloud_tail, None, "",
+            cs = _load_cloud(cloud, slm if needs_slm else None, cfg, device, backend, frames_, cloud_tail, None, "",
                              cloud_api, llm)
         else:
             cs = _load_for(ms, llm, slm, cfg, device, backend)
-        models = {"llm": f"{cloud} (k={_cloud_k(cloud_k, cloud_api)}, tail={cloud_tail})" if cloud else _label(llm, cs.llm),
+        models = {"llm": f"{cloud} (k={frames_}, tail={cloud_tail})" if cloud else _label(llm, cs.llm),
                   "slm": _label(slm, cs.slm)}
         metrics = _interruptible(out, lambda: run_eval(
             cs, examples, ms, out, data=path, limit=limit, models=models
@@ -452,12 +454,17 @@ def serve(
     prefill_chunk_tokens: int = typer.Option(512, min=1, help="Prompt tokens per forward (others' tokens wait at most one)."),
     idle_timeout: float = typer.Option(120.0, min=0.1, help="Seconds without a message before a session is evicted."),
     values: str = typer.Option("f16", help="Top-k log-probabilities on the wire: f16 | f32."),
-    packed_floor: float = typer.Option(-11.5, help="Packed frames hold every token whose log-probability is at least this."),
+    packed_floor: float = typer.Option(frames.PACKED_FLOOR, help="Packed frames hold every token whose log-probability is at least this."),
+    ssl_certfile: Optional[Path] = typer.Option(None, help="TLS certificate (PEM): serve wss:// and https://."),
+    ssl_keyfile: Optional[Path] = typer.Option(None, help="The certificate's private key (PEM)."),
+    max_connections: int = typer.Option(256, min=1, help="Open sockets in all; more are answered 503 at once."),
+    send_timeout: float = typer.Option(30.0, min=0.1, help="Seconds a peer may take to read a frame before it is dropped."),
+    handshake_timeout: float = typer.Option(10.0, min=0.1, help="Seconds for a whole HTTP request, then for OPEN/ATTACH."),
     device: str = DEVICE_OPT,
     backend: str = BACKEND_OPT,
     log_level: str = typer.Option("info"),
 ) -> None:
-    """Serve the LLM to devices over a WebSocket (the cloud side of the split; docs/wire-format.md)."""
+    """Serve the LLM to devices over a WebSocket (the cloud side of the split; docs/wire-format.md, docs/security.md)."""
 
     def run():
         import logging
@@ -471,10 +478,14 @@ def serve(
                                   max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
                                   max_kv_tokens=max_kv_tokens, max_backlog_tokens_per_key=max_backlog_tokens_per_key,
                                   prefill_chunk_tokens=prefill_chunk_tokens,
-                                  idle_timeout_s=idle_timeout, values=values, packed_floor=packed_floor)  # fmt: skip
+                                  idle_timeout_s=idle_timeout, values=values, packed_floor=packed_floor,
+                                  max_connections=max_connections, send_timeout_s=send_timeout,
+                                  handshake_timeout_s=handshake_timeout)  # fmt: skip
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
         _quiet_libraries()
-        run_server(llm, settings, host=host, port=port, device=device, backend=backend, log_level=log_level)
+        run_server(llm, settings, host=host, port=port, device=device, backend=backend, log_level=log_level,
+                   ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
+                   ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None)  # fmt: skip
 
     _run_guarded(run)
 

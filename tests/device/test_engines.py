@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from costeer.device import CloudError
-from costeer.device.client import _Http
+from costeer.device.transport import HttpClient
 from costeer.device.engines import EngineLLM, parse_top
 
 
 def engine(api: str, k: int = 4) -> EngineLLM:
     return EngineLLM("http://127.0.0.1:1", api, tokenizer=None, stop_ids=[0], vocab_size=10, model="m",
-                     http=_Http("http://127.0.0.1:1", "", None), k=k)  # fmt: skip
+                     http=HttpClient("http://127.0.0.1:1", "", None), k=k)  # fmt: skip
 
 
 def test_top_k_becomes_sorted_ids_with_the_tail_mass():
@@ -71,7 +71,7 @@ def test_unexpected_answer_is_a_clear_error():
 
 
 class _Answers:
-    """Stands in for _Http: answers from a script (a dict, or a CloudError to raise)."""
+    """Stands in for HttpClient: answers from a script (a dict, or a CloudError to raise)."""
 
     def __init__(self, script):
         self.script = list(script)

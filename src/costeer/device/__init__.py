@@ -1,9 +1,15 @@
 """The device side of the cloud split: the cloud's LLM as a next-token source (run with the
-on-device SLM pair) — our own cloud service (client.py) or a third-party serving engine
-(engines.py) — the wire log and its audit. Imports the engine and `costeer.frames`."""
+on-device SLM pair) — our own cloud service (client.py: the WebSocket source) or a third-party
+serving engine (engines.py) — and the wire log with its audit (wire.py). Beside them: transport.py
+(HTTP, CloudError, Retry), tokenizers.py (the tokenizer cache), ahead.py (the SLM pair run while
+the cloud computes), options.py (the frames to ask for). Imports run one way:
+client / engines -> ahead, options, transport -> wire -> tokenizers; all of them may import the
+engine and `costeer.frames`, never `costeer.cloud` (docs/architecture.md)."""
 
-from costeer.device.client import DEFAULT_FRAMES, DEFAULT_K, CloudError, CloudLLM, CloudSource, Retry, connect_cloud, parse_frames, parse_k
+from costeer.device.client import CloudLLM, CloudSource, connect_cloud
 from costeer.device.engines import EngineLLM, connect_engine
+from costeer.device.options import DEFAULT_FRAMES, DEFAULT_K, CloudFrames
+from costeer.device.transport import CloudError, Retry
 from costeer.device.wire import AuditReport, WireLog, audit_wire
 
 __all__ = [
@@ -11,6 +17,7 @@ __all__ = [
     "DEFAULT_K",
     "AuditReport",
     "CloudError",
+    "CloudFrames",
     "CloudLLM",
     "CloudSource",
     "EngineLLM",
@@ -19,6 +26,4 @@ __all__ = [
     "audit_wire",
     "connect_cloud",
     "connect_engine",
-    "parse_frames",
-    "parse_k",
 ]

@@ -32,7 +32,9 @@ import torch
 from torch import Tensor
 
 from costeer import frames
-from costeer.device.client import DEFAULT_K, TAILS, CloudError, Retry, SteeringAhead, _Http
+from costeer.device.ahead import SteeringAhead
+from costeer.device.options import DEFAULT_K, CloudFrames, check_tail
+from costeer.device.transport import CloudError, HttpClient, Retry
 from costeer.device.wire import WireLog
 from costeer.engine.vocab import VocabMap
 
@@ -64,14 +66,12 @@ class EngineLLM:
     remote = True  # CoSteer refuses `llm_context`: it would send the private context
 
     def __init__(self, base_url: str, api: str, tokenizer, stop_ids, vocab_size: int, model: str | None,
-                 http: _Http, k: int = DEFAULT_K, tail: str = "slm", retry: Retry = Retry()):  # fmt: skip
-        if tail not in TAILS:
-            raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+                 http: HttpClient, k: int = DEFAULT_K, tail: str = "slm", retry: Retry = Retry()):  # fmt: skip
         self.base_url, self.api, self.model = base_url, api, model
         self.name = f"{api}:{model or base_url}"
         self.tokenizer, self.stop_ids, self.vocab_size = tokenizer, frozenset(stop_ids), vocab_size
         self.device = torch.device("cpu")
-        self.http, self.k, self.tail, self.retry = http, k, tail, retry
+        self.http, self.k, self.tail, self.retry = http, k, check_tail(tail), retry
         self.wire = http.wire
         self.requests = 0
 
@@ -157,21 +157,21 @@ class EngineSource:
         return frames.densify(dist, self.ahead.reference() if use_slm else None)
 
 
-def connect_engine(url: str, tokenizer: str, api: str = "auto", k: int = DEFAULT_K, tail: str = "slm",
+def connect_engine(url: str, tokenizer: str, api: str = "auto", k: CloudFrames | int = DEFAULT_K, tail: str = "slm",
                    api_key: str | None = None, wire_log: str | Path | WireLog | None = None,
                    retry: Retry = Retry()) -> EngineLLM:  # fmt: skip
     """Connect to an engine at http(s)://HOST:PORT; `tokenizer` is a model spec (preset, GGUF,
-    folder or hub name) of the model it serves: only its tokenizer is loaded."""
+    folder or hub name) of the model it serves: only its tokenizer is loaded. k: a top-k size
+    (options.CloudFrames: engines answer with top-k lists, neither packed nor full frames)."""
     from costeer.engine.models import load_tokenizer
 
     if api not in APIS:
         raise ValueError(f"unknown engine api '{api}' (choose from {', '.join(APIS)})")
-    if k == frames.FULL:
-        raise ValueError("engines return a top-k only: give a number for k")
+    k = CloudFrames.parse(k).top_k_only().k
     tok, stop_ids = load_tokenizer(tokenizer)
     api_key = api_key if api_key is not None else os.environ.get("COSTEER_ENGINE_API_KEY", "")
     wire = WireLog(wire_log) if isinstance(wire_log, (str, Path)) else wire_log
-    http = _Http(url.rstrip("/"), api_key, wire)
+    http = HttpClient(url.rstrip("/"), api_key, wire)
     try:
         if api == "auto":
             try:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from costeer import frames
+from costeer.device.tokenizers import cached_tokenizer
 
 N = 5  # word n-gram length the audit looks for
 
@@ -122,8 +123,6 @@ class AuditReport:
 def _load_tokenizer_for(records: list[dict], tokenizer):
     if tokenizer is not None:
         return tokenizer
-    from costeer.device.client import cached_tokenizer
-
     for rec in records:
         if rec.get("dir") == "meta" and rec.get("tokenizer_fingerprint"):
             tok = cached_tokenizer(rec["tokenizer_fingerprint"])
