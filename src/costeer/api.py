@@ -138,6 +138,7 @@ class CoSteer:
         steering: SteeringConfig | None = None,
         context_message: str | None = None,
         reference_message: str | None = None,
+        inspect: int = 0,
         **overrides,
     ) -> "GenerationStream":
         """Tokens as they are chosen; `.generation` fills in as the stream is consumed.
@@ -150,6 +151,8 @@ class CoSteer:
         `costeer_matched` is the paper's update with the repetition guard. Other methods do not read it.
         steering: the FTRL hyper-parameters and, for the costeer_* variants, `variant`
         (e.g. SteeringConfig(variant=VariantConfig(epsilon=0.3))).
+        inspect: n > 0 attaches to each Step what steering did to it (`engine.loop.Inspection`: the shift
+        log π_fused − log π_llm of the chosen token, the n likeliest tokens before and after); off by default.
         Overrides: temperature, top_k, top_p, seed, max_new_tokens."""
         method = Method(method)
         if not query or not query.strip():
@@ -182,14 +185,14 @@ class CoSteer:
                 text = _with_context(query, context, context_message)
                 support = support_mask(vocab, self.llm.tokenizer, text).to(self.slm.device)  # where Δ lives
             steps = decode(source, prompts["llm"], vocab, s_cfg, steering, slm_prompts, b,
-                           fusion=fusion_pipeline(method, st_cfg, support), gate=st_cfg.gate)  # fmt: skip
+                           fusion=fusion_pipeline(method, st_cfg, support), gate=st_cfg.gate, inspect=inspect)  # fmt: skip
             steps = _closing(steps, local)
         else:
             primary = self.llm if method.uses_llm else self.slm
             vocab = VocabMap(size=primary.vocab_size, identity=True, stop_ids=primary.stop_ids)
             b = None
             source = self._llm_side(vocab, s_cfg)[0] if method.uses_llm else LocalModelSource(primary, s_cfg.max_new_tokens)
-            steps = decode(source, prompts[method.value], vocab, s_cfg)
+            steps = decode(source, prompts[method.value], vocab, s_cfg, inspect=inspect)
         steps = _closing(steps, source)
         return GenerationStream(steps, primary.tokenizer, Generation(method.value, "", [], prompts, "length", b))
 

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
+import torch
 from torch import Tensor
 
 from costeer.engine.config import SamplingConfig
@@ -142,6 +143,16 @@ class _SharedSteering:
 
 
 @dataclass(frozen=True)
+class Inspection:
+    """What steering did to one chosen token (decode(inspect=n), off by default): the shift of its
+    log-probability and the n likeliest tokens before and after fusion, as (primary id, probability)."""
+
+    shift: float  # log π_fused(token) − log π_llm(token), nats; 0 where no steering ran
+    before: tuple[tuple[int, float], ...]  # the LLM's own top n (its aligned view, renormalised)
+    after: tuple[tuple[int, float], ...]  # the fused policy's top n
+
+
+@dataclass(frozen=True)
 class Step:
     """One chosen token. Seconds spent on the forwards that produced its distributions
     (the prompt prefill for the first token), on fusion and on sampling."""
@@ -155,6 +166,7 @@ class Step:
     fusion_s: float
     sample_s: float
     gated: bool = False  # the confidence gate skipped steering: the LLM's own distribution
+    inspection: Inspection | None = None  # only when decode(inspect=n) asked for it
 
 
 def decode(
@@ -167,12 +179,14 @@ def decode(
     b: float = 0.0,
     fusion: FusionPipeline | None = None,
     gate: float | None = None,
+    inspect: int = 0,
 ) -> Iterator[Step]:
     """Yield chosen tokens until a stop token (yielded with stop=True) or max_new_tokens.
 
     Steered, each token is fused by `fusion` (default: the paper's update with coefficient b), which
     sees the aligned ids chosen so far. `gate` in (0, 1]: where the LLM's top probability reaches
-    it, take the LLM's distribution and do not run the SLM pair (None: always steer)."""
+    it, take the LLM's distribution and do not run the SLM pair (None: always steer). `inspect` > 0
+    attaches an `Inspection` with that many alternatives to each Step (computed after the timings)."""
     fusion = fusion or paper_pipeline(b)
     log_gate = math.log(gate) if gate is not None else math.inf
     history: list[int] = []  # aligned ids chosen so far
@@ -186,7 +200,7 @@ def decode(
     slm_s = clock() - t
     for i in range(sampling.max_new_tokens):
         t = clock()
-        z = vocab.llm_view(logp)  # [K]
+        z = z_llm = vocab.llm_view(logp)  # [K]
         gated = bool(pending) and float(z.max()) >= log_gate  # the LLM is sure: no SLM, no steering
         if pending and not gated:  # feed the SLM pair what it missed, in one forward
             pair = steering.advance(pending[0]) if len(pending) == 1 else steering.extend(pending)
@@ -200,7 +214,8 @@ def decode(
         history.append(k)
         stop = vocab.is_stop(k)
         t_sampled = clock()
-        yield Step(i, k, vocab.llm_token(k), stop, llm_s, slm_s, t_fused - t, t_sampled - t_fused, gated)
+        seen = _inspect(z_llm, z, k, vocab, inspect) if inspect else None
+        yield Step(i, k, vocab.llm_token(k), stop, llm_s, slm_s, t_fused - t, t_sampled - t_fused, gated, seen)
         if stop or i + 1 == sampling.max_new_tokens:
             return
         t = clock()
@@ -208,3 +223,14 @@ def decode(
         llm_s, slm_s = clock() - t, 0.0
         if steering is not None:
             pending.append(vocab.slm_token(k))
+
+
+def _inspect(z_llm: Tensor, z: Tensor, k: int, vocab: VocabMap, n: int) -> Inspection:
+    """z_llm [K]: the LLM's aligned view (unnormalised across tokenizers); z [K]: what was sampled from."""
+    before, after = torch.log_softmax(z_llm.float(), -1), torch.log_softmax(z.float(), -1)
+    return Inspection(float(after[k] - before[k]), _top(before, vocab, n), _top(after, vocab, n))
+
+
+def _top(logp: Tensor, vocab: VocabMap, n: int) -> tuple[tuple[int, float], ...]:
+    values, ids = torch.topk(logp, min(n, logp.shape[-1]))
+    return tuple((vocab.llm_token(int(i)), float(v.exp())) for v, i in zip(values, ids))
