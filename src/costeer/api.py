@@ -17,7 +17,7 @@ from costeer.engine.config import STEERING_STAGES, GenerationConfig, Method, Sam
 from costeer.engine.fusion import fusion_pipeline
 from costeer.engine.loop import LocalModelSource, LocalSteeringSource, SharedModel, Step, decode
 from costeer.engine.models import LM, load_lm
-from costeer.engine.prompts import prompt_ids, user_message
+from costeer.engine.prompts import Messages, chat_ids, conversation, first_user_turn, with_context
 from costeer.engine.vocab import VocabMap, align_vocabularies, support_mask
 
 
@@ -102,22 +102,25 @@ class CoSteer:
             )
         return self._vocab
 
-    def prompts(self, query: str, context: str | None, context_message: str | None = None,
+    def prompts(self, query: str | Messages, context: str | None, context_message: str | None = None,
                 reference_message: str | None = None) -> dict[str, list[int]]:  # fmt: skip
         """Every prompt a method may start from (only *_context prompts hold the context).
 
-        The with-context user message is `context_message` verbatim when given (a dataset's own
-        personalised prompt), else the context followed by the query. `reference_message` (public: a
-        reference profile in the context's format, then the query) gives the SLM's "slm_reference"."""
-        with_ctx = _with_context(query, context, context_message)
+        `query`: the public query, or a conversation (system / user / assistant turns). The
+        with-context first user turn is `context_message` verbatim when given (a dataset's own
+        personalised prompt), else the context followed by the turn's text. `reference_message`
+        (public: a reference profile in the context's format, then the query) is the first user turn
+        of the SLM's "slm_reference"."""
+        public = conversation(query)
+        with_ctx = _with_context(public, context, context_message)
         out: dict[str, list[int]] = {}
         for side, lm in (("llm", self.llm), ("slm", self.slm)):
             if lm is not None:
-                out[side] = prompt_ids(lm.tokenizer, user_message(query))
+                out[side] = chat_ids(lm.tokenizer, public)
                 if with_ctx:
-                    out[f"{side}_context"] = prompt_ids(lm.tokenizer, with_ctx)
+                    out[f"{side}_context"] = chat_ids(lm.tokenizer, with_ctx)
         if reference_message and self.slm is not None:
-            out["slm_reference"] = prompt_ids(self.slm.tokenizer, reference_message)
+            out["slm_reference"] = chat_ids(self.slm.tokenizer, first_user_turn(public, reference_message))
         return out
 
     def _config(self, sampling: SamplingConfig | None, steering: SteeringConfig | None, overrides: dict):
@@ -131,7 +134,7 @@ class CoSteer:
 
     def stream(
         self,
-        query: str,
+        query: str | Messages,
         context: str | None = None,
         method: Method | str = Method.costeer,
         sampling: SamplingConfig | None = None,
@@ -143,6 +146,8 @@ class CoSteer:
     ) -> "GenerationStream":
         """Tokens as they are chosen; `.generation` fills in as the stream is consumed.
 
+        query: the public query, or a conversation ending with a user turn (engine/prompts.py puts
+        the context before its first user turn).
         context_message: the whole with-context user message, used verbatim instead of
         context + query (e.g. CoGenesis' `personalized_input`).
         reference_message: for `costeer_matched`, what the SLM's without-context branch reads instead of
@@ -155,8 +160,7 @@ class CoSteer:
         log π_fused − log π_llm of the chosen token, the n likeliest tokens before and after); off by default.
         Overrides: temperature, top_k, top_p, seed, max_new_tokens."""
         method = Method(method)
-        if not query or not query.strip():
-            raise ValueError("the query is empty")
+        query = conversation(query)
         if (method.steered or method in (Method.llm_context, Method.slm_context)) and not (
             (context and context.strip()) or (context_message and context_message.strip())
         ):
@@ -182,7 +186,7 @@ class CoSteer:
             # (docs/steering-variants.md §5); against the bare query the delta stays the paper's
             support = None
             if "support" in STEERING_STAGES[method] and "slm_reference" in prompts:
-                text = _with_context(query, context, context_message)
+                text = "\n".join(m["content"] for m in _with_context(query, context, context_message))
                 support = support_mask(vocab, self.llm.tokenizer, text).to(self.slm.device)  # where Δ lives
             steps = decode(source, prompts["llm"], vocab, s_cfg, steering, slm_prompts, b,
                            fusion=fusion_pipeline(method, st_cfg, support), gate=st_cfg.gate, inspect=inspect)  # fmt: skip
@@ -218,7 +222,8 @@ class CoSteer:
             return LocalModelSource(self.llm, sampling.max_new_tokens), steering
         return connect(vocab, sampling.max_new_tokens, steering, slm_prompts)
 
-    def generate(self, query: str, context: str | None = None, method: Method | str = Method.costeer, **kw) -> Generation:
+    def generate(self, query: str | Messages, context: str | None = None, method: Method | str = Method.costeer,
+                 **kw) -> Generation:  # fmt: skip
         """Run to the end and return text, token ids, prompts and per-token timings."""
         stream = self.stream(query, context, method, **kw)
         for _ in stream:
@@ -262,9 +267,12 @@ def _closing(steps: Iterator[Step], source) -> Iterator[Step]:
             close()
 
 
-def _with_context(query: str, context: str | None, context_message: str | None) -> str | None:
-    """The with-context user message: `context_message` verbatim, else the context then the query."""
-    return context_message or (user_message(query, context) if context else None)
+def _with_context(public: Messages, context: str | None, context_message: str | None) -> Messages | None:
+    """The with-context conversation: its first user turn is `context_message` verbatim, else the
+    context then the turn's text."""
+    if context_message:
+        return first_user_turn(public, context_message)
+    return with_context(public, context) if context else None
 
 
 _BRANCHES: dict[Method, tuple[str, ...]] = {
