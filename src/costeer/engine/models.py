@@ -109,7 +109,9 @@ def resolve(spec: str) -> ModelSource:
         if len(ggufs) == 1:
             return ModelSource(ggufs[0].stem, str(path.resolve()), ggufs[0].name)
         raise ModelLoadError(f"{spec}: folder has no config.json and not exactly one .gguf file")
-    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and " " not in spec
+    if path.suffix.lower() == ".gguf" or spec.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model file not found: {spec}")
+    looks_like_hub_id = spec.count("/") == 1 and " " not in spec
     if looks_like_hub_id:
         return ModelSource(spec.split("/")[1], spec, None, is_local=False)
     known = ", ".join(sorted(PRESETS))
@@ -210,6 +212,14 @@ class LM:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
+    @property
+    def window(self) -> int | None:
+        """Positions the model was trained on (prompt and output together), where the checkpoint says."""
+        if self.backend == "llamacpp":
+            return self.model.n_ctx_train or None
+        n = getattr(self.model.config, "max_position_embeddings", None)
+        return int(n) if n else None
+
 
 def _stop_ids(tok, generation_eos=None) -> frozenset[int]:
     """The tokenizer's eos, the checkpoint's generation eos (an id or a list) and the named
@@ -228,12 +238,21 @@ def _stop_ids(tok, generation_eos=None) -> frozenset[int]:
     return frozenset(ids)
 
 
+DEVICES = "auto | cpu | cuda[:N]"
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):  # torch's words for a string it cannot parse
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"unknown device '{device}' (choose from {DEVICES})")
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device '{device}' asked for but CUDA is not available")
-    return torch.device(device)
+    return dev
 
 
 def pick_backend(src: ModelSource, dev: torch.device, backend: str = "auto") -> str:
