@@ -741,6 +741,8 @@ def gateway(
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
         run_gateway(cs, settings, host=host, port=port, log_level=log_level)
 
+    _run_guarded(run)
+
 
 @app.command()
 def playground(
