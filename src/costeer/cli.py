@@ -517,6 +517,9 @@ def serve(
     max_sessions_per_key: int = typer.Option(4, min=1),
     max_prompt_tokens: int = typer.Option(4096, min=1),
     max_new_tokens: int = typer.Option(2048, min=1),
+    max_kv_tokens: int = typer.Option(16384, min=1, help="KV cache tokens of all sessions together (each reserves prompt + max new tokens)."),
+    max_backlog_tokens_per_key: int = typer.Option(12288, min=1, help="Prompt and replay tokens one key may have waiting."),
+    prefill_chunk_tokens: int = typer.Option(512, min=1, help="Prompt tokens per forward (others' tokens wait at most one)."),
     idle_timeout: float = typer.Option(120.0, min=0.1, help="Seconds without a message before a session is evicted."),
     values: str = typer.Option("f16", help="Top-k log-probabilities on the wire: f16 | f32."),
     packed_floor: float = typer.Option(frames.PACKED_FLOOR, help="Packed frames hold every token whose log-probability is at least this."),
@@ -541,6 +544,8 @@ def serve(
         keys = read_api_keys(os.environ.get("COSTEER_API_KEYS"), api_keys_file)
         settings = ServerSettings(api_keys=keys, max_sessions=max_sessions, max_sessions_per_key=max_sessions_per_key,
                                   max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
+                                  max_kv_tokens=max_kv_tokens, max_backlog_tokens_per_key=max_backlog_tokens_per_key,
+                                  prefill_chunk_tokens=prefill_chunk_tokens,
                                   idle_timeout_s=idle_timeout, values=values, packed_floor=packed_floor,
                                   max_connections=max_connections, send_timeout_s=send_timeout,
                                   handshake_timeout_s=handshake_timeout)  # fmt: skip

@@ -223,7 +223,9 @@ class FileLimitedServer:
             net.guard_logs = lambda: None
         from tests.cloud.server_util import ThreadServer
         tokenizer = types.SimpleNamespace(get_vocab=lambda: {"a": 0}, chat_template=None)
-        lm = types.SimpleNamespace(name="stand-in", vocab_size=1, stop_ids=frozenset(), tokenizer=tokenizer)
+        pool = types.SimpleNamespace(chunk=None, close=lambda: None)  # never fed: no session opens
+        lm = types.SimpleNamespace(name="stand-in", vocab_size=1, stop_ids=frozenset(), tokenizer=tokenizer,
+                                   open_pool=lambda *args: pool)
         srv = ThreadServer(lm, max_connections=100_000)
         print("PORT", srv.port, flush=True)
         time.sleep(600)

@@ -197,6 +197,17 @@ class LM:
             return self.model.open(prompts, reserve)
         return DecodeBatch(self, prompts)
 
+    def open_pool(self, n_cells: int, n_seq_max: int, chunk: int = 512):
+        """Independent sequences that come and go (a server's sessions): prefill(seq, tokens) -> [V],
+        step([(seq, token)]) -> [n, V], drop(seq). llama.cpp: one context whose shared KV cache
+        holds `n_cells` tokens in all, every step one llama_decode; transformers: a KV cache per
+        sequence, prompts prefilled whole (`chunk` None)."""
+        if self.backend == "llamacpp":
+            from costeer.engine.llamacpp import LlamaSequencePool
+
+            return LlamaSequencePool(self.model, n_cells, n_seq_max, chunk)
+        return DecodePool(self)
+
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
@@ -407,6 +418,37 @@ class DecodeBatch:
 
     def close(self) -> None:
         self.cache = None
+
+
+class DecodePool:
+    """The transformers side of LM.open_pool: each sequence its own one-row DecodeBatch, fed one
+    after the other (exactly what each computes alone). The prompt is prefilled in one piece,
+    as an in-process generation does (`chunk` None)."""
+
+    chunk = None
+
+    def __init__(self, lm: LM):
+        self.lm = lm
+        self._seqs: dict[int, DecodeBatch] = {}
+
+    def prefill(self, seq: int, tokens: list[int]) -> Tensor:
+        batch = self._seqs.get(seq)
+        if batch is None:
+            batch = self._seqs[seq] = DecodeBatch(self.lm, [tokens])
+            return batch.start()[0]
+        return batch.extend(tokens)[0]
+
+    def step(self, items: list[tuple[int, int]]) -> Tensor:
+        return torch.cat([self._seqs[seq].advance([t]) for seq, t in items])
+
+    def drop(self, seq: int) -> None:
+        batch = self._seqs.pop(seq, None)
+        if batch is not None:
+            batch.close()
+
+    def close(self) -> None:
+        for seq in list(self._seqs):
+            self.drop(seq)
 
 
 @torch.inference_mode()
