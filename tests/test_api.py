@@ -8,7 +8,7 @@ from costeer.engine.prompts import user_message
 from costeer.engine.vocab import support_mask
 from costeer.steering import fuse_delta, fuse_plausible_trust, lift_supported, repetition_guard, safe_delta
 from tests.reference import literal_costeer, literal_steered
-from tests.tiny import bpe_tokenizer, disjoint_tokenizer, gemma3, llama, make_lm, sp_tokenizer
+from tests.tiny import WINDOW, bpe_tokenizer, disjoint_tokenizer, gemma3, llama, make_lm, sp_tokenizer
 
 QUERY = "what should I cook tonight"
 CONTEXT = "my name is Sam, I live in Seattle and I like spicy tofu"
@@ -245,3 +245,28 @@ def test_only_the_matched_method_reads_the_reference(same_pair):
         with_ref = same_pair.generate(QUERY, CONTEXT, method, reference_message=REFERENCE, max_new_tokens=10)
         assert "slm_reference" not in with_ref.prompt_ids
         assert with_ref.token_ids == same_pair.generate(QUERY, CONTEXT, method, max_new_tokens=10).token_ids
+
+
+def test_a_prompt_past_the_trained_window_is_refused_before_any_forward(same_pair, monkeypatch):
+    from costeer.api import PromptTooLong
+    from costeer.engine.models import DecodeBatch
+
+    def no_forward(*a, **k):
+        raise AssertionError("a forward ran")
+
+    monkeypatch.setattr(DecodeBatch, "start", no_forward)
+    long_context = "I like tofu. " * WINDOW  # past the tiny models' window
+    with pytest.raises(PromptTooLong, match="slm_context prompt .* exceeds the trained window of slm"):
+        same_pair.stream(QUERY, long_context, "costeer", max_new_tokens=8)
+    with pytest.raises(PromptTooLong, match="plus max_new_tokens"):  # the tokens to generate count too
+        same_pair.stream(QUERY, CONTEXT, "costeer", max_new_tokens=WINDOW)
+
+
+def test_truncate_context_equals_generating_from_the_kept_head(same_pair):
+    long_context = CONTEXT + ". " + "I like tofu. " * WINDOW
+    g = same_pair.generate(QUERY, long_context, "costeer", max_new_tokens=8, truncate_context=True)
+    kept = long_context[: len(long_context) - g.context_cut]
+    assert 0 < g.context_cut < len(long_context) and kept.startswith(CONTEXT)
+    assert len(g.prompt_ids["slm_context"]) + 8 <= same_pair.slm.window
+    assert g.token_ids == same_pair.generate(QUERY, kept, "costeer", max_new_tokens=8).token_ids
+    assert same_pair.generate(QUERY, CONTEXT, "costeer", max_new_tokens=8, truncate_context=True).context_cut == 0

@@ -39,6 +39,7 @@ class Generation:
     stop_reason: str  # "stop" or "length"
     coefficient: float | None  # the delta's coefficient b_T (steered methods; the trust region's cap)
     steps: list[Step] = field(default_factory=list)
+    context_cut: int = 0  # characters cut from the context's end to fit a model's window (truncate_context)
 
     def timing(self) -> dict[str, float]:
         """Totals in seconds over the generation (the first token's forwards are the prefill), and the
@@ -68,6 +69,10 @@ class _TextStream:
             return ""
         new, self.emitted = text[self.emitted :], len(text)
         return new
+
+
+class PromptTooLong(ValueError):
+    """A prompt that, with the tokens to generate, does not fit its model's trained window."""
 
 
 class CoSteer:
@@ -167,6 +172,7 @@ class CoSteer:
         steering: SteeringConfig | None = None,
         context_message: str | None = None,
         reference_message: str | None = None,
+        truncate_context: bool = False,
         inspect: int = 0,
         **overrides,
     ) -> "GenerationStream":
@@ -182,6 +188,9 @@ class CoSteer:
         `costeer_matched` is the paper's update with the repetition guard. Other methods do not read it.
         steering: the FTRL hyper-parameters and, for the costeer_* variants, `variant`
         (e.g. SteeringConfig(variant=VariantConfig(epsilon=0.3))).
+        A prompt that, with max_new_tokens, exceeds its model's trained window raises PromptTooLong
+        before any forward; with truncate_context the context's end is cut until every prompt fits
+        (`.generation.context_cut` says how many characters went).
         inspect: n > 0 attaches to each Step what steering did to it (`engine.loop.Inspection`: the shift
         log π_fused − log π_llm of the chosen token, the n likeliest tokens before and after); off by default.
         Overrides: temperature, top_k, top_p, seed, max_new_tokens."""
@@ -199,9 +208,19 @@ class CoSteer:
             raise ValueError("method 'llm_context' would send the private context to the cloud: refused")
         s_cfg, st_cfg = self._config(sampling, steering, overrides)
         private = method not in (Method.llm, Method.slm)
-        prompts = self.prompts(query, context if private else None, context_message if private else None,
-                               reference_message if method.matched else None)  # fmt: skip
-        prompts = {k: v for k, v in prompts.items() if k in _BRANCHES[method]}
+
+        def build(ctx: str | None) -> dict[str, list[int]]:
+            p = self.prompts(query, ctx if private else None, context_message if private else None,
+                             reference_message if method.matched else None)  # fmt: skip
+            return {k: v for k, v in p.items() if k in _BRANCHES[method]}
+
+        prompts, full_context = build(context), context
+        overflow = self._overflow(prompts, s_cfg.max_new_tokens)
+        if overflow is not None:
+            if not (truncate_context and private and context and not context_message):
+                raise PromptTooLong(f"{overflow}: shorten the context, or let it be cut (--truncate-context, "
+                                    "truncate_context=True)")  # fmt: skip
+            context, prompts = self._fit_context(context, build, s_cfg.max_new_tokens, overflow)
 
         if method.steered:
             vocab, b = self.vocab(), st_cfg.coefficient(method)
@@ -228,7 +247,35 @@ class CoSteer:
                       else LocalModelSource(primary, s_cfg.max_new_tokens, prefix))  # fmt: skip
             steps = decode(source, prompts[method.value], vocab, s_cfg, inspect=inspect)
         steps = _closing(steps, source)
-        return GenerationStream(steps, primary.tokenizer, Generation(method.value, "", [], prompts, "length", b))
+        cut = len(full_context) - len(context) if full_context else 0
+        return GenerationStream(steps, primary.tokenizer,
+                                Generation(method.value, "", [], prompts, "length", b, context_cut=cut))  # fmt: skip
+
+    def _overflow(self, prompts: dict[str, list[int]], max_new_tokens: int) -> str | None:
+        """Why the first prompt that, with max_new_tokens, exceeds its model's trained window does, or None.
+        (A remote LLM has no `window` here: its server enforces its own limits.)"""
+        for branch, ids in prompts.items():
+            lm = self.llm if branch.startswith("llm") else self.slm
+            window = getattr(lm, "window", None)
+            if window is not None and len(ids) + max_new_tokens > window:
+                return (f"the {branch} prompt ({len(ids):,} tokens) plus max_new_tokens ({max_new_tokens:,}) exceeds "
+                        f"the trained window of {lm.name} ({window:,} tokens)")  # fmt: skip
+        return None
+
+    def _fit_context(self, context: str, build, max_new_tokens: int, overflow: str) -> tuple[str, dict]:
+        """The longest head of the context whose prompts all fit -> (that head, its prompts).
+        Binary search over characters: about two tokenisations of the whole context in all."""
+        fits, too_long, best = 0, len(context), None  # context[:fits] fits (once best is set)
+        while too_long - fits > 1:
+            mid = (fits + too_long) // 2
+            prompts = build(context[:mid]) if context[:mid].strip() else None
+            if prompts is not None and self._overflow(prompts, max_new_tokens) is None:
+                fits, best = mid, prompts
+            else:
+                too_long = mid
+        if best is None:
+            raise PromptTooLong(f"{overflow}, and still does without the context")
+        return context[:fits], best
 
     def _steered_sources(self, vocab: VocabMap, sampling: SamplingConfig, steering: SteeringConfig, slm_prompts,
                          prefix: PrefixPlan | None = None):  # fmt: skip

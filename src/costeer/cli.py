@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from pydantic import ValidationError
 
 from costeer import frames
 from costeer.device.options import HELP as CLOUD_K_HELP
+from costeer.device.transport import Retry
 from costeer.engine.config import METHOD_HELP, GenerationConfig, Method, SamplingConfig, SteeringConfig, VariantConfig
 
 DEFAULT_LLM = "smollm2-135m-instruct"
@@ -51,24 +53,34 @@ def _load(llm: Optional[str], slm: Optional[str], config: GenerationConfig, devi
 
 
 def _load_cloud(url: str, slm: Optional[str], config: GenerationConfig, device: str, backend: str, frames_,
-                tail: str, wire_log: Optional[Path], query: str, api: str = "costeer", llm_spec: Optional[str] = None):  # fmt: skip
+                tail: str, wire_log: Optional[Path], query: str, api: str = "costeer", llm_spec: Optional[str] = None,
+                link: Optional[dict] = None):  # fmt: skip
     """The LLM is the cloud at `url` (our service, or a serving engine whose model `llm_spec`
-    names for its tokenizer); the SLM loads here, on the device. frames_: a device.CloudFrames."""
+    names for its tokenizer); the SLM loads here, on the device. frames_: a device.CloudFrames;
+    link: how to reach it (_cloud_link)."""
     from costeer.api import CoSteer
     from costeer.device import connect_cloud, connect_engine
     from costeer.engine.models import load_lm
 
     typer.echo(f"connecting to {url}; loading SLM={slm} …", err=True)
+    link = link or {}
     if api == "costeer":
-        llm = connect_cloud(url, k=frames_, tail=tail, wire_log=wire_log)
+        llm = connect_cloud(url, k=frames_, tail=tail, wire_log=wire_log, **link)
     else:
-        llm = connect_engine(url, llm_spec or DEFAULT_LLM, api=api, k=frames_, tail=tail, wire_log=wire_log)
+        llm = connect_engine(url, llm_spec or DEFAULT_LLM, api=api, k=frames_, tail=tail, wire_log=wire_log, **link)
     if llm.wire is not None:
         llm.wire.meta(query=query)  # the audit's default public query
     return CoSteer(llm, load_lm(slm, device, backend) if slm else None, config)
 
 
 CLOUD_APIS = ("costeer", "llamacpp", "openai", "auto")
+
+
+def _cloud_link(ca_file: Optional[Path], insecure: bool, resume_s: float) -> dict:
+    """--ca-file, --insecure and --cloud-resume-s as connect_cloud / connect_engine keywords."""
+    from costeer.device import Retry
+
+    return {"ca_file": ca_file, "insecure": insecure, "retry": Retry(budget_s=resume_s)}
 
 
 def _cloud_frames(k: Optional[str], api: str):
@@ -89,6 +101,21 @@ def _label(spec: Optional[str], lm) -> Optional[str]:
     return spec if spec is None or backend == "transformers" else f"{spec} [{backend}]"
 
 
+# Config fields whose flag is not the field's name with dashes.
+_FLAG_OF_FIELD = {"lam": "--lambda", "T": "--T"}
+
+
+def _invalid_options(e: ValidationError) -> str:
+    """A config's validation errors as one line that names each flag, its value and the reason."""
+    parts = []
+    for err in e.errors():
+        field = next((str(x) for x in reversed(err["loc"]) if isinstance(x, str)), "")
+        flag = _FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))
+        reason = err["msg"].replace("Input should be", "must be").replace("Value error, ", "")
+        parts.append(f"{flag} {err.get('input')!r}: {reason}")
+    return "; ".join(parts)
+
+
 def _run_guarded(fn):
     """User errors -> one line; anything else is a bug and keeps its traceback."""
     from costeer.engine.llamacpp import LlamaCppError
@@ -97,6 +124,8 @@ def _run_guarded(fn):
 
     try:
         return fn()
+    except ValidationError as e:
+        _fail(_invalid_options(e))
     except (ModelLoadError, IncompatibleVocabularies, FileNotFoundError, ValueError, LlamaCppError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt:
@@ -121,6 +150,12 @@ BACKEND_OPT = typer.Option("auto", help="transformers | llamacpp | auto (llama.c
 CLOUD_API_OPT = typer.Option("costeer", help="With --cloud: costeer (our service, ws://) | llamacpp (llama-server) | "
                              "openai (vLLM, SGLang) | auto; for an engine, --llm names the model it serves (its tokenizer).")
 CLOUD_K_OPT = typer.Option(None, help=f"With --cloud: {CLOUD_K_HELP}")
+CA_FILE_OPT = typer.Option(None, "--ca-file", help="With a wss:// or https:// --cloud: the CA bundle to trust "
+                           "(default: SSL_CERT_FILE, else the system's).")
+INSECURE_OPT = typer.Option(False, "--insecure", help="With --cloud: allow the API key over plain ws:// or http:// "
+                            "to a host other than this machine (anyone on the path can read it).")
+RESUME_OPT = typer.Option(Retry().budget_s, "--cloud-resume-s", min=0.0, help="With --cloud: how long to keep "
+                          "trying to resume after the connection is lost (a cloud restart), in seconds.")
 GATE_OPT = typer.Option(None, min=0.0, max=1.0, help="Confidence gate: skip steering (and the SLM) where the LLM's top "
                         "probability reaches this; default off.")
 _V = VariantConfig()  # the costeer_* variants' options; unset ones keep these defaults
@@ -137,6 +172,19 @@ def _variant(tau, tau_pers, epsilon, repetition_penalty, no_repeat_ngram) -> Var
                  no_repeat_ngram=no_repeat_ngram)  # fmt: skip
     given = {k: v for k, v in given.items() if v is not None}
     return VariantConfig(**given) if given else None
+
+
+def _check_sampling_and_gate(cfg: GenerationConfig, methods: list[Method]) -> None:
+    """Options the run would not read: a gate without a steered method is refused; sampling options
+    under greedy decoding are named in a warning (they change nothing, the output is still right)."""
+    if cfg.steering.gate is not None and not any(m.steered for m in methods):
+        names = ", ".join(m.value for m in methods)
+        raise ValueError(f"--gate skips steering where the LLM is confident, and {names} does not steer")
+    unread = cfg.sampling.unread()
+    if unread:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unread)
+        typer.echo(f"warning: --temperature 0 decodes greedily and ignores {flags}; give --temperature > 0 to "
+                   "sample", err=True)  # fmt: skip
 
 
 def _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens,
@@ -190,6 +238,11 @@ def generate(
     cloud_tail: str = typer.Option("slm", help="With --cloud: model of the mass outside the top-k: slm | uniform."),
     cloud_api: str = CLOUD_API_OPT,
     wire_log: Optional[Path] = typer.Option(None, help="With --cloud: record every byte sent and received here."),
+    ca_file: Optional[Path] = CA_FILE_OPT,
+    insecure: bool = INSECURE_OPT,
+    cloud_resume_s: float = RESUME_OPT,
+    truncate_context: bool = typer.Option(False, help="Cut the context's end until every prompt fits its model's "
+                                          "trained window (default: refuse a context that does not fit)."),
 ) -> None:
     """Generate one response with any method; tokens stream as they are chosen."""
 
@@ -213,15 +266,20 @@ def generate(
                        "guard (docs/steering-variants.md §5)", err=True)
         variant = _variant(tau, tau_pers, epsilon, repetition_penalty, no_repeat_ngram)
         cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens, variant, gate)
+        _check_sampling_and_gate(cfg, [method])
         frames_ = _cloud_frames(cloud_k, cloud_api) if cloud is not None else None
         _quiet_libraries()
         needs_llm, needs_slm = method.uses_llm, method.uses_slm
         if cloud is not None:
             cs = _load_cloud(cloud, slm if needs_slm else None, cfg, device, backend, frames_, cloud_tail, wire_log,
-                             public, cloud_api, llm)
+                             public, cloud_api, llm, _cloud_link(ca_file, insecure, cloud_resume_s))
         else:
             cs = _load(llm if needs_llm else None, slm if needs_slm else None, cfg, device, backend)
-        stream = cs.stream(turns, ctx, method, reference_message=reference)
+        stream = cs.stream(turns, ctx, method, reference_message=reference, truncate_context=truncate_context)
+        cut = stream.generation.context_cut
+        if cut:
+            typer.echo(f"note: cut the context to its first {len(ctx) - cut:,} of {len(ctx):,} characters to fit "
+                       "the models' trained windows", err=True)  # fmt: skip
         if as_json:
             for _ in stream:
                 pass
@@ -241,6 +299,7 @@ def generate(
                         "prompt_ids": g.prompt_ids,
                         "stop_reason": g.stop_reason,
                         "coefficient": g.coefficient,
+                        "context_cut": g.context_cut,
                         "llm": (cloud or llm) if needs_llm else None,
                         "slm": slm if needs_slm else None,
                         "config": cfg.model_dump(),
@@ -338,6 +397,9 @@ def eval_(
     cloud_k: Optional[str] = CLOUD_K_OPT,
     cloud_tail: str = typer.Option("slm", help="With --cloud: model of the mass outside the top-k: slm | uniform."),
     cloud_api: str = CLOUD_API_OPT,
+    ca_file: Optional[Path] = CA_FILE_OPT,
+    insecure: bool = INSECURE_OPT,
+    cloud_resume_s: float = RESUME_OPT,
     max_new_tokens: int = MAX_NEW_OPT,
     temperature: float = TEMPERATURE_OPT,
     top_k: int = TOP_K_OPT,
@@ -369,12 +431,13 @@ def eval_(
         examples, path = _load_examples(task, data, preference, limit)
         variant = _variant(tau, tau_pers, epsilon, repetition_penalty, no_repeat_ngram)
         cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens, variant, gate)
+        _check_sampling_and_gate(cfg, ms)
         if cloud is not None:
             frames_ = _cloud_frames(cloud_k, cloud_api)
             _quiet_libraries()
             needs_slm = any(m.uses_slm for m in ms)
             cs = _load_cloud(cloud, slm if needs_slm else None, cfg, device, backend, frames_, cloud_tail, None, "",
-                             cloud_api, llm)
+                             cloud_api, llm, _cloud_link(ca_file, insecure, cloud_resume_s))
         else:
             cs = _load_for(ms, llm, slm, cfg, device, backend)
         models = {"llm": f"{cloud} (k={frames_}, tail={cloud_tail})" if cloud else _label(llm, cs.llm),
@@ -454,6 +517,9 @@ def serve(
     max_sessions_per_key: int = typer.Option(4, min=1),
     max_prompt_tokens: int = typer.Option(4096, min=1),
     max_new_tokens: int = typer.Option(2048, min=1),
+    max_kv_tokens: int = typer.Option(16384, min=1, help="KV cache tokens of all sessions together (each reserves prompt + max new tokens)."),
+    max_backlog_tokens_per_key: int = typer.Option(12288, min=1, help="Prompt and replay tokens one key may have waiting."),
+    prefill_chunk_tokens: int = typer.Option(512, min=1, help="Prompt tokens per forward (others' tokens wait at most one)."),
     idle_timeout: float = typer.Option(120.0, min=0.1, help="Seconds without a message before a session is evicted."),
     values: str = typer.Option("f16", help="Top-k log-probabilities on the wire: f16 | f32."),
     packed_floor: float = typer.Option(frames.PACKED_FLOOR, help="Packed frames hold every token whose log-probability is at least this."),
@@ -478,6 +544,8 @@ def serve(
         keys = read_api_keys(os.environ.get("COSTEER_API_KEYS"), api_keys_file)
         settings = ServerSettings(api_keys=keys, max_sessions=max_sessions, max_sessions_per_key=max_sessions_per_key,
                                   max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
+                                  max_kv_tokens=max_kv_tokens, max_backlog_tokens_per_key=max_backlog_tokens_per_key,
+                                  prefill_chunk_tokens=prefill_chunk_tokens,
                                   idle_timeout_s=idle_timeout, values=values, packed_floor=packed_floor,
                                   max_connections=max_connections, send_timeout_s=send_timeout,
                                   handshake_timeout_s=handshake_timeout)  # fmt: skip
@@ -672,6 +740,8 @@ def gateway(
         cs = _pair(cloud, llm, slm, cfg, device, backend, cloud_k, cloud_tail, cloud_api)
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
         run_gateway(cs, settings, host=host, port=port, log_level=log_level)
+
+    _run_guarded(run)
 
 
 @app.command()

@@ -294,6 +294,18 @@ def frame_bytes(vocab_size: int, k: int, values: str = "f16") -> int:
     return _DIST.size + k * (width + (2 if values == "f16" else 4))
 
 
+def max_downlink_bytes(vocab_size: int, k: int, packed: bool) -> int:
+    """The largest downlink message a device that asked for (k, packed) can need: a device refuses
+    longer ones unread. Top-k and full frames: their size with float32 values. Packed frames: every
+    band count a u16 may announce, and at most 66 Exp-Golomb bits per id (a gap below 2**32 at an
+    order of at most 15) plus each stream's last partial byte."""
+    if not packed:
+        return frame_bytes(vocab_size, k, "f32")
+    bands = 0xFFFF
+    fixed = _DIST.size + _PACKED.size + 2 * bands + (bands + 1) + 2 * PACKED_HEAD + 4
+    return fixed + (66 * k + 7) // 8 + 2
+
+
 # ---------------------------------------------------------------------------------------
 # Packed frames: more entries in the same bytes
 # ---------------------------------------------------------------------------------------

@@ -40,6 +40,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_in_thread(config: uvicorn.Config, port: int = 0) -> tuple[uvicorn.Server, threading.Thread, int]:
+    """uvicorn serving `config` on 127.0.0.1:port (0: a free one) in a daemon thread, once it has
+    started -> (server, thread, port)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("test server did not start")
+        time.sleep(0.02)
+    return server, thread, sock.getsockname()[1]
+
+
 class ThreadServer:
     """create_app(lm, settings) served by uvicorn in a daemon thread."""
 
@@ -47,20 +64,9 @@ class ThreadServer:
         self.settings = settings or ServerSettings(api_keys=frozenset({KEY_A, KEY_B}), **limits)
         self.scheme = "s" if ssl else ""
         self.app = create_app(lm, self.settings)
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
         cert, key = ssl or (None, None)
         cfg = uvicorn_config(self.app, self.settings, log_level="warning", ssl_certfile=cert, ssl_keyfile=key)
-        self.server = uvicorn.Server(cfg)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("test server did not start")
-            time.sleep(0.02)
+        self.server, self.thread, self.port = run_in_thread(cfg)
 
     @property
     def url(self) -> str:
@@ -217,7 +223,9 @@ class FileLimitedServer:
             net.guard_logs = lambda: None
         from tests.cloud.server_util import ThreadServer
         tokenizer = types.SimpleNamespace(get_vocab=lambda: {"a": 0}, chat_template=None)
-        lm = types.SimpleNamespace(name="stand-in", vocab_size=1, stop_ids=frozenset(), tokenizer=tokenizer)
+        pool = types.SimpleNamespace(chunk=None, close=lambda: None)  # never fed: no session opens
+        lm = types.SimpleNamespace(name="stand-in", vocab_size=1, stop_ids=frozenset(), tokenizer=tokenizer,
+                                   open_pool=lambda *args: pool)
         srv = ThreadServer(lm, max_connections=100_000)
         print("PORT", srv.port, flush=True)
         time.sleep(600)

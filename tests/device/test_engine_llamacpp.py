@@ -63,7 +63,7 @@ def test_engine_restart_mid_generation_loses_nothing(smollm2_cpp, tmp_path):
     try:
         want = CoSteer(smollm2_cpp, smollm2_cpp).generate(QUERY, CONTEXT, "costeer", max_new_tokens=N)
         llm = connect_engine(srv.url, "smollm2-135m-instruct", api="llamacpp", k=256,
-                             retry=Retry(attempts=10, backoff_s=0.2, max_backoff_s=2.0))
+                             retry=Retry(budget_s=30, backoff_s=0.2, max_backoff_s=2.0))
         cs = CoSteer(llm, smollm2_cpp)
         chunks = []
         restarted = threading.Event()

@@ -89,7 +89,7 @@ def test_transient_http_answers_are_retried_and_refusals_are_not(code, retried):
 
     ok = {"completion_probabilities": [{"id": 7, "logprob": -0.5, "top_logprobs": [{"id": 7, "logprob": -0.5}]}]}
     e = engine("llamacpp")
-    e.retry = Retry(attempts=3, backoff_s=0.001)
+    e.retry = Retry(budget_s=1, backoff_s=0.001)
     e.http = _Answers([CloudError(f"HTTP {code}", code), ok])
     if retried:
         assert e.step([1, 2], 0).ids.tolist() == [7]

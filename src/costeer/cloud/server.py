@@ -13,9 +13,10 @@ Every route but /v1/health needs `Authorization: Bearer <key>`; no route takes a
 {"error": ...}; WebSocket errors are a close code and reason (docs/wire-format.md).
 
 The only inputs are token ids and options: there is no route or message that takes context
-text, SLM outputs or deltas. A session's forwards run in worker threads (torch releases the
-GIL), so one slow or broken session never blocks the others; every send and close on a socket
-has a timeout, so neither does a peer that stops reading (docs/security.md).
+text, SLM outputs or deltas. Every forward runs in one scheduler thread (cloud/scheduler.py) that
+batches the sessions' steps and takes the keys' prompts in turn, so one slow or broken session
+never blocks the others, and a session is only ever freed between forwards; every send and
+close on a socket has a timeout, so neither does a peer that stops reading (docs/security.md).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def create_app(lm: LM, settings: ServerSettings) -> FastAPI:
             yield
         finally:
             task.cancel()
+            await asyncio.to_thread(registry.close)
 
     app = FastAPI(title="costeer cloud", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.registry = registry
@@ -245,11 +247,10 @@ async def _serve(ws: WebSocket, owner: str, registry: Registry, settings: Server
             if isinstance(msg, frames.Open):
                 sess = registry.open(owner, msg)
                 ws.state.session = sess
-                sess.websocket, sess.busy = ws, True
-                try:
-                    frame = await asyncio.to_thread(registry.start, sess)
-                finally:
-                    sess.busy = False
+                sess.websocket = ws
+                frame = await _start_watched(ws, registry, sess)
+                if frame is None:  # the device went away during the prefill or replay
+                    return
             elif isinstance(msg, frames.Attach):
                 sess = registry.find(owner, msg.session_id)
                 # The owner's new connection takes the session over (the device lost the old one,
@@ -269,7 +270,7 @@ async def _serve(ws: WebSocket, owner: str, registry: Registry, settings: Server
                     frame = sess.last_frame
                 elif msg.n_generated == sess.position + 1 and msg.last_token != frames.NO_TOKEN:
                     registry.check_token(sess, msg.last_token)  # the token whose answer was lost
-                    frame = await _advance(registry, sess, msg.last_token)
+                    frame = await registry.advance(sess, msg.last_token)
                 else:
                     raise ProtocolError(frames.CLOSE_ORDER, f"out of step: the device has {msg.n_generated} "
                                         f"tokens, the session {sess.position}")  # fmt: skip
@@ -283,7 +284,7 @@ async def _serve(ws: WebSocket, owner: str, registry: Registry, settings: Server
         if not isinstance(msg, frames.Token):
             raise ProtocolError(frames.CLOSE_ORDER, "this connection already has a session; send TOKEN frames")
         registry.check_token(sess, msg.token_id)
-        frame = await _advance(registry, sess, msg.token_id)
+        frame = await registry.advance(sess, msg.token_id)
         if sess.ended or sess.websocket is not ws:
             return
         sess.touch()
@@ -334,12 +335,23 @@ def _device_gone(registry: Registry, sess: Session | None, ws: WebSocket, code: 
         sess.touch()
 
 
-async def _advance(registry: Registry, sess: Session, token_id: int) -> bytes:
-    sess.busy = True
-    try:
-        return await asyncio.to_thread(registry.advance, sess, token_id)
-    finally:
-        sess.busy = False
+async def _start_watched(ws: WebSocket, registry: Registry, sess: Session) -> bytes | None:
+    """Prefill and replay while listening to the socket: a device that goes away meanwhile ends
+    the session, which drops its queued work (a long replay must not run for nobody) -> None."""
+    work = asyncio.ensure_future(registry.start(sess))
+    peer = asyncio.ensure_future(ws.receive())
+    await asyncio.wait({work, peer}, return_when=asyncio.FIRST_COMPLETED)
+    if not peer.done():
+        peer.cancel()
+        return work.result()
+    msg = peer.result()
+    registry.end(sess, "closed during its prefill" if msg["type"] == "websocket.disconnect" else "spoke before READY")
+    with contextlib.suppress(ProtocolError):
+        await work  # settled by end(): nothing runs for it any more
+    if msg["type"] == "websocket.disconnect":
+        ws.state.disconnect_code = msg.get("code", 1005)
+        return None
+    raise ProtocolError(frames.CLOSE_ORDER, "a message before READY: wait for the first distribution")
 
 
 def serve(

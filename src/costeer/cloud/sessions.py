@@ -1,7 +1,7 @@
 """Sessions, limits and API keys of the cloud service.
 
-A session is one LLM decode state (a DecodeBatch with its KV cache) on a public prompt, owned
-by the API key that opened it. It lives while a WebSocket is attached to it; after an
+A session is one LLM sequence (its KV cache) on a public prompt, owned by the API key that
+opened it; the scheduler (cloud/scheduler.py) owns every sequence and runs every forward. It lives while a WebSocket is attached to it; after an
 abnormal drop it waits `idle_timeout_s` for the device to re-attach, then it is evicted and
 its memory freed. Session ids are 128 random bits; a session is only ever found together
 with its owner, so a foreign id and an unknown id look the same (404 / close 4404).
@@ -14,12 +14,15 @@ import hmac
 import logging
 import secrets
 import time
+import asyncio
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import Tensor
 
 from costeer import frames
+from costeer.cloud.scheduler import Job, Released, Scheduler
 from costeer.engine.models import LM
 
 log = logging.getLogger("costeer.cloud")
@@ -40,6 +43,11 @@ class ServerSettings:
     max_sessions_per_key: int = 4
     max_prompt_tokens: int = 4096  # prompt ids in an OPEN (the resumed tokens count separately)
     max_new_tokens: int = 2048  # tokens a session may be fed after its prompt
+    # KV cache tokens of all sessions together: each reserves prompt + max_new_tokens at OPEN
+    # (llama.cpp: the size of the one shared cache, allocated at start)
+    max_kv_tokens: int = 16384
+    max_backlog_tokens_per_key: int = 12288  # prompt + replay tokens a key may have waiting
+    prefill_chunk_tokens: int = 512  # prompt tokens per forward, and per scheduler tick
     idle_timeout_s: float = 120.0  # no message for this long: the session is evicted
     values: str = "f16"  # top-k log-probabilities: f16 | f32
     packed_floor: float = frames.PACKED_FLOOR  # packed frames hold every token at least this likely (log)
@@ -53,6 +61,11 @@ class ServerSettings:
             raise ValueError("no API keys: set COSTEER_API_KEYS (comma-separated) or give --api-keys-file")
         if min(self.send_timeout_s, self.handshake_timeout_s, self.idle_timeout_s) <= 0 or self.max_connections < 1:
             raise ValueError("timeouts must be positive and max_connections at least 1")
+        largest = self.max_prompt_tokens + self.max_new_tokens
+        for name in ("max_kv_tokens", "max_backlog_tokens_per_key"):
+            if getattr(self, name) < largest:
+                raise ValueError(f"{name} ({getattr(self, name)}) must hold one largest session: "
+                                 f"max_prompt_tokens + max_new_tokens = {largest}")  # fmt: skip
 
     @property
     def max_uplink_bytes(self) -> int:
@@ -104,17 +117,22 @@ class Session:
     prompt: list[int]
     packed: bool = False  # TOPK_PACKED frames (k: their largest size)
     generated: list[int] = field(default_factory=list)  # tokens fed after the prompt
-    batch: object | None = None  # LM.open(...): the decode state with its KV cache
     last_frame: bytes | None = None  # the DIST for the current position (re-sent on ATTACH)
     attached: bool = True
+    started: bool = False  # prompt and replay fed
     ended: bool = False
-    busy: bool = False  # a forward is running
+    busy: bool = False  # a job is queued or running in the scheduler
     last_active: float = field(default_factory=time.monotonic)
     websocket: object | None = None
 
     @property
     def position(self) -> int:
         return len(self.generated)
+
+    @property
+    def kv_tokens(self) -> int:
+        """The KV cache this session may fill: its reservation against max_kv_tokens."""
+        return len(self.prompt) + self.max_new_tokens
 
     def touch(self) -> None:
         self.last_active = time.monotonic()
@@ -133,11 +151,18 @@ class Session:
 
 
 class Registry:
-    """All sessions of one server; the forwards run outside it (callers use a thread)."""
+    """All sessions of one server; their forwards go through one Scheduler."""
 
     def __init__(self, lm: LM, settings: ServerSettings):
         self.lm, self.settings = lm, settings
         self.sessions: dict[bytes, Session] = {}
+        pool = lm.open_pool(settings.max_kv_tokens, settings.max_sessions, settings.prefill_chunk_tokens)
+        self.scheduler = Scheduler(pool, settings.max_sessions, settings.prefill_chunk_tokens)
+
+    def close(self) -> None:
+        for sess in list(self.sessions.values()):
+            self.end(sess, "server shutting down")
+        self.scheduler.close()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -161,7 +186,7 @@ class Registry:
         bad = next((t for t in [*msg.prompt_ids, *msg.generated] if t >= V), None)
         if bad is not None:
             raise ProtocolError(frames.CLOSE_INVALID, f"token id {bad} is outside the vocabulary (size {V})")
-        self._check_capacity(owner)
+        self._check_capacity(owner, len(msg.prompt_ids) + msg.max_new_tokens, len(msg.prompt_ids) + len(msg.generated))
         sid = secrets.token_bytes(frames.SESSION_ID_BYTES)
         sess = Session(sid, owner, msg.k, msg.max_new_tokens, list(msg.prompt_ids), msg.packed)
         sess.generated = list(msg.generated)
@@ -171,13 +196,22 @@ class Registry:
                  " packed" if msg.packed else "")  # fmt: skip
         return sess
 
-    def _check_capacity(self, owner: str) -> None:
+    def _check_capacity(self, owner: str, kv_tokens: int, backlog: int) -> None:
+        """Session count, KV memory and this key's queued prompt/replay work, each against its limit."""
         s = self.settings
         if len(self.sessions) >= s.max_sessions:
             raise ProtocolError(frames.CLOSE_BUSY, f"server busy: {len(self.sessions)} sessions open (limit {s.max_sessions})")
-        mine = sum(1 for x in self.sessions.values() if x.owner == owner)
-        if mine >= s.max_sessions_per_key:
-            raise ProtocolError(frames.CLOSE_BUSY, f"this key has {mine} sessions open (limit {s.max_sessions_per_key})")
+        mine = [x for x in self.sessions.values() if x.owner == owner]
+        if len(mine) >= s.max_sessions_per_key:
+            raise ProtocolError(frames.CLOSE_BUSY, f"this key has {len(mine)} sessions open (limit {s.max_sessions_per_key})")
+        reserved = sum(x.kv_tokens for x in self.sessions.values())
+        if reserved + kv_tokens > s.max_kv_tokens:
+            raise ProtocolError(frames.CLOSE_BUSY, f"server memory busy: {reserved} of {s.max_kv_tokens} KV tokens "
+                                f"reserved, this session needs {kv_tokens}")  # fmt: skip
+        waiting = self.scheduler.backlog({x.id for x in mine})
+        if waiting + backlog > s.max_backlog_tokens_per_key:
+            raise ProtocolError(frames.CLOSE_BUSY, f"this key has {waiting} prompt and replay tokens waiting "
+                                f"(limit {s.max_backlog_tokens_per_key})")  # fmt: skip
 
     def find(self, owner: str, sid: bytes) -> Session:
         """The owner's session, else 4404 (a foreign session is indistinguishable from none)."""
@@ -187,11 +221,11 @@ class Registry:
         return sess
 
     def end(self, sess: Session, why: str) -> None:
+        """Ends at once for everyone; the scheduler drops its queued work and frees its KV cache
+        before its next forward (never under one that is running)."""
         if not sess.ended:
             sess.ended = True
-            if sess.batch is not None:
-                sess.batch.close()  # frees the KV cache (llama.cpp: the whole context)
-            sess.batch = None
+            self.scheduler.release(sess.id)
             sess.last_frame = None
             self.sessions.pop(sess.id, None)
             log.info("session %s… ended (%s) after %d tokens", sess.id.hex()[:8], why, sess.position)
@@ -202,7 +236,7 @@ class Registry:
         limit = self.settings.idle_timeout_s
         return [x for x in self.sessions.values() if not x.busy and now - x.last_active > limit]
 
-    # -- forwards (blocking; run them in a worker thread) --------------------------------
+    # -- forwards (jobs for the scheduler; the frames are made in its thread) --------------
 
     def _frame(self, sess: Session, logp: Tensor) -> bytes:
         if sess.packed:
@@ -211,16 +245,26 @@ class Registry:
             sess.last_frame = frames.encode_dist(logp, sess.k, sess.position, self.settings.values)
         return sess.last_frame
 
-    def start(self, sess: Session) -> bytes:
+    async def _run(self, sess: Session, prompt: list[int], steps: list[int], finish) -> bytes:
+        if sess.ended:
+            raise ProtocolError(frames.CLOSE_ENDED, "the session has ended")
+        sess.busy = True
+        try:
+            return await asyncio.wrap_future(self.scheduler.submit(sess.id, Job(sess.owner, prompt, deque(steps), finish)))
+        except Released:
+            raise ProtocolError(frames.CLOSE_ENDED, "the session has ended") from None
+        finally:
+            sess.busy = False
+
+    async def start(self, sess: Session) -> bytes:
         """Prefill the prompt, then replay resumed tokens one by one: the state is exactly the
         one an uninterrupted session would hold (a one-shot prefill would differ in rounding)."""
-        if sess.batch is not None:
-            sess.batch.close()
-        sess.batch = self.lm.open([sess.prompt], sess.max_new_tokens + 1)
-        logp = sess.batch.start()[0]
-        for t in sess.generated:
-            logp = sess.batch.advance([t])[0]
-        return self._frame(sess, logp)
+
+        def started(logp: Tensor) -> bytes:
+            sess.started = True
+            return self._frame(sess, logp)
+
+        return await self._run(sess, sess.prompt, sess.generated, started)
 
     def check_token(self, sess: Session, token_id: int) -> None:
         if token_id >= self.lm.vocab_size:
@@ -228,10 +272,9 @@ class Registry:
         if sess.position + 1 > sess.max_new_tokens:
             raise ProtocolError(frames.CLOSE_TOO_LARGE, f"the session reached its {sess.max_new_tokens} new tokens")
 
-    def advance(self, sess: Session, token_id: int) -> bytes:
-        batch = sess.batch
-        if batch is None:
-            raise ProtocolError(frames.CLOSE_ENDED, "the session has ended")
-        logp = batch.advance([token_id])[0]
-        sess.generated.append(token_id)
-        return self._frame(sess, logp)
+    async def advance(self, sess: Session, token_id: int) -> bytes:
+        def advanced(logp: Tensor) -> bytes:
+            sess.generated.append(token_id)
+            return self._frame(sess, logp)
+
+        return await self._run(sess, [], [token_id], advanced)

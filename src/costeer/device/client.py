@@ -26,19 +26,18 @@ the query plus the tokens chosen so far, which the cloud replays. The caller see
 
 from __future__ import annotations
 
-import logging
 import os
-import time
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor
 
 from costeer import frames
 from costeer.device.ahead import SteeringAhead
 from costeer.device.options import DEFAULT_FRAMES, DEFAULT_K, CloudFrames, check_tail
-from costeer.device.tokenizers import cached_tokenizer, store_tokenizer, tokenizer_dir
-from costeer.device.transport import CloudError, HttpClient, Retry, cloud_urls
+from costeer.device.tokenizers import TokenizerRefused, cached_tokenizer, store_tokenizer, tokenizer_dir
+from costeer.device.transport import MAX_INFO_BYTES, MAX_TOKENIZER_BYTES, CloudError, HttpClient, Link, Retry, cloud_urls
 from costeer.device.wire import WireLog, redact_headers
 from costeer.engine.vocab import VocabMap
 
@@ -46,11 +45,44 @@ from costeer.engine.vocab import VocabMap
 __all__ = ["DEFAULT_FRAMES", "DEFAULT_K", "CloudError", "CloudFrames", "CloudLLM", "CloudSource", "Retry",
            "SteeringAhead", "cached_tokenizer", "connect_cloud", "tokenizer_dir"]  # fmt: skip
 
-log = logging.getLogger("costeer.device")
-
 # Close codes after which trying again cannot help: the request itself is refused.
 _FATAL = {frames.CLOSE_MALFORMED, frames.CLOSE_UNAUTHORIZED, frames.CLOSE_TOO_LARGE, frames.CLOSE_INVALID,
           frames.CLOSE_VERSION, frames.CLOSE_ENDED, frames.CLOSE_BUSY, 1008, 1009}  # fmt: skip
+
+
+MAX_VOCAB = 1 << 24  # 64 times the largest vocabulary in use (Gemma-3: 262,144)
+
+
+class CloudInfo(BaseModel):
+    """/v1/info as the device accepts it: every field it reads, typed and bounded (docs/security.md)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    model: str = Field("cloud", max_length=256)
+    vocab_size: int = Field(ge=2, le=MAX_VOCAB)
+    stop_ids: list[int] = Field(max_length=64)
+    tokenizer_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
+    frame_version: int
+
+    @model_validator(mode="after")
+    def _stop_ids_in_the_vocabulary(self) -> CloudInfo:
+        outside = [i for i in self.stop_ids if not 0 <= i < self.vocab_size]
+        if outside:
+            raise ValueError(f"stop id {outside[0]} is outside the vocabulary ({self.vocab_size})")
+        return self
+
+    @classmethod
+    def read(cls, answer: dict) -> CloudInfo:
+        """The cloud's answer -> CloudInfo; CloudError naming the first field that is wrong."""
+        if answer.get("frame_version") != frames.VERSION:
+            raise CloudError(f"the cloud speaks frame version {str(answer.get('frame_version'))[:20]}, "
+                             f"this device {frames.VERSION}")  # fmt: skip
+        try:
+            return cls.model_validate(answer)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"]) or "info"
+            raise CloudError(f"the cloud's /v1/info is malformed: {where}: {err['msg']}") from None
 
 
 class CloudLLM:
@@ -58,16 +90,19 @@ class CloudLLM:
 
     remote = True  # CoSteer refuses `llm_context` with a remote LLM: it would send the context
 
-    def __init__(self, ws_url: str, api_key: str, info: dict, tokenizer, frames_: CloudFrames = CloudFrames(DEFAULT_K),
-                 tail: str = "slm", wire: WireLog | None = None, retry: Retry = Retry()):  # fmt: skip
+    def __init__(self, ws_url: str, api_key: str, info: CloudInfo, tokenizer, frames_: CloudFrames = CloudFrames(DEFAULT_K),
+                 tail: str = "slm", wire: WireLog | None = None, retry: Retry = Retry(), link: Link = Link()):  # fmt: skip
         self.ws_url, self.api_key, self.info = ws_url, api_key, info
-        self.name = info.get("model", "cloud")
+        self.name = info.model
         self.tokenizer = tokenizer
-        self.vocab_size = int(info["vocab_size"])
-        self.stop_ids = frozenset(int(i) for i in info["stop_ids"])
+        self.vocab_size = info.vocab_size
+        self.stop_ids = frozenset(info.stop_ids)
         self.device = torch.device("cpu")
         self.frames, self.tail, self.wire, self.retry = frames_, check_tail(tail), wire, retry
         self.bytes_down = self.bytes_up = self.frames_down = 0  # DIST payload bytes / TOKEN payload bytes
+        # the longest message the device reads: a frame of the kind asked for (docs/security.md)
+        self.max_message_bytes = frames.max_downlink_bytes(self.vocab_size, frames_.k, frames_.packed)
+        self.tls = link.tls() if ws_url.startswith("wss:") else None
 
     @property
     def k(self) -> int:
@@ -89,33 +124,37 @@ class CloudLLM:
 
 
 def connect_cloud(url: str, api_key: str | None = None, k: CloudFrames | int | str = DEFAULT_FRAMES,
-                  tail: str = "slm", wire_log: str | Path | WireLog | None = None,
-                  retry: Retry = Retry()) -> CloudLLM:  # fmt: skip
+                  tail: str = "slm", wire_log: str | Path | WireLog | None = None, retry: Retry = Retry(),
+                  ca_file: str | Path | None = None, insecure: bool = False) -> CloudLLM:  # fmt: skip
     """Ask the cloud what it serves and fetch its tokenizer (cached by fingerprint).
-    k: the frames to ask for (options.CloudFrames, or its text: 'full', a top-k size, 'packed[:N]')."""
+    k: the frames to ask for (options.CloudFrames, or its text: 'full', a top-k size, 'packed[:N]').
+    ca_file: the CA bundle wss:// trusts (else SSL_CERT_FILE, else the system's); insecure: allow
+    the key over plain ws:// to a host other than this machine."""
     frames_ = CloudFrames.parse(k)
     api_key = api_key if api_key is not None else os.environ.get("COSTEER_API_KEY", "")
     if not api_key:
         raise CloudError("no API key: set COSTEER_API_KEY")
     base, ws_url = cloud_urls(url)
+    link = Link(ca_file, insecure)
     wire = WireLog(wire_log) if isinstance(wire_log, (str, Path)) else wire_log
-    http = HttpClient(base, api_key, wire)
+    http = HttpClient(base, api_key, wire, link=link)
     try:
-        info = http.get_json("/v1/info")
-        if info.get("frame_version") != frames.VERSION:
-            raise CloudError(f"the cloud speaks frame version {info.get('frame_version')}, this device {frames.VERSION}")
-        fp = info["tokenizer_fingerprint"]
+        info = CloudInfo.read(http.get_json("/v1/info", MAX_INFO_BYTES))
+        fp = info.tokenizer_fingerprint
         tok = cached_tokenizer(fp)
         if tok is None:
-            store_tokenizer(fp, http.get_json("/v1/tokenizer")["files"])
-            tok = cached_tokenizer(fp)
-        if frames.tokenizer_fingerprint(tok) != fp:
-            raise CloudError("the tokenizer fetched from the cloud does not match its fingerprint")
+            files = http.get_json("/v1/tokenizer", MAX_TOKENIZER_BYTES).get("files")
+            try:
+                tok = store_tokenizer(fp, files)
+            except TokenizerRefused as e:
+                raise CloudError(f"refused the cloud's tokenizer: {e}") from None
+        elif frames.tokenizer_fingerprint(tok) != fp:  # the cache was changed on the device itself
+            raise CloudError(f"the cached tokenizer {tokenizer_dir(fp)} does not match its fingerprint: remove it")
     finally:
         http.close()
     if wire is not None:
-        wire.meta(url=ws_url, model=info.get("model"), tokenizer_fingerprint=fp, tokenizer_dir=str(tokenizer_dir(fp)))
-    return CloudLLM(ws_url, api_key, info, tok, frames_, tail, wire, retry)
+        wire.meta(url=ws_url, model=info.model, tokenizer_fingerprint=fp, tokenizer_dir=str(tokenizer_dir(fp)))
+    return CloudLLM(ws_url, api_key, info, tok, frames_, tail, wire, retry, link)
 
 
 class CloudSource:
@@ -162,7 +201,7 @@ class CloudSource:
         cloud works, then read the answer; reconnect and resume on a dropped connection."""
         import websockets.exceptions as wse
 
-        failures = 0
+        outage = None  # the run of failures this exchange is in, if any
         while True:
             try:
                 if self.ws is None:
@@ -181,6 +220,10 @@ class CloudSource:
                     raise CloudError(f"the cloud refused the connection: HTTP {status} {body}".strip(), status) from None
                 err = f"HTTP {status}"
             except wse.ConnectionClosed as e:
+                if e.rcvd is None and e.sent is not None and e.sent.code == 1009:  # websockets' max_size
+                    self._drop()
+                    raise CloudError(f"the cloud sent a message larger than {self.llm.max_message_bytes:,} bytes, "
+                                     "the largest frame of the kind asked for") from None  # fmt: skip
                 code, reason = (e.rcvd.code, e.rcvd.reason) if e.rcvd else (1006, "connection lost")
                 self._log_close("received", code, reason)
                 if code in (frames.CLOSE_UNKNOWN_SESSION, frames.CLOSE_ORDER) and self.session_id is not None:
@@ -194,14 +237,11 @@ class CloudSource:
             except (OSError, TimeoutError, wse.InvalidHandshake, wse.InvalidMessage) as e:
                 err = f"{type(e).__name__}: {e}"
             self._drop()
-            if failures >= self.llm.retry.attempts:
-                raise CloudError(f"lost the cloud at {self.llm.ws_url} and could not resume after "
-                                 f"{failures} retries ({err})") from None  # fmt: skip
-            delay = self.llm.retry.delay(failures)
-            failures += 1
+            outage = outage or self.llm.retry.outage()
+            if not outage.wait(err):
+                raise CloudError(f"lost the cloud at {self.llm.ws_url} and could not resume within "
+                                 f"{self.llm.retry.budget_s:g} s ({outage.tries} retries; {err})") from None  # fmt: skip
             self.reconnects += 1
-            log.warning("cloud connection lost (%s); resuming in %.2fs (try %d)", err, delay, failures)
-            time.sleep(delay)
 
     def _drop(self) -> None:
         if self.ws is not None:
@@ -218,9 +258,11 @@ class CloudSource:
             additional_headers={"Authorization": f"Bearer {self.llm.api_key}"},
             compression=None,  # frames are already compact; deflate would cost CPU on full frames
             proxy=None,  # never route through a proxy from the environment
-            max_size=None,
+            max_size=self.llm.max_message_bytes,
             open_timeout=10,
         )
+        if self.llm.tls is not None:
+            kw["ssl"] = self.llm.tls
         try:
             ws = connect(self.llm.ws_url, legacy=True, **kw)  # websockets >= 17: a plain connection
         except TypeError:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from torch import Tensor
 from costeer import frames
 from costeer.device.ahead import SteeringAhead
 from costeer.device.options import DEFAULT_K, CloudFrames, check_tail
-from costeer.device.transport import CloudError, HttpClient, Retry
+from costeer.device.transport import CloudError, HttpClient, Link, Retry
 from costeer.device.wire import WireLog
 from costeer.engine.vocab import VocabMap
 
@@ -110,7 +109,7 @@ class EngineLLM:
     def step(self, ids: list[int], position: int) -> frames.Dist:
         """One request, retried with back-off while the engine is unreachable (restarts)."""
         path, body = self.request_body(ids)
-        failures = 0
+        outage = None  # the run of failures this step is in, if any
         while True:
             try:
                 resp = self.http.post_json(path, body)
@@ -119,10 +118,11 @@ class EngineLLM:
             except CloudError as e:
                 # unreachable or 502/503/504 (llama-server answers 503 while it loads the model
                 # after a restart; a proxy answers 502/504) are worth retrying; other refusals are final
-                if (e.code is not None and e.code not in TRANSIENT) or failures >= self.retry.attempts:
+                if e.code is not None and e.code not in TRANSIENT:
                     raise
-                time.sleep(self.retry.delay(failures))
-                failures += 1
+                outage = outage or self.retry.outage()
+                if not outage.wait(str(e)):
+                    raise CloudError(f"{e} (still, after {self.retry.budget_s:g} s of retries)", e.code) from None
 
     def close(self) -> None:
         self.http.close()
@@ -159,7 +159,7 @@ class EngineSource:
 
 def connect_engine(url: str, tokenizer: str, api: str = "auto", k: CloudFrames | int = DEFAULT_K, tail: str = "slm",
                    api_key: str | None = None, wire_log: str | Path | WireLog | None = None,
-                   retry: Retry = Retry()) -> EngineLLM:  # fmt: skip
+                   retry: Retry = Retry(), ca_file: str | Path | None = None, insecure: bool = False) -> EngineLLM:  # fmt: skip
     """Connect to an engine at http(s)://HOST:PORT; `tokenizer` is a model spec (preset, GGUF,
     folder or hub name) of the model it serves: only its tokenizer is loaded. k: a top-k size
     (options.CloudFrames: engines answer with top-k lists, neither packed nor full frames)."""
@@ -171,7 +171,7 @@ def connect_engine(url: str, tokenizer: str, api: str = "auto", k: CloudFrames |
     tok, stop_ids = load_tokenizer(tokenizer)
     api_key = api_key if api_key is not None else os.environ.get("COSTEER_ENGINE_API_KEY", "")
     wire = WireLog(wire_log) if isinstance(wire_log, (str, Path)) else wire_log
-    http = HttpClient(url.rstrip("/"), api_key, wire)
+    http = HttpClient(url.rstrip("/"), api_key, wire, link=Link(ca_file, insecure))
     try:
         if api == "auto":
             try:

@@ -1,17 +1,48 @@
 """The device's cache of cloud tokenizers, keyed by fingerprint (`frames.tokenizer_fingerprint`):
-fetched from a cloud once, then loaded from disk (the wire audit reads it back too)."""
+fetched from a cloud once, then loaded from disk (the wire audit reads it back too).
+
+The fingerprint and the file names come from the cloud, so both are checked before they name a
+path (docs/security.md): a fingerprint is 64 hex digits, a file name a plain name, and every path
+resolves inside the cache."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
 from costeer.engine.models import cache_root
 
+FINGERPRINT = re.compile(r"[0-9a-f]{64}")  # sha256, hex (frames.tokenizer_fingerprint)
+FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # no separator, no leading dot
+MAX_FILES = 16  # save_pretrained writes 3 to 6
+
+
+class TokenizerRefused(ValueError):
+    """A fingerprint or tokenizer files from a cloud that the cache does not take."""
+
+
+def check_fingerprint(fingerprint: object) -> str:
+    if not isinstance(fingerprint, str) or not FINGERPRINT.fullmatch(fingerprint):
+        raise TokenizerRefused(f"tokenizer_fingerprint must be 64 hex digits, got {str(fingerprint)[:80]!r}")
+    return fingerprint
+
+
+def _inside(root: Path, path: Path) -> Path:
+    """`path`, resolved, when it lies inside `root` (resolved); raises otherwise."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise TokenizerRefused(f"refusing a tokenizer path outside the cache: {path}")
+    return resolved
+
+
+def _root() -> Path:
+    return cache_root() / "tokenizers"
+
 
 def tokenizer_dir(fingerprint: str) -> Path:
-    return cache_root() / "tokenizers" / fingerprint
+    return _inside(_root(), _root() / check_fingerprint(fingerprint))
 
 
 def cached_tokenizer(fingerprint: str):
@@ -24,15 +55,49 @@ def cached_tokenizer(fingerprint: str):
     return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
 
 
-def store_tokenizer(fingerprint: str, files: dict[str, str]) -> None:
-    """Write a tokenizer's files ({name: text}) into the cache, all at once (a rename of a
-    finished folder), so that a reader never sees half of it."""
-    d = tokenizer_dir(fingerprint)
-    tmp = d.with_name(d.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
+def check_files(files: object) -> dict[str, str]:
+    """{name: text} with plain names, at most MAX_FILES of them; raises TokenizerRefused."""
+    if not isinstance(files, dict) or not files:
+        raise TokenizerRefused("tokenizer files must be a non-empty object {name: text}")
+    if len(files) > MAX_FILES:
+        raise TokenizerRefused(f"{len(files)} tokenizer files, more than {MAX_FILES}")
     for name, text in files.items():
-        (tmp / Path(name).name).write_text(text, encoding="utf-8")
-    if d.exists():  # another process cached it meanwhile
+        if not FILE_NAME.fullmatch(name):
+            raise TokenizerRefused(f"tokenizer file name {name[:80]!r} is not a plain file name")
+        if not isinstance(text, str):
+            raise TokenizerRefused(f"tokenizer file {name} is not text")
+    return files
+
+
+def store_tokenizer(fingerprint: str, files: object):
+    """Write a tokenizer's files ({name: text}, checked) into the cache, all at once (a rename of a
+    finished folder), so that a reader never sees half of it; kept only when the tokenizer they
+    make has `fingerprint` -> that tokenizer. Raises TokenizerRefused, leaving nothing behind."""
+    d = tokenizer_dir(fingerprint)
+    files = check_files(files)
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _inside(d.parent, d.with_name(d.name + f".tmp{os.getpid()}"))
+    tmp.mkdir(exist_ok=True)
+    try:
+        for name, text in files.items():
+            _inside(tmp, tmp / name).write_text(text, encoding="utf-8")
+        tok = _load_checked(tmp, fingerprint)
+        if not d.exists():  # else another process cached it meanwhile
+            os.replace(tmp, d)
+        return tok
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, d)
+
+
+def _load_checked(folder: Path, fingerprint: str):
+    from transformers import AutoTokenizer
+
+    from costeer.frames import tokenizer_fingerprint
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)  # never trust_remote_code
+    except Exception as e:  # noqa: BLE001 - whatever the files make the library raise, they are refused
+        raise TokenizerRefused(f"its files do not load ({type(e).__name__})") from None
+    if tokenizer_fingerprint(tok) != fingerprint:
+        raise TokenizerRefused("the tokenizer its files make does not match its fingerprint")
+    return tok

@@ -153,6 +153,13 @@ class SamplingConfig(BaseModel):
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def unread(self) -> list[str]:
+        """The sampling options set that greedy decoding does not read (temperature 0 ignores them)."""
+        if not self.greedy:
+            return []
+        off = {"top_k": 0, "top_p": 1.0, "seed": None}
+        return [name for name, value in off.items() if getattr(self, name) != value]
+
 
 class GenerationConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")

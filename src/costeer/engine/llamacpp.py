@@ -140,7 +140,70 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-class LlamaDecodeBatch:
+# -- one llama_decode over (token, sequence, position, wants-logits) rows ---------------------
+
+
+def _decode_rows(ll, ctx, batch, cap: int, rows: list[tuple[int, int, int, bool]], room: str) -> list[int]:
+    """llama_decode over the rows -> batch indices of the rows that asked for logits, in order.
+    `room` says how big the context is (for the error when it is full)."""
+    if len(rows) > cap:
+        raise LlamaCppError(f"{len(rows)} tokens in one step exceed the batch size {cap}")
+    out_index: list[int] = []
+    for i, (tok, seq, pos, logits) in enumerate(rows):
+        batch.token[i] = tok
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq
+        batch.logits[i] = logits
+        if logits:
+            out_index.append(i)
+    batch.n_tokens = len(rows)
+    rc = ll.llama_decode(ctx, batch)
+    if rc != 0:
+        raise LlamaCppError(f"llama_decode failed ({rc}): the context ({room}) is full" if rc == 1 else f"llama_decode failed ({rc})")
+    return out_index
+
+
+def _logprobs(ll, ctx, out: np.ndarray, out_index: list[int]) -> Tensor:
+    """The logits rows `out_index` of the last llama_decode -> [n, V] log-probabilities (a new
+    tensor; `out` [>= n, V] is the reused staging buffer)."""
+    V = out.shape[1]
+    for row, i in enumerate(out_index):
+        ctypes.memmove(out[row].ctypes.data, ll.llama_get_logits_ith(ctx, i), V * 4)
+    return torch.log_softmax(torch.from_numpy(out[: len(out_index)]), dim=-1)
+
+
+def _new_context(model: "LlamaCppModel", n_ctx: int, n_batch: int, n_seq_max: int, unified: bool, n_ubatch: int = 512):
+    """A llama.cpp context on `model` -> (ctx, llama_batch of n_batch rows)."""
+    ll = model._ll
+    cp = ll.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, n_batch, n_ubatch
+    cp.n_seq_max = n_seq_max
+    cp.kv_unified = unified
+    cp.n_threads = cp.n_threads_batch = model.n_threads
+    cp.no_perf = True
+    ctx = ll.llama_init_from_model(model.model, cp)
+    if not ctx:
+        raise LlamaCppError("llama.cpp could not create a context")
+    return ctx, ll.llama_batch_init(n_batch, 0, n_seq_max)
+
+
+class _OwnsContext:
+    """Frees `self.ctx` and `self.batch` once (close(), or when collected)."""
+
+    def close(self) -> None:
+        ctx, self.ctx = getattr(self, "ctx", None), None
+        if ctx:
+            try:
+                self._ll.llama_batch_free(self.batch)
+                self._ll.llama_free(ctx)
+            except Exception:  # interpreter shutdown
+                pass
+
+    __del__ = close
+
+
+class LlamaDecodeBatch(_OwnsContext):
     """B sequences in one llama.cpp context. start() -> [B, V]; advance(tokens[B]) -> [B, V];
     extend(tokens[n]) appends the same n tokens to every sequence -> [B, V] after the last."""
 
@@ -163,54 +226,17 @@ class LlamaDecodeBatch:
         n_ctx_seq = _round_up(max(len(p) for p in prompts) + max(reserve, 16), 256)
         n_ctx = n_ctx_seq * n_stream
         self.n_ctx_seq, self.n_stream = n_ctx_seq, n_stream
-        cp = ll.llama_context_default_params()
-        cp.n_ctx = n_ctx
-        cp.n_batch = _round_up(max(max(len(p) for p in prompts), 512), 64)  # a whole prompt per llama_decode
-        cp.n_ubatch = N_UBATCH
-        cp.n_seq_max = n_stream
-        cp.kv_unified = False
-        cp.n_threads = cp.n_threads_batch = model.n_threads
-        cp.no_perf = True
-        self.ctx = ll.llama_init_from_model(model.model, cp)
-        if not self.ctx:
-            raise LlamaCppError("llama.cpp could not create a context")
+        self._cap = _round_up(max(max(len(p) for p in prompts), 512), 64)  # a whole prompt per llama_decode
+        self.ctx, self.batch = _new_context(model, n_ctx, self._cap, n_stream, unified=False, n_ubatch=N_UBATCH)
         self.n_ctx = n_ctx
-        self._cap = cp.n_batch
-        self.batch = ll.llama_batch_init(self._cap, 0, self.B)
         self._out = np.empty((self.B, model.n_vocab), dtype=np.float32)  # [B, V], reused
 
-    # -- one llama_decode over (token, sequence, position, wants-logits) rows ----------------
-
     def _decode(self, rows: list[tuple[int, int, int, bool]]) -> Tensor:
-        out_index = self._decode_raw(rows)
-        V = self.model.n_vocab
-        for row, i in enumerate(out_index):
-            ptr = self._ll.llama_get_logits_ith(self.ctx, i)
-            ctypes.memmove(self._out[row].ctypes.data, ptr, V * 4)
-        return torch.log_softmax(torch.from_numpy(self._out[: len(out_index)]), dim=-1)  # a new tensor
+        return _logprobs(self._ll, self.ctx, self._out, self._decode_raw(rows))
 
     def _decode_raw(self, rows: list[tuple[int, int, int, bool]]) -> list[int]:
         """llama_decode over the rows -> batch indices of the rows that asked for logits."""
-        if len(rows) > self._cap:
-            raise LlamaCppError(f"{len(rows)} tokens in one step exceed the batch size {self._cap}")
-        b = self.batch
-        out_index: list[int] = []  # batch index of each sequence's logits row, in sequence order
-        for i, (tok, seq, pos, logits) in enumerate(rows):
-            b.token[i] = tok
-            b.pos[i] = pos
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = seq
-            b.logits[i] = logits
-            if logits:
-                out_index.append(i)
-        b.n_tokens = len(rows)
-        rc = self._ll.llama_decode(self.ctx, b)
-        if rc != 0:
-            raise LlamaCppError(
-                f"llama_decode failed ({rc}): the context ({self.n_ctx_seq} tokens per sequence) is full"
-                if rc == 1 else f"llama_decode failed ({rc})"
-            )
-        return out_index
+        return _decode_rows(self._ll, self.ctx, self.batch, self._cap, rows, f"{self.n_ctx_seq} tokens per sequence")
 
     def start(self) -> Tensor:
         # One llama_decode per prompt: a batch mixing sequences of different lengths is split into
@@ -281,13 +307,53 @@ class LlamaDecodeBatch:
             out = self._decode(rows)
         return out
 
-    def close(self) -> None:
-        ctx, self.ctx = getattr(self, "ctx", None), None
-        if ctx:
-            try:
-                self._ll.llama_batch_free(self.batch)
-                self._ll.llama_free(ctx)
-            except Exception:  # interpreter shutdown
-                pass
 
-    __del__ = close
+
+class LlamaSequencePool(_OwnsContext):
+    """Independent sequences that come and go, served from ONE llama.cpp context: one unified KV
+    cache of `n_cells` cells that all of them share (allocated once: the memory of the whole
+    pool is bounded, whatever the number of sequences), sequence ids 0..n_seq_max-1.
+
+    prefill(seq, tokens) -> [V] feeds one sequence alone, in one llama_decode (pieces of at most
+    `chunk` tokens, the ubatch size, split exactly where a whole-prompt llama_decode splits);
+    step([(seq, token)]) -> [n, V] feeds one token to each of n sequences in ONE llama_decode;
+    drop(seq) frees a sequence's cells. The caller keeps each sequence's tokens within the cells
+    (a full cache fails the step with LlamaCppError)."""
+
+    def __init__(self, model: LlamaCppModel, n_cells: int, n_seq_max: int, chunk: int = 512):
+        if n_seq_max < 1 or n_cells < 1 or chunk < 1:
+            raise ValueError("a pool needs at least one sequence, one cell and a chunk of one token")
+        ll = model._ll
+        self._ll, self.model, self.chunk = ll, model, chunk
+        self.n_cells = _round_up(n_cells, 256)
+        self._cap = max(chunk, n_seq_max)  # one step of every sequence fits one ubatch
+        # A unified cache: cells go to whichever sequence needs them, so memory follows the
+        # tokens actually held, not n_seq_max times the longest possible sequence.
+        self.ctx, self.batch = _new_context(model, self.n_cells, self._cap, n_seq_max, unified=True, n_ubatch=self._cap)
+        self._mem = ll.llama_get_memory(self.ctx)
+        self._out = np.empty((n_seq_max, model.n_vocab), dtype=np.float32)  # [n, V], reused
+        self.pos: dict[int, int] = {}  # next position of each live sequence
+
+    def _decode(self, rows: list[tuple[int, int, int, bool]]) -> Tensor:
+        return _logprobs(self._ll, self.ctx, self._out, _decode_rows(self._ll, self.ctx, self.batch, self._cap, rows,
+                                                                     f"{self.n_cells} cells shared"))  # fmt: skip
+
+    def prefill(self, seq: int, tokens: list[int]) -> Tensor:
+        if not 0 < len(tokens) <= self.chunk:
+            raise ValueError(f"a prefill piece holds 1 to {self.chunk} tokens, got {len(tokens)}")
+        p = self.pos.get(seq, 0)
+        logp = self._decode([(t, seq, p + j, j == len(tokens) - 1) for j, t in enumerate(tokens)])[0]
+        self.pos[seq] = p + len(tokens)
+        return logp
+
+    def step(self, items: list[tuple[int, int]]) -> Tensor:
+        rows = [(t, seq, self.pos[seq], True) for seq, t in items]
+        out = self._decode(rows)
+        for seq, _ in items:
+            self.pos[seq] += 1
+        return out
+
+    def drop(self, seq: int) -> None:
+        if self.pos.pop(seq, None) is not None:
+            self._ll.llama_memory_seq_rm(self._mem, seq, -1, -1)
+

@@ -103,7 +103,9 @@ def resolve(spec: str) -> ModelSource:
         if len(ggufs) == 1:
             return ModelSource(ggufs[0].stem, str(path.resolve()), ggufs[0].name)
         raise ModelLoadError(f"{spec}: folder has no config.json and not exactly one .gguf file")
-    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and " " not in spec
+    if path.suffix.lower() == ".gguf" or spec.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model file not found: {spec}")
+    looks_like_hub_id = spec.count("/") == 1 and " " not in spec
     if looks_like_hub_id:
         return ModelSource(spec.split("/")[1], spec, None, is_local=False)
     known = ", ".join(sorted(PRESETS))
@@ -190,12 +192,31 @@ class LM:
             return self.model.open(prompts, reserve, prefix)
         return DecodeBatch(self, prompts, prefix)
 
+    def open_pool(self, n_cells: int, n_seq_max: int, chunk: int = 512):
+        """Independent sequences that come and go (a server's sessions): prefill(seq, tokens) -> [V],
+        step([(seq, token)]) -> [n, V], drop(seq). llama.cpp: one context whose shared KV cache
+        holds `n_cells` tokens in all, every step one llama_decode; transformers: a KV cache per
+        sequence, prompts prefilled whole (`chunk` None)."""
+        if self.backend == "llamacpp":
+            from costeer.engine.llamacpp import LlamaSequencePool
+
+            return LlamaSequencePool(self.model, n_cells, n_seq_max, chunk)
+        return DecodePool(self)
+
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
+    @property
+    def window(self) -> int | None:
+        """Positions the model was trained on (prompt and output together), where the checkpoint says."""
+        if self.backend == "llamacpp":
+            return self.model.n_ctx_train or None
+        n = getattr(self.model.config, "max_position_embeddings", None)
+        return int(n) if n else None
 
-def _stop_ids(tok, generation_eos=None) -> frozenset[int]:
+
+def stop_ids(tok, generation_eos=None) -> frozenset[int]:
     """The tokenizer's eos, the checkpoint's generation eos (an id or a list) and the named
     end-of-turn tokens."""
     ids: set[int] = set()
@@ -212,12 +233,21 @@ def _stop_ids(tok, generation_eos=None) -> frozenset[int]:
     return frozenset(ids)
 
 
+DEVICES = "auto | cpu | cuda[:N]"
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):  # torch's words for a string it cannot parse
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"unknown device '{device}' (choose from {DEVICES})")
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device '{device}' asked for but CUDA is not available")
-    return torch.device(device)
+    return dev
 
 
 def pick_backend(src: ModelSource, dev: torch.device, backend: str = "auto") -> str:
@@ -259,7 +289,7 @@ def load_tokenizer(spec: str):
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot load the tokenizer of '{spec}': {first}") from e
-    return tok, _stop_ids(tok)
+    return tok, stop_ids(tok)
 
 
 def _load_llamacpp(src: ModelSource, spec: str) -> LM:
@@ -271,7 +301,7 @@ def _load_llamacpp(src: ModelSource, spec: str) -> LM:
     except (OSError, ValueError, KeyError, LlamaCppError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot load model '{spec}' with llama.cpp: {first}") from e
-    return LM(src.name, model, tok, torch.device("cpu"), _stop_ids(tok, list(model.eos_ids)), backend="llamacpp")
+    return LM(src.name, model, tok, torch.device("cpu"), stop_ids(tok, list(model.eos_ids)), backend="llamacpp")
 
 
 def load_lm(spec: str, device: str = "auto", backend: str = "auto") -> LM:
@@ -295,8 +325,14 @@ def load_lm(spec: str, device: str = "auto", backend: str = "auto") -> LM:
     except (OSError, ValueError, KeyError) as e:  # transformers reports bad checkpoints this way
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot load model '{spec}': {first}") from e
-    model.to(dev).eval()
-    return LM(name=src.name, model=model, tokenizer=tok, device=dev, stop_ids=_stop_ids(tok, getattr(model.generation_config, "eos_token_id", None)))
+    return from_transformers(model.to(dev).eval(), tok, src.name)
+
+
+def from_transformers(model, tokenizer, name: str | None = None) -> LM:
+    """An already loaded transformers causal LM (on its own device and dtype) as an `LM`."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    name = name or getattr(model, "name_or_path", "") or type(model).__name__
+    return LM(name=name, model=model, tokenizer=tokenizer, device=model.device, stop_ids=stop_ids(tokenizer, eos))
 
 
 # ---------------------------------------------------------------------------------------
@@ -413,6 +449,37 @@ class DecodeBatch:
 
     def close(self) -> None:
         self.cache = None
+
+
+class DecodePool:
+    """The transformers side of LM.open_pool: each sequence its own one-row DecodeBatch, fed one
+    after the other (exactly what each computes alone). The prompt is prefilled in one piece,
+    as an in-process generation does (`chunk` None)."""
+
+    chunk = None
+
+    def __init__(self, lm: LM):
+        self.lm = lm
+        self._seqs: dict[int, DecodeBatch] = {}
+
+    def prefill(self, seq: int, tokens: list[int]) -> Tensor:
+        batch = self._seqs.get(seq)
+        if batch is None:
+            batch = self._seqs[seq] = DecodeBatch(self.lm, [tokens])
+            return batch.start()[0]
+        return batch.extend(tokens)[0]
+
+    def step(self, items: list[tuple[int, int]]) -> Tensor:
+        return torch.cat([self._seqs[seq].advance([t]) for seq, t in items])
+
+    def drop(self, seq: int) -> None:
+        batch = self._seqs.pop(seq, None)
+        if batch is not None:
+            batch.close()
+
+    def close(self) -> None:
+        for seq in list(self._seqs):
+            self.drop(seq)
 
 
 @torch.inference_mode()

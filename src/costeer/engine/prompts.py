@@ -156,7 +156,10 @@ def load_context(path: str | Path) -> str:
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"context file not found: {path}")
-    raw = p.read_text(encoding="utf-8")
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"context file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     suffix = p.suffix.lower()
     try:
         if suffix == ".json":

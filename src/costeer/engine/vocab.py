@@ -61,6 +61,16 @@ class VocabMap:
     def is_stop(self, k: int) -> bool:
         return k in self.stop_ids if self.identity else k == self.stop_index
 
+    def llm_positions(self) -> Tensor:
+        """LLM id -> aligned position, -1 where the id is not shared; the LLM's stop ids -> the STOP entry
+        (identity: every id below `size` is its own position).   -> long [largest mapped id + 1]"""
+        if self.identity:
+            return torch.arange(self.size)
+        position = torch.full((int(max(self.llm_index.max(), self.llm_stop.max())) + 1,), -1, dtype=torch.long)
+        position[self.llm_index] = torch.arange(len(self.llm_index))
+        position[self.llm_stop] = self.stop_index
+        return position
+
     def llm_token(self, k: int) -> int:
         """Aligned position -> LLM id (STOP maps to the LLM's first stop id)."""
         if self.identity:
@@ -86,9 +96,7 @@ def support_mask(vocab: VocabMap, llm_tokenizer, text: str) -> Tensor:
         ids |= set(vocab.stop_ids)
         mask[[i for i in ids if i < vocab.size]] = True
         return mask
-    # LLM id -> aligned position (-1: not shared), then the text's ids through it
-    position = torch.full((int(vocab.llm_index.max()) + 1,), -1, dtype=torch.long)
-    position[vocab.llm_index] = torch.arange(len(vocab.llm_index))
+    position = vocab.llm_positions()
     found = torch.tensor([i for i in ids if i < len(position)], dtype=torch.long)
     k = position[found]
     mask[k[k >= 0]] = True

@@ -1,0 +1,223 @@
+"""One scheduler thread that owns the model state of every session.
+
+Sessions never touch the model: they submit a Job (tokens to feed, then what to do with the
+log-probabilities after the last one) and await its future. Every tick the scheduler thread
+
+  1. frees the sequences of released sessions (ended, deleted, evicted): between forwards, so a
+     sequence is never freed while a forward uses it;
+  2. prefills: pieces of pending prompts, one owner (API key) after another in round-robin
+     order, until `prefill_budget` tokens are spent (at least one piece per tick), each piece
+     in its own forward (what the prompt computes alone);
+  3. steps: the next single token of every other session with work (a client's TOKEN, or one
+     token of a resumed session's replay) in ONE batched forward.
+
+A long prompt therefore costs everyone at most one piece per tick, a replay advances one token
+per tick beside everyone else's tokens, and releasing a session drops whatever it still had
+queued. Results (frames) are made in this thread too: the model's threads then never compete
+with another busy thread on a small machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import Tensor
+
+log = logging.getLogger("costeer.cloud")
+
+
+class Released(Exception):
+    """The job's session was released before its work was done."""
+
+
+@dataclass(eq=False)
+class Job:
+    """Tokens for one session's sequence: `prompt` fed in pieces, each alone; then `steps` fed one
+    per tick, batched with the other sessions; then `finish(logp [V])` -> the job's result."""
+
+    owner: str
+    prompt: list[int]
+    steps: deque[int]
+    finish: Callable[[Tensor], object]
+    future: Future = field(default_factory=Future)
+    fed: int = 0  # prompt tokens fed so far
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < len(self.prompt)
+
+    @property
+    def backlog(self) -> int:
+        """Tokens still to feed."""
+        return len(self.prompt) - self.fed + len(self.steps)
+
+
+def _settle(fut: Future, result: object = None, error: BaseException | None = None) -> None:
+    """Complete a future once (its waiter may have cancelled it meanwhile)."""
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+class Scheduler:
+    """Runs every session's forwards on `pool` (LM.open_pool) in one thread; sessions are
+    named by any hashable key (the server's session ids)."""
+
+    def __init__(self, pool, n_seq: int, prefill_budget: int):
+        self.pool, self.prefill_budget = pool, prefill_budget
+        self._cv = threading.Condition()
+        self._jobs: dict[object, Job] = {}  # at most one job per session, in submission order
+        self._seqs: dict[object, int] = {}  # session -> its sequence in the pool
+        self._free = list(range(n_seq - 1, -1, -1))
+        self._released: set[object] = set()
+        self._turns: deque[str] = deque()  # owners in round-robin order for prefills
+        self._closed = False
+        self.ticks = 0
+        self._thread = threading.Thread(target=self._run, name="costeer-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- called from other threads -------------------------------------------------------
+
+    def submit(self, key: object, job: Job) -> Future:
+        with self._cv:
+            if self._closed or key in self._released:
+                _settle(job.future, error=Released("the session has ended"))
+            elif key in self._jobs:
+                raise RuntimeError("a session has one job at a time")
+            else:
+                self._jobs[key] = job
+                if job.owner not in self._turns:  # a key with nothing queued goes first
+                    self._turns.appendleft(job.owner)
+                self._cv.notify()
+        return job.future
+
+    def release(self, key: object) -> None:
+        """Drop the session's queued work and free its sequence before the next forward."""
+        with self._cv:
+            self._released.add(key)
+            self._cv.notify()
+
+    def holds(self, key: object) -> bool:
+        """Does the session still have a sequence (model state) in the pool?"""
+        with self._cv:
+            return key in self._seqs
+
+    def backlog(self, keys) -> int:
+        """Tokens still to feed for these sessions."""
+        with self._cv:
+            return sum(j.backlog for k, j in self._jobs.items() if k in keys)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=60)
+        for job in self._jobs.values():
+            _settle(job.future, error=Released("the server is shutting down"))
+        self.pool.close()
+
+    # -- the scheduler thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._closed or self._released or self._jobs):
+                    self._cv.wait()
+                if self._closed:
+                    return
+                freed = self._take_released()
+                prefills, steps = self._plan()
+            for seq in freed:
+                self.pool.drop(seq)
+            self._prefill(prefills)
+            self._step(steps)
+            self.ticks += 1
+
+    def _take_released(self) -> list[int]:
+        freed = []
+        for key in self._released:
+            job = self._jobs.pop(key, None)
+            if job is not None:
+                _settle(job.future, error=Released("the session has ended"))
+            seq = self._seqs.pop(key, None)
+            if seq is not None:
+                freed.append(seq)
+                self._free.append(seq)
+        self._released.clear()
+        return freed
+
+    def _seq(self, key: object) -> int:
+        if key not in self._seqs:
+            self._seqs[key] = self._free.pop()  # the registry admits no more sessions than sequences
+        return self._seqs[key]
+
+    def _plan(self) -> tuple[list[tuple[object, Job, int, list[int]]], list[tuple[object, Job, int, int]]]:
+        """-> prefill pieces [(key, job, seq, tokens)] and steps [(key, job, seq, token)]."""
+        prefills, budget, served = [], self.prefill_budget, []
+        for owner in self._turns:
+            key, job = next(((k, j) for k, j in self._jobs.items() if j.owner == owner and j.prefilling), (None, None))
+            if job is None:
+                continue
+            piece = job.prompt[job.fed : job.fed + (self.pool.chunk or len(job.prompt))]
+            if prefills and len(piece) > budget:
+                break
+            prefills.append((key, job, self._seq(key), piece))
+            budget -= len(piece)
+            served.append(owner)
+        # owners served go to the back of the line; owners with nothing queued leave it
+        owners = {j.owner for j in self._jobs.values()}
+        waiting = [o for o in self._turns if o in owners and o not in served]
+        self._turns = deque(waiting + [o for o in served if o in owners])
+        steps = [(k, j, self._seq(k), j.steps[0]) for k, j in self._jobs.items() if not j.prefilling and j.steps]
+        return prefills, steps
+
+    def _prefill(self, pieces) -> None:
+        for key, job, seq, tokens in pieces:
+            try:
+                logp = self.pool.prefill(seq, tokens)
+            except Exception as e:  # the sequence is now in an unknown state: its session must end
+                self._fail([(key, job)], e)
+                continue
+            job.fed += len(tokens)
+            if not job.prefilling and not job.steps:
+                self._finish(key, job, logp)
+
+    def _step(self, steps) -> None:
+        if not steps:
+            return
+        try:
+            logps = self.pool.step([(seq, tok) for _, _, seq, tok in steps])  # [n, V]
+        except Exception as e:
+            self._fail([(key, job) for key, job, _, _ in steps], e)
+            return
+        for row, (key, job, _, _) in enumerate(steps):
+            job.steps.popleft()
+            if not job.steps:
+                self._finish(key, job, logps[row])
+
+    def _finish(self, key: object, job: Job, logp: Tensor) -> None:
+        with self._cv:
+            if self._jobs.get(key) is not job or key in self._released:  # released: the next tick settles it
+                return
+            del self._jobs[key]
+        try:
+            _settle(job.future, job.finish(logp))
+        except Exception as e:
+            _settle(job.future, error=e)
+
+    def _fail(self, jobs: list[tuple[object, Job]], error: Exception) -> None:
+        log.error("forward failed: %s", error)
+        with self._cv:
+            for key, job in jobs:
+                if self._jobs.get(key) is job:
+                    del self._jobs[key]
+                _settle(job.future, error=error)

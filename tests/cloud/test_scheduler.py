@@ -1,0 +1,176 @@
+"""The scheduler on a recording pool: batched steps, prefills in turn across keys, released
+sessions freed only between forwards and their queued work dropped."""
+
+import threading
+import time
+from collections import deque
+
+import pytest
+import torch
+
+from costeer.cloud.scheduler import Job, Released, Scheduler
+
+V = 8
+
+
+class RecordingPool:
+    """Records every call; `gate` (when cleared) holds a forward open until it is set."""
+
+    def __init__(self, chunk=4, delay=0.0):
+        self.chunk, self.delay = chunk, delay
+        self.calls: list[tuple] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.in_forward = threading.Event()
+        self.freed_during_forward = False
+        self.closed = False
+        self._busy = False
+
+    def _forward(self, call, n):
+        self._busy = True
+        self.in_forward.set()
+        self.calls.append(call)
+        self.gate.wait(timeout=30)
+        time.sleep(self.delay)
+        self._busy = False
+        return torch.zeros(n, V)
+
+    def prefill(self, seq, tokens):
+        return self._forward(("prefill", seq, tuple(tokens)), 1)[0]
+
+    def step(self, items):
+        return self._forward(("step", tuple(items)), len(items))
+
+    def drop(self, seq):
+        self.freed_during_forward |= self._busy
+        self.calls.append(("drop", seq))
+
+    def close(self):
+        self.closed = True
+
+
+def job(owner, prompt=(), steps=(), result="done"):
+    return Job(owner, list(prompt), deque(steps), lambda logp: (result, tuple(logp.shape)))
+
+
+def wait_until(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def pool():
+    return RecordingPool(delay=0.002)  # a forward takes a little time, as a real one does
+
+
+@pytest.fixture
+def sched(pool):
+    s = Scheduler(pool, n_seq=8, prefill_budget=4)
+    yield s
+    pool.gate.set()
+    s.close()
+
+
+def test_a_job_prefills_in_pieces_then_replays_one_step_per_tick(sched, pool):
+    fut = sched.submit("a", job("k1", prompt=range(10), steps=[7, 8]))
+    assert fut.result(timeout=10) == ("done", (V,))
+    assert pool.calls == [("prefill", 0, (0, 1, 2, 3)), ("prefill", 0, (4, 5, 6, 7)), ("prefill", 0, (8, 9)),
+                          ("step", ((0, 7),)), ("step", ((0, 8),))]  # fmt: skip
+
+
+def test_the_steps_of_all_sessions_go_into_one_forward(sched, pool):
+    pool.gate.clear()
+    first = sched.submit("a", job("k1", steps=[1]))
+    pool.in_forward.wait(10)  # the scheduler holds the first forward; queue the others meanwhile
+    futs = [sched.submit(k, job(o, steps=[2])) for k, o in (("b", "k1"), ("c", "k2"), ("d", "k3"))]
+    pool.gate.set()
+    first.result(timeout=10)
+    for f in futs:
+        f.result(timeout=10)
+    assert pool.calls[1] == ("step", ((1, 2), (2, 2), (3, 2)))  # one batched forward, a sequence each
+
+
+def test_prefills_take_the_keys_in_turn(sched, pool):
+    pool.gate.clear()
+    sched.submit("a0", job("greedy", prompt=range(12)))
+    pool.in_forward.wait(10)
+    for i in range(1, 4):
+        sched.submit(f"a{i}", job("greedy", prompt=range(12)))
+    late = sched.submit("b", job("polite", prompt=range(100, 104)))
+    pool.gate.set()
+    late.result(timeout=10)
+    prefills = [c[2] for c in pool.calls if c[0] == "prefill"]
+    # the other key's prompt is the second piece prefilled, however much the first key queued
+    assert prefills[:2] == [(0, 1, 2, 3), (100, 101, 102, 103)]
+
+
+def test_replays_do_not_hold_up_another_keys_steps(sched, pool):
+    replays = [sched.submit(f"r{i}", job("replayer", prompt=[1], steps=[5] * 2000)) for i in range(4)]
+    wait_until(lambda: len(pool.calls) > 20)
+    start = len(pool.calls)
+    for _ in range(5):
+        sched.submit("x", job("other", prompt=[1] if _ == 0 else [], steps=[] if _ == 0 else [3])).result(timeout=10)
+    # five answers in about five ticks: the replays advance beside it, one token each per tick
+    assert len(pool.calls) - start <= 12
+    assert not any(f.done() for f in replays)
+    for i in range(4):
+        sched.release(f"r{i}")
+    for f in replays:
+        with pytest.raises(Released):
+            f.result(timeout=10)
+
+
+def test_a_session_is_freed_only_after_the_forward_that_holds_it(sched, pool):
+    other = sched.submit("b", job("k2", prompt=[1]))
+    other.result(timeout=10)
+    pool.gate.clear()
+    pool.in_forward.clear()
+    fut = sched.submit("a", job("k1", prompt=[1, 2]))
+    pool.in_forward.wait(10)
+    sched.release("a")  # DELETE while the forward runs
+    time.sleep(0.1)
+    assert ("drop", 1) not in pool.calls and sched.holds("a")
+    pool.gate.set()
+    with pytest.raises(Released):
+        fut.result(timeout=10)
+    wait_until(lambda: not sched.holds("a"))
+    assert not pool.freed_during_forward
+    # the other session goes on, and the freed sequence is used again
+    assert sched.submit("b", job("k2", steps=[4])).result(timeout=10) == ("done", (V,))
+    assert sched.submit("c", job("k1", prompt=[9])).result(timeout=10)
+    assert ("prefill", 1, (9,)) in pool.calls
+
+
+def test_a_released_replay_stops_feeding_at_once(sched, pool):
+    fut = sched.submit("a", job("k1", prompt=[1], steps=[2] * 10_000))
+    wait_until(lambda: len(pool.calls) > 10)
+    assert sched.backlog({"a"}) > 9000
+    sched.release("a")
+    with pytest.raises(Released):
+        fut.result(timeout=10)
+    wait_until(lambda: not sched.holds("a"))
+    fed = len(pool.calls)
+    assert fed < 10_000 and sched.backlog({"a"}) == 0
+    time.sleep(0.05)
+    assert len(pool.calls) == fed  # nothing runs for it any more
+
+
+def test_a_failed_forward_fails_its_jobs_only(pool):
+    class Broken(RecordingPool):
+        def prefill(self, seq, tokens):
+            if tokens[0] == 666:
+                raise RuntimeError("boom")
+            return super().prefill(seq, tokens)
+
+    broken = Broken()
+    s = Scheduler(broken, n_seq=2, prefill_budget=4)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            s.submit("bad", job("k", prompt=[666])).result(timeout=10)
+        assert s.submit("good", job("k", prompt=[1])).result(timeout=10) == ("done", (V,))
+    finally:
+        s.close()
+    assert broken.closed
+

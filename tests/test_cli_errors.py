@@ -1,0 +1,117 @@
+"""What users found on the device side: every mistake a user can make gives one clear line and a
+non-zero exit (never a traceback, never silent wrong output); options a run would not read are named."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from costeer.cli import app
+from tests.device.folders import tiny_folders
+from tests.tiny import WINDOW
+
+runner = CliRunner()
+
+LONG_CONTEXT = " ".join(f"fact {i}: I like item number {i} a lot." for i in range(2000))  # > WINDOW tokens
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return tiny_folders(tmp_path_factory.mktemp("models"))
+
+
+def generate(folders, *args):
+    return runner.invoke(app, ["generate", "--llm", folders["llm"], "--slm", folders["slm"], *args])
+
+
+def one_error_line(r, message: str) -> str:
+    """The run failed with exit 2 and one `error:` line holding `message`; -> that line."""
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], r.output
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    "flag, value, reason",
+    [
+        ("--eta", "0", "--eta 0.0: must be greater than 0"),
+        ("--T", "1000000", "--T 1000000: must be less than or equal to 100000"),
+        ("--alpha", "-1", "--alpha -1.0: must be greater than or equal to 0"),
+        ("--lambda", "-2", "--lambda -2.0: must be greater than or equal to 0"),
+        ("--top-p", "0", "--top-p 0.0: must be greater than 0"),
+    ],
+)
+def test_a_bad_hyper_parameter_names_the_flag_and_the_reason(folders, flag, value, reason):
+    r = generate(folders, "-q", "hi", "--context", "I surf.", flag, value)
+    line = one_error_line(r, reason)
+    assert "validation error" not in line
+
+
+def test_an_unknown_device_is_one_line(folders):
+    one_error_line(generate(folders, "--method", "llm", "-q", "hi", "--device", "tpu"), "unknown device 'tpu'")
+
+
+@pytest.mark.parametrize("spec", ["/no/such/model.gguf", "models/missing.gguf", "./nowhere"])
+def test_a_missing_model_file_says_file_not_found(spec):
+    r = runner.invoke(app, ["generate", "--llm", spec, "--method", "llm", "-q", "hi"])
+    one_error_line(r, f"model file not found: {spec}")
+
+
+def test_a_non_utf8_context_file_is_named(folders, tmp_path):
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("Je m'appelle Zoé, j'habite à Orléans.".encode("latin-1"))
+    line = one_error_line(generate(folders, "-q", "hi", "--context-file", str(f)), "is not UTF-8")
+    assert str(f) in line
+
+
+def test_greedy_decoding_names_the_sampling_options_it_ignores(folders):
+    r = generate(folders, "--method", "llm", "-q", "hi", "--max-new-tokens", "2", "--seed", "3", "--top-k", "5")
+    assert r.exit_code == 0, r.output
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "--top-k, --seed" in warnings[0] and "--top-p" not in warnings[0]
+    r = generate(folders, "--method", "llm", "-q", "hi", "--max-new-tokens", "2", "--temperature", "0.7", "--seed", "3")
+    assert r.exit_code == 0 and "warning:" not in r.stderr
+
+
+def test_a_gate_without_a_steered_method_is_refused(folders, tmp_path):
+    one_error_line(generate(folders, "--method", "llm", "-q", "hi", "--gate", "0.5"), "llm does not steer")
+    r = runner.invoke(app, ["eval", "--task", "cogenesis", "--limit", "1", "--llm", folders["llm"], "--slm",
+                            folders["slm"], "--methods", "llm,slm", "--gate", "0.5", "--out", str(tmp_path / "run")])
+    one_error_line(r, "llm, slm does not steer")
+
+
+def test_a_context_past_the_trained_window_is_refused_before_any_forward(folders):
+    r = generate(folders, "-q", "what should I cook", "--context", LONG_CONTEXT, "--max-new-tokens", "4")
+    line = one_error_line(r, f"exceeds the trained window of slm ({WINDOW:,} tokens)")
+    assert "slm_context prompt" in line and "truncate" in line
+    assert r.stdout == ""  # nothing generated
+
+
+def test_truncate_context_cuts_the_end_and_says_so(folders):
+    r = generate(folders, "-q", "what should I cook", "--context", LONG_CONTEXT, "--max-new-tokens", "4",
+                 "--truncate-context", "--json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    notes = [line for line in r.stderr.splitlines() if line.startswith("note: cut the context")]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    kept = len(LONG_CONTEXT) - out["context_cut"]
+    assert len(notes) == 1 and f"first {kept:,} of {len(LONG_CONTEXT):,} characters" in notes[0]
+    n = len(out["prompt_ids"]["slm_context"])
+    assert WINDOW - 4 - 16 < n <= WINDOW - 4  # cut to fit, not far below
+
+
+def test_serve_on_a_port_in_use_fails_in_one_line_before_loading(folders):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = dict(os.environ, COSTEER_API_KEYS="key-0123456789abcdef")
+        p = subprocess.run([sys.executable, "-m", "costeer.cli", "serve", "--llm", folders["llm"], "--port", str(port),
+                            "--device", "cpu"], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
