@@ -121,11 +121,12 @@ def test_a_model_not_offered_is_an_error_on_the_page(client):
     assert "not offered here" in events[-2][1]["message"] and events[-1][0] == "end"
 
 
-def test_a_context_too_long_for_the_slm_is_an_error_on_the_page(client):
-    # the tiny models read 512 positions
-    events = answer(client, profile="spicy tofu " * 600, max_new_tokens=16)
+def test_a_context_too_long_for_the_slm_is_an_error_on_the_page(client, lms):
+    window = lms["tiny-slm"].window
+    panel = "spicy tofu " * 700  # three full panels: more tokens than the tiny SLM's window
+    events = answer(client, profile=panel, history=panel, preference=panel, max_new_tokens=16)
     errors = [d["message"] for k, d in events if k == "error"]
-    assert len(errors) == 1 and errors[0].startswith("the context is too long") and "512" in errors[0]
+    assert len(errors) == 1 and errors[0].startswith("the context is too long") and str(window) in errors[0]
     assert "start" not in [k for k, _ in events]
 
 
