@@ -13,9 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from costeer.engine.config import STEERING_STAGES, GenerationConfig, Method, SamplingConfig, SteeringConfig
+from costeer.engine.config import GenerationConfig, Method, SamplingConfig, SteeringConfig
 from costeer.engine.fusion import fusion_pipeline
-from costeer.engine.loop import LocalModelSource, LocalSteeringSource, SharedModel, Step, decode
+from costeer.engine.loop import DecodePlan, LLMSide, LocalSteeringSource, SharedModel, Step, decode
+from costeer.engine.methods import MethodSpec
 from costeer.engine.models import LM, load_lm
 from costeer.engine.prompts import prompt_ids, user_message
 from costeer.engine.vocab import VocabMap, align_vocabularies, support_mask
@@ -70,7 +71,7 @@ class _TextStream:
 
 
 class CoSteer:
-    def __init__(self, llm: LM | None, slm: LM | None, config: GenerationConfig | None = None):
+    def __init__(self, llm: LLMSide | None, slm: LM | None, config: GenerationConfig | None = None):
         if llm is None and slm is None:
             raise ValueError("need at least one model")
         self.llm, self.slm = llm, slm
@@ -127,7 +128,7 @@ class CoSteer:
             s = SamplingConfig.model_validate(s.model_dump())
         return s, steering or self.config.steering
 
-    # -- generation --------------------------------------------------------------------
+    # -- generation: check -> plan -> decode -------------------------------------------
 
     def stream(
         self,
@@ -151,69 +152,63 @@ class CoSteer:
         steering: the FTRL hyper-parameters and, for the costeer_* variants, `variant`
         (e.g. SteeringConfig(variant=VariantConfig(epsilon=0.3))).
         Overrides: temperature, top_k, top_p, seed, max_new_tokens."""
-        method = Method(method)
+        spec = Method(method).spec
+        s_cfg, st_cfg = self._config(sampling, steering, overrides)
+        self._check(spec, query, context, context_message, st_cfg)
+        prompts = self._branch_prompts(spec, query, context, context_message, reference_message)
+        plan = self._plan(spec, prompts, s_cfg, st_cfg, _with_context(query, context, context_message))
+        b = plan.fusion.coefficient if plan.fusion is not None else None
+        primary = self.llm if spec.uses_llm else self.slm
+        return GenerationStream(decode(plan), primary.tokenizer, Generation(spec.name, "", [], prompts, "length", b))
+
+    def _check(self, spec: MethodSpec, query: str, context: str | None, context_message: str | None,
+               steering: SteeringConfig) -> None:  # fmt: skip
+        """Refuse a request that cannot run here, or must not (the private context to a remote LLM)."""
         if not query or not query.strip():
             raise ValueError("the query is empty")
-        if (method.steered or method in (Method.llm_context, Method.slm_context)) and not (
-            (context and context.strip()) or (context_message and context_message.strip())
-        ):
-            raise ValueError(f"method '{method.value}' needs a personal context")
-        if method.uses_llm and self.llm is None:
-            raise ValueError(f"method '{method.value}' needs an LLM")
-        if method.uses_slm and self.slm is None:
-            raise ValueError(f"method '{method.value}' needs an SLM")
-        if method is Method.llm_context and getattr(self.llm, "remote", False):
-            raise ValueError("method 'llm_context' would send the private context to the cloud: refused")
-        s_cfg, st_cfg = self._config(sampling, steering, overrides)
-        private = method not in (Method.llm, Method.slm)
-        prompts = self.prompts(query, context if private else None, context_message if private else None,
-                               reference_message if method.matched else None)  # fmt: skip
-        prompts = {k: v for k, v in prompts.items() if k in _BRANCHES[method]}
-
-        if method.steered:
-            vocab, b = self.vocab(), st_cfg.coefficient(method)
-            primary = self.llm
-            slm_prompts = (prompts.get("slm_reference", prompts["slm"]), prompts["slm_context"])
-            source, steering, local = self._steered_sources(vocab, s_cfg, st_cfg, slm_prompts)
-            # the support rule goes with the matched reference: together they keep the user's details
-            # (docs/steering-variants.md §5); against the bare query the delta stays the paper's
-            support = None
-            if "support" in STEERING_STAGES[method] and "slm_reference" in prompts:
-                text = _with_context(query, context, context_message)
-                support = support_mask(vocab, self.llm.tokenizer, text).to(self.slm.device)  # where Δ lives
-            steps = decode(source, prompts["llm"], vocab, s_cfg, steering, slm_prompts, b,
-                           fusion=fusion_pipeline(method, st_cfg, support), gate=st_cfg.gate)  # fmt: skip
-            steps = _closing(steps, local)
-        else:
-            primary = self.llm if method.uses_llm else self.slm
-            vocab = VocabMap(size=primary.vocab_size, identity=True, stop_ids=primary.stop_ids)
-            b = None
-            source = self._llm_side(vocab, s_cfg)[0] if method.uses_llm else LocalModelSource(primary, s_cfg.max_new_tokens)
-            steps = decode(source, prompts[method.value], vocab, s_cfg)
-        steps = _closing(steps, source)
-        return GenerationStream(steps, primary.tokenizer, Generation(method.value, "", [], prompts, "length", b))
-
-    def _steered_sources(self, vocab: VocabMap, sampling: SamplingConfig, steering: SteeringConfig, slm_prompts):
-        """-> (next-token source, steering source, the in-process SLM source to close, if any)."""
-        if self.llm is self.slm and steering.gate is None:
-            # one model on both sides: its three sequences in one batch (a gate needs them apart)
-            shared = SharedModel(self.slm, slm_prompts, sampling.max_new_tokens)
-            return shared.llm, shared.steering, None
-        local = LocalSteeringSource(self.slm, sampling.max_new_tokens)
-        source, steering_source = self._llm_side(vocab, sampling, local, slm_prompts)
-        if steering.gate is not None and steering_source is not local:
+        if spec.needs_context and not ((context and context.strip()) or (context_message and context_message.strip())):
+            raise ValueError(f"method '{spec.name}' needs a personal context")
+        if spec.uses_llm and self.llm is None:
+            raise ValueError(f"method '{spec.name}' needs an LLM")
+        if spec.uses_slm and self.slm is None:
+            raise ValueError(f"method '{spec.name}' needs an SLM")
+        if spec.privacy_violating and self.llm.remote:
+            raise ValueError(f"method '{spec.name}' would send the private context to the cloud: refused")
+        if spec.steered and steering.gate is not None and self.llm.remote:
             raise ValueError("the confidence gate is for in-process generation: with the cloud, the SLM pair "
                              "already runs while the cloud answers")
-        return source, steering_source, local
 
-    def _llm_side(self, vocab: VocabMap, sampling: SamplingConfig, steering=None, slm_prompts=None):
-        """The LLM as a next-token source, with the steering source to pair it with: in-process,
-        or — when `llm` is a `costeer.device.CloudLLM` — a client of the cloud service that runs
-        the SLM pair while the cloud answers."""
-        connect = getattr(self.llm, "connect", None)
-        if connect is None:
-            return LocalModelSource(self.llm, sampling.max_new_tokens), steering
-        return connect(vocab, sampling.max_new_tokens, steering, slm_prompts)
+    def _branch_prompts(self, spec: MethodSpec, query: str, context: str | None, context_message: str | None,
+                        reference_message: str | None) -> dict[str, list[int]]:  # fmt: skip
+        """The prompts the method reads (its row's branches); only a method that reads the context sees it."""
+        private = spec.needs_context
+        prompts = self.prompts(query, context if private else None, context_message if private else None,
+                               reference_message if spec.matched else None)  # fmt: skip
+        return {k: v for k, v in prompts.items() if k in spec.branches}
+
+    def _plan(self, spec: MethodSpec, prompts: dict[str, list[int]], sampling: SamplingConfig,
+              steering: SteeringConfig, with_context: str | None) -> DecodePlan:  # fmt: skip
+        """The sources over their prompts, the vocabulary map and, steered, the fusion pipeline."""
+        n = sampling.max_new_tokens
+        if not spec.steered:
+            lm = self.llm if spec.uses_llm else self.slm
+            vocab = VocabMap(size=lm.vocab_size, identity=True, stop_ids=lm.stop_ids)
+            return DecodePlan(lm.connect(prompts[spec.primary], vocab, n)[0], vocab, sampling, prompts=prompts)
+        vocab = self.vocab()
+        pair_prompts = (prompts.get("slm_reference", prompts["slm"]), prompts["slm_context"])  # (without, with)
+        if self.llm is self.slm and steering.gate is None:
+            # one model on both sides: its three sequences in one batch (a gate needs them apart)
+            shared = SharedModel(self.slm, prompts["llm"], pair_prompts, n)
+            primary, pair = shared.llm, shared.steering
+        else:
+            primary, pair = self.llm.connect(prompts["llm"], vocab, n, LocalSteeringSource(self.slm, pair_prompts, n))
+        # the support rule goes with the matched reference: together they keep the user's details
+        # (docs/steering-variants.md §5); against the bare query the delta stays the paper's
+        support = None
+        if "support" in spec.stages and "slm_reference" in prompts:
+            support = support_mask(vocab, self.llm.tokenizer, with_context).to(self.slm.device)  # where Δ lives
+        fusion = fusion_pipeline(spec.name, steering, support)
+        return DecodePlan(primary, vocab, sampling, pair, fusion, steering.gate, prompts)
 
     def generate(self, query: str, context: str | None = None, method: Method | str = Method.costeer, **kw) -> Generation:
         """Run to the end and return text, token ids, prompts and per-token timings."""
@@ -249,26 +244,6 @@ class GenerationStream:
                 close()
 
 
-def _closing(steps: Iterator[Step], source) -> Iterator[Step]:
-    """Close the source (a cloud session) when the stream ends, however it ends."""
-    try:
-        yield from steps
-    finally:
-        close = getattr(source, "close", None)
-        if close is not None:
-            close()
-
-
 def _with_context(query: str, context: str | None, context_message: str | None) -> str | None:
     """The with-context user message: `context_message` verbatim, else the context then the query."""
     return context_message or (user_message(query, context) if context else None)
-
-
-_BRANCHES: dict[Method, tuple[str, ...]] = {
-    **{m: ("llm", "slm", "slm_context") for m in Method if m.steered},
-    Method.costeer_matched: ("llm", "slm", "slm_reference", "slm_context"),
-    Method.llm: ("llm",),
-    Method.llm_context: ("llm_context",),
-    Method.slm: ("slm",),
-    Method.slm_context: ("slm_context",),
-}

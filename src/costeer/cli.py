@@ -14,7 +14,8 @@ import typer
 
 from costeer import frames
 from costeer.device.options import HELP as CLOUD_K_HELP
-from costeer.engine.config import METHOD_HELP, GenerationConfig, Method, SamplingConfig, SteeringConfig, VariantConfig
+from costeer.engine.config import GenerationConfig, Method, SamplingConfig, SteeringConfig, VariantConfig
+from costeer.engine.methods import METHODS, PAPER_METHODS
 
 DEFAULT_LLM = "smollm2-135m-instruct"
 DEFAULT_SLM = "smollm2-135m-instruct"
@@ -26,7 +27,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-METHODS_DOC = "; ".join(f"{m.value}: {h}" for m, h in METHOD_HELP.items())
+METHODS_DOC = "; ".join(f"{s.name}: {s.help}" for s in METHODS)
 
 
 def _fail(msg: str) -> None:
@@ -274,7 +275,7 @@ def demo(
         typer.echo(f"\nPrivate context (stays on the device):\n{ctx}\n")
         typer.echo(f"Public query (all the cloud LLM sees): {example['query']}\n")
         for m in (Method.llm, Method.costeer, Method.costeer_matched, Method.slm_context):
-            typer.secho(f"── {m.value}: {METHOD_HELP[m]}", bold=True)
+            typer.secho(f"── {m.value}: {m.spec.help}", bold=True)
             stream = cs.stream(example["query"], ctx, m, reference_message=reference)
             for chunk in stream:
                 sys.stdout.write(chunk.text)
@@ -286,7 +287,7 @@ def demo(
     _run_guarded(run)
 
 
-ALL_METHODS = ",".join(("slm", "slm_context", "llm", "costeer", "light", "llm_context"))
+ALL_METHODS = ",".join(PAPER_METHODS)
 
 
 def _load_examples(task: str, data: Optional[Path], preference: Optional[str], limit: Optional[int]):
@@ -359,8 +360,9 @@ def eval_(
         from costeer.eval.report import render_markdown
 
         ms = parse_methods(methods.split(","))
-        if cloud is not None and Method.llm_context in ms:
-            raise ValueError("method 'llm_context' would send the private context to the cloud: drop it with --cloud")
+        leaky = [m.value for m in ms if m.spec.privacy_violating]
+        if cloud is not None and leaky:
+            raise ValueError(f"method '{leaky[0]}' would send the private context to the cloud: drop it with --cloud")
         examples, path = _load_examples(task, data, preference, limit)
         variant = _variant(tau, tau_pers, epsilon, repetition_penalty, no_repeat_ngram)
         cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens, variant, gate)

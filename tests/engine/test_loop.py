@@ -3,7 +3,8 @@
 import torch
 
 from costeer.engine.config import SamplingConfig
-from costeer.engine.loop import decode
+from costeer.engine.fusion import paper_pipeline
+from costeer.engine.loop import DecodePlan, decode
 from costeer.engine.vocab import VocabMap
 
 V, STOP = 6, 5
@@ -18,11 +19,12 @@ def one_hot_logp(i: int) -> torch.Tensor:
 class ScriptedLLM:
     """Prefers token 1, 2, 3, … in turn, then STOP; records what it was fed."""
 
-    def __init__(self):
+    def __init__(self, prompt_ids=(9,)):
+        self.prompt_ids = list(prompt_ids)  # given when built, as every source's prompt
         self.fed: list[int] = []
 
-    def start(self, prompt_ids):
-        self.prompt = prompt_ids
+    def start(self):
+        self.prompt = self.prompt_ids
         return one_hot_logp(1)
 
     def advance(self, token_id):
@@ -36,7 +38,7 @@ class ScriptedSLM:
     def __init__(self):
         self.fed: list[int] = []
 
-    def start(self, base_ids, pers_ids):
+    def start(self):
         return self._pair()
 
     def advance(self, token_id):
@@ -55,8 +57,8 @@ def vocab():
 
 
 def test_unsteered_loop_stops_on_the_stop_token():
-    llm = ScriptedLLM()
-    steps = list(decode(llm, [9, 9], vocab(), SamplingConfig(max_new_tokens=50)))
+    llm = ScriptedLLM([9, 9])
+    steps = list(decode(DecodePlan(llm, vocab(), SamplingConfig(max_new_tokens=50))))
     assert [s.token_id for s in steps] == [1, 2, 3, 4, 5]
     assert steps[-1].stop and not any(s.stop for s in steps[:-1])
     assert llm.fed == [1, 2, 3, 4]  # the stop token is never fed back
@@ -64,12 +66,12 @@ def test_unsteered_loop_stops_on_the_stop_token():
 
 
 def test_max_new_tokens_bounds_the_loop():
-    steps = list(decode(ScriptedLLM(), [9], vocab(), SamplingConfig(max_new_tokens=2)))
+    steps = list(decode(DecodePlan(ScriptedLLM(), vocab(), SamplingConfig(max_new_tokens=2))))
     assert [s.token_id for s in steps] == [1, 2]
 
 
 def test_steering_moves_the_choice_and_both_sides_get_the_token():
     llm, slm = ScriptedLLM(), ScriptedSLM()
-    steps = list(decode(llm, [9], vocab(), SamplingConfig(max_new_tokens=3), slm, ([1], [2]), b=1.0))
+    steps = list(decode(DecodePlan(llm, vocab(), SamplingConfig(max_new_tokens=3), slm, paper_pipeline(1.0))))
     assert [s.token_id for s in steps] == [4, 4, 4]
     assert llm.fed == slm.fed == [4, 4]

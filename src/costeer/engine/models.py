@@ -23,7 +23,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from costeer.engine.vocab import special_ids
+from costeer.engine.loop import LLMSide, LocalModelSource, NextTokenSource, SteeringSource
+from costeer.engine.vocab import VocabMap, special_ids
 
 log = logging.getLogger(__name__)
 
@@ -167,11 +168,13 @@ BACKENDS = ("auto", "transformers", "llamacpp")
 
 
 @dataclass
-class LM:
+class LM(LLMSide):
     """A causal LM with its tokenizer, device and the ids that end a generation.
 
     `model` is a transformers model, or a `LlamaCppModel` when backend == "llamacpp"; either
     way the tokenizer is the HF one (for a GGUF, read from the same file: the same ids)."""
+
+    remote = False  # in this process: it may read the private context (the llm_context baseline)
 
     name: str
     model: object
@@ -194,6 +197,11 @@ class LM:
         if self.backend == "llamacpp":
             return self.model.open(prompts, reserve)
         return DecodeBatch(self, prompts)
+
+    def connect(self, prompt_ids: list[int], vocab: VocabMap, max_new_tokens: int,
+                steering: SteeringSource | None = None) -> tuple[NextTokenSource, SteeringSource | None]:  # fmt: skip
+        """LLMSide: a source over this model in this process; the steering source runs as it is."""
+        return LocalModelSource(self, prompt_ids, max_new_tokens), steering
 
     @property
     def has_chat_template(self) -> bool:

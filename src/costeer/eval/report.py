@@ -22,11 +22,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from costeer.engine.methods import METHODS, PAPER_METHODS
+
 from . import metrics as M
 from .tasks import TASKS, Example, personal_text
 
-PRIVACY_VIOLATING: tuple[str, ...] = ("llm_context",)
-METHOD_ORDER: tuple[str, ...] = ("slm", "slm_context", "llm", "costeer", "light", "llm_context")
+# From the method table (engine/methods.py): the methods whose LLM reads the private context, and the paper's order.
+PRIVACY_VIOLATING: tuple[str, ...] = tuple(s.name for s in METHODS if s.privacy_violating)
+METHOD_ORDER: tuple[str, ...] = PAPER_METHODS
 _METHOD_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
