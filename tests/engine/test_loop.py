@@ -1,5 +1,6 @@
 """The decode loop over scripted sources: order of calls, stopping, steering on/off."""
 
+import pytest
 import torch
 
 from costeer.engine.config import SamplingConfig
@@ -75,3 +76,33 @@ def test_steering_moves_the_choice_and_both_sides_get_the_token():
     steps = list(decode(DecodePlan(llm, vocab(), SamplingConfig(max_new_tokens=3), slm, paper_pipeline(1.0))))
     assert [s.token_id for s in steps] == [4, 4, 4]
     assert llm.fed == slm.fed == [4, 4]
+
+
+def test_a_plan_pairs_a_steering_source_with_a_pipeline():
+    with pytest.raises(ValueError, match="fusion pipeline"):
+        DecodePlan(ScriptedLLM(), vocab(), SamplingConfig(), ScriptedSLM())
+    with pytest.raises(ValueError, match="fusion pipeline"):
+        DecodePlan(ScriptedLLM(), vocab(), SamplingConfig(), fusion=paper_pipeline(1.0))
+
+
+def test_decode_closes_the_sources_however_the_stream_ends():
+    class Closing(ScriptedLLM):
+        closed = 0
+
+        def close(self):
+            self.closed += 1
+
+    llm = Closing()
+    steps = decode(DecodePlan(llm, vocab(), SamplingConfig(max_new_tokens=50)))
+    next(steps)
+    steps.close()  # the consumer stops early
+    assert llm.closed == 1
+
+
+def test_every_llm_states_the_llm_protocol():
+    from costeer.device import CloudLLM, EngineLLM
+    from costeer.engine.loop import LLMSide
+    from costeer.engine.models import LM
+
+    assert all(LLMSide in c.__mro__ for c in (LM, CloudLLM, EngineLLM))  # stated, not just matched
+    assert LM.remote is False and CloudLLM.remote is True and EngineLLM.remote is True
