@@ -454,11 +454,16 @@ def serve(
     idle_timeout: float = typer.Option(120.0, min=0.1, help="Seconds without a message before a session is evicted."),
     values: str = typer.Option("f16", help="Top-k log-probabilities on the wire: f16 | f32."),
     packed_floor: float = typer.Option(frames.PACKED_FLOOR, help="Packed frames hold every token whose log-probability is at least this."),
+    ssl_certfile: Optional[Path] = typer.Option(None, help="TLS certificate (PEM): serve wss:// and https://."),
+    ssl_keyfile: Optional[Path] = typer.Option(None, help="The certificate's private key (PEM)."),
+    max_connections: int = typer.Option(256, min=1, help="Open sockets in all; more are answered 503 at once."),
+    send_timeout: float = typer.Option(30.0, min=0.1, help="Seconds a peer may take to read a frame before it is dropped."),
+    handshake_timeout: float = typer.Option(10.0, min=0.1, help="Seconds for a whole HTTP request, then for OPEN/ATTACH."),
     device: str = DEVICE_OPT,
     backend: str = BACKEND_OPT,
     log_level: str = typer.Option("info"),
 ) -> None:
-    """Serve the LLM to devices over a WebSocket (the cloud side of the split; docs/wire-format.md)."""
+    """Serve the LLM to devices over a WebSocket (the cloud side of the split; docs/wire-format.md, docs/security.md)."""
 
     def run():
         import logging
@@ -470,10 +475,14 @@ def serve(
         keys = read_api_keys(os.environ.get("COSTEER_API_KEYS"), api_keys_file)
         settings = ServerSettings(api_keys=keys, max_sessions=max_sessions, max_sessions_per_key=max_sessions_per_key,
                                   max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
-                                  idle_timeout_s=idle_timeout, values=values, packed_floor=packed_floor)  # fmt: skip
+                                  idle_timeout_s=idle_timeout, values=values, packed_floor=packed_floor,
+                                  max_connections=max_connections, send_timeout_s=send_timeout,
+                                  handshake_timeout_s=handshake_timeout)  # fmt: skip
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
         _quiet_libraries()
-        run_server(llm, settings, host=host, port=port, device=device, backend=backend, log_level=log_level)
+        run_server(llm, settings, host=host, port=port, device=device, backend=backend, log_level=log_level,
+                   ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
+                   ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None)  # fmt: skip
 
     _run_guarded(run)
 

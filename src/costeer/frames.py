@@ -204,8 +204,22 @@ def _expect_size(data: bytes, layout: struct.Struct, name: str) -> None:
         raise FrameError(f"{name} frame must be {layout.size} bytes, got {len(data)}")
 
 
+def _check_values(values: np.ndarray, log_tail: float) -> None:
+    """Log-probabilities as they may arrive: -inf (ruled out) or finite, never NaN or +inf."""
+    if not (values < np.inf).all() or not log_tail < math.inf:  # NaN compares False
+        raise FrameError("DIST frame holds a value that is not a log-probability (NaN or +inf)")
+
+
+def _check_ids(ids: np.ndarray, vocab: int) -> None:
+    if len(ids) and int(ids.max()) >= vocab:
+        raise FrameError("DIST frame holds a token id outside the vocabulary")
+    if len(np.unique(ids)) != len(ids):
+        raise FrameError("DIST frame holds a token id twice")
+
+
 def decode_downlink(data: bytes) -> Downlink:
-    """Cloud -> device bytes -> message; raises FrameError."""
+    """Cloud -> device bytes -> message; raises FrameError (malformed, wrong version, impossible
+    values: a token id twice or outside the vocabulary, NaN or +inf log-probabilities)."""
     kind = _header(data)
     if kind == READY:
         _expect_size(data, _READY, "READY")
@@ -216,11 +230,14 @@ def decode_downlink(data: bytes) -> Downlink:
             raise FrameError("DIST frame too short")
         _, _, enc, width, pos, vocab, k, log_tail = _DIST.unpack_from(data)
         body = memoryview(data)[_DIST.size :]
+        if vocab < 1:
+            raise FrameError("DIST frame with an empty vocabulary")
         if enc == FULL_F32:
             if k != vocab or len(body) != 4 * vocab:
                 raise FrameError("full DIST frame length does not match its vocabulary size")
-            logp = torch.from_numpy(np.frombuffer(body, dtype="<f4").astype(np.float32))
-            return Dist(pos, vocab, logp, None, float("-inf"))
+            logp = np.frombuffer(body, dtype="<f4").astype(np.float32)
+            _check_values(logp, -math.inf)
+            return Dist(pos, vocab, torch.from_numpy(logp), None, float("-inf"))
         if enc == TOPK_PACKED:
             return _decode_packed(body, pos, vocab, k, log_tail)
         if enc not in (TOPK_F16, TOPK_F32) or width not in (2, 4):
@@ -230,8 +247,8 @@ def decode_downlink(data: bytes) -> Downlink:
             raise FrameError("top-k DIST frame length does not match k")
         ids = np.frombuffer(body[: k * width], dtype="<u2" if width == 2 else "<u4").astype(np.int64)
         vals = np.frombuffer(body[k * width :], dtype="<f2" if vbytes == 2 else "<f4").astype(np.float32)
-        if k and int(ids.max()) >= vocab:
-            raise FrameError("DIST frame holds a token id outside the vocabulary")
+        _check_ids(ids, vocab)
+        _check_values(vals, log_tail)
         cap = None
         if k and vbytes == 2:  # the k-th value was rounded to float16: the bound is half a step above it
             low = np.float16(vals.min())
@@ -348,8 +365,9 @@ def encode_packed(logp: Tensor, k: int, position: int, floor: float = PACKED_FLO
     V = x.shape[0]
     above = x >= floor
     n = int(above.sum())
-    # entry counts travel as u16 per band: 65,535 entries in all keeps every band within one
-    k = min(V - 1, max(n, PACKED_HEAD), k or V, 0xFFFF)
+    # entry counts travel as u16 per band: 65,535 entries in all keeps every band within one;
+    # a token ruled out (-inf) is never an entry (no band holds it)
+    k = min(V - 1, max(n, PACKED_HEAD), k or V, 0xFFFF, int(torch.isfinite(x).sum()))
     if k == n:  # the usual case: the floor decides, one pass over V instead of a top-k
         ids_t = above.nonzero().squeeze(1)
         vals_t, order = torch.sort(x[ids_t], descending=True)
@@ -399,6 +417,9 @@ def _decode_packed(body: memoryview, pos: int, vocab: int, k: int, log_tail: flo
     if len(body) < _PACKED.size:
         raise FrameError("packed DIST frame too short")
     top, head_floor, kth, h, n_bands, step = _PACKED.unpack_from(body)
+    if not all(math.isfinite(v) for v in (top, head_floor, kth, step)):
+        raise FrameError("packed DIST frame: a value in its header is not finite")
+    _check_values(np.zeros(0), log_tail)
     at = _PACKED.size
     fixed = 2 * n_bands + (n_bands + 1) + 2 * h + 4
     if len(body) < at + fixed or not 0 < k < vocab or h > k or not step > 0:
@@ -421,13 +442,15 @@ def _decode_packed(body: memoryview, pos: int, vocab: int, k: int, log_tail: flo
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     before = np.repeat(np.where(starts > 0, total[np.maximum(starts - 1, 0)], 0), counts)
     ids = total - before - 1
-    if k and int(ids.max()) >= vocab:
-        raise FrameError("DIST frame holds a token id outside the vocabulary")
+    _check_ids(ids, vocab)
     band = np.repeat(np.arange(n_bands + 1), counts)[h:] - 1
     hi = head_floor - band * step
     lo = np.maximum(hi - step, kth)  # every entry sent is at least the k-th value
-    values = np.concatenate([top - head_q / PACKED_HEAD_SCALE, (hi + lo) / 2])
-    width = np.concatenate([np.zeros(h), hi - lo])
+    # a head value at the u16 ceiling was clipped: it lies anywhere from 32 nats below the top down to kth
+    head_hi = top - head_q / PACKED_HEAD_SCALE
+    head_lo = np.where(head_q >= 0xFFFF, np.minimum(head_hi, kth), head_hi)
+    values = np.concatenate([(head_hi + head_lo) / 2, (hi + lo) / 2])
+    width = np.concatenate([head_hi - head_lo, hi - lo])
     return Dist(
         pos, vocab, torch.from_numpy(values.astype(np.float32)), torch.from_numpy(ids), float(log_tail),
         torch.from_numpy(width.astype(np.float32)), float(kth),

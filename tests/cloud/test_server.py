@@ -1,8 +1,10 @@
 """The cloud service on 127.0.0.1 with a tiny LLM: keys, session isolation, limits, and a
 documented error for every bad input while a concurrent healthy session completes."""
 
+import logging
 import secrets
 import socket
+import threading
 import time
 
 import httpx
@@ -15,7 +17,8 @@ from costeer.api import CoSteer
 from costeer.cloud import ServerSettings, read_api_keys
 from costeer.device import connect_cloud
 from costeer.frames import Attach, Open, Token
-from tests.cloud.server_util import KEY_A, KEY_B, ThreadServer
+from tests.cloud.server_util import KEY_A, KEY_B, RawClient, ThreadServer, wait_until
+from tests.tiny import bpe_tokenizer, llama, make_lm
 
 QUERY = "what should I cook tonight"
 CONTEXT = "my name is Sam, I live in Seattle and I like spicy tofu and long runs on Sunday morning"
@@ -187,13 +190,6 @@ def test_bad_input_gets_its_error_and_a_healthy_session_completes(case, server, 
     wait_until(lambda: not server.registry.sessions)
 
 
-def wait_until(cond, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
-
-
 def test_too_many_sessions_per_key(server):
     limit = server.settings.max_sessions_per_key
     conns = [ws_open(server, KEY_A) for _ in range(limit + 1)]
@@ -305,3 +301,122 @@ def test_a_packed_session_answers_with_packed_frames(server):
         assert get(server, f"/v1/sessions/{ready.session_id.hex()}", KEY_A).json()["frames"] == "packed"
         ws.send(frames.Token(int(dist.ids[0])).encode())
         assert frames.decode_downlink(ws.recv(timeout=10)).position == 1
+
+
+# ---------------------------------------------------------------------------------------
+# Peers that stop reading, close early, or put keys in the URL
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wide_server():
+    """Full frames of a 65,536-wide vocabulary (256 KB each): a few fill every buffer on the way."""
+    tok = bpe_tokenizer()
+    srv = ThreadServer(make_lm("wide", llama(65_536, seed=3), tok), idle_timeout_s=1.0, send_timeout_s=1.0)
+    yield srv
+    srv.stop()
+
+
+def test_a_client_that_never_reads_blocks_neither_eviction_nor_other_sessions(wide_server):
+    srv = wide_server
+    hostile = RawClient(srv.port, KEY_A, rcvbuf=4096)
+    try:
+        hostile.send(Open([1, 2, 3], frames.FULL, 40).encode())
+        for _ in range(39):  # pipelined, and not one answer read
+            hostile.send(Token(5).encode())
+        wait_until(lambda: len(srv.registry.sessions) == 1)
+        # another key's session still gets its frames, and is evicted when it idles
+        with ws_open(srv, KEY_B) as ws:
+            open_session(ws, k=8, max_new=5)
+            ws.send(Token(7).encode())
+            assert frames.decode_downlink(ws.recv(timeout=10)).position == 1
+            closed_with(ws, frames.CLOSE_IDLE, "idle for more than 1 s")
+        # the hostile session is evicted and its socket released, though it never read a byte
+        wait_until(lambda: not srv.registry.sessions, timeout=10)
+        wait_until(lambda: not srv.server.server_state.connections, timeout=10)
+    finally:
+        hostile.close()
+
+
+@pytest.fixture
+def held_prefill(server, monkeypatch):
+    """OPEN's prefill waits for `release` (set by the test), `started` once it is under way."""
+    started, release = threading.Event(), threading.Event()
+    start = server.registry.start
+
+    def held(sess):
+        started.set()
+        release.wait(10)
+        return start(sess)
+
+    monkeypatch.setattr(server.registry, "start", held)
+    yield started, release
+    release.set()
+
+
+def test_close_1000_before_ready_ends_the_session(server, held_prefill):
+    """docs/wire-format.md: a device close with 1000 ends the session at once, also while its
+    OPEN is still being served (here the prefill is held until the device has closed)."""
+    started, release = held_prefill
+    ws = ws_open(server, KEY_A)
+    ws.send(Open([1, 2, 3], 8, 5).encode())
+    assert started.wait(10)
+    ws.close(1000)
+    release.set()
+    wait_until(lambda: not server.registry.sessions)  # not kept for ATTACH until the idle timeout (30 s)
+
+
+def test_an_abrupt_drop_before_ready_keeps_the_session_for_attach(server, held_prefill):
+    started, release = held_prefill
+    ws = ws_open(server, KEY_A)
+    ws.send(Open([1, 2, 3], 8, 5).encode())
+    assert started.wait(10)
+    ws.socket.shutdown(socket.SHUT_RDWR)
+    ws.close()
+    release.set()
+    wait_until(lambda: server.registry.sessions and not next(iter(server.registry.sessions.values())).attached)
+    for sess in list(server.registry.sessions.values()):
+        server.registry.end(sess, "test over")
+
+
+def test_a_websocket_that_never_opens_is_closed_after_the_handshake_timeout(tiny_llm):
+    srv = ThreadServer(tiny_llm, handshake_timeout_s=0.5)
+    try:
+        client = RawClient(srv.port)
+        t0 = time.monotonic()
+        assert client.close_code() == frames.CLOSE_IDLE
+        assert time.monotonic() - t0 < 5
+        client.close()
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def uvicorn_lines():
+    """What uvicorn logs about requests (access and WebSocket lines), after its filters."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    loggers = [logging.getLogger(n) for n in ("uvicorn.access", "uvicorn.error")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+    yield records
+    for lg, level in zip(loggers, levels):
+        lg.removeHandler(handler)
+        lg.setLevel(level)
+
+
+def test_a_key_in_the_query_string_is_refused_and_never_logged(server, uvicorn_lines):
+    for key in (KEY_A, None):  # with or without a good Authorization header
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        r = httpx.get(f"{server.http}/v1/info?api_key={KEY_B}", headers=headers, timeout=10, trust_env=False)
+        assert r.status_code == 400 and "Authorization header" in r.json()["error"]
+    with pytest.raises(InvalidStatus) as e:
+        connect(f"{server.url}/v1/stream?token={KEY_B}", additional_headers={"Authorization": f"Bearer {KEY_A}"},
+                proxy=None)  # fmt: skip
+    assert e.value.response.status_code == 400
+    lines = [r.getMessage() for r in uvicorn_lines]
+    assert any("?<redacted>" in line for line in lines), lines
+    assert not any(KEY_B in line for line in lines)

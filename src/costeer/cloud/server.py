@@ -8,12 +8,14 @@
     GET  /v1/sessions/{id}        one of them (404 for unknown *and* foreign ids)
     DELETE /v1/sessions/{id}      end it (its socket is closed with 4410)
 
-Every route but /v1/health needs `Authorization: Bearer <key>`. HTTP errors are a status and
-a JSON body {"error": ...}; WebSocket errors are a close code and reason (docs/wire-format.md).
+Every route but /v1/health needs `Authorization: Bearer <key>`; no route takes a query string
+(one is refused, so a key put there is never used). HTTP errors are a status and a JSON body
+{"error": ...}; WebSocket errors are a close code and reason (docs/wire-format.md).
 
 The only inputs are token ids and options: there is no route or message that takes context
 text, SLM outputs or deltas. A session's forwards run in worker threads (torch releases the
-GIL), so one slow or broken session never blocks the others.
+GIL), so one slow or broken session never blocks the others; every send and close on a socket
+has a timeout, so neither does a peer that stops reading (docs/security.md).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import HTTPException, RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from costeer import frames
@@ -35,6 +38,9 @@ from costeer.cloud.sessions import KeyRing, ProtocolError, Registry, ServerSetti
 from costeer.engine.models import LM
 
 log = logging.getLogger("costeer.cloud")
+
+UNAUTHORIZED = "missing or invalid API key"
+QUERY_REFUSED = "query strings are refused: send the key in the Authorization header"
 
 
 def tokenizer_files(tokenizer) -> dict[str, str]:
@@ -50,7 +56,11 @@ def create_app(lm: LM, settings: ServerSettings) -> FastAPI:
     fingerprint = frames.tokenizer_fingerprint(lm.tokenizer)
     tok_files: dict[str, str] = {}
 
+    closing: set[asyncio.Task] = set()  # the reaper's closes, referenced until done
+
     async def reaper():
+        """Evicts idle sessions; it never waits on a socket (each close runs in its own task, with
+        a timeout), so a peer that stops reading cannot stop eviction for everyone."""
         period = max(0.05, min(1.0, settings.idle_timeout_s / 4))
         while True:
             await asyncio.sleep(period)
@@ -58,7 +68,10 @@ def create_app(lm: LM, settings: ServerSettings) -> FastAPI:
                 ws = sess.websocket
                 registry.end(sess, "idle")
                 if ws is not None:
-                    await _close(ws, frames.CLOSE_IDLE, f"idle for more than {settings.idle_timeout_s:g} s; session evicted")
+                    why = f"idle for more than {settings.idle_timeout_s:g} s; session evicted"
+                    task = asyncio.create_task(_close(ws, frames.CLOSE_IDLE, why, settings.send_timeout_s))
+                    closing.add(task)
+                    task.add_done_callback(closing.discard)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -70,6 +83,7 @@ def create_app(lm: LM, settings: ServerSettings) -> FastAPI:
 
     app = FastAPI(title="costeer cloud", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.registry = registry
+    app.add_middleware(RefuseQueryStrings)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -82,7 +96,7 @@ def create_app(lm: LM, settings: ServerSettings) -> FastAPI:
     def require_key(request: Request) -> str:
         owner = keys.authenticate(request.headers.get("authorization"))
         if owner is None:
-            raise HTTPException(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
         return owner
 
     @app.get("/v1/health")
@@ -132,14 +146,14 @@ def create_app(lm: LM, settings: ServerSettings) -> FastAPI:
         ws = sess.websocket
         registry.end(sess, "deleted by owner")
         if ws is not None:
-            await _close(ws, frames.CLOSE_ENDED, "session ended by its owner")
+            await _close(ws, frames.CLOSE_ENDED, "session ended by its owner", settings.send_timeout_s)
         return {"ended": sid}
 
     @app.websocket("/v1/stream")
     async def stream(ws: WebSocket):
         owner = keys.authenticate(ws.headers.get("authorization"))
         if owner is None:
-            await _deny(ws)
+            await _deny(ws, 401, UNAUTHORIZED, frames.CLOSE_UNAUTHORIZED)
             return
         await ws.accept()
         try:
@@ -148,39 +162,58 @@ def create_app(lm: LM, settings: ServerSettings) -> FastAPI:
             sess = getattr(ws.state, "session", None)
             if sess is not None and sess.websocket is ws:
                 registry.end(sess, f"error {e.code}")
-            await _close(ws, e.code, e.reason)
+            await _close(ws, e.code, e.reason, settings.send_timeout_s)
         except Exception:  # a bug: this session ends, the server goes on
             log.exception("session failed")
             sess = getattr(ws.state, "session", None)
             if sess is not None and sess.websocket is ws:
                 registry.end(sess, "internal error")
-            await _close(ws, frames.CLOSE_INTERNAL, "internal error")
+            await _close(ws, frames.CLOSE_INTERNAL, "internal error", settings.send_timeout_s)
 
     return app
 
 
-async def _deny(ws: WebSocket) -> None:
-    """Refuse the handshake with HTTP 401 + JSON where the server supports it, else close 4401."""
-    body = {"error": "missing or invalid API key"}
+class RefuseQueryStrings:
+    """No route takes a query string. A request with one is refused before any route runs (a key
+    put there is never used), and costeer.cloud.net redacts query strings from the log."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("query_string"):
+            await JSONResponse({"error": QUERY_REFUSED}, status_code=400)(scope, receive, send)
+        elif scope["type"] == "websocket" and scope.get("query_string"):
+            await _deny(WebSocket(scope, receive, send), 400, QUERY_REFUSED, frames.CLOSE_MALFORMED)
+        else:
+            await self.app(scope, receive, send)
+
+
+async def _deny(ws: WebSocket, status: int, error: str, close_code: int) -> None:
+    """Refuse the handshake with an HTTP status + JSON where the server supports it, else accept
+    and close with `close_code`."""
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     if "websocket.http.response" in ws.scope.get("extensions", {}):
-        await ws.send_denial_response(JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"}))
+        await ws.send_denial_response(JSONResponse({"error": error}, status_code=status, headers=headers))
     else:
         await ws.accept()
-        await _close(ws, frames.CLOSE_UNAUTHORIZED, body["error"])
+        await _close(ws, close_code, error, timeout=10.0)
 
 
-async def _close(ws: WebSocket, code: int, reason: str) -> None:
+async def _close(ws: WebSocket, code: int, reason: str, timeout: float) -> None:
+    """Close with a code; a peer that does not take the close frame within `timeout` is left to
+    the transport (costeer.cloud.net.Lingering aborts it)."""
     if ws.application_state == WebSocketState.CONNECTED and ws.client_state == WebSocketState.CONNECTED:
         with contextlib.suppress(Exception):
-            await ws.close(code, reason[:120])
+            await asyncio.wait_for(ws.close(code, reason[:120]), timeout)
 
 
-async def _receive(ws: WebSocket, settings: ServerSettings) -> bytes | None:
-    """The next binary message; None when the peer is gone."""
+async def _receive(ws: WebSocket, timeout: float, why: str) -> bytes | None:
+    """The next binary message; None when the peer is gone (its close code in ws.state)."""
     try:
-        msg = await asyncio.wait_for(ws.receive(), timeout=settings.idle_timeout_s)
+        msg = await asyncio.wait_for(ws.receive(), timeout=timeout)
     except asyncio.TimeoutError:
-        raise ProtocolError(frames.CLOSE_IDLE, f"idle for more than {settings.idle_timeout_s:g} s; session evicted")
+        raise ProtocolError(frames.CLOSE_IDLE, why)
     if msg["type"] == "websocket.disconnect":
         ws.state.disconnect_code = msg.get("code", 1005)
         return None
@@ -193,14 +226,14 @@ async def _serve(ws: WebSocket, owner: str, registry: Registry, settings: Server
     """One connection: OPEN or ATTACH, then TOKEN after TOKEN. Raises ProtocolError on bad input."""
     sess: Session | None = None
     while True:
-        data = await _receive(ws, settings)
+        if sess is None:
+            data = await _receive(ws, settings.handshake_timeout_s,
+                                  f"no OPEN or ATTACH within {settings.handshake_timeout_s:g} s")  # fmt: skip
+        else:
+            data = await _receive(ws, settings.idle_timeout_s,
+                                  f"idle for more than {settings.idle_timeout_s:g} s; session evicted")  # fmt: skip
         if data is None:  # the device went away
-            if sess is not None and not sess.ended and sess.websocket is ws:
-                if getattr(ws.state, "disconnect_code", None) == frames.CLOSE_NORMAL:
-                    registry.end(sess, "closed by the device")
-                else:  # a dropped connection: keep the state for ATTACH until the idle timeout
-                    sess.attached, sess.websocket = False, None
-                    sess.touch()
+            _device_gone(registry, sess, ws, ws.state.disconnect_code)
             return
         if sess is not None and (sess.ended or sess.websocket is not ws):  # evicted, deleted or taken over
             return
@@ -231,7 +264,7 @@ async def _serve(ws: WebSocket, owner: str, registry: Registry, settings: Server
                 ws.state.session = sess
                 sess.websocket, sess.attached = ws, True
                 if old is not None and old is not ws:
-                    await _close(old, frames.CLOSE_ORDER, "taken over by a new connection")
+                    await _close(old, frames.CLOSE_ORDER, "taken over by a new connection", settings.send_timeout_s)
                 if msg.n_generated == sess.position:
                     frame = sess.last_frame
                 elif msg.n_generated == sess.position + 1 and msg.last_token != frames.NO_TOKEN:
@@ -243,8 +276,8 @@ async def _serve(ws: WebSocket, owner: str, registry: Registry, settings: Server
             else:
                 raise ProtocolError(frames.CLOSE_ORDER, "TOKEN before OPEN: open a session first")
             sess.touch()
-            if not (await _send(ws, sess, frames.Ready(sess.id, registry.lm.vocab_size, sess.position).encode())
-                    and await _send(ws, sess, frame)):  # fmt: skip
+            ready = frames.Ready(sess.id, registry.lm.vocab_size, sess.position).encode()
+            if not (await _send(ws, sess, registry, ready, settings) and await _send(ws, sess, registry, frame, settings)):
                 return
             continue
         if not isinstance(msg, frames.Token):
@@ -254,20 +287,50 @@ async def _serve(ws: WebSocket, owner: str, registry: Registry, settings: Server
         if sess.ended or sess.websocket is not ws:
             return
         sess.touch()
-        if not await _send(ws, sess, frame):
+        if not await _send(ws, sess, registry, frame, settings):
             return
 
 
-async def _send(ws: WebSocket, sess: Session, data: bytes) -> bool:
-    """Send; a device that went away meanwhile detaches the session (kept for ATTACH)."""
+async def _send(ws: WebSocket, sess: Session, registry: Registry, data: bytes, settings: ServerSettings) -> bool:
+    """Send within send_timeout_s. A device that went away meanwhile, or stopped reading, loses
+    its connection; the session ends if it had closed with 1000, else waits for ATTACH."""
     try:
-        await ws.send_bytes(data)
+        await asyncio.wait_for(ws.send_bytes(data), settings.send_timeout_s)
         return True
+    except asyncio.TimeoutError:
+        log.info("session %s…: the device took no frame for %g s; connection dropped", sess.id.hex()[:8],
+                 settings.send_timeout_s)  # fmt: skip
+        _device_gone(registry, sess, ws, None)
     except (WebSocketDisconnect, RuntimeError, OSError):
-        if not sess.ended and sess.websocket is ws:
-            sess.attached, sess.websocket = False, None
-            sess.touch()
-        return False
+        _device_gone(registry, sess, ws, await _close_code(ws, settings.send_timeout_s))
+    return False
+
+
+async def _close_code(ws: WebSocket, timeout: float) -> int | None:
+    """After a failed send: the close code the device sent, read from what is still queued."""
+
+    async def drain() -> int | None:
+        while True:
+            msg = await ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                return msg.get("code")
+
+    try:
+        return await asyncio.wait_for(drain(), timeout)
+    except (asyncio.TimeoutError, RuntimeError):
+        return None
+
+
+def _device_gone(registry: Registry, sess: Session | None, ws: WebSocket, code: int | None) -> None:
+    """The device's connection is gone: a close with 1000 ends its session at once (even before
+    READY); any other drop keeps the session for ATTACH until the idle timeout."""
+    if sess is None or sess.ended or sess.websocket is not ws:
+        return
+    if code == frames.CLOSE_NORMAL:
+        registry.end(sess, "closed by the device")
+    else:
+        sess.attached, sess.websocket = False, None
+        sess.touch()
 
 
 async def _advance(registry: Registry, sess: Session, token_id: int) -> bytes:
@@ -286,19 +349,23 @@ def serve(
     device: str = "auto",
     backend: str = "auto",
     log_level: str = "info",
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
 ) -> None:
     """Load the LLM and serve until interrupted."""
     import uvicorn
 
+    from costeer.cloud.net import check_tls, fit_file_limit, uvicorn_config
     from costeer.engine.models import load_lm
 
+    check_tls(ssl_certfile, ssl_keyfile)
+    fit_file_limit(settings.max_connections)
     lm = load_lm(llm, device, backend)
-    log.info("serving %s (V=%d) on %s:%d", lm.name, lm.vocab_size, host, port)
-    uvicorn.run(
-        create_app(lm, settings),
-        host=host,
-        port=port,
-        ws="websockets-sansio",
-        ws_max_size=settings.max_uplink_bytes,
-        log_level=log_level,
-    )
+    cfg = uvicorn_config(create_app(lm, settings), settings, host=host, port=port, log_level=log_level,
+                         ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)  # fmt: skip
+    scheme = "wss" if ssl_certfile else "ws"
+    if not ssl_certfile and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without TLS: API keys and tokens travel in clear unless a reverse proxy "
+                    "terminates TLS in front (--ssl-certfile/--ssl-keyfile; docs/security.md)", host)  # fmt: skip
+    log.info("serving %s (V=%d) on %s://%s:%d", lm.name, lm.vocab_size, scheme, host, port)
+    uvicorn.Server(cfg).run()

@@ -43,10 +43,16 @@ class ServerSettings:
     idle_timeout_s: float = 120.0  # no message for this long: the session is evicted
     values: str = "f16"  # top-k log-probabilities: f16 | f32
     packed_floor: float = frames.PACKED_FLOOR  # packed frames hold every token at least this likely (log)
+    # connections (costeer.cloud.net): a hostile or broken peer holds a socket for a bounded time
+    send_timeout_s: float = 30.0  # a peer that has not taken a frame or a close within this is dropped
+    handshake_timeout_s: float = 10.0  # a whole HTTP request, then a WebSocket's OPEN or ATTACH
+    max_connections: int = 256  # open sockets, HTTP and WebSocket; more are answered 503 at once
 
     def __post_init__(self):
         if not self.api_keys:
             raise ValueError("no API keys: set COSTEER_API_KEYS (comma-separated) or give --api-keys-file")
+        if min(self.send_timeout_s, self.handshake_timeout_s, self.idle_timeout_s) <= 0 or self.max_connections < 1:
+            raise ValueError("timeouts must be positive and max_connections at least 1")
 
     @property
     def max_uplink_bytes(self) -> int:

@@ -1,0 +1,188 @@
+"""Connections of the cloud service (costeer.cloud.net): silent and half-sent requests are closed,
+connections are capped, error logs are rate-limited, TLS is served."""
+
+import logging
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+from websockets.sync.client import connect
+
+from costeer import frames
+from costeer.cli import app
+from costeer.cloud.net import RateLimit, check_tls
+from costeer.frames import Open
+from tests.cloud.server_util import KEY_A, FileLimitedServer, ThreadServer, wait_until
+
+
+@pytest.fixture(scope="module")
+def strict_server(tiny_llm):
+    srv = ThreadServer(tiny_llm, handshake_timeout_s=0.5, max_connections=6)
+    yield srv
+    srv.stop()
+
+
+def raw(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return s
+
+
+def ended_after(s: socket.socket) -> tuple[bytes, float]:
+    """Everything the server sent until it closed the socket, and how long that took."""
+    t0, got = time.monotonic(), b""
+    while chunk := s.recv(4096):
+        got += chunk
+    return got, time.monotonic() - t0
+
+
+def test_a_silent_connection_is_closed_after_the_handshake_timeout(strict_server):
+    with raw(strict_server.port) as s:
+        got, took = ended_after(s)
+    assert got == b"" and took < 3
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /v1/health HTTP/1.1\r\nHost: x\r\n",  # a head without its blank line
+    b"POST /v1/health HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc",  # a body cut short
+    b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",  # half a handshake
+])  # fmt: skip
+def test_a_half_sent_request_is_closed_after_the_handshake_timeout(strict_server, request_bytes):
+    with raw(strict_server.port) as s:
+        s.sendall(request_bytes)
+        got, took = ended_after(s)
+    assert took < 3 and b"200 OK" not in got
+
+
+def test_dripping_bytes_does_not_extend_the_timeout(strict_server):
+    """The timer runs from the request's first byte, not from the last."""
+    head = b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 40
+    with raw(strict_server.port) as s:
+        t0 = time.monotonic()
+        with pytest.raises(OSError):
+            for b in head:
+                s.sendall(bytes([b]))
+                time.sleep(0.05)  # 40 bytes: 2 s, four times the timeout
+            assert s.recv(4096) == b""
+            raise ConnectionResetError
+        assert time.monotonic() - t0 < 1.9
+
+
+def test_complete_requests_and_keep_alive_are_unaffected(strict_server):
+    with httpx.Client(base_url=strict_server.http, trust_env=False, timeout=10) as c:
+        for _ in range(3):
+            assert c.get("/v1/health").json() == {"status": "ok"}
+            time.sleep(0.3)  # within keep-alive, apart by more than half the handshake timeout
+
+
+def test_connections_over_the_cap_are_answered_503_at_once(strict_server):
+    cap = strict_server.settings.max_connections
+    held = [raw(strict_server.port) for _ in range(cap)]
+    try:
+        wait_until(lambda: len(strict_server.server.server_state.connections) == cap)
+        t0 = time.monotonic()
+        with raw(strict_server.port) as extra:
+            got, _ = ended_after(extra)
+        assert got.startswith(b"HTTP/1.1 503") and b"too many connections" in got
+        assert time.monotonic() - t0 < 1
+    finally:
+        for s in held:
+            s.close()
+    wait_until(lambda: not strict_server.server.server_state.connections)
+    assert httpx.get(strict_server.http + "/v1/health", trust_env=False, timeout=10).status_code == 200
+
+
+def test_the_rate_limit_lets_a_burst_through_then_counts_what_it_drops():
+    now = [0.0]
+    rl = RateLimit(burst=5, period_s=10.0, clock=lambda: now[0])
+
+    def rec(msg, level=logging.ERROR, name="asyncio"):
+        return logging.LogRecord(name, level, __file__, 1, msg, None, None)
+
+    passed = [rl.filter(rec("socket.accept() out of system resource")) for _ in range(1000)]
+    assert sum(passed) == 5 and passed[:5] == [True] * 5
+    assert rl.filter(rec("another error"))  # each message has its own budget
+    assert all(rl.filter(rec("accepted", logging.INFO)) for _ in range(100))  # below WARNING: never limited
+    now[0] = 10.5
+    r = rec("socket.accept() out of system resource")
+    assert rl.filter(r) and "[995 more like this dropped in 10 s]" in r.getMessage()
+    # messages with their values inside do not grow the table without bound
+    for i in range(5 * RateLimit.MAX_KEYS):
+        rl.filter(rec(f"error number {i}"))
+    assert len(rl._windows) <= RateLimit.MAX_KEYS + 1
+
+
+
+def test_too_many_open_files_is_logged_at_a_bounded_rate(tmp_path):
+    """At the process's file limit Python 3.11's accept loop logs each failure (thousands a
+    second, 20 MB in 5 s before the limit); the rate limit keeps it to a few lines."""
+    log_file = tmp_path / "server.log"
+    with FileLimitedServer(log_file, files=80) as srv:
+        held = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(120)]  # past 80
+        time.sleep(2)
+        text = log_file.read_text(errors="replace")
+        assert "Too many open files" in text
+        assert len(text) < 100_000, len(text)
+        for s in held:
+            s.close()
+        wait_until(srv.healthy, timeout=15)  # it serves again once descriptors are free
+
+
+# ---------------------------------------------------------------------------------------
+# TLS
+# ---------------------------------------------------------------------------------------
+
+
+def self_signed(folder) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and localhost, made with the openssl command."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True)  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    return self_signed(tmp_path_factory.mktemp("tls"))
+
+
+def test_tls_serves_https_and_wss(tiny_llm, tls_files):
+    cert, key = tls_files
+    srv = ThreadServer(tiny_llm, ssl=(cert, key))
+    try:
+        ctx = ssl.create_default_context(cafile=cert)
+        assert srv.url.startswith("wss://")
+        r = httpx.get(srv.http + "/v1/info", headers={"Authorization": f"Bearer {KEY_A}"}, verify=ctx, trust_env=False)
+        assert r.json()["vocab_size"] == tiny_llm.vocab_size
+        with connect(srv.url + "/v1/stream", additional_headers={"Authorization": f"Bearer {KEY_A}"}, ssl=ctx,
+                     proxy=None) as ws:  # fmt: skip
+            ws.send(Open([1, 2, 3], 8, 3).encode())
+            assert isinstance(frames.decode_downlink(ws.recv(timeout=10)), frames.Ready)
+            assert frames.decode_downlink(ws.recv(timeout=10)).position == 0
+        with pytest.raises(httpx.HTTPError):  # plain HTTP gets nothing from a TLS port
+            httpx.get(srv.http.replace("https", "http") + "/v1/health", trust_env=False, timeout=5)
+        with pytest.raises(httpx.ConnectError):  # nor does a client that does not trust the certificate
+            httpx.get(srv.http + "/v1/health", trust_env=False, timeout=5)
+    finally:
+        srv.stop()
+
+
+def test_tls_files_are_checked_in_one_line(tls_files, tmp_path):
+    cert, key = tls_files
+    check_tls(None, None)
+    check_tls(cert, key)
+    with pytest.raises(ValueError, match="together"):
+        check_tls(cert, None)
+    with pytest.raises(FileNotFoundError, match="key file not found"):
+        check_tls(cert, str(tmp_path / "missing.pem"))
+    with pytest.raises(ValueError, match="cannot use"):
+        check_tls(key, cert)
+    r = CliRunner().invoke(app, ["serve", "--ssl-certfile", cert], env={"COSTEER_API_KEYS": KEY_A})
+    assert r.exit_code != 0 and "together" in r.output and "Traceback" not in r.output
