@@ -3,12 +3,15 @@ API, prints. Errors a user can cause end in one line on stderr and exit code 2."
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import sys
+from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional, get_type_hints
 
 import typer
 
@@ -16,6 +19,7 @@ from costeer import frames
 from costeer.device.options import HELP as CLOUD_K_HELP
 from costeer.engine.config import GenerationConfig, Method, SamplingConfig, SteeringConfig, VariantConfig
 from costeer.engine.methods import METHODS, PAPER_METHODS
+from costeer.errors import CoSteerError
 
 DEFAULT_LLM = "smollm2-135m-instruct"
 DEFAULT_SLM = "smollm2-135m-instruct"
@@ -91,66 +95,121 @@ def _label(spec: Optional[str], lm) -> Optional[str]:
 
 
 def _run_guarded(fn):
-    """User errors -> one line; anything else is a bug and keeps its traceback."""
-    from costeer.engine.llamacpp import LlamaCppError
-    from costeer.engine.models import ModelLoadError
-    from costeer.engine.vocab import IncompatibleVocabularies
-
+    """User errors -> one line; anything else is a bug and keeps its traceback. Besides CoSteerError,
+    ValueError (a refused argument, pydantic's ValidationError) and FileNotFoundError are the user's."""
     try:
         return fn()
-    except (ModelLoadError, IncompatibleVocabularies, FileNotFoundError, ValueError, LlamaCppError) as e:
+    except (CoSteerError, FileNotFoundError, ValueError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt:
         _fail("interrupted")
 
 
-# Options shared by the commands that generate.
-LLM_OPT = typer.Option(DEFAULT_LLM, help="LLM: preset, .gguf file, model folder or hub name.")
-SLM_OPT = typer.Option(DEFAULT_SLM, help="SLM (on the device): preset, .gguf file, folder or hub name.")
-MAX_NEW_OPT = typer.Option(128, min=1)
-TEMPERATURE_OPT = typer.Option(0.0, min=0.0, help="0 = greedy (the paper's setting).")
-TOP_K_OPT = typer.Option(0, min=0)
-TOP_P_OPT = typer.Option(1.0, min=0.0, max=1.0)
-SEED_OPT = typer.Option(None)
-T_OPT = typer.Option(20, "--T", min=1, help="FTRL iterations.")
-ALPHA_OPT = typer.Option(2.0, help="α: LLM policy contrast.")
-BETA_OPT = typer.Option(1.0, help="β: weight of the SLM delta.")
-LAMBDA_OPT = typer.Option(2.0, "--lambda", help="λ: KL anchor to the LLM's policy.")
-ETA_OPT = typer.Option(10.0, help="η: FTRL step size.")
-DEVICE_OPT = typer.Option("auto", help="auto | cpu | cuda[:N]")
-BACKEND_OPT = typer.Option("auto", help="transformers | llamacpp | auto (llama.cpp for GGUF files on the CPU when installed).")
-CLOUD_API_OPT = typer.Option("costeer", help="With --cloud: costeer (our service, ws://) | llamacpp (llama-server) | "
-                             "openai (vLLM, SGLang) | auto; for an engine, --llm names the model it serves (its tokenizer).")
-CLOUD_K_OPT = typer.Option(None, help=f"With --cloud: {CLOUD_K_HELP}")
-GATE_OPT = typer.Option(None, min=0.0, max=1.0, help="Confidence gate: skip steering (and the SLM) where the LLM's top "
-                        "probability reaches this; default off.")
-_V = VariantConfig()  # the costeer_* variants' options; unset ones keep these defaults
-TAU_OPT = typer.Option(None, min=0.0, max=1.0, help=f"Plausible head τ (default {_V.tau}; 0 = off).")
-TAU_PERS_OPT = typer.Option(None, min=0.0, max=1.0, help="Also keep the context SLM's head at this τ (default off).")
-EPSILON_OPT = typer.Option(None, min=0.0, help=f"Trust region ε, nats/token (default {_V.epsilon}; inf = off).")
-REP_PENALTY_OPT = typer.Option(None, min=0.0, help=f"Guard: nats off used tokens (default {_V.repetition_penalty}).")
-NO_REPEAT_OPT = typer.Option(None, min=0, help=f"Guard: ban repeated n-grams (default {_V.no_repeat_ngram}; 0 = off).")
+# ---- options shared by the commands: each declared once, as a typer Annotated type ------------------
+
+Llm = Annotated[str, typer.Option(help="LLM: preset, .gguf file, model folder or hub name.")]
+Slm = Annotated[str, typer.Option(help="SLM (on the device): preset, .gguf file, folder or hub name.")]
+MaxNew = Annotated[int, typer.Option(min=1)]
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")]
+Backend = Annotated[str, typer.Option(help="transformers | llamacpp | auto (llama.cpp for GGUF files on the CPU "
+                                           "when installed).")]  # fmt: skip
+_S, _P, _V = SteeringConfig(), SamplingConfig(), VariantConfig()  # the defaults, from the configs themselves
 
 
-def _variant(tau, tau_pers, epsilon, repetition_penalty, no_repeat_ngram) -> VariantConfig | None:
-    """The variant options given, or None (the defaults) when none was."""
-    given = dict(tau=tau, tau_pers=tau_pers, epsilon=epsilon, repetition_penalty=repetition_penalty,
-                 no_repeat_ngram=no_repeat_ngram)  # fmt: skip
-    given = {k: v for k, v in given.items() if v is not None}
-    return VariantConfig(**given) if given else None
+@dataclass
+class Models:
+    """Where the models run: both here, or the LLM behind --cloud (generate, eval)."""
+
+    llm: Llm = DEFAULT_LLM
+    slm: Slm = DEFAULT_SLM
+    device: Device = "auto"
+    backend: Backend = "auto"
+    cloud: Annotated[Optional[str], typer.Option(
+        help="ws://HOST:PORT of `costeer serve` (key from COSTEER_API_KEY; --llm is then the server's), or a serving "
+        "engine (--cloud-api): the LLM runs there, the SLM and the context stay here (llm_context is refused).")] = None
+    cloud_k: Annotated[Optional[str], typer.Option(help=f"With --cloud: {CLOUD_K_HELP}")] = None
+    cloud_tail: Annotated[str, typer.Option(help="With --cloud: model of the mass outside the top-k: slm | uniform.")] = "slm"
+    cloud_api: Annotated[str, typer.Option(
+        help="With --cloud: costeer (our service, ws://) | llamacpp (llama-server) | openai (vLLM, SGLang) | auto; for "
+        "an engine, --llm names the model it serves (its tokenizer).")] = "costeer"  # fmt: skip
+
+    def frames(self):
+        """--cloud-k parsed once (device.CloudFrames), else the default of the cloud kind."""
+        return _cloud_frames(self.cloud_k, self.cloud_api)
 
 
-def _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens,
-                variant: VariantConfig | None = None, gate: float | None = None) -> GenerationConfig:  # fmt: skip
-    return GenerationConfig(
-        steering=SteeringConfig(T=T, alpha=alpha, beta=beta, lam=lam, eta=eta, variant=variant, gate=gate),
-        sampling=SamplingConfig(
-            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens
-        ),
-    )
+@dataclass
+class Decoding:
+    """Sampling, the FTRL hyper-parameters, the costeer_* variants' stages and the gate (generate, eval)."""
+
+    max_new_tokens: MaxNew = _P.max_new_tokens
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy (the paper's setting).")] = _P.temperature
+    top_k: Annotated[int, typer.Option(min=0)] = _P.top_k
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = _P.top_p
+    seed: Annotated[Optional[int], typer.Option()] = _P.seed
+    T: Annotated[int, typer.Option("--T", min=1, help="FTRL iterations.")] = _S.T
+    alpha: Annotated[float, typer.Option(help="α: LLM policy contrast.")] = _S.alpha
+    beta: Annotated[float, typer.Option(help="β: weight of the SLM delta.")] = _S.beta
+    lam: Annotated[float, typer.Option("--lambda", help="λ: KL anchor to the LLM's policy.")] = _S.lam
+    eta: Annotated[float, typer.Option(help="η: FTRL step size.")] = _S.eta
+    # the costeer_* variants' stages: unset ones keep VariantConfig's defaults
+    tau: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help=f"Plausible head τ (default {_V.tau}; 0 = off).")] = None
+    tau_pers: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Also keep the context SLM's head at this τ "
+                                                      "(default off).")] = None
+    epsilon: Annotated[Optional[float], typer.Option(min=0.0, help=f"Trust region ε, nats/token (default {_V.epsilon}; "
+                                                     "inf = off).")] = None
+    repetition_penalty: Annotated[Optional[float], typer.Option(min=0.0, help="Guard: nats off used tokens (default "
+                                                                f"{_V.repetition_penalty}).")] = None
+    no_repeat_ngram: Annotated[Optional[int], typer.Option(min=0, help="Guard: ban repeated n-grams (default "
+                                                           f"{_V.no_repeat_ngram}; 0 = off).")] = None
+    gate: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Confidence gate: skip steering (and the SLM) "
+                                                  "where the LLM's top probability reaches this; default off.")] = None  # fmt: skip
+
+    def variant(self) -> VariantConfig | None:
+        """The variant options given, or None (the defaults) when none was."""
+        given = {k: getattr(self, k) for k in VariantConfig.model_fields if getattr(self, k) is not None}
+        return VariantConfig(**given) if given else None
+
+    def config(self) -> GenerationConfig:
+        return GenerationConfig(
+            steering=SteeringConfig(T=self.T, alpha=self.alpha, beta=self.beta, lam=self.lam, eta=self.eta,
+                                    variant=self.variant(), gate=self.gate),
+            sampling=SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
+                                    max_new_tokens=self.max_new_tokens),
+        )  # fmt: skip
+
+
+def _with_options(**groups: type):
+    """Give a command the fields of each options dataclass as its own options; it receives them
+    gathered, one instance per group (e.g. `models: Models`), so that commands share one declaration."""
+
+    def wrap(fn):
+        sig = inspect.signature(fn)
+        own = [p for name, p in sig.parameters.items() if name not in groups]
+        annotations = {k: v for k, v in get_type_hints(fn, include_extras=True).items() if k not in groups}
+        added = []
+        for cls in groups.values():
+            hints = get_type_hints(cls, include_extras=True)
+            for f in fields(cls):
+                added.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                               annotation=hints[f.name]))  # fmt: skip
+                annotations[f.name] = hints[f.name]
+
+        @functools.wraps(fn)
+        def command(**kw):
+            for name, cls in groups.items():
+                kw[name] = cls(**{f.name: kw.pop(f.name) for f in fields(cls)})
+            return fn(**kw)
+
+        command.__signature__ = sig.replace(parameters=own + added)
+        command.__annotations__ = annotations
+        return command
+
+    return wrap
 
 
 @app.command()
+@_with_options(models=Models, decoding=Decoding)
 def generate(
     query: str = typer.Option(..., "--query", "-q", help="The public query (the only text the LLM sees)."),
     context_file: Optional[Path] = typer.Option(
@@ -160,34 +219,11 @@ def generate(
     reference_file: Optional[Path] = typer.Option(
         None, "--reference-file", help="For costeer_matched: a public reference profile in the context's format "
         "(text, JSON or YAML); the SLM's without-context branch reads it with the query."),
-    llm: str = LLM_OPT,
-    slm: str = SLM_OPT,
     method: Method = typer.Option(Method.costeer, help=METHODS_DOC),
-    max_new_tokens: int = MAX_NEW_OPT,
-    temperature: float = TEMPERATURE_OPT,
-    top_k: int = TOP_K_OPT,
-    top_p: float = TOP_P_OPT,
-    seed: Optional[int] = SEED_OPT,
-    T: int = T_OPT,
-    alpha: float = ALPHA_OPT,
-    beta: float = BETA_OPT,
-    lam: float = LAMBDA_OPT,
-    eta: float = ETA_OPT,
-    tau: Optional[float] = TAU_OPT,
-    tau_pers: Optional[float] = TAU_PERS_OPT,
-    epsilon: Optional[float] = EPSILON_OPT,
-    repetition_penalty: Optional[float] = REP_PENALTY_OPT,
-    no_repeat_ngram: Optional[int] = NO_REPEAT_OPT,
-    gate: Optional[float] = GATE_OPT,
-    device: str = DEVICE_OPT,
-    backend: str = BACKEND_OPT,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
-    cloud: Optional[str] = typer.Option(None, help="ws://HOST:PORT of `costeer serve`: the LLM runs there "
-                                        "(key from COSTEER_API_KEY; --llm is then the server's)."),
-    cloud_k: Optional[str] = CLOUD_K_OPT,
-    cloud_tail: str = typer.Option("slm", help="With --cloud: model of the mass outside the top-k: slm | uniform."),
-    cloud_api: str = CLOUD_API_OPT,
     wire_log: Optional[Path] = typer.Option(None, help="With --cloud: record every byte sent and received here."),
+    models: Models = Models(),
+    decoding: Decoding = Decoding(),
 ) -> None:
     """Generate one response with any method; tokens stream as they are chosen."""
 
@@ -196,7 +232,7 @@ def generate(
 
         if context_file is not None and context is not None:
             raise ValueError("give --context or --context-file, not both")
-        if wire_log is not None and cloud is None:
+        if wire_log is not None and models.cloud is None:
             raise ValueError("--wire-log records the exchange with the cloud: give --cloud too")
         ctx = load_context(context_file) if context_file is not None else context
         if not query.strip():
@@ -207,16 +243,8 @@ def generate(
         if method.matched and reference is None:
             typer.echo("note: costeer_matched without --reference-file is the paper's update with the repetition "
                        "guard (docs/steering-variants.md §5)", err=True)
-        variant = _variant(tau, tau_pers, epsilon, repetition_penalty, no_repeat_ngram)
-        cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens, variant, gate)
-        frames_ = _cloud_frames(cloud_k, cloud_api) if cloud is not None else None
-        _quiet_libraries()
-        needs_llm, needs_slm = method.uses_llm, method.uses_slm
-        if cloud is not None:
-            cs = _load_cloud(cloud, slm if needs_slm else None, cfg, device, backend, frames_, cloud_tail, wire_log,
-                             query, cloud_api, llm)
-        else:
-            cs = _load(llm if needs_llm else None, slm if needs_slm else None, cfg, device, backend)
+        cfg = decoding.config()
+        cs = _load_models(models, cfg, [method], wire_log, query)
         stream = cs.stream(query, ctx, method, reference_message=reference)
         if as_json:
             for _ in stream:
@@ -237,8 +265,8 @@ def generate(
                         "prompt_ids": g.prompt_ids,
                         "stop_reason": g.stop_reason,
                         "coefficient": g.coefficient,
-                        "llm": (cloud or llm) if needs_llm else None,
-                        "slm": slm if needs_slm else None,
+                        "llm": (models.cloud or models.llm) if method.uses_llm else None,
+                        "slm": models.slm if method.uses_slm else None,
                         "config": cfg.model_dump(),
                         "timing_s": g.timing(),
                     }
@@ -250,11 +278,11 @@ def generate(
 
 @app.command()
 def demo(
-    llm: str = LLM_OPT,
-    slm: str = SLM_OPT,
-    max_new_tokens: int = typer.Option(64, min=1),
-    device: str = DEVICE_OPT,
-    backend: str = BACKEND_OPT,
+    llm: Llm = DEFAULT_LLM,
+    slm: Slm = DEFAULT_SLM,
+    max_new_tokens: MaxNew = 64,
+    device: Device = "auto",
+    backend: Backend = "auto",
 ) -> None:
     """Run the default pair on the shipped example persona: `llm`, `costeer`, `costeer_matched`, `slm_context`."""
     import yaml
@@ -309,6 +337,17 @@ def _load_for(methods, llm: str, slm: str, cfg: GenerationConfig, device: str, b
     return _load(llm if needs_llm else None, slm if needs_slm else None, cfg, device, backend)
 
 
+def _load_models(m: Models, cfg: GenerationConfig, methods, wire_log: Optional[Path] = None, query: str = ""):
+    """The CoSteer for these methods: only the models they need, the LLM behind --cloud when given
+    (its frames option checked before anything is loaded or sent)."""
+    if m.cloud is None:
+        return _load_for(methods, m.llm, m.slm, cfg, m.device, m.backend)
+    frames_ = m.frames()
+    _quiet_libraries()
+    slm = m.slm if any(x.uses_slm for x in methods) else None
+    return _load_cloud(m.cloud, slm, cfg, m.device, m.backend, frames_, m.cloud_tail, wire_log, query, m.cloud_api, m.llm)
+
+
 def _interruptible(out: Path, fn):
     """Ctrl-C keeps every finished generation: say how to pick up from there."""
     try:
@@ -318,6 +357,7 @@ def _interruptible(out: Path, fn):
 
 
 @app.command("eval")
+@_with_options(models=Models, decoding=Decoding)
 def eval_(
     task: str = typer.Option(..., help="cogenesis | longlamp_abstract | longlamp_review | longlamp_writing | "
                              "helpsteer | personal_preference_eval | truthfulqa | ultrachat"),
@@ -327,31 +367,8 @@ def eval_(
     methods: str = typer.Option(ALL_METHODS, help=f"Comma-separated. {METHODS_DOC}"),
     preference: Optional[str] = typer.Option(None, help="Preference tasks: concise | creative | uplifting | verbose."),
     limit: Optional[int] = typer.Option(None, min=0, help="First N examples only."),
-    llm: str = LLM_OPT,
-    slm: str = SLM_OPT,
-    cloud: Optional[str] = typer.Option(None, help="ws://HOST:PORT of `costeer serve`: the LLM runs there, the SLM "
-                                        "and the context stay here (llm_context is refused)."),
-    cloud_k: Optional[str] = CLOUD_K_OPT,
-    cloud_tail: str = typer.Option("slm", help="With --cloud: model of the mass outside the top-k: slm | uniform."),
-    cloud_api: str = CLOUD_API_OPT,
-    max_new_tokens: int = MAX_NEW_OPT,
-    temperature: float = TEMPERATURE_OPT,
-    top_k: int = TOP_K_OPT,
-    top_p: float = TOP_P_OPT,
-    seed: Optional[int] = SEED_OPT,
-    T: int = T_OPT,
-    alpha: float = ALPHA_OPT,
-    beta: float = BETA_OPT,
-    lam: float = LAMBDA_OPT,
-    eta: float = ETA_OPT,
-    tau: Optional[float] = TAU_OPT,
-    tau_pers: Optional[float] = TAU_PERS_OPT,
-    epsilon: Optional[float] = EPSILON_OPT,
-    repetition_penalty: Optional[float] = REP_PENALTY_OPT,
-    no_repeat_ngram: Optional[int] = NO_REPEAT_OPT,
-    gate: Optional[float] = GATE_OPT,
-    device: str = DEVICE_OPT,
-    backend: str = BACKEND_OPT,
+    models: Models = Models(),
+    decoding: Decoding = Decoding(),
 ) -> None:
     """Run methods over a task into a resumable folder, then write metrics.json and report.md/csv/png."""
 
@@ -361,23 +378,14 @@ def eval_(
 
         ms = parse_methods(methods.split(","))
         leaky = [m.value for m in ms if m.spec.privacy_violating]
-        if cloud is not None and leaky:
+        if models.cloud is not None and leaky:
             raise ValueError(f"method '{leaky[0]}' would send the private context to the cloud: drop it with --cloud")
         examples, path = _load_examples(task, data, preference, limit)
-        variant = _variant(tau, tau_pers, epsilon, repetition_penalty, no_repeat_ngram)
-        cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens, variant, gate)
-        if cloud is not None:
-            frames_ = _cloud_frames(cloud_k, cloud_api)
-            _quiet_libraries()
-            needs_slm = any(m.uses_slm for m in ms)
-            cs = _load_cloud(cloud, slm if needs_slm else None, cfg, device, backend, frames_, cloud_tail, None, "",
-                             cloud_api, llm)
-        else:
-            cs = _load_for(ms, llm, slm, cfg, device, backend)
-        models = {"llm": f"{cloud} (k={frames_}, tail={cloud_tail})" if cloud else _label(llm, cs.llm),
-                  "slm": _label(slm, cs.slm)}
+        cs = _load_models(models, decoding.config(), ms)
+        llm_label = f"{models.cloud} (k={models.frames()}, tail={models.cloud_tail})" if models.cloud else None
+        labels = {"llm": llm_label or _label(models.llm, cs.llm), "slm": _label(models.slm, cs.slm)}
         metrics = _interruptible(out, lambda: run_eval(
-            cs, examples, ms, out, data=path, limit=limit, models=models
+            cs, examples, ms, out, data=path, limit=limit, models=labels
         ))  # fmt: skip
         typer.echo(render_markdown(metrics))
         typer.echo(f"wrote {out}/metrics.json, report.md, report.csv, report.png", err=True)
@@ -411,11 +419,11 @@ def sweep(
     params: str = typer.Option("alpha,beta,lambda,eta,T", help="Comma-separated hyper-parameters to vary."),
     preference: Optional[str] = typer.Option(None, help="Preference tasks: concise | creative | uplifting | verbose."),
     limit: Optional[int] = typer.Option(None, min=0, help="First N examples only."),
-    max_new_tokens: int = MAX_NEW_OPT,
-    llm: str = LLM_OPT,
-    slm: str = SLM_OPT,
-    device: str = DEVICE_OPT,
-    backend: str = BACKEND_OPT,
+    max_new_tokens: MaxNew = _P.max_new_tokens,
+    llm: Llm = DEFAULT_LLM,
+    slm: Slm = DEFAULT_SLM,
+    device: Device = "auto",
+    backend: Backend = "auto",
 ) -> None:
     """Vary α, β, λ, η, T one at a time around the defaults (paper Fig. 2); writes sweep.json/csv/png."""
 
@@ -443,7 +451,7 @@ def sweep(
 
 @app.command()
 def serve(
-    llm: str = LLM_OPT,
+    llm: Llm = DEFAULT_LLM,
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8765, min=1, max=65535),
     api_keys_file: Optional[Path] = typer.Option(None, help="Allowed API keys, one per line (also: COSTEER_API_KEYS)."),
@@ -459,8 +467,8 @@ def serve(
     max_connections: int = typer.Option(256, min=1, help="Open sockets in all; more are answered 503 at once."),
     send_timeout: float = typer.Option(30.0, min=0.1, help="Seconds a peer may take to read a frame before it is dropped."),
     handshake_timeout: float = typer.Option(10.0, min=0.1, help="Seconds for a whole HTTP request, then for OPEN/ATTACH."),
-    device: str = DEVICE_OPT,
-    backend: str = BACKEND_OPT,
+    device: Device = "auto",
+    backend: Backend = "auto",
     log_level: str = typer.Option("info"),
 ) -> None:
     """Serve the LLM to devices over a WebSocket (the cloud side of the split; docs/wire-format.md, docs/security.md)."""

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 from costeer.device.wire import WireLog, redact_headers
+from costeer.errors import CoSteerError
 
 
-class CloudError(ValueError):
+class CloudError(CoSteerError, ValueError):
     """The cloud refused a request or stayed unreachable (a user-facing, one-line error)."""
 
     def __init__(self, message: str, code: int | None = None):

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from costeer.errors import CoSteerError
+
 _init_lock = threading.Lock()
 _lib = None
 _log_callback = None  # the ctypes callback must outlive every call into the library
@@ -72,8 +74,8 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-class LlamaCppError(RuntimeError):
-    pass
+class LlamaCppError(CoSteerError, RuntimeError):
+    """llama.cpp could not load or run a model."""
 
 
 class LlamaCppModel:

@@ -25,11 +25,12 @@ from torch import Tensor
 
 from costeer.engine.loop import LLMSide, LocalModelSource, NextTokenSource, SteeringSource
 from costeer.engine.vocab import VocabMap, special_ids
+from costeer.errors import CoSteerError
 
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(CoSteerError, ValueError):
     """A model spec that cannot be resolved or loaded (bad path, missing package, …)."""
 
 
