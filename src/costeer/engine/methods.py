@@ -102,27 +102,17 @@ SPECS: dict[str, MethodSpec] = {s.name: s for s in METHODS}
 
 
 class _MethodBase(str, Enum):
-    """A method's name; its row is `.spec` and its common facts are properties."""
+    """A method's name; `.spec` is its row, and the row's facts read as the member's own
+    (`Method.costeer.steered`, `.uses_llm`, `.matched`, …)."""
 
     @property
     def spec(self) -> MethodSpec:
         return SPECS[self.value]
 
-    @property
-    def steered(self) -> bool:
-        return self.spec.steered
-
-    @property
-    def matched(self) -> bool:
-        return self.spec.matched
-
-    @property
-    def uses_llm(self) -> bool:
-        return self.spec.uses_llm
-
-    @property
-    def uses_slm(self) -> bool:
-        return self.spec.uses_slm
+    def __getattr__(self, name: str):
+        if name.startswith("_"):  # the Enum machinery's own lookups
+            raise AttributeError(name)
+        return getattr(self.spec, name)
 
 
 # What drives the decoding: one member per row, in the table's order.
