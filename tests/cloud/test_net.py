@@ -1,6 +1,7 @@
 """Connections of the cloud service (costeer.cloud.net): silent and half-sent requests are closed,
 connections are capped, error logs are rate-limited, TLS is served."""
 
+import contextlib
 import logging
 import shutil
 import socket
@@ -77,6 +78,22 @@ def test_complete_requests_and_keep_alive_are_unaffected(strict_server):
         for _ in range(3):
             assert c.get("/v1/health").json() == {"status": "ok"}
             time.sleep(0.3)  # within keep-alive, apart by more than half the handshake timeout
+
+
+def test_a_client_that_pipelines_requests_and_never_reads_is_dropped_after_the_send_timeout(tiny_llm):
+    srv = ThreadServer(tiny_llm, send_timeout_s=1.0)
+    try:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", srv.port))
+            s.settimeout(2)
+            with contextlib.suppress(socket.timeout, ConnectionError):  # the server stops reading, then drops us
+                request = f"GET /v1/tokenizer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY_A}\r\n\r\n"
+                s.sendall(request.encode() * 400)  # answers: 16 KB each, 6 MB in all
+            wait_until(lambda: srv.server.server_state.total_requests > 10)  # answering, into a filling buffer
+            wait_until(lambda: not srv.server.server_state.connections, timeout=15)
+    finally:
+        srv.stop()
 
 
 def test_connections_over_the_cap_are_answered_503_at_once(strict_server):
@@ -186,3 +203,14 @@ def test_tls_files_are_checked_in_one_line(tls_files, tmp_path):
         check_tls(key, cert)
     r = CliRunner().invoke(app, ["serve", "--ssl-certfile", cert], env={"COSTEER_API_KEYS": KEY_A})
     assert r.exit_code != 0 and "together" in r.output and "Traceback" not in r.output
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line_before_loading_a_model():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = CliRunner().invoke(app, ["serve", "--port", str(port), "--llm", "no-such-model"],
+                               env={"COSTEER_API_KEYS": KEY_A})  # fmt: skip
+    assert r.exit_code != 0 and f"cannot listen on 127.0.0.1:{port}" in r.output
+    assert "serving" not in r.output and "no-such-model" not in r.output and "Traceback" not in r.output

@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import resource
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -57,14 +58,16 @@ class Lingering:
 
 
 class GuardedHTTP(H11Protocol):
-    """uvicorn's h11 protocol with a connection cap, a request timeout and lingering closes.
-    `settings` is set on the subclass that `guarded_http` makes."""
+    """uvicorn's h11 protocol with a connection cap, a request timeout, a send timeout (a response
+    the peer does not read, e.g. behind pipelined requests) and lingering closes. `settings` is set
+    on the subclass that `guarded_http` makes."""
 
     settings: ServerSettings
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(Lingering(transport, self.settings.send_timeout_s))  # type: ignore[arg-type]
         self._timer: asyncio.TimerHandle | None = None
+        self._stall: asyncio.TimerHandle | None = None  # runs while the peer leaves our writes unread
         self._done = False  # refused, timed out or upgraded: no more requests on this protocol
         if len(self.connections) > self.settings.max_connections:
             self._done = True
@@ -93,13 +96,31 @@ class GuardedHTTP(H11Protocol):
         self._timer = None
         if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
             self._done = True
-            log.info("connection closed: no complete request within %g s", self.settings.handshake_timeout_s)
+            log.debug("connection closed: no complete request within %g s", self.settings.handshake_timeout_s)
             self.transport.close()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._stall is None:
+            self._stall = self.loop.call_later(self.settings.send_timeout_s, self._stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _stalled(self) -> None:
+        """The peer took none of a response for send_timeout_s: without this the response's task
+        would wait for ever, holding the connection (and a place under the cap)."""
+        self._stall = None
+        log.debug("connection aborted: a response unread for %g s", self.settings.send_timeout_s)
+        self.transport.abort()
 
     def handle_websocket_upgrade(self, event: h11.Request) -> None:
         self._done = True  # the WebSocket protocol owns the connection from here on
@@ -108,6 +129,9 @@ class GuardedHTTP(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         super().connection_lost(exc)
 
 
@@ -202,6 +226,19 @@ def fit_file_limit(max_connections: int) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
         soft = need
     return soft
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a port in use or a bad address is one
+    line at once, not a log that claims to serve followed by uvicorn's exit."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 def check_tls(certfile: str | None, keyfile: str | None) -> None:

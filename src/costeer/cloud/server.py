@@ -302,7 +302,8 @@ async def _send(ws: WebSocket, sess: Session, registry: Registry, data: bytes, s
                  settings.send_timeout_s)  # fmt: skip
         _device_gone(registry, sess, ws, None)
     except (WebSocketDisconnect, RuntimeError, OSError):
-        _device_gone(registry, sess, ws, await _close_code(ws, settings.send_timeout_s))
+        mine = not sess.ended and sess.websocket is ws  # else the session is gone or taken over already
+        _device_gone(registry, sess, ws, await _close_code(ws, settings.send_timeout_s) if mine else None)
     return False
 
 
@@ -355,11 +356,12 @@ def serve(
     """Load the LLM and serve until interrupted."""
     import uvicorn
 
-    from costeer.cloud.net import check_tls, fit_file_limit, uvicorn_config
+    from costeer.cloud.net import check_tls, fit_file_limit, listen, uvicorn_config
     from costeer.engine.models import load_lm
 
     check_tls(ssl_certfile, ssl_keyfile)
     fit_file_limit(settings.max_connections)
+    sock = listen(host, port)
     lm = load_lm(llm, device, backend)
     cfg = uvicorn_config(create_app(lm, settings), settings, host=host, port=port, log_level=log_level,
                          ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)  # fmt: skip
@@ -368,4 +370,4 @@ def serve(
         log.warning("serving on %s without TLS: API keys and tokens travel in clear unless a reverse proxy "
                     "terminates TLS in front (--ssl-certfile/--ssl-keyfile; docs/security.md)", host)  # fmt: skip
     log.info("serving %s (V=%d) on %s://%s:%d", lm.name, lm.vocab_size, scheme, host, port)
-    uvicorn.Server(cfg).run()
+    uvicorn.Server(cfg).run(sockets=[sock])
