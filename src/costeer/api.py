@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 from costeer.engine.config import GenerationConfig, Method, SamplingConfig, SteeringConfig
@@ -139,6 +139,7 @@ class CoSteer:
         steering: SteeringConfig | None = None,
         context_message: str | None = None,
         reference_message: str | None = None,
+        inspect: int = 0,
         **overrides,
     ) -> "GenerationStream":
         """Tokens as they are chosen; `.generation` fills in as the stream is consumed.
@@ -151,12 +152,15 @@ class CoSteer:
         `costeer_matched` is the paper's update with the repetition guard. Other methods do not read it.
         steering: the FTRL hyper-parameters and, for the costeer_* variants, `variant`
         (e.g. SteeringConfig(variant=VariantConfig(epsilon=0.3))).
+        inspect: n > 0 attaches to each Step what steering did to it (`engine.loop.Inspection`: the shift
+        log π_fused − log π_llm of the chosen token, the n likeliest tokens before and after); off by default.
         Overrides: temperature, top_k, top_p, seed, max_new_tokens."""
         spec = Method(method).spec
         s_cfg, st_cfg = self._config(sampling, steering, overrides)
         self._check(spec, query, context, context_message, st_cfg)
         prompts = self._branch_prompts(spec, query, context, context_message, reference_message)
-        plan = self._plan(spec, prompts, s_cfg, st_cfg, _with_context(query, context, context_message))
+        plan = replace(self._plan(spec, prompts, s_cfg, st_cfg, _with_context(query, context, context_message)),
+                       inspect=inspect)
         b = plan.fusion.coefficient if plan.fusion is not None else None
         primary = self.llm if spec.uses_llm else self.slm
         return GenerationStream(decode(plan), primary.tokenizer, Generation(spec.name, "", [], prompts, "length", b))

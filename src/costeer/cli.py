@@ -495,6 +495,45 @@ def serve(
     _run_guarded(run)
 
 
+@app.command()
+def playground(
+    llm: str = LLM_OPT,
+    slm: str = SLM_OPT,
+    model: list[str] = typer.Option([], "--model", help="Another model the pickers offer (repeat); presets are offered anyway."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (the page holds your context: keep it local)."),
+    port: int = typer.Option(8770, min=0, max=65535, help="0: any free port."),
+    cloud: Optional[str] = typer.Option(None, help="ws://HOST:PORT of `costeer serve`: the LLM runs there (key from "
+                                        "COSTEER_API_KEY); the wire panel then shows the bytes."),
+    cloud_k: Optional[str] = typer.Option(None, help="With --cloud: 'packed[:N]', a top-k size or 'full' (as generate)."),
+    wire_dir: Optional[Path] = typer.Option(None, help="With --cloud: keep the wire log here (default: a temporary folder)."),
+    device: str = DEVICE_OPT,
+    backend: str = BACKEND_OPT,
+    log_level: str = typer.Option("warning"),
+) -> None:
+    """A local web page: the LLM alone and steered side by side, a steering heat-map, the wire (docs/playground.md)."""
+
+    def run():
+        import socket
+
+        import uvicorn
+
+        from costeer.engine.models import PRESETS
+        from costeer.playground import PlaygroundSettings, create_app
+
+        if wire_dir is not None and cloud is None:
+            raise ValueError("--wire-dir keeps the exchange with the cloud: give --cloud too")
+        settings = PlaygroundSettings(llm=llm, slm=slm, models=(*model, *PRESETS), cloud=cloud, cloud_k=cloud_k,
+                                      device=device, backend=backend, wire_dir=wire_dir)  # fmt: skip
+        _quiet_libraries()
+        sock = socket.create_server((host, port))  # bound here, so that port 0 can name its port
+        bound = sock.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level=log_level))
+        typer.echo(f"costeer playground: http://{host}:{bound}/playground/ (Ctrl-C stops it)", err=True)
+        server.run(sockets=[sock])
+
+    _run_guarded(run)
+
+
 @app.command("audit-wire")
 def audit_wire(
     log: Path = typer.Argument(..., help="A file written by `generate --cloud ... --wire-log`."),

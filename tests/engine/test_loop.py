@@ -106,3 +106,30 @@ def test_every_llm_states_the_llm_protocol():
 
     assert all(LLMSide in c.__mro__ for c in (LM, CloudLLM, EngineLLM))  # stated, not just matched
     assert LM.remote is False and CloudLLM.remote is True and EngineLLM.remote is True
+
+
+def test_inspection_is_off_by_default_and_changes_no_token():
+    cfg = SamplingConfig(max_new_tokens=3)
+    plain = list(decode(DecodePlan(ScriptedLLM(), vocab(), cfg, ScriptedSLM(), paper_pipeline(1.0))))
+    seen = list(decode(DecodePlan(ScriptedLLM(), vocab(), cfg, ScriptedSLM(), paper_pipeline(1.0), inspect=3)))
+    assert all(s.inspection is None for s in plain)
+    assert [s.token_id for s in seen] == [s.token_id for s in plain]
+    assert all(s.inspection is not None for s in seen)
+
+
+def test_inspection_shows_the_shift_and_the_alternatives_before_and_after():
+    steps = list(decode(DecodePlan(ScriptedLLM(), vocab(), SamplingConfig(max_new_tokens=1), ScriptedSLM(),
+                                   paper_pipeline(1.0), inspect=2)))  # fmt: skip
+    insp = steps[0].inspection
+    assert steps[0].token_id == 4
+    assert insp.before[0][0] == 1 and insp.before[0][1] > 0.99  # the LLM's own favourite, before steering
+    assert insp.after[0][0] == 4 and insp.after[0][1] > 0.5  # steering made 4 the favourite
+    assert len(insp.before) == len(insp.after) == 2
+    # log π_fused(4) − log π_llm(4): 4 was at e^-10 relative to the LLM's favourite
+    assert insp.shift > 9.0
+
+
+def test_inspection_of_an_unsteered_token_shows_no_shift():
+    steps = list(decode(DecodePlan(ScriptedLLM(), vocab(), SamplingConfig(max_new_tokens=2), inspect=1)))
+    assert [s.inspection.shift for s in steps] == [0.0, 0.0]
+    assert steps[0].inspection.before == steps[0].inspection.after == ((1, steps[0].inspection.after[0][1]),)

@@ -23,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from costeer import frames
 from costeer.device.tokenizers import cached_tokenizer
@@ -37,11 +38,15 @@ class WireLog:
         self._f = open(self.path, "a", encoding="utf-8")
         self._lock = threading.Lock()
         self.sent = self.received = 0
+        # called with each record as written (the playground's per-answer wire panel)
+        self.listeners: list[Callable[[dict], None]] = []
 
     def _write(self, rec: dict) -> None:
         with self._lock:
             self._f.write(json.dumps(rec) + "\n")
             self._f.flush()
+            for listen in self.listeners:
+                listen(rec)
 
     def meta(self, **fields) -> None:
         self._write({"t": time.time(), "dir": "meta", **fields})
@@ -138,7 +143,11 @@ def audit_wire(log_path: str | Path, context: str, query: str | None = None, tok
     query, everything on the wire except the generated text counts as a possible leak.
     tokenizer: the LLM's tokenizer; defaults to the one the log's fingerprint names in the
     device's cache (without one, only raw bytes are checked)."""
-    records = read_wire_log(log_path)
+    return audit_records(read_wire_log(log_path), context, query, tokenizer)
+
+
+def audit_records(records: list[dict], context: str, query: str | None = None, tokenizer=None) -> AuditReport:
+    """`audit_wire` on records already read (each with its payload as `data` bytes)."""
     if query is None:
         query = next((r["query"] for r in records if r.get("dir") == "meta" and r.get("query")), None)
     tok = _load_tokenizer_for(records, tokenizer)

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Protocol
 
+import torch
 from torch import Tensor
 
 from costeer.engine.config import SamplingConfig
@@ -176,6 +177,7 @@ class DecodePlan:
     fusion: FusionPipeline | None = None
     gate: float | None = None  # in (0, 1]: where the LLM's top probability reaches it, no steering
     prompts: dict[str, list[int]] = field(default_factory=dict)
+    inspect: int = 0  # n > 0: attach an `Inspection` with n alternatives to each Step (after the timings)
 
     def __post_init__(self) -> None:
         if (self.steering is None) != (self.fusion is None):
@@ -187,6 +189,16 @@ class DecodePlan:
             close = getattr(source, "close", None)
             if close is not None:
                 close()
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What steering did to one chosen token (DecodePlan.inspect = n, off by default): the shift of its
+    log-probability and the n likeliest tokens before and after fusion, as (primary id, probability)."""
+
+    shift: float  # log π_fused(token) − log π_llm(token), nats; 0 where no steering ran
+    before: tuple[tuple[int, float], ...]  # the LLM's own top n (its aligned view, renormalised)
+    after: tuple[tuple[int, float], ...]  # the fused policy's top n
 
 
 @dataclass(frozen=True)
@@ -203,6 +215,7 @@ class Step:
     fusion_s: float
     sample_s: float
     gated: bool = False  # the confidence gate skipped steering: the LLM's own distribution
+    inspection: Inspection | None = None  # only when the plan's `inspect` asked for it
 
 
 def decode(plan: DecodePlan) -> Iterator[Step]:
@@ -211,7 +224,7 @@ def decode(plan: DecodePlan) -> Iterator[Step]:
 
     Steered, each token is fused by the plan's pipeline, which sees the aligned ids chosen so far.
     With `gate`, where the LLM's top probability reaches it, take the LLM's distribution and do not
-    run the SLM pair."""
+    run the SLM pair. With `inspect` = n > 0, each Step carries an `Inspection` (computed after the timings)."""
     try:
         yield from _decode(plan)
     finally:
@@ -220,6 +233,7 @@ def decode(plan: DecodePlan) -> Iterator[Step]:
 
 def _decode(plan: DecodePlan) -> Iterator[Step]:
     primary, steering, vocab, fusion, sampling = plan.primary, plan.steering, plan.vocab, plan.fusion, plan.sampling
+    inspect = plan.inspect
     log_gate = math.log(plan.gate) if plan.gate is not None else math.inf
     history: list[int] = []  # aligned ids chosen so far
     pending: list[int] = []  # SLM ids the SLM pair has not been fed yet
@@ -232,7 +246,7 @@ def _decode(plan: DecodePlan) -> Iterator[Step]:
     slm_s = clock() - t
     for i in range(sampling.max_new_tokens):
         t = clock()
-        z = vocab.llm_view(logp)  # [K]
+        z = z_llm = vocab.llm_view(logp)  # [K]
         gated = bool(pending) and float(z.max()) >= log_gate  # the LLM is sure: no SLM, no steering
         if pending and not gated:  # feed the SLM pair what it missed, in one forward
             pair = steering.advance(pending[0]) if len(pending) == 1 else steering.extend(pending)
@@ -246,7 +260,8 @@ def _decode(plan: DecodePlan) -> Iterator[Step]:
         history.append(k)
         stop = vocab.is_stop(k)
         t_sampled = clock()
-        yield Step(i, k, vocab.llm_token(k), stop, llm_s, slm_s, t_fused - t, t_sampled - t_fused, gated)
+        seen = _inspect(z_llm, z, k, vocab, inspect) if inspect else None
+        yield Step(i, k, vocab.llm_token(k), stop, llm_s, slm_s, t_fused - t, t_sampled - t_fused, gated, seen)
         if stop or i + 1 == sampling.max_new_tokens:
             return
         t = clock()
@@ -254,3 +269,14 @@ def _decode(plan: DecodePlan) -> Iterator[Step]:
         llm_s, slm_s = clock() - t, 0.0
         if steering is not None:
             pending.append(vocab.slm_token(k))
+
+
+def _inspect(z_llm: Tensor, z: Tensor, k: int, vocab: VocabMap, n: int) -> Inspection:
+    """z_llm [K]: the LLM's aligned view (unnormalised across tokenizers); z [K]: what was sampled from."""
+    before, after = torch.log_softmax(z_llm.float(), -1), torch.log_softmax(z.float(), -1)
+    return Inspection(float(after[k] - before[k]), _top(before, vocab, n), _top(after, vocab, n))
+
+
+def _top(logp: Tensor, vocab: VocabMap, n: int) -> tuple[tuple[int, float], ...]:
+    values, ids = torch.topk(logp, min(n, logp.shape[-1]))
+    return tuple((vocab.llm_token(int(i)), float(v.exp())) for v, i in zip(values, ids))

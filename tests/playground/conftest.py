@@ -1,0 +1,118 @@
+"""The playground on tiny models: a loader that knows two specs, SSE parsing, a live server."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from dataclasses import fields
+
+import pytest
+import uvicorn
+
+from costeer.engine.models import LM
+from costeer.playground import Models, PlaygroundSettings, create_app
+from tests.cloud.conftest import _own_cache, server, tiny_llm, tiny_slm  # noqa: F401 (fixtures)
+
+QUERY = "what should I cook tonight"
+PROFILE = "my name is Sam, I live in Seattle and I like spicy tofu"
+STEP_DELAY_S = 0.02  # SlowLM: a stop lands mid-answer
+
+
+def request_body(**over) -> dict:
+    body = {"query": QUERY, "profile": PROFILE, "llm": "tiny-llm", "slm": "tiny-slm", "max_new_tokens": 16}
+    return body | over
+
+
+def sse_events(lines) -> list[tuple[str, dict]]:
+    """text/event-stream lines -> [(event, data)] (keep-alive comments skipped)."""
+    out, kind, data = [], "message", []
+    for line in lines:
+        if not line:
+            if data:
+                out.append((kind, json.loads("\n".join(data))))
+            kind, data = "message", []
+        elif line.startswith("event:"):
+            kind = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+    return out
+
+
+class SlowLM(LM):
+    """Every forward after the prefill waits a little, so that a stop lands mid-answer; `advances`
+    counts those forwards."""
+
+    advances = 0
+
+    def open(self, prompts, reserve=1024):
+        return _SlowBatch(self, super().open(prompts, reserve))
+
+
+class _SlowBatch:
+    def __init__(self, lm: SlowLM, inner):
+        self.lm, self.inner = lm, inner
+
+    def start(self):
+        return self.inner.start()
+
+    def advance(self, tokens):
+        time.sleep(STEP_DELAY_S)
+        self.lm.advances += 1
+        return self.inner.advance(tokens)
+
+    def extend(self, tokens):
+        return self.inner.extend(tokens)
+
+    def close(self):
+        self.inner.close()
+
+
+def slow(lm: LM) -> SlowLM:
+    return SlowLM(**{f.name: getattr(lm, f.name) for f in fields(lm)})
+
+
+@pytest.fixture(scope="module")
+def lms(tiny_llm, tiny_slm):
+    return {"tiny-llm": tiny_llm, "tiny-slm": tiny_slm, "slow-llm": slow(tiny_llm)}
+
+
+def make_models(lms, **settings) -> Models:
+    s = PlaygroundSettings(**({"llm": "tiny-llm", "slm": "tiny-slm", "models": ("slow-llm",)} | settings))
+    return Models(s, load_lm=lms.__getitem__)
+
+
+class LiveServer:
+    """A FastAPI app served by uvicorn on a free port, in a daemon thread."""
+
+    def __init__(self, app):
+        sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("playground test server did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def live(lms):
+    """Start playground apps on tiny models; all stopped at the end of the test."""
+    started = []
+
+    def start(**settings) -> LiveServer:
+        srv = LiveServer(create_app(None, make_models(lms, **settings)))
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()

