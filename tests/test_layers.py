@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Lowest first; a module may import its own layer and those below it. frames is shared by both
 # sides of the split and imports nothing of costeer.
-LAYERS = {"errors": 0, "steering": 0, "frames": 0, "engine": 1, "api": 2, "cloud": 3, "device": 3, "gateway": 4,
+LAYERS = {"errors": 0, "steering": 0, "frames": 0, "engine": 1, "api": 2, "chat": 2, "cloud": 3, "device": 3, "gateway": 4,
           "playground": 4, "eval": 5, "cli": 6}  # fmt: skip
 APART = ({"cloud", "device"}, {"frames", "steering"})  # same layer, never each other
 

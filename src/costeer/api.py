@@ -18,7 +18,7 @@ from costeer.engine.fusion import fusion_pipeline
 from costeer.engine.loop import DecodePlan, LLMSide, LocalSteeringSource, SharedModel, Step, decode
 from costeer.engine.methods import MethodSpec
 from costeer.engine.models import LM, load_lm
-from costeer.engine.prompts import prompt_ids, user_message
+from costeer.engine.prompts import Messages, chat_ids, conversation, first_user_turn, with_context
 from costeer.engine.vocab import VocabMap, align_vocabularies, support_mask
 
 
@@ -103,22 +103,25 @@ class CoSteer:
             )
         return self._vocab
 
-    def prompts(self, query: str, context: str | None, context_message: str | None = None,
+    def prompts(self, query: str | Messages, context: str | None, context_message: str | None = None,
                 reference_message: str | None = None) -> dict[str, list[int]]:  # fmt: skip
         """Every prompt a method may start from (only *_context prompts hold the context).
 
-        The with-context user message is `context_message` verbatim when given (a dataset's own
-        personalised prompt), else the context followed by the query. `reference_message` (public: a
-        reference profile in the context's format, then the query) gives the SLM's "slm_reference"."""
-        with_ctx = _with_context(query, context, context_message)
+        `query`: the public query, or a conversation (system / user / assistant turns). The
+        with-context first user turn is `context_message` verbatim when given (a dataset's own
+        personalised prompt), else the context followed by the turn's text. `reference_message`
+        (public: a reference profile in the context's format, then the query) is the first user turn
+        of the SLM's "slm_reference"."""
+        public = conversation(query)
+        with_ctx = _with_context(public, context, context_message)
         out: dict[str, list[int]] = {}
         for side, lm in (("llm", self.llm), ("slm", self.slm)):
             if lm is not None:
-                out[side] = prompt_ids(lm.tokenizer, user_message(query))
+                out[side] = chat_ids(lm.tokenizer, public)
                 if with_ctx:
-                    out[f"{side}_context"] = prompt_ids(lm.tokenizer, with_ctx)
+                    out[f"{side}_context"] = chat_ids(lm.tokenizer, with_ctx)
         if reference_message and self.slm is not None:
-            out["slm_reference"] = prompt_ids(self.slm.tokenizer, reference_message)
+            out["slm_reference"] = chat_ids(self.slm.tokenizer, first_user_turn(public, reference_message))
         return out
 
     def _config(self, sampling: SamplingConfig | None, steering: SteeringConfig | None, overrides: dict):
@@ -132,7 +135,7 @@ class CoSteer:
 
     def stream(
         self,
-        query: str,
+        query: str | Messages,
         context: str | None = None,
         method: Method | str = Method.costeer,
         sampling: SamplingConfig | None = None,
@@ -144,6 +147,8 @@ class CoSteer:
     ) -> "GenerationStream":
         """Tokens as they are chosen; `.generation` fills in as the stream is consumed.
 
+        query: the public query, or a conversation ending with a user turn (engine/prompts.py puts
+        the context before its first user turn).
         context_message: the whole with-context user message, used verbatim instead of
         context + query (e.g. CoGenesis' `personalized_input`).
         reference_message: for `costeer_matched`, what the SLM's without-context branch reads instead of
@@ -155,7 +160,7 @@ class CoSteer:
         inspect: n > 0 attaches to each Step what steering did to it (`engine.loop.Inspection`: the shift
         log π_fused − log π_llm of the chosen token, the n likeliest tokens before and after); off by default.
         Overrides: temperature, top_k, top_p, seed, max_new_tokens."""
-        spec = Method(method).spec
+        spec, query = Method(method).spec, conversation(query)
         s_cfg, st_cfg = self._config(sampling, steering, overrides)
         self._check(spec, query, context, context_message, st_cfg)
         prompts = self._branch_prompts(spec, query, context, context_message, reference_message)
@@ -165,11 +170,9 @@ class CoSteer:
         primary = self.llm if spec.uses_llm else self.slm
         return GenerationStream(decode(plan), primary.tokenizer, Generation(spec.name, "", [], prompts, "length", b))
 
-    def _check(self, spec: MethodSpec, query: str, context: str | None, context_message: str | None,
+    def _check(self, spec: MethodSpec, query: Messages, context: str | None, context_message: str | None,
                steering: SteeringConfig) -> None:  # fmt: skip
         """Refuse a request that cannot run here, or must not (the private context to a remote LLM)."""
-        if not query or not query.strip():
-            raise ValueError("the query is empty")
         if spec.needs_context and not ((context and context.strip()) or (context_message and context_message.strip())):
             raise ValueError(f"method '{spec.name}' needs a personal context")
         if spec.uses_llm and self.llm is None:
@@ -182,7 +185,7 @@ class CoSteer:
             raise ValueError("the confidence gate is for in-process generation: with the cloud, the SLM pair "
                              "already runs while the cloud answers")
 
-    def _branch_prompts(self, spec: MethodSpec, query: str, context: str | None, context_message: str | None,
+    def _branch_prompts(self, spec: MethodSpec, query: Messages, context: str | None, context_message: str | None,
                         reference_message: str | None) -> dict[str, list[int]]:  # fmt: skip
         """The prompts the method reads (its row's branches); only a method that reads the context sees it."""
         private = spec.needs_context
@@ -191,7 +194,7 @@ class CoSteer:
         return {k: v for k, v in prompts.items() if k in spec.branches}
 
     def _plan(self, spec: MethodSpec, prompts: dict[str, list[int]], sampling: SamplingConfig,
-              steering: SteeringConfig, with_context: str | None) -> DecodePlan:  # fmt: skip
+              steering: SteeringConfig, with_context: Messages | None) -> DecodePlan:  # fmt: skip
         """The sources over their prompts, the vocabulary map and, steered, the fusion pipeline."""
         n = sampling.max_new_tokens
         if not spec.steered:
@@ -210,11 +213,13 @@ class CoSteer:
         # (docs/steering-variants.md §5); against the bare query the delta stays the paper's
         support = None
         if "support" in spec.stages and "slm_reference" in prompts:
-            support = support_mask(vocab, self.llm.tokenizer, with_context).to(self.slm.device)  # where Δ lives
+            text = "\n".join(m["content"] for m in with_context)
+            support = support_mask(vocab, self.llm.tokenizer, text).to(self.slm.device)  # where Δ lives
         fusion = fusion_pipeline(spec.name, steering, support)
         return DecodePlan(primary, vocab, sampling, pair, fusion, steering.gate, prompts)
 
-    def generate(self, query: str, context: str | None = None, method: Method | str = Method.costeer, **kw) -> Generation:
+    def generate(self, query: str | Messages, context: str | None = None, method: Method | str = Method.costeer,
+                 **kw) -> Generation:  # fmt: skip
         """Run to the end and return text, token ids, prompts and per-token timings."""
         stream = self.stream(query, context, method, **kw)
         for _ in stream:
@@ -248,6 +253,9 @@ class GenerationStream:
                 close()
 
 
-def _with_context(query: str, context: str | None, context_message: str | None) -> str | None:
-    """The with-context user message: `context_message` verbatim, else the context then the query."""
-    return context_message or (user_message(query, context) if context else None)
+def _with_context(public: Messages, context: str | None, context_message: str | None) -> Messages | None:
+    """The with-context conversation: its first user turn is `context_message` verbatim, else the
+    context then the turn's text."""
+    if context_message:
+        return first_user_turn(public, context_message)
+    return with_context(public, context) if context else None

@@ -208,10 +208,43 @@ def _with_options(**groups: type):
     return wrap
 
 
+# The chat and playground commands still declare these one by one (to move onto Models and Decoding).
+LLM_OPT = typer.Option(DEFAULT_LLM, help="LLM: preset, .gguf file, model folder or hub name.")
+SLM_OPT = typer.Option(DEFAULT_SLM, help="SLM (on the device): preset, .gguf file, folder or hub name.")
+MAX_NEW_OPT = typer.Option(128, min=1)
+TEMPERATURE_OPT = typer.Option(0.0, min=0.0, help="0 = greedy (the paper's setting).")
+TOP_K_OPT = typer.Option(0, min=0)
+TOP_P_OPT = typer.Option(1.0, min=0.0, max=1.0)
+SEED_OPT = typer.Option(None)
+T_OPT = typer.Option(20, "--T", min=1, help="FTRL iterations.")
+ALPHA_OPT = typer.Option(2.0, help="α: LLM policy contrast.")
+BETA_OPT = typer.Option(1.0, help="β: weight of the SLM delta.")
+LAMBDA_OPT = typer.Option(2.0, "--lambda", help="λ: KL anchor to the LLM's policy.")
+ETA_OPT = typer.Option(10.0, help="η: FTRL step size.")
+DEVICE_OPT = typer.Option("auto", help="auto | cpu | cuda[:N]")
+BACKEND_OPT = typer.Option("auto", help="transformers | llamacpp | auto (llama.cpp for GGUF files on the CPU when installed).")
+CLOUD_API_OPT = typer.Option("costeer", help="With --cloud: costeer (our service, ws://) | llamacpp (llama-server) | "
+                             "openai (vLLM, SGLang) | auto; for an engine, --llm names the model it serves (its tokenizer).")
+CLOUD_K_OPT = typer.Option(None, help=f"With --cloud: {CLOUD_K_HELP}")
+
+
+def _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens,
+                variant: VariantConfig | None = None, gate: float | None = None) -> GenerationConfig:  # fmt: skip
+    return GenerationConfig(
+        steering=SteeringConfig(T=T, alpha=alpha, beta=beta, lam=lam, eta=eta, variant=variant, gate=gate),
+        sampling=SamplingConfig(
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens
+        ),
+    )
+
+
 @app.command()
 @_with_options(models=Models, decoding=Decoding)
 def generate(
-    query: str = typer.Option(..., "--query", "-q", help="The public query (the only text the LLM sees)."),
+    query: Optional[str] = typer.Option(None, "--query", "-q", help="The public query (the only text the LLM sees)."),
+    messages: Optional[Path] = typer.Option(None, "--messages", help="A public conversation instead of --query: a "
+                                            "JSON list of {role, content} turns (system / user / assistant), ending "
+                                            "with the user's; the context goes before the first user turn."),
     context_file: Optional[Path] = typer.Option(
         None, "--context-file", "-c", help="Private profile / history: plain text, JSON or YAML."
     ),
@@ -228,24 +261,26 @@ def generate(
     """Generate one response with any method; tokens stream as they are chosen."""
 
     def run():
-        from costeer.engine.prompts import load_context, user_message
+        from costeer.engine.prompts import conversation, first_user, load_context, user_message
 
+        if (query is None) == (messages is None):
+            raise ValueError("give --query or --messages (one of them)")
+        turns = conversation(_read_messages(messages) if messages is not None else query)
+        public = "\n".join(m["content"] for m in turns)  # what the cloud may see, for the wire audit
         if context_file is not None and context is not None:
             raise ValueError("give --context or --context-file, not both")
         if wire_log is not None and models.cloud is None:
             raise ValueError("--wire-log records the exchange with the cloud: give --cloud too")
         ctx = load_context(context_file) if context_file is not None else context
-        if not query.strip():
-            raise ValueError("the query is empty")
         if reference_file is not None and not method.matched:
             raise ValueError(f"--reference-file is read by costeer_matched only, not by {method.value}")
-        reference = user_message(query, load_context(reference_file)) if reference_file is not None else None
+        reference = user_message(first_user(turns), load_context(reference_file)) if reference_file else None
         if method.matched and reference is None:
             typer.echo("note: costeer_matched without --reference-file is the paper's update with the repetition "
                        "guard (docs/steering-variants.md §5)", err=True)
         cfg = decoding.config()
-        cs = _load_models(models, cfg, [method], wire_log, query)
-        stream = cs.stream(query, ctx, method, reference_message=reference)
+        cs = _load_models(models, cfg, [method], wire_log, public)
+        stream = cs.stream(turns, ctx, method, reference_message=reference)
         if as_json:
             for _ in stream:
                 pass
@@ -493,6 +528,190 @@ def serve(
                    ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None)  # fmt: skip
 
     _run_guarded(run)
+
+
+def _read_messages(path: Path) -> list:
+    """A conversation file: a JSON list of {role, content} (costeer.engine.prompts.conversation checks it)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"messages file not found: {path}")
+    try:
+        turns = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"messages file {path} is not valid JSON: {str(e).splitlines()[0]}") from None
+    if not isinstance(turns, list):
+        raise ValueError(f"messages file {path} must hold a JSON list of turns")
+    return turns
+
+
+def _pair(cloud: Optional[str], llm: Optional[str], slm: Optional[str], cfg: GenerationConfig, device: str,
+          backend: str, cloud_k: Optional[str], cloud_tail: str, cloud_api: str):  # fmt: skip
+    """The model pair: in-process, or the LLM behind `cloud` and the SLM here."""
+    _quiet_libraries()
+    if cloud is not None:
+        return _load_cloud(cloud, slm, cfg, device, backend, _cloud_frames(cloud_k, cloud_api), cloud_tail, None, "",
+                           cloud_api, llm)
+    return _load(llm, slm, cfg, device, backend)
+
+
+CLOUD_OPT = typer.Option(None, help="ws://HOST:PORT of `costeer serve` (key from COSTEER_API_KEY), or with "
+                         "--cloud-api a serving engine's URL: the LLM runs there, the SLM and the context here.")
+CLOUD_TAIL_OPT = typer.Option("slm", help="With --cloud: model of the mass outside the top-k: slm | uniform.")
+CONTEXT_FILE_OPT = typer.Option(None, "--context-file", "-c", help="Private profile / history: text, JSON or YAML.")
+REFERENCE_FILE_OPT = typer.Option(None, "--reference-file", help="For costeer_matched: a public reference profile "
+                                  "in the context's format (text, JSON or YAML).")
+
+CHAT_HELP = "/reset clears the conversation, /context FILE swaps the private context, /quit (or Ctrl-D) ends."
+
+
+@app.command()
+def chat(
+    context_file: Optional[Path] = CONTEXT_FILE_OPT,
+    reference_file: Optional[Path] = REFERENCE_FILE_OPT,
+    system: Optional[str] = typer.Option(None, help="A system prompt (public: the cloud LLM reads it)."),
+    method: Method = typer.Option(Method.costeer, help=METHODS_DOC),
+    llm: str = LLM_OPT,
+    slm: str = SLM_OPT,
+    max_new_tokens: int = MAX_NEW_OPT,
+    temperature: float = TEMPERATURE_OPT,
+    top_k: int = TOP_K_OPT,
+    top_p: float = TOP_P_OPT,
+    seed: Optional[int] = SEED_OPT,
+    T: int = T_OPT,
+    alpha: float = ALPHA_OPT,
+    beta: float = BETA_OPT,
+    lam: float = LAMBDA_OPT,
+    eta: float = ETA_OPT,
+    device: str = DEVICE_OPT,
+    backend: str = BACKEND_OPT,
+    cloud: Optional[str] = CLOUD_OPT,
+    cloud_k: Optional[str] = CLOUD_K_OPT,
+    cloud_tail: str = CLOUD_TAIL_OPT,
+    cloud_api: str = CLOUD_API_OPT,
+) -> None:
+    """Talk with the model pair in the terminal: answers stream, the public conversation is kept
+    (the cloud LLM reads it), the private context only ever reaches the on-device SLM."""
+
+    def setup():
+        from costeer.chat import Chat, needs_context
+        from costeer.engine.prompts import load_context
+
+        ctx = load_context(context_file) if context_file is not None else None
+        if needs_context(method) and ctx is None:
+            raise ValueError(f"method '{method.value}' needs a personal context: give --context-file")
+        reference = load_context(reference_file) if reference_file is not None else None
+        cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens)
+        cs = _pair(cloud, llm if method.uses_llm else None, slm if method.uses_slm else None, cfg, device, backend,
+                   cloud_k, cloud_tail, cloud_api)  # fmt: skip
+        return Chat(cs, method, ctx, reference, system)
+
+    session = _run_guarded(setup)
+    typer.echo(f"chatting with method {method.value}. {CHAT_HELP}", err=True)
+    try:
+        while (line := _ask()) is not None:
+            if line.startswith("/"):
+                if not _chat_command(session, line):
+                    break
+            elif line:
+                _run_turn(session, line)
+    except KeyboardInterrupt:  # Ctrl-C at the prompt ends the chat like Ctrl-D
+        typer.echo("", err=True)
+
+
+def _ask() -> Optional[str]:
+    """The next user line (None at the end of input)."""
+    typer.echo("you> ", nl=False, err=True)
+    line = sys.stdin.readline()
+    return line.strip() if line else None
+
+
+def _chat_command(session, line: str) -> bool:
+    """Run a /command; False ends the chat."""
+    from costeer.engine.prompts import load_context
+
+    name, _, arg = line.partition(" ")
+    if name in ("/quit", "/exit"):
+        return False
+    if name == "/reset":
+        session.reset()
+        typer.echo("(conversation cleared)", err=True)
+    elif name == "/context" and arg.strip():
+        try:
+            session.context = load_context(arg.strip())
+            typer.echo(f"(private context: {len(session.context)} characters from {arg.strip()})", err=True)
+        except (FileNotFoundError, ValueError) as e:
+            typer.echo(f"error: {e}", err=True)
+    else:
+        typer.echo(CHAT_HELP, err=True)
+    return True
+
+
+def _run_turn(session, line: str) -> None:
+    """Stream one answer; an error ends the turn (not the chat) and leaves the history as it was."""
+    from costeer.device import CloudError
+    from costeer.engine.llamacpp import LlamaCppError
+
+    try:
+        answer = session.say(line)
+        for piece in answer:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        session.keep(answer)
+    except (CloudError, ValueError, LlamaCppError) as e:
+        typer.echo(f"\nerror: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+    except KeyboardInterrupt:
+        typer.echo("\n(interrupted: the answer is dropped)", err=True)
+
+
+@app.command()
+def gateway(
+    context_file: Optional[Path] = typer.Option(None, "--context-file", "-c", help="The private profile (text, JSON "
+                                                "or YAML), re-read when it changes. Requests never carry it."),
+    reference_file: Optional[Path] = REFERENCE_FILE_OPT,
+    llm: str = LLM_OPT,
+    slm: str = SLM_OPT,
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on; anything but loopback needs a key."),
+    port: int = typer.Option(8080, min=1, max=65535),
+    api_keys_file: Optional[Path] = typer.Option(None, help="Accepted keys (Authorization: Bearer), one a line "
+                                                 "(also: COSTEER_GATEWAY_KEYS, comma-separated)."),
+    max_new_tokens: int = typer.Option(256, min=1, help="A request's token budget when it names none."),
+    max_tokens_limit: int = typer.Option(2048, min=1, help="The most max_tokens a request may ask for."),
+    max_prompt_tokens: int = typer.Option(8192, min=1, help="The longest conversation accepted, in tokens."),
+    max_waiting: int = typer.Option(8, min=0, help="Requests queued behind the running one; more get HTTP 429."),
+    temperature: float = TEMPERATURE_OPT,
+    top_k: int = TOP_K_OPT,
+    top_p: float = TOP_P_OPT,
+    T: int = T_OPT,
+    alpha: float = ALPHA_OPT,
+    beta: float = BETA_OPT,
+    lam: float = LAMBDA_OPT,
+    eta: float = ETA_OPT,
+    device: str = DEVICE_OPT,
+    backend: str = BACKEND_OPT,
+    cloud: Optional[str] = CLOUD_OPT,
+    cloud_k: Optional[str] = CLOUD_K_OPT,
+    cloud_tail: str = CLOUD_TAIL_OPT,
+    cloud_api: str = CLOUD_API_OPT,
+    log_level: str = typer.Option("info"),
+) -> None:
+    """Serve the OpenAI chat API on this device (POST /v1/chat/completions, GET /v1/models): the
+    model name picks the method, the private context comes from --context-file only."""
+
+    def run():
+        import logging
+
+        from costeer.cloud import read_api_keys
+        from costeer.gateway import GatewaySettings, check_bind, serve as run_gateway
+
+        keys = read_api_keys(os.environ.get("COSTEER_GATEWAY_KEYS"), api_keys_file)
+        settings = GatewaySettings(context_file=context_file, reference_file=reference_file, api_keys=keys,
+                                   max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens,
+                                   max_waiting=max_waiting)  # fmt: skip
+        check_bind(host, settings)  # before loading the models
+        cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, None, max_new_tokens)
+        cs = _pair(cloud, llm, slm, cfg, device, backend, cloud_k, cloud_tail, cloud_api)
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        run_gateway(cs, settings, host=host, port=port, log_level=log_level)
 
 
 @app.command()

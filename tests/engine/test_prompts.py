@@ -2,7 +2,18 @@ import json
 
 import pytest
 
-from costeer.engine.prompts import PLAIN_TEMPLATE, load_context, prompt_ids, render_context, user_message
+from costeer.engine.prompts import (
+    PLAIN_TEMPLATE,
+    chat_ids,
+    conversation,
+    first_user_turn,
+    load_context,
+    plain_turns,
+    prompt_ids,
+    render_context,
+    user_message,
+    with_context,
+)
 from tests.tiny import bpe_tokenizer
 
 
@@ -46,3 +57,66 @@ def test_context_file_errors(tmp_path):
 
 def test_render_nested_lists():
     assert render_context([{"a": 1}, "x"]) == "-\n  a: 1\n- x"
+
+
+TURNS = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": " what should I cook "},
+    {"role": "assistant", "content": "Tofu."},
+    {"role": "user", "content": "and for dessert?"},
+]
+
+
+def test_a_query_is_a_conversation_of_one_user_turn():
+    tok = bpe_tokenizer()
+    assert conversation(" hi ") == [{"role": "user", "content": "hi"}]
+    assert chat_ids(tok, conversation("hello world")) == prompt_ids(tok, "hello world")
+
+
+def test_plain_turns_for_a_model_without_a_template():
+    tok = bpe_tokenizer(chat=False)
+    text = tok.decode(chat_ids(tok, conversation(TURNS)))
+    assert text == "System: Be brief.\nUser: what should I cook\nAssistant: Tofu.\nUser: and for dessert?\nAssistant:"
+    assert plain_turns([{"role": "user", "content": "x"}]) == PLAIN_TEMPLATE.format(content="x")
+
+
+def test_the_chat_template_renders_every_turn():
+    tok = bpe_tokenizer()
+    text = tok.decode(chat_ids(tok, conversation(TURNS)))
+    assert text == "<|user|>Be brief.<|end|><|user|>what should I cook<|end|><|user|>Tofu.<|end|>" \
+                   "<|user|>and for dessert?<|end|><|assistant|>"
+
+
+def test_the_context_goes_before_the_first_user_turn_only():
+    turns = conversation(TURNS)
+    private = with_context(turns, "I am vegan.")
+    assert private[1]["content"] == "I am vegan.\n\nwhat should I cook"
+    assert [m for i, m in enumerate(private) if i != 1] == [m for i, m in enumerate(turns) if i != 1]
+    assert first_user_turn(turns, "verbatim")[1] == {"role": "user", "content": "verbatim"}
+
+
+@pytest.mark.parametrize(
+    "turns, message",
+    [
+        ([], "conversation is empty"),
+        ([{"role": "tool", "content": "x"}], "unknown role 'tool'"),
+        ([{"content": "x"}], "unknown role None"),
+        (["just text"], "unknown role"),
+        ([{"role": "user", "content": 3}], "content must be text"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "end with a user turn"),
+        ([{"role": "user", "content": "  "}], "query is empty"),
+    ],
+)
+def test_bad_conversations(turns, message):
+    with pytest.raises(ValueError, match=message):
+        conversation(turns)
+
+
+def test_a_template_that_refuses_a_conversation_is_a_value_error():
+    refusing = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}" \
+               "{% endif %}{{ m['content'] }}{% endfor %}"
+    tok = bpe_tokenizer(chat=False)
+    tok2 = tok.__class__(tokenizer_object=tok.backend_tokenizer, eos_token="<|end|>")
+    tok2.chat_template = refusing
+    with pytest.raises(ValueError, match="refuses this conversation: no system role"):
+        chat_ids(tok2, conversation(TURNS))

@@ -1,19 +1,31 @@
 """Prompts and the personal context.
 
-The public query alone goes to the LLM (and the SLM's base branch). The personal context
+The public conversation alone goes to the LLM (and the SLM's base branch). The personal context
 goes only into the SLM's with-context branch — and into `llm_context`, the baseline that
 deliberately breaks privacy.
+
+A query is a conversation of one user turn. The context (or a matched reference profile) is put
+before the content of the FIRST user turn, the layout of `user_message`: a conversation's earlier
+turns, and so the context, stay a stable prefix of every later turn's with-context prompt.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
 
-# Plain-text framing for models without a chat template (base models such as Gemma-3-270m).
+# Plain-text framing for models without a chat template (base models such as Gemma-3-270m): one
+# `Role: content` line a turn, then the assistant's cue. A single user turn reads PLAIN_TEMPLATE.
+PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 PLAIN_TEMPLATE = "User: {content}\nAssistant:"
+# Where a base model's answer ends under plain turns: it starts writing the next user turn.
+PLAIN_STOP = "\nUser:"
+ROLES = tuple(PLAIN_ROLES)
+
+Messages = list[dict[str, str]]  # [{"role": "system" | "user" | "assistant", "content": text}, ...]
 
 
 def user_message(query: str, context: str | None = None) -> str:
@@ -21,14 +33,67 @@ def user_message(query: str, context: str | None = None) -> str:
     return f"{context.strip()}\n\n{query.strip()}" if context else query.strip()
 
 
-def prompt_ids(tokenizer, content: str) -> list[int]:
-    """Tokenised prompt: the chat template when the tokenizer has one, plain text otherwise."""
+def conversation(query: str | Sequence[Mapping[str, str]]) -> Messages:
+    """A query or a list of turns as checked turns (contents stripped): roles in ROLES, text contents,
+    and a last turn from the user that is not empty."""
+    if isinstance(query, str):
+        query = [{"role": "user", "content": query}]
+    if not query:
+        raise ValueError("the conversation is empty")
+    turns = []
+    for i, m in enumerate(query):
+        role, content = (m.get("role"), m.get("content")) if isinstance(m, Mapping) else (None, None)
+        if role not in PLAIN_ROLES:
+            raise ValueError(f"message {i}: unknown role {role!r} (one of {', '.join(ROLES)})")
+        if not isinstance(content, str):
+            raise ValueError(f"message {i}: the content must be text")
+        turns.append({"role": role, "content": content.strip()})
+    if turns[-1]["role"] != "user":
+        raise ValueError("the conversation must end with a user turn")
+    if not turns[-1]["content"]:
+        raise ValueError("the query is empty")
+    return turns
+
+
+def first_user(messages: Messages) -> str:
+    """The text of the conversation's first user turn (where the context goes)."""
+    return next(m["content"] for m in messages if m["role"] == "user")
+
+
+def first_user_turn(messages: Messages, content: str) -> Messages:
+    """The conversation with its first user turn's content replaced by `content`."""
+    i = next(i for i, m in enumerate(messages) if m["role"] == "user")
+    return [*messages[:i], {"role": "user", "content": content}, *messages[i + 1 :]]
+
+
+def with_context(messages: Messages, context: str) -> Messages:
+    """The conversation with `context` before its first user turn (the with-context branch's layout)."""
+    return first_user_turn(messages, user_message(first_user(messages), context))
+
+
+def chat_ids(tokenizer, messages: Messages) -> list[int]:
+    """Tokenised conversation with the assistant's cue: the chat template when the tokenizer has one,
+    plain-text turns otherwise. A template that refuses the conversation raises ValueError."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-        )
+        from jinja2 import TemplateError
+
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateError as e:
+            raise ValueError(f"the model's chat template refuses this conversation: {e}") from None
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(PLAIN_TEMPLATE.format(content=content), add_special_tokens=True)["input_ids"])
+    return list(tokenizer(plain_turns(messages), add_special_tokens=True)["input_ids"])
+
+
+def plain_turns(messages: Messages) -> str:
+    """`Role: content` lines, then the assistant's cue (PLAIN_TEMPLATE for one user turn)."""
+    lines = [f"{PLAIN_ROLES[m['role']]}: {m['content']}" for m in messages]
+    return "\n".join(lines) + f"\n{PLAIN_ROLES['assistant']}:"
+
+
+def prompt_ids(tokenizer, content: str) -> list[int]:
+    """Tokenised prompt of one user turn (see chat_ids)."""
+    return chat_ids(tokenizer, [{"role": "user", "content": content}])
 
 
 def render_context(data: object, indent: str = "") -> str:
