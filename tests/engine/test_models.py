@@ -69,7 +69,7 @@ def test_load_from_a_local_folder(tmp_path):
     [
         ("", "empty model spec"),
         ("no-such-preset", "unknown model 'no-such-preset'"),
-        ("./missing/folder", "unknown model"),
+        ("./missing/folder", "model file not found: ./missing/folder"),  # a path-like spec (issue #12)
     ],
 )
 def test_resolve_errors_are_one_line(spec, message):
