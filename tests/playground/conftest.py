@@ -46,8 +46,8 @@ class SlowLM(LM):
 
     advances = 0
 
-    def open(self, prompts, reserve=1024):
-        return _SlowBatch(self, super().open(prompts, reserve))
+    def open(self, prompts, reserve=1024, prefix=None):
+        return _SlowBatch(self, super().open(prompts, reserve, prefix))
 
 
 class _SlowBatch:
