@@ -21,6 +21,7 @@ import importlib.util
 import logging
 import os
 import threading
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -173,10 +174,14 @@ def _logprobs(ll, ctx, out: np.ndarray, out_index: list[int]) -> Tensor:
     return torch.log_softmax(torch.from_numpy(out[: len(out_index)]), dim=-1)
 
 
-def _new_context(model: "LlamaCppModel", n_ctx: int, n_batch: int, n_seq_max: int, unified: bool, n_ubatch: int = 512):
-    """A llama.cpp context on `model` -> (ctx, llama_batch of n_batch rows)."""
+def _new_context(model: "LlamaCppModel", n_ctx: int, n_batch: int, n_seq_max: int, unified: bool, n_ubatch: int = 512,
+                 flash_attn: bool | None = None):  # fmt: skip
+    """A llama.cpp context on `model` -> (ctx, llama_batch of n_batch rows). flash_attn None: llama.cpp's
+    choice (on for the CPU)."""
     ll = model._ll
     cp = ll.llama_context_default_params()
+    if flash_attn is not None:
+        cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
     cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, n_batch, n_ubatch
     cp.n_seq_max = n_seq_max
     cp.kv_unified = unified
@@ -309,6 +314,33 @@ class LlamaDecodeBatch(_OwnsContext):
 
 
 
+# What a sequence computes in the pool must not depend on what else shares its forward or where its
+# cells lie in the shared cache: a look-ahead node has to equal the step it stands for, and a path
+# kept from a tree (its cells wherever the tree put them) has to go on as the steps would have.
+# Measured on SmolLM2 Q4_1 past 256 cached tokens (docs/wire-format.md, "Look-ahead"), two things
+# break that: llama.cpp's CPU flash attention rounds by cell order (0.5 nats after a kept branch),
+# and a llama_decode of one token takes another path than one of several (up to 1 nat on tail
+# tokens, 0.5 on the top 20). So the pool runs without flash attention, and never decodes one row
+# alone: a lone row gets a throwaway row beside it. With both, every row is bit for bit the same
+# whatever the batch and the layout (tests/engine/test_llamacpp_pool.py).
+LLAMA_MAX_SEQ = 256  # llama.cpp's limit on sequence ids per context
+
+
+@dataclass
+class _SeqTree:
+    """The look-ahead tree grown from one sequence: node 0 is the root (the sequence's next
+    position `root`); node i > 0 sits at position root + depth - 1 in the cells of sequence
+    `cells[i]`: its parent's when it is the parent's first child, else a scratch sequence that
+    shares the parent's path (llama_memory_seq_cp: the cells are shared, not copied)."""
+
+    root: int
+    parent: list[int] = field(default_factory=lambda: [-1])
+    depth: list[int] = field(default_factory=lambda: [0])
+    cells: list[int] = field(default_factory=list)
+    has_child: list[bool] = field(default_factory=lambda: [False])
+    scratch: list[int] = field(default_factory=list)
+
+
 class LlamaSequencePool(_OwnsContext):
     """Independent sequences that come and go, served from ONE llama.cpp context: one unified KV
     cache of `n_cells` cells that all of them share (allocated once: the memory of the whole
@@ -318,25 +350,42 @@ class LlamaSequencePool(_OwnsContext):
     `chunk` tokens, the ubatch size, split exactly where a whole-prompt llama_decode splits);
     step([(seq, token)]) -> [n, V] feeds one token to each of n sequences in ONE llama_decode;
     drop(seq) frees a sequence's cells. The caller keeps each sequence's tokens within the cells
-    (a full cache fails the step with LlamaCppError)."""
+    (a full cache fails the step with LlamaCppError).
+
+    Look-ahead: grow([(seq, parent, token)]) -> [n, V] adds nodes to the sequences' trees (each the
+    child of a node already there; 0 = the sequence's next position) in ONE llama_decode, every
+    node sharing its path's cells; commit(seq, node) keeps the path to `node` as the sequence's
+    own and frees the rest of its tree (llama_memory_seq_cp / llama_memory_seq_rm)."""
 
     def __init__(self, model: LlamaCppModel, n_cells: int, n_seq_max: int, chunk: int = 512):
         if n_seq_max < 1 or n_cells < 1 or chunk < 1:
             raise ValueError("a pool needs at least one sequence, one cell and a chunk of one token")
+        if n_seq_max > LLAMA_MAX_SEQ - 2:
+            raise ValueError(f"a pool holds at most {LLAMA_MAX_SEQ - 2} sequences")
         ll = model._ll
         self._ll, self.model, self.chunk = ll, model, chunk
         self.n_cells = _round_up(n_cells, 256)
-        self._cap = max(chunk, n_seq_max)  # one step of every sequence fits one ubatch
+        self._cap = max(chunk, n_seq_max * 8, 64)  # one step of every sequence and their trees fits one ubatch
         # A unified cache: cells go to whichever sequence needs them, so memory follows the
         # tokens actually held, not n_seq_max times the longest possible sequence.
-        self.ctx, self.batch = _new_context(model, self.n_cells, self._cap, n_seq_max, unified=True, n_ubatch=self._cap)
+        self.ctx, self.batch = _new_context(model, self.n_cells, self._cap, LLAMA_MAX_SEQ, unified=True,
+                                            n_ubatch=self._cap, flash_attn=False)  # fmt: skip
         self._mem = ll.llama_get_memory(self.ctx)
-        self._out = np.empty((n_seq_max, model.n_vocab), dtype=np.float32)  # [n, V], reused
+        self._out = np.empty((self._cap, model.n_vocab), dtype=np.float32)  # [n, V], reused
         self.pos: dict[int, int] = {}  # next position of each live sequence
+        self._spare = n_seq_max  # the throwaway row's sequence
+        self._scratch = list(range(LLAMA_MAX_SEQ - 1, n_seq_max, -1))  # free ids for look-ahead branches
+        self.trees: dict[int, _SeqTree] = {}
 
     def _decode(self, rows: list[tuple[int, int, int, bool]]) -> Tensor:
-        return _logprobs(self._ll, self.ctx, self._out, _decode_rows(self._ll, self.ctx, self.batch, self._cap, rows,
-                                                                     f"{self.n_cells} cells shared"))  # fmt: skip
+        if len(rows) == 1:  # never alone (see LLAMA_MAX_SEQ above): a throwaway row beside it
+            rows = rows + [(rows[0][0], self._spare, 0, False)]
+        try:
+            out = _decode_rows(self._ll, self.ctx, self.batch, self._cap, rows, f"{self.n_cells} cells shared")
+        finally:
+            if len(rows) == 2 and rows[1][1] == self._spare:
+                self._ll.llama_memory_seq_rm(self._mem, self._spare, -1, -1)
+        return _logprobs(self._ll, self.ctx, self._out, out)
 
     def prefill(self, seq: int, tokens: list[int]) -> Tensor:
         if not 0 < len(tokens) <= self.chunk:
@@ -353,7 +402,56 @@ class LlamaSequencePool(_OwnsContext):
             self.pos[seq] += 1
         return out
 
+    @property
+    def branches_free(self) -> int:
+        """Scratch sequences left for look-ahead branches (a first child needs none)."""
+        return len(self._scratch)
+
+    def grow(self, rows: list[tuple[int, int, int]]) -> Tensor:
+        batch = []
+        for seq, parent, token in rows:
+            tree = self.trees.setdefault(seq, _SeqTree(self.pos[seq], cells=[seq]))
+            at = tree.root + tree.depth[parent]  # the new node's position
+            cells = tree.cells[parent]
+            if tree.has_child[parent]:  # a sibling: a scratch sequence that shares the parent's path
+                if not self._scratch:
+                    raise LlamaCppError("no sequence left for a look-ahead branch")
+                branch = self._scratch.pop()
+                tree.scratch.append(branch)
+                self._ll.llama_memory_seq_cp(self._mem, cells, branch, 0, at)
+                cells = branch
+            tree.has_child[parent] = True
+            tree.parent.append(parent)
+            tree.depth.append(tree.depth[parent] + 1)
+            tree.cells.append(cells)
+            tree.has_child.append(False)
+            batch.append((token, cells, at, True))
+        return self._decode(batch)
+
+    def commit(self, seq: int, node: int) -> None:
+        tree = self.trees.pop(seq, None)
+        if tree is None:
+            if node != 0:
+                raise ValueError("commit to a node of a tree that was never grown")
+            return
+        end = tree.root + tree.depth[node]
+        if tree.cells[node] != seq:  # the path ends in a branch: its cells become the sequence's
+            self._ll.llama_memory_seq_rm(self._mem, seq, tree.root, -1)
+            self._ll.llama_memory_seq_cp(self._mem, tree.cells[node], seq, tree.root, end)
+        else:
+            self._ll.llama_memory_seq_rm(self._mem, seq, end, -1)
+        self._free_scratch(tree)
+        self.pos[seq] = end
+
+    def _free_scratch(self, tree: _SeqTree) -> None:
+        for branch in tree.scratch:
+            self._ll.llama_memory_seq_rm(self._mem, branch, -1, -1)
+            self._scratch.append(branch)
+        tree.scratch.clear()
+
     def drop(self, seq: int) -> None:
+        tree = self.trees.pop(seq, None)
+        if tree is not None:
+            self._free_scratch(tree)
         if self.pos.pop(seq, None) is not None:
             self._ll.llama_memory_seq_rm(self._mem, seq, -1, -1)
-

@@ -1,0 +1,249 @@
+"""Look-ahead rounds on the cloud: which continuations to compute ahead, and how many.
+
+A round starts from the session's next distribution (the root). `RoundPlanner` grows a tree
+level by level: each level's candidates are the top few tokens of the nodes of the level above,
+each with an estimated chance that the device goes there,
+
+    P(child) = P(parent) * min(1, alpha * p_LLM(child | parent)),
+
+where alpha calibrates the LLM's own probability to the device's choices in this session (the
+device fuses the LLM with its SLM pair, so it agrees with the LLM less often than p says).
+
+How much of the tree to compute follows what `Controller` measures per session (docs/wire-format.md,
+"Look-ahead", has the derivation and the figures):
+
+  - S, the seconds a token saves when the device finds it in the tree instead of asking: a round
+    trip as the device lives it (R: from the cloud sending a round to the next uplink arriving,
+    for a round the device left at once) plus the cloud's root step (c1), minus what the device
+    spends on a token it finds in the tree (L). R and L are fitted to the session's rounds:
+    gap = R + L * (tokens taken from the tree) + beta * bytes, so bytes per node count too.
+  - the cloud's cost of a level of n nodes, a + b * n, fitted to the levels it computed;
+  - alpha, from how often the device stayed in the tree at the nodes it reached.
+
+A node is worth computing when P(node) * S exceeds its cost (b plus its bytes), a level when its
+nodes' worth exceeds the level's fixed cost a too. Where the round trip is cheaper than the tree
+(loopback, a cloud on the same machine) S is about zero and no look-ahead is computed at all. A
+FIXED look-ahead (a benchmark's chain or tree) takes `depth` levels of (nodes - 1) / depth nodes,
+the most likely first, whatever the measurements.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from costeer import frames
+
+MAX_WIDTH = 4  # candidates per node: the LLM's top few (issue #14: top 2/4/8 hold 57/63/69% of choices)
+HISTORY = 32  # rounds (and levels) the fits look back on
+
+
+def _ridge(x: np.ndarray, y: np.ndarray, prior: np.ndarray, strength: float) -> np.ndarray:
+    """Least squares y ~ x @ w pulled toward `prior` (with a few samples the prior decides)."""
+    k = x.shape[1]
+    a = x.T @ x + strength * np.eye(k)
+    return np.linalg.solve(a, x.T @ y + strength * prior)
+
+
+@dataclass
+class Controller:
+    """A session's measurements and the look-ahead they call for (module docs)."""
+
+    bounds: frames.Lookahead
+    c1: float = 0.0  # seconds: the cloud's root step (EWMA)
+    stays: float = 1.0  # the device stayed in the tree at a node it reached (prior: 1 of 1)
+    offered: float = 1.0  # the LLM's probability mass offered there (prior: 1)
+    rounds: deque = field(default_factory=lambda: deque(maxlen=HISTORY))  # (gap s, tokens from the tree, bytes)
+    levels: deque = field(default_factory=lambda: deque(maxlen=HISTORY))  # (nodes, seconds)
+    bytes_per_node: float = 0.0  # EWMA of a node's DIST frame
+    sent_at: float | None = None  # when the last round left (server clock)
+    sent_bytes: int = 0
+
+    @property
+    def alpha(self) -> float:
+        return min(2.0, self.stays / self.offered)
+
+    # -- measurements ---------------------------------------------------------------------
+
+    def step_took(self, seconds: float) -> None:
+        self.c1 = seconds if self.c1 == 0 else 0.8 * self.c1 + 0.2 * seconds
+
+    def level_took(self, nodes: int, seconds: float) -> None:
+        self.levels.append((nodes, seconds))
+
+    def sent(self, nbytes: int, nodes: int, now: float | None = None) -> None:
+        self.sent_at, self.sent_bytes = (time.monotonic() if now is None else now), nbytes
+        if nodes > 1:
+            per = nbytes / nodes
+            self.bytes_per_node = per if self.bytes_per_node == 0 else 0.8 * self.bytes_per_node + 0.2 * per
+
+    def received(self, in_tree: int, now: float | None = None) -> None:
+        """The device's uplink arrived: it took `in_tree` tokens from the round's tree."""
+        if self.sent_at is not None:
+            now = time.monotonic() if now is None else now
+            self.rounds.append((now - self.sent_at, in_tree, self.sent_bytes))
+            self.sent_at = None
+
+    def calibrate(self, stayed: int, offered_mass: float) -> None:
+        """At the nodes the device reached that had children: how often it stayed, and the LLM's
+        probability of those children."""
+        self.stays += stayed
+        self.offered += offered_mass
+
+    # -- estimates ------------------------------------------------------------------------
+
+    def round_trip(self) -> tuple[float, float, float]:
+        """(R, L, beta): the gap of a round the device left at once, seconds per token it took from
+        the tree, seconds per byte sent."""
+        if not self.rounds:
+            return 0.0, self.c1, 0.0
+        r = np.array(self.rounds, dtype=np.float64)
+        x = np.stack([np.ones(len(r)), r[:, 1], r[:, 2] / 1e4], axis=1)  # bytes in units of 10 KB
+        prior = np.array([r[:, 0].min(), self.c1, 0.0])
+        w = _ridge(x, r[:, 0], prior, strength=1.0)
+        return max(w[0], 0.0), max(w[1], 0.0), max(w[2], 0.0) / 1e4
+
+    def level_cost(self) -> tuple[float, float]:
+        """(a, b): a level of n nodes costs a + b * n seconds (prior: the root step's cost, half
+        fixed and half per node, until levels of different sizes tell them apart)."""
+        if not self.levels:
+            return self.c1 / 2, self.c1 / 2
+        r = np.array(self.levels, dtype=np.float64)
+        x = np.stack([np.ones(len(r)), r[:, 0]], axis=1)
+        w = _ridge(x, r[:, 1], np.array([self.c1 / 2, self.c1 / 2]), strength=0.5)
+        return max(w[0], 0.0), max(w[1], 1e-6)
+
+    def saving(self) -> float:
+        """S: seconds a token found in the tree saves the device (0: look-ahead does not pay)."""
+        R, L, _ = self.round_trip()
+        return max(0.0, R + self.c1 - L)
+
+
+@dataclass
+class RoundPlanner:
+    """One round's tree (node 0: the root) grown level by level for the scheduler: begin(root
+    log-probabilities) and extend(each level's) return the next level's rows [(parent, token)], []
+    when the tree is done."""
+
+    controller: Controller
+    max_branches: int = 1 << 30  # nodes that are not a first child (llama.cpp: scratch sequences left)
+    parents: list[int] = field(default_factory=lambda: [-1])
+    tokens: list[int] = field(default_factory=lambda: [frames.NO_TOKEN])
+    reach: list[float] = field(default_factory=lambda: [1.0])  # P(node)
+    depth: list[int] = field(default_factory=lambda: [0])
+    logps: list[Tensor] = field(default_factory=list)
+    frontier: list[int] = field(default_factory=lambda: [0])
+    pending: list[tuple[int, int, float]] = field(default_factory=list)  # the level being computed
+
+    @property
+    def size(self) -> int:
+        return len(self.parents)
+
+    def begin(self, root: Tensor) -> list[tuple[int, int]]:
+        self.logps = [root]
+        return self._next_level()
+
+    def extend(self, logps: Tensor, seconds: float) -> list[tuple[int, int]]:
+        """The pending level's [n, V] log-probabilities, computed in `seconds`."""
+        self.controller.level_took(len(self.pending), seconds)
+        self.frontier = []
+        for (parent, token, p), logp in zip(self.pending, logps):
+            self.frontier.append(self.size)
+            self.parents.append(parent)
+            self.tokens.append(token)
+            self.reach.append(p)
+            self.depth.append(self.depth[parent] + 1)
+            self.logps.append(logp)
+        self.pending = []
+        return self._next_level()
+
+    def _candidates(self) -> list[tuple[float, int, int, bool]]:
+        """(P, parent, token, first child?) for the children of the frontier, most likely first."""
+        alpha, out = self.controller.alpha, []
+        for node in self.frontier:
+            logp = self.logps[node]
+            probs, ids = torch.topk(logp.float().exp(), min(MAX_WIDTH, logp.shape[-1]))
+            for rank, (p, t) in enumerate(zip(probs.tolist(), ids.tolist())):
+                if p > 0:
+                    out.append((self.reach[node] * min(1.0, alpha * p), node, t, rank == 0))
+        return sorted(out, key=lambda c: -c[0])
+
+    def _next_level(self) -> list[tuple[int, int]]:
+        b = self.controller.bounds
+        level = self.depth[self.frontier[0]] + 1 if self.frontier else b.depth + 1
+        room = b.nodes - self.size
+        if level > b.depth or room <= 0 or not self.frontier:
+            return []
+        if b.mode == frames.LOOKAHEAD_FIXED:
+            take = self._fixed(room, b)
+        else:
+            take = self._worth(room)
+        self.pending = [(parent, token, p) for p, parent, token in take]
+        return [(parent, token) for _, parent, token in take]
+
+    def _fixed(self, room: int, b: frames.Lookahead) -> list[tuple[float, int, int]]:
+        per_level = max(1, (b.nodes - 1) // max(b.depth, 1))
+        return self._pick(self._candidates(), min(per_level, room), lambda p: True)
+
+    def _worth(self, room: int) -> list[tuple[float, int, int]]:
+        c = self.controller
+        S = c.saving()
+        if S <= 0:
+            return []
+        a, b = c.level_cost()
+        node_cost = b + c.round_trip()[2] * c.bytes_per_node
+        take = self._pick(self._candidates(), room, lambda p: p * S > node_cost)
+        worth = sum(p for p, _, _ in take) * S - node_cost * len(take)
+        return take if worth > a else []
+
+    def _pick(self, cands, room: int, keep) -> list[tuple[float, int, int]]:
+        out, branches = [], self.max_branches
+        for p, parent, token, first in cands:
+            if len(out) >= room or not keep(p):
+                break
+            if not first and branches <= 0:
+                continue
+            branches -= 0 if first else 1
+            out.append((p, parent, token))
+        return out
+
+    # -- after the round ------------------------------------------------------------------
+
+    def child(self, node: int, token: int) -> int | None:
+        return next((i for i in range(node + 1, self.size) if self.parents[i] == node and self.tokens[i] == token), None)
+
+    def max_depth(self) -> int:
+        return max(self.depth)
+
+    def follow(self, tokens: list[int]) -> int | None:
+        """The node where the device chose its last token (the path of all the others); None when a
+        token before the last is not on the tree. Feeds the controller's calibration: at each node
+        reached that has children, whether the device stayed, against the LLM's mass there."""
+        node, stayed, offered = 0, 0, 0.0
+        for i, t in enumerate(tokens):
+            kids = [j for j in range(node + 1, self.size) if self.parents[j] == node]
+            nxt = self.child(node, t)
+            if kids:
+                offered += float(torch.stack([self.logps[node][self.tokens[j]] for j in kids]).exp().sum())
+                stayed += nxt is not None
+            if i == len(tokens) - 1:
+                break
+            if nxt is None:
+                return None
+            node = nxt
+        self.controller.calibrate(stayed, offered)
+        return node
+
+    def encode(self, position: int, encode_node, cloud_us: int) -> bytes:
+        """The round as the device reads it: a DIST frame for the root alone, else a TREE frame;
+        `encode_node(logp, position)` makes each node's DIST frame."""
+        blobs = [encode_node(logp, position + d) for logp, d in zip(self.logps, self.depth)]
+        if self.size == 1:
+            return blobs[0]
+        return frames.encode_tree(position, self.parents[1:], self.tokens[1:], blobs, cloud_us)
