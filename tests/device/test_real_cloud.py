@@ -27,7 +27,7 @@ def test_smollm2_over_the_socket_equals_in_process(smollm2, tmp_path, monkeypatc
     log = tmp_path / "wire.jsonl"
     try:
         for k in ("full", DEFAULT_FRAMES, DEFAULT_K):
-            llm = connect_cloud(server.url, api_key=KEY_A, k=k, wire_log=log)
+            llm = connect_cloud(server.url, api_key=KEY_A, k=k, wire_log=log, lookahead="off")
             got = CoSteer(llm, smollm2).generate(QUERY, CONTEXT, "costeer", max_new_tokens=N)
             assert got.token_ids == want.token_ids, f"k={k}"
             assert got.text == want.text

@@ -64,6 +64,7 @@ class Controller:
     bytes_per_node: float = 0.0  # EWMA of a node's DIST frame
     sent_at: float | None = None  # when the last round left (server clock)
     sent_bytes: int = 0
+    n_rounds: int = 0  # rounds sent
 
     @property
     def alpha(self) -> float:
@@ -79,6 +80,7 @@ class Controller:
 
     def sent(self, nbytes: int, nodes: int, now: float | None = None) -> None:
         self.sent_at, self.sent_bytes = (time.monotonic() if now is None else now), nbytes
+        self.n_rounds += 1
         if nodes > 1:
             per = nbytes / nodes
             self.bytes_per_node = per if self.bytes_per_node == 0 else 0.8 * self.bytes_per_node + 0.2 * per
@@ -100,12 +102,14 @@ class Controller:
 
     def round_trip(self) -> tuple[float, float, float]:
         """(R, L, beta): the gap of a round the device left at once, seconds per token it took from
-        the tree, seconds per byte sent."""
+        the tree, seconds per byte sent. L's prior is R + c1: until the device has taken tokens from
+        a tree, look-ahead is assumed to save nothing (probe_due offers one node now and then)."""
         if not self.rounds:
             return 0.0, self.c1, 0.0
         r = np.array(self.rounds, dtype=np.float64)
         x = np.stack([np.ones(len(r)), r[:, 1], r[:, 2] / 1e4], axis=1)  # bytes in units of 10 KB
-        prior = np.array([r[:, 0].min(), self.c1, 0.0])
+        R0 = float(np.median(r[:, 0]))
+        prior = np.array([R0, R0 + self.c1, 0.0])
         w = _ridge(x, r[:, 0], prior, strength=1.0)
         return max(w[0], 0.0), max(w[1], 0.0), max(w[2], 0.0) / 1e4
 
@@ -118,6 +122,12 @@ class Controller:
         x = np.stack([np.ones(len(r)), r[:, 0]], axis=1)
         w = _ridge(x, r[:, 1], np.array([self.c1 / 2, self.c1 / 2]), strength=0.5)
         return max(w[0], 0.0), max(w[1], 1e-6)
+
+    def probe_due(self) -> bool:
+        """No round in view had the device take a token from a tree: offer one node (the first
+        rounds, then every 8th), so that L gets measured."""
+        learned = any(in_tree >= 1 for _, in_tree, _ in self.rounds)
+        return not learned and (self.n_rounds < 3 or self.n_rounds % 8 == 0)
 
     def saving(self) -> float:
         """S: seconds a token found in the tree saves the device (0: look-ahead does not pay)."""
@@ -193,14 +203,16 @@ class RoundPlanner:
 
     def _worth(self, room: int) -> list[tuple[float, int, int]]:
         c = self.controller
-        S = c.saving()
-        if S <= 0:
-            return []
-        a, b = c.level_cost()
-        node_cost = b + c.round_trip()[2] * c.bytes_per_node
-        take = self._pick(self._candidates(), room, lambda p: p * S > node_cost)
-        worth = sum(p for p, _, _ in take) * S - node_cost * len(take)
-        return take if worth > a else []
+        S, cands, take = c.saving(), self._candidates(), []
+        if S > 0:
+            a, b = c.level_cost()
+            node_cost = b + c.round_trip()[2] * c.bytes_per_node
+            take = self._pick(cands, room, lambda p: p * S > node_cost)
+            if sum(p for p, _, _ in take) * S - node_cost * len(take) <= a:
+                take = []
+        if not take and self.size == 1 and c.probe_due():
+            take = self._pick(cands, 1, lambda p: True)
+        return take
 
     def _pick(self, cands, room: int, keep) -> list[tuple[float, int, int]]:
         out, branches = [], self.max_branches

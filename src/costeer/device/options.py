@@ -87,3 +87,73 @@ def check_tail(tail: str) -> str:
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
     return tail
+
+
+# Look-ahead (docs/wire-format.md, "Look-ahead"): what the device lets the cloud compute ahead.
+AUTO_DEPTH, AUTO_NODES = 8, 16  # 'auto' within these (and the server's limits): enough for ~100 ms RTT
+LOOKAHEAD_HELP = ("'auto' (the cloud sizes each round's tree from the round trip it measures, its cost per level "
+                  "and how often this device stays in the tree; none where the round trip is cheap), 'off', N "
+                  "(auto, at most N nodes ahead), 'chain:D' or 'tree:D:N' (that shape every round: for benchmarks).")
+
+
+@dataclass(frozen=True)
+class Lookahead:
+    """The device's look-ahead choice, checked once; `request(limits)` -> what OPEN asks for."""
+
+    mode: int = frames.LOOKAHEAD_AUTO
+    depth: int = AUTO_DEPTH
+    ahead: int = AUTO_NODES - 1  # nodes below the root
+
+    def __post_init__(self) -> None:
+        if self.mode not in (frames.LOOKAHEAD_OFF, frames.LOOKAHEAD_AUTO, frames.LOOKAHEAD_FIXED):
+            raise ValueError(f"unknown look-ahead mode {self.mode}")
+        if self.mode != frames.LOOKAHEAD_OFF and not (1 <= self.depth <= 255 and self.depth <= self.ahead < 0xFFFF):
+            raise ValueError("look-ahead needs 1 to 255 levels and at least one node per level")
+
+    @classmethod
+    def parse(cls, value: "Lookahead | int | str | None") -> "Lookahead":
+        """'auto' | 'off' | N | 'chain:D' | 'tree:D:N' -> Lookahead (itself when given one)."""
+        if isinstance(value, Lookahead):
+            return value
+        if value is None:
+            return cls()
+        text = str(value).strip().lower()
+        parts = text.split(":")
+        try:
+            if text == "auto":
+                return cls()
+            if text in ("off", "0"):
+                return cls(frames.LOOKAHEAD_OFF, 0, 0)
+            if len(parts) == 1:
+                n = int(text)
+                return cls(frames.LOOKAHEAD_AUTO, min(n, 255), n)
+            if parts[0] == "chain" and len(parts) == 2:
+                return cls(frames.LOOKAHEAD_FIXED, int(parts[1]), int(parts[1]))
+            if parts[0] == "tree" and len(parts) == 3:
+                return cls(frames.LOOKAHEAD_FIXED, int(parts[1]), int(parts[2]))
+        except ValueError as e:
+            if "look-ahead" in str(e):
+                raise
+        raise ValueError(f"lookahead must be 'auto', 'off', N, 'chain:D' or 'tree:D:N', got {value!r}")
+
+    @property
+    def on(self) -> bool:
+        return self.mode != frames.LOOKAHEAD_OFF
+
+    def request(self, max_depth: int, max_nodes: int) -> frames.Lookahead:
+        """What OPEN asks for, within the server's limits: auto is clipped to them; a fixed shape
+        is asked for as it is (a server that allows less refuses it with 4413)."""
+        if not self.on:
+            return frames.NO_LOOKAHEAD
+        if self.mode == frames.LOOKAHEAD_AUTO:
+            depth = min(self.depth, max_depth)
+            nodes = min(self.ahead + 1, max_nodes)
+            return frames.Lookahead(frames.LOOKAHEAD_AUTO, depth, nodes) if depth and nodes > 1 else frames.NO_LOOKAHEAD
+        return frames.Lookahead(frames.LOOKAHEAD_FIXED, self.depth, self.ahead + 1)
+
+    def __str__(self) -> str:
+        if not self.on:
+            return "off"
+        if self.mode == frames.LOOKAHEAD_AUTO:
+            return "auto" if (self.depth, self.ahead) == (AUTO_DEPTH, AUTO_NODES - 1) else str(self.ahead)
+        return f"chain:{self.depth}" if self.ahead == self.depth else f"tree:{self.depth}:{self.ahead}"
