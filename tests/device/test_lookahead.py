@@ -80,6 +80,22 @@ def test_a_chain_the_device_follows_costs_one_round_per_chain(server, tiny_slm, 
     assert llm.bytes_up == sum(4 + 4 * len(r) for r in rounds)
 
 
+def test_the_wire_audit_reads_look_ahead_rounds(server, tiny_slm, tmp_path):
+    """The audit decodes TOKENS (and ATTACH's pending round) like TOKEN: the uplink's token ids are
+    exactly the answer, and no 5-gram of the context is on the wire."""
+    from costeer.device import audit_wire
+
+    log = tmp_path / "w.jsonl"
+    llm = connect_cloud(server.url, api_key=KEY_A, k="full", lookahead="tree:3:9", wire_log=log)
+    g = CoSteer(llm, tiny_slm).generate(QUERY, CONTEXT, "costeer", max_new_tokens=N)
+    assert llm.tree_tokens > 0
+    report = audit_wire(log, CONTEXT, QUERY)
+    assert report.clean and report.prompt_is_query and report.tokens_decoded, report.to_dict()
+    # what went up: the answer but the last round's tokens (the device stopped: no uplink for them)
+    sent = [llm.tokenizer.decode(g.token_ids[:n], skip_special_tokens=True) for n in range(N - 4, N)]
+    assert report.generated_text in sent
+
+
 def test_off_and_an_old_cloud_mean_per_token_frames(server, tiny_slm, monkeypatch):
     g, llm = generate(server, tiny_slm, "off")
     assert llm.lookahead == frames.NO_LOOKAHEAD and llm.tree_tokens == 0 and llm.rounds == len(g.token_ids)

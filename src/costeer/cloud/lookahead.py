@@ -110,7 +110,7 @@ class Controller:
         x = np.stack([np.ones(len(r)), r[:, 1], r[:, 2] / 1e4], axis=1)  # bytes in units of 10 KB
         R0 = float(np.median(r[:, 0]))
         prior = np.array([R0, R0 + self.c1, 0.0])
-        w = _ridge(x, r[:, 0], prior, strength=1.0)
+        w = _ridge(x, r[:, 0], prior, strength=0.05)
         return max(w[0], 0.0), max(w[1], 0.0), max(w[2], 0.0) / 1e4
 
     def level_cost(self) -> tuple[float, float]:
@@ -122,6 +122,15 @@ class Controller:
         x = np.stack([np.ones(len(r)), r[:, 0]], axis=1)
         w = _ridge(x, r[:, 1], np.array([self.c1 / 2, self.c1 / 2]), strength=0.5)
         return max(w[0], 0.0), max(w[1], 1e-6)
+
+    def estimates(self) -> dict:
+        """What the shape follows now (milliseconds), for /v1/sessions and the benchmarks."""
+        R, L, beta = self.round_trip()
+        a, b = self.level_cost()
+        ms = lambda x: round(1000 * float(x), 3)  # noqa: E731
+        return {"saving_ms": ms(self.saving()), "round_trip_ms": ms(R), "device_token_ms": ms(L), "step_ms": ms(self.c1),
+                "level_ms": ms(a), "node_ms": ms(b), "ms_per_kb": ms(beta * 1000), "bytes_per_node": round(self.bytes_per_node),
+                "alpha": round(self.alpha, 3), "rounds": self.n_rounds}  # fmt: skip
 
     def probe_due(self) -> bool:
         """No round in view had the device take a token from a tree: offer one node (the first

@@ -162,7 +162,8 @@ class Session:
             "prompt_tokens": len(self.prompt),
             "attached": self.attached,
             "idle_s": round(time.monotonic() - self.last_active, 3),
-            "lookahead": {"mode": self.lookahead.mode, "depth": self.lookahead.depth, "nodes": self.lookahead.nodes},
+            "lookahead": {"mode": self.lookahead.mode, "depth": self.lookahead.depth, "nodes": self.lookahead.nodes,
+                          **(self.controller.estimates() if self.controller is not None else {})},
         }
 
 
