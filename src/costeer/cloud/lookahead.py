@@ -151,7 +151,7 @@ class RoundPlanner:
     when the tree is done."""
 
     controller: Controller
-    max_branches: int = 1 << 30  # nodes that are not a first child (llama.cpp: scratch sequences left)
+    extends_branches: bool = True  # False (llama.cpp): only the main chain (greedy of greedy...) takes children
     parents: list[int] = field(default_factory=lambda: [-1])
     tokens: list[int] = field(default_factory=lambda: [frames.NO_TOKEN])
     reach: list[float] = field(default_factory=lambda: [1.0])  # P(node)
@@ -173,7 +173,8 @@ class RoundPlanner:
         self.controller.level_took(len(self.pending), seconds)
         self.frontier = []
         for (parent, token, p), logp in zip(self.pending, logps):
-            self.frontier.append(self.size)
+            if self.extends_branches or not self.frontier:  # the first named is the main chain's
+                self.frontier.append(self.size)
             self.parents.append(parent)
             self.tokens.append(token)
             self.reach.append(p)
@@ -224,13 +225,12 @@ class RoundPlanner:
         return take
 
     def _pick(self, cands, room: int, keep) -> list[tuple[float, int, int]]:
-        out, branches = [], self.max_branches
+        """The most likely candidates that `keep` accepts, at most `room`; a node's greedy child
+        always comes before its siblings (the pool's main chain is the first child named)."""
+        out = []
         for p, parent, token, first in cands:
             if len(out) >= room or not keep(p):
                 break
-            if not first and branches <= 0:
-                continue
-            branches -= 0 if first else 1
             out.append((p, parent, token))
         return out
 

@@ -11,11 +11,13 @@ log-probabilities after the last one) and await its future. Every tick the sched
   3. steps: the next single token of every other session with work (a client's TOKEN, or one
      token of a resumed session's replay) in ONE batched forward;
   4. look-ahead: the next level of every session's round tree (cloud/lookahead.py), all of them
-     in ONE forward (`pool.grow`; the transformers pool feeds each node alone, for exactness).
+     (`pool.grow`: llama.cpp decodes the main chains' nodes of all sessions in one forward and each
+     branch leaf alone; the transformers pool feeds every node alone; both for exactness).
 
 A job with a look-ahead tree first keeps the path its device took through the previous round
-(`pool.commit`, before any forward of the tick), then steps its token, then grows its tree one
-level per tick; its result is made when the tree is done.
+(`pool.commit`, before any forward of the tick; what the pool did not keep of it is stepped again),
+then steps its token, then grows its tree one level per tick; its result is made when the tree is
+done.
 
 A long prompt therefore costs everyone at most one piece per tick, a replay advances one token
 per tick beside everyone else's tokens, and releasing a session drops whatever it still had
@@ -182,9 +184,11 @@ class Scheduler:
     def _commit(self, commits) -> None:
         for key, job, seq, node in commits:
             try:
-                self.pool.commit(seq, node)
+                again = self.pool.commit(seq, node)  # path tokens the pool did not keep (llama.cpp: a branch leaf)
             except Exception as e:  # the sequence is in an unknown state: its session must end
                 self._fail([(key, job)], e)
+                continue
+            job.steps.extendleft(reversed(again))
 
     def _seq(self, key: object) -> int:
         if key not in self._seqs:

@@ -279,7 +279,7 @@ class Registry:
     def _planner(self, sess: Session) -> RoundPlanner | None:
         if sess.controller is None:
             return None
-        return RoundPlanner(sess.controller, max_branches=getattr(self.scheduler.pool, "branches_free", 0))
+        return RoundPlanner(sess.controller, extends_branches=getattr(self.scheduler.pool, "extends_branches", True))
 
     async def _run(self, sess: Session, job: Job) -> bytes:
         if sess.ended:

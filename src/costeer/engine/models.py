@@ -489,7 +489,7 @@ class DecodePool:
     # logits, and by how many rows there are), so each node is fed alone over its path's cache: what
     # the step it stands for computes, bit for bit. commit() appends the kept path's columns.
 
-    branches_free = 1 << 30  # no limit of its own: a node is a few tensors
+    extends_branches = True  # any node may take children
 
     def grow(self, rows: list[tuple[int, int, int]]) -> Tensor:
         """rows (seq, parent node, token): new nodes of the sequences' look-ahead trees -> [n, V]."""
@@ -505,19 +505,21 @@ class DecodePool:
             out.append(logp)
         return torch.stack(out)
 
-    def commit(self, seq: int, node: int) -> None:
-        """Keep the path to `node` as the sequence's own; forget the rest of its tree."""
+    def commit(self, seq: int, node: int) -> list[int]:
+        """Keep the path to `node` as the sequence's own; forget the rest of its tree -> [] (no token
+        of the path needs feeding again)."""
         tree = self.trees.pop(seq, None)
         if tree is None:
             if node != 0:
                 raise ValueError("commit to a node of a tree that was never grown")
-            return
+            return []
         path = self._path(tree, node)
         if path:
             batch = self._seqs[seq]
             batch.cache = self._cache_with(batch, path)
             batch.mask = torch.cat([batch.mask, torch.ones((1, len(path)), dtype=batch.mask.dtype)], dim=-1)
             batch.next_pos = batch.next_pos + len(path)
+        return []
 
     @staticmethod
     def _path(tree: list, node: int) -> list:
