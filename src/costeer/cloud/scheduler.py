@@ -150,11 +150,12 @@ class Scheduler:
                     return
                 freed = self._take_released()
                 commits = self._take_commits()
-                prefills, steps = self._plan()
-                levels = [(k, j, self._seq(k)) for k, j in self._jobs.items() if j.rows]
             for seq in freed:
                 self.pool.drop(seq)
-            self._commit(commits)
+            self._commit(commits)  # before planning: a commit may give a job tokens to step first
+            with self._cv:
+                prefills, steps = self._plan()
+                levels = [(k, j, self._seq(k)) for k, j in self._jobs.items() if j.rows]
             self._prefill(prefills)
             self._step(steps)
             self._grow(levels)
