@@ -114,10 +114,6 @@ class CloudLLM(LLMSide):
     def packed(self) -> bool:
         return self.frames.packed
 
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
-
     def connect(self, prompt_ids: list[int], vocab: VocabMap, max_new_tokens: int,
                 steering: SteeringSource | None = None,
                 prefix: PrefixPlan | None = None) -> tuple[CloudSource, SteeringAhead | None]:  # fmt: skip

@@ -76,10 +76,6 @@ class EngineLLM(LLMSide):
         self.wire = http.wire
         self.requests = 0
 
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
-
     def connect(self, prompt_ids: list[int], vocab: VocabMap, max_new_tokens: int,
                 steering: SteeringSource | None = None,
                 prefix: PrefixPlan | None = None) -> tuple[EngineSource, SteeringAhead | None]:  # fmt: skip

@@ -61,6 +61,10 @@ class LLMSide(Protocol):
     stop_ids: frozenset[int]
     remote: bool
 
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
     def connect(self, prompt_ids: list[int], vocab: VocabMap, max_new_tokens: int,
                 steering: SteeringSource | None = None,
                 prefix: PrefixPlan | None = None) -> tuple[NextTokenSource, SteeringSource | None]: ...  # fmt: skip

@@ -214,10 +214,6 @@ class LM(LLMSide):
         return LocalModelSource(self, prompt_ids, max_new_tokens, prefix), steering
 
     @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
-
-    @property
     def window(self) -> int | None:
         """Positions the model was trained on (prompt and output together), where the checkpoint says."""
         if self.backend == "llamacpp":
