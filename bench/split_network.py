@@ -373,17 +373,18 @@ def plot(lines: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = sorted({(x["pair"], x["method"]) for x in lines if x["mode"] != "vanilla"})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, (pair, method) in zip(axes[0], panels):
-        mine = [x for x in lines if x["pair"] == pair and (x["method"] == method or x["mode"] == "vanilla")]
-        for mode in dict.fromkeys(x["mode"] for x in mine):
-            pts = sorted((x["rtt_ms"], x["tok_s"]) for x in mine if x["mode"] == mode and x["tok_s"])
-            ax.plot(*zip(*pts), marker="o", label="LLM alone, streamed" if mode == "vanilla" else mode)
-        ax.set(title=f"{PAIRS[pair][0]} / {PAIRS[pair][1]}, {method}", xlabel="round trip (ms)",
-               ylabel="tokens/s (decode)")  # fmt: skip
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    rates = (("tok_s", "tokens/s (decode: first to last token)"), ("e2e_tok_s", "tokens/s (end to end: TTFT included)"))
+    fig, axes = plt.subplots(len(rates), len(panels), figsize=(5.5 * len(panels), 4 * len(rates)), squeeze=False)
+    for row, (key, label) in enumerate(rates):
+        for ax, (pair, method) in zip(axes[row], panels):
+            mine = [x for x in lines if x["pair"] == pair and (x["method"] == method or x["mode"] == "vanilla")]
+            for mode in dict.fromkeys(x["mode"] for x in mine):
+                pts = sorted((x["rtt_ms"], x[key]) for x in mine if x["mode"] == mode and x[key])
+                ax.plot(*zip(*pts), marker="o", label="LLM alone, streamed" if mode == "vanilla" else mode)
+            ax.set(title=f"{PAIRS[pair][0]} / {PAIRS[pair][1]}, {method}", xlabel="round trip (ms)", ylabel=label)
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -94,6 +94,8 @@ class DelayRelay:
                 await asyncio.gather(self._pump(c_reader, t_writer, "up"), self._pump(t_reader, c_writer, "down"))
             finally:
                 t_writer.close()
+        except asyncio.CancelledError:
+            pass  # stop(): the connection ends with the relay (asyncio would log a cancelled handler)
         finally:
             c_writer.close()
             self._tasks.discard(task)
