@@ -4,7 +4,8 @@ serving engine (engines.py) — and the wire log with its audit (wire.py). Besid
 (HTTP, CloudError, Retry), tokenizers.py (the tokenizer cache), ahead.py (the SLM pair run while
 the cloud computes), options.py (the frames to ask for). Imports run one way:
 client / engines -> ahead, options, transport -> wire -> tokenizers; all of them may import the
-engine and `costeer.frames`, never `costeer.cloud` (tests/test_layers.py checks the directions)."""
+engine and `costeer.frames`, never `costeer.cloud` (docs/architecture.md; tests/test_layers.py checks
+the directions)."""
 
 from costeer.device.client import CloudLLM, CloudSource, connect_cloud
 from costeer.device.engines import EngineLLM, connect_engine

@@ -35,6 +35,8 @@ from costeer.device.ahead import SteeringAhead
 from costeer.device.options import DEFAULT_K, CloudFrames, check_tail
 from costeer.device.transport import CloudError, HttpClient, Link, Retry
 from costeer.device.wire import WireLog
+from costeer.engine.loop import LLMSide, SteeringSource
+from costeer.engine.prefix_cache import PrefixPlan
 from costeer.engine.vocab import VocabMap
 
 TRANSIENT = frozenset({502, 503, 504})  # HTTP answers that a later try may not get
@@ -59,7 +61,7 @@ def parse_top(entries: dict[int, float], vocab_size: int, position: int) -> fram
     return frames.Dist(position, vocab_size, logp, ids, log_tail)
 
 
-class EngineLLM:
+class EngineLLM(LLMSide):
     """An LLM served by a third-party engine, as CoSteer's `llm` (like `CloudLLM`)."""
 
     remote = True  # CoSteer refuses `llm_context`: it would send the private context
@@ -74,13 +76,13 @@ class EngineLLM:
         self.wire = http.wire
         self.requests = 0
 
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
-
-    def connect(self, vocab: VocabMap, max_new_tokens: int, steering=None, slm_prompts=None):
-        ahead = SteeringAhead(steering, slm_prompts, vocab, self.vocab_size) if steering is not None else None
-        return EngineSource(self, ahead), ahead
+    def connect(self, prompt_ids: list[int], vocab: VocabMap, max_new_tokens: int,
+                steering: SteeringSource | None = None,
+                prefix: PrefixPlan | None = None) -> tuple[EngineSource, SteeringAhead | None]:  # fmt: skip
+        """LLMSide: a source of one request per step over `prompt_ids`; the SLM pair runs meanwhile.
+        No `prefix` comes here (LLMSide)."""
+        ahead = SteeringAhead(steering, vocab, self.vocab_size) if steering is not None else None
+        return EngineSource(self, prompt_ids, ahead), ahead
 
     # -- one step ----------------------------------------------------------------------
 
@@ -131,14 +133,14 @@ class EngineLLM:
 class EngineSource:
     """A NextTokenSource over an engine: per step one request, the SLM pair computed meanwhile."""
 
-    def __init__(self, llm: EngineLLM, ahead: SteeringAhead | None = None):
+    def __init__(self, llm: EngineLLM, prompt_ids: list[int], ahead: SteeringAhead | None = None):
         self.llm, self.ahead = llm, ahead
-        self.prompt: list[int] = []
+        self.prompt: list[int] = list(prompt_ids)
         self.chosen: list[int] = []
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="engine")
 
-    def start(self, prompt_ids: list[int]) -> Tensor:
-        self.prompt, self.chosen = list(prompt_ids), []
+    def start(self) -> Tensor:
+        self.chosen = []
         return self._exchange(self.ahead.run_start if self.ahead else None)
 
     def advance(self, token_id: int) -> Tensor:
