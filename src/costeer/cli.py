@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from costeer import frames
 from costeer.device.options import HELP as CLOUD_K_HELP
+from costeer.device.options import LOOKAHEAD_HELP, Lookahead
 from costeer.device.transport import Retry
 from costeer.engine.config import GenerationConfig, Method, SamplingConfig, SteeringConfig, VariantConfig
 from costeer.engine.methods import METHODS, PAPER_METHODS
@@ -59,10 +60,10 @@ def _load(llm: Optional[str], slm: Optional[str], config: GenerationConfig, devi
 
 def _load_cloud(url: str, slm: Optional[str], config: GenerationConfig, device: str, backend: str, frames_,
                 tail: str, wire_log: Optional[Path], query: str, api: str = "costeer", llm_spec: Optional[str] = None,
-                link: Optional[dict] = None):  # fmt: skip
+                link: Optional[dict] = None, lookahead: "Lookahead | str" = "auto"):  # fmt: skip
     """The LLM is the cloud at `url` (our service, or a serving engine whose model `llm_spec`
     names for its tokenizer); the SLM loads here, on the device. frames_: a device.CloudFrames;
-    link: how to reach it (Models.link)."""
+    link: how to reach it (Models.link); lookahead: our service's look-ahead (device.Lookahead)."""
     from costeer.api import CoSteer
     from costeer.device import connect_cloud, connect_engine
     from costeer.engine.models import load_lm
@@ -70,7 +71,7 @@ def _load_cloud(url: str, slm: Optional[str], config: GenerationConfig, device: 
     typer.echo(f"connecting to {url}; loading SLM={slm} …", err=True)
     link = link or {}
     if api == "costeer":
-        llm = connect_cloud(url, k=frames_, tail=tail, wire_log=wire_log, **link)
+        llm = connect_cloud(url, k=frames_, tail=tail, wire_log=wire_log, lookahead=lookahead, **link)
     else:
         llm = connect_engine(url, llm_spec or DEFAULT_LLM, api=api, k=frames_, tail=tail, wire_log=wire_log, **link)
     if llm.wire is not None:
@@ -173,6 +174,7 @@ class Models(LocalModels):
     cloud_resume_s: Annotated[float, typer.Option(
         "--cloud-resume-s", min=0.0, help="With --cloud: how long to keep trying to resume after the connection is "
         "lost (a cloud restart), in seconds.")] = Retry().budget_s  # fmt: skip
+    lookahead: Annotated[str, typer.Option(help=f"With --cloud (costeer serve): {LOOKAHEAD_HELP}")] = "auto"
 
     def frames(self):
         """--cloud-k parsed once (device.CloudFrames), else the default of the cloud kind."""
@@ -422,10 +424,11 @@ def _load_models(m: Models, cfg: GenerationConfig, methods, wire_log: Optional[P
     if m.cloud is None:
         return _load_for(methods, m.llm, m.slm, cfg, m.device, m.backend)
     frames_ = m.frames()
+    lookahead = Lookahead.parse(m.lookahead)  # checked before anything is loaded or sent
     _quiet_libraries()
     slm = m.slm if any(x.uses_slm for x in methods) else None
     return _load_cloud(m.cloud, slm, cfg, m.device, m.backend, frames_, m.cloud_tail, wire_log, query, m.cloud_api, m.llm,
-                       m.link())
+                       m.link(), lookahead)
 
 
 def _interruptible(out: Path, fn):
@@ -552,6 +555,8 @@ def serve(
     max_connections: int = typer.Option(256, min=1, help="Open sockets in all; more are answered 503 at once."),
     send_timeout: float = typer.Option(30.0, min=0.1, help="Seconds a peer may take to read a frame before it is dropped."),
     handshake_timeout: float = typer.Option(10.0, min=0.1, help="Seconds for a whole HTTP request, then for OPEN/ATTACH."),
+    max_lookahead_depth: int = typer.Option(16, min=0, max=255, help="Look-ahead levels a device may ask for per round."),
+    max_lookahead_nodes: int = typer.Option(64, min=1, max=65535, help="Look-ahead nodes (root included) a device may ask for per round."),
     device: Device = "auto",
     backend: Backend = "auto",
     log_level: str = typer.Option("info"),
@@ -572,7 +577,8 @@ def serve(
                                   prefill_chunk_tokens=prefill_chunk_tokens,
                                   idle_timeout_s=idle_timeout, values=values, packed_floor=packed_floor,
                                   max_connections=max_connections, send_timeout_s=send_timeout,
-                                  handshake_timeout_s=handshake_timeout)  # fmt: skip
+                                  handshake_timeout_s=handshake_timeout, max_lookahead_depth=max_lookahead_depth,
+                                  max_lookahead_nodes=max_lookahead_nodes)  # fmt: skip
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
         _quiet_libraries()
         run_server(llm, settings, host=host, port=port, device=device, backend=backend, log_level=log_level,
