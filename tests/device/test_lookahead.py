@@ -183,3 +183,18 @@ def test_an_inconsistent_tree_is_refused_and_its_session_freed(server, tiny_slm,
     rest = [c.step.token_id for c in it]
     assert head + rest == per_token["costeer"]
     wait_until(lambda: not server.registry.sessions)
+
+
+def test_through_a_delay_relay_the_tokens_are_the_same_and_auto_looks_ahead(server, tiny_slm, per_token):
+    """Over a 40 ms round trip (tests/device/relay.py): a tree gives the per-token tokens, and `auto`
+    measures the round trip and looks ahead, at least two tokens per round trip for `llm` (whose
+    choice is always the LLM's greedy token)."""
+    from tests.device.relay import DelayRelay
+
+    with DelayRelay(server.port, rtt_s=0.04) as relay:
+        llm = connect_cloud(relay.url("ws"), api_key=KEY_A, k="full", lookahead="tree:3:9")
+        assert CoSteer(llm, tiny_slm).generate(QUERY, CONTEXT, "costeer", max_new_tokens=N).token_ids == per_token["costeer"]
+        auto = connect_cloud(relay.url("ws"), api_key=KEY_A, k="full")
+        g = CoSteer(auto, None).generate(QUERY, method="llm", max_new_tokens=N)
+        assert g.token_ids == per_token["llm"]
+        assert auto.rounds * 2 <= N, (auto.rounds, auto.tree_tokens)

@@ -4,10 +4,13 @@ A round starts from the session's next distribution (the root). `RoundPlanner` g
 level by level: each level's candidates are the top few tokens of the nodes of the level above,
 each with an estimated chance that the device goes there,
 
-    P(child) = P(parent) * min(1, alpha * p_LLM(child | parent)),
+    P(child) = P(parent) * min(1, q_r * p_LLM(child | parent) / mean p_r),
 
-where alpha calibrates the LLM's own probability to the device's choices in this session (the
-device fuses the LLM with its SLM pair, so it agrees with the LLM less often than p says).
+where r is the child's rank among its siblings (0: the LLM's greedy token), q_r how often the
+device took the rank-r child at the nodes it reached in this session, and mean p_r the LLM's
+average probability of those children: the device's own acceptance, raised where the LLM is surer
+than usual and lowered where it is less sure (the device fuses the LLM with its SLM pair, so it
+agrees with the LLM less often than p says).
 
 How much of the tree to compute follows what `Controller` measures per session (docs/wire-format.md,
 "Look-ahead", has the derivation and the figures):
@@ -18,7 +21,7 @@ How much of the tree to compute follows what `Controller` measures per session (
     spends on a token it finds in the tree (L). R and L are fitted to the session's rounds:
     gap = R + L * (tokens taken from the tree) + beta * bytes, so bytes per node count too.
   - the cloud's cost of a level of n nodes, a + b * n, fitted to the levels it computed;
-  - alpha, from how often the device stayed in the tree at the nodes it reached.
+  - q_r and mean p_r, from how often the device stayed in the tree at the nodes it reached.
 
 A node is worth computing when P(node) * S exceeds its cost (b plus its bytes), a level when its
 nodes' worth exceeds the level's fixed cost a too. Where the round trip is cheaper than the tree
@@ -57,8 +60,11 @@ class Controller:
 
     bounds: frames.Lookahead
     c1: float = 0.0  # seconds: the cloud's root step (EWMA)
-    stays: float = 1.0  # the device stayed in the tree at a node it reached (prior: 1 of 1)
-    offered: float = 1.0  # the LLM's probability mass offered there (prior: 1)
+    # per sibling rank (0: the greedy child), at the nodes the device reached: children offered,
+    # taken, and their LLM probability summed
+    offered: list[float] = field(default_factory=lambda: [0.0] * MAX_WIDTH)
+    taken: list[float] = field(default_factory=lambda: [0.0] * MAX_WIDTH)
+    mass: list[float] = field(default_factory=lambda: [0.0] * MAX_WIDTH)
     rounds: deque = field(default_factory=lambda: deque(maxlen=HISTORY))  # (gap s, tokens from the tree, bytes)
     levels: deque = field(default_factory=lambda: deque(maxlen=HISTORY))  # (nodes, seconds)
     bytes_per_node: float = 0.0  # EWMA of a node's DIST frame
@@ -66,9 +72,12 @@ class Controller:
     sent_bytes: int = 0
     n_rounds: int = 0  # rounds sent
 
-    @property
-    def alpha(self) -> float:
-        return min(2.0, self.stays / self.offered)
+    def stay(self, rank: int, p: float) -> float:
+        """Estimated chance that the device takes a rank-`rank` child of LLM probability p at a
+        node it reached: q_r * p / mean p_r (q_r with a prior of one half)."""
+        q = (self.taken[rank] + 0.5) / (self.offered[rank] + 1.0)
+        mean_p = self.mass[rank] / self.offered[rank] if self.offered[rank] else p
+        return min(1.0, q * p / max(mean_p, 1e-9))
 
     # -- measurements ---------------------------------------------------------------------
 
@@ -92,11 +101,11 @@ class Controller:
             self.rounds.append((now - self.sent_at, in_tree, self.sent_bytes))
             self.sent_at = None
 
-    def calibrate(self, stayed: int, offered_mass: float) -> None:
-        """At the nodes the device reached that had children: how often it stayed, and the LLM's
-        probability of those children."""
-        self.stays += stayed
-        self.offered += offered_mass
+    def calibrate(self, rank: int, p: float, taken: bool) -> None:
+        """At a node the device reached: a child of this rank and LLM probability was offered (and taken)."""
+        self.offered[rank] += 1
+        self.mass[rank] += p
+        self.taken[rank] += taken
 
     # -- estimates ------------------------------------------------------------------------
 
@@ -130,7 +139,7 @@ class Controller:
         ms = lambda x: round(1000 * float(x), 3)  # noqa: E731
         return {"saving_ms": ms(self.saving()), "round_trip_ms": ms(R), "device_token_ms": ms(L), "step_ms": ms(self.c1),
                 "level_ms": ms(a), "node_ms": ms(b), "ms_per_kb": ms(beta * 1000), "bytes_per_node": round(self.bytes_per_node),
-                "alpha": round(self.alpha, 3), "rounds": self.n_rounds}  # fmt: skip
+                "stay_greedy": round((self.taken[0] + 0.5) / (self.offered[0] + 1.0), 3), "rounds": self.n_rounds}  # fmt: skip
 
     def probe_due(self) -> bool:
         """No round in view had the device take a token from a tree: offer one node (the first
@@ -158,7 +167,8 @@ class RoundPlanner:
     depth: list[int] = field(default_factory=lambda: [0])
     logps: list[Tensor] = field(default_factory=list)
     frontier: list[int] = field(default_factory=lambda: [0])
-    pending: list[tuple[int, int, float]] = field(default_factory=list)  # the level being computed
+    rank: list[int] = field(default_factory=lambda: [0])  # among its siblings, by the LLM's probability
+    pending: list[tuple[float, int, int, int]] = field(default_factory=list)  # the level being computed: (P, parent, token, rank)
 
     @property
     def size(self) -> int:
@@ -172,7 +182,8 @@ class RoundPlanner:
         """The pending level's [n, V] log-probabilities, computed in `seconds`."""
         self.controller.level_took(len(self.pending), seconds)
         self.frontier = []
-        for (parent, token, p), logp in zip(self.pending, logps):
+        for (p, parent, token, rank), logp in zip(self.pending, logps):
+            self.rank.append(rank)
             if self.extends_branches or not self.frontier:  # the first named is the main chain's
                 self.frontier.append(self.size)
             self.parents.append(parent)
@@ -184,14 +195,14 @@ class RoundPlanner:
         return self._next_level()
 
     def _candidates(self) -> list[tuple[float, int, int, bool]]:
-        """(P, parent, token, first child?) for the children of the frontier, most likely first."""
-        alpha, out = self.controller.alpha, []
+        """(P, parent, token, rank) for the children of the frontier, most likely first."""
+        c, out = self.controller, []
         for node in self.frontier:
             logp = self.logps[node]
             probs, ids = torch.topk(logp.float().exp(), min(MAX_WIDTH, logp.shape[-1]))
             for rank, (p, t) in enumerate(zip(probs.tolist(), ids.tolist())):
                 if p > 0:
-                    out.append((self.reach[node] * min(1.0, alpha * p), node, t, rank == 0))
+                    out.append((self.reach[node] * c.stay(rank, p), node, t, rank))
         return sorted(out, key=lambda c: -c[0])
 
     def _next_level(self) -> list[tuple[int, int]]:
@@ -204,34 +215,34 @@ class RoundPlanner:
             take = self._fixed(room, b)
         else:
             take = self._worth(room)
-        self.pending = [(parent, token, p) for p, parent, token in take]
-        return [(parent, token) for _, parent, token in take]
+        self.pending = take
+        return [(parent, token) for _, parent, token, _ in take]
 
-    def _fixed(self, room: int, b: frames.Lookahead) -> list[tuple[float, int, int]]:
+    def _fixed(self, room: int, b: frames.Lookahead) -> list[tuple[float, int, int, int]]:
         per_level = max(1, (b.nodes - 1) // max(b.depth, 1))
         return self._pick(self._candidates(), min(per_level, room), lambda p: True)
 
-    def _worth(self, room: int) -> list[tuple[float, int, int]]:
+    def _worth(self, room: int) -> list[tuple[float, int, int, int]]:
         c = self.controller
         S, cands, take = c.saving(), self._candidates(), []
         if S > 0:
             a, b = c.level_cost()
             node_cost = b + c.round_trip()[2] * c.bytes_per_node
             take = self._pick(cands, room, lambda p: p * S > node_cost)
-            if sum(p for p, _, _ in take) * S - node_cost * len(take) <= a:
+            if sum(c[0] for c in take) * S - node_cost * len(take) <= a:
                 take = []
         if not take and self.size == 1 and c.probe_due():
             take = self._pick(cands, 1, lambda p: True)
         return take
 
-    def _pick(self, cands, room: int, keep) -> list[tuple[float, int, int]]:
-        """The most likely candidates that `keep` accepts, at most `room`; a node's greedy child
-        always comes before its siblings (the pool's main chain is the first child named)."""
+    def _pick(self, cands, room: int, keep) -> list[tuple[float, int, int, int]]:
+        """The most likely candidates that `keep` accepts, at most `room` (on llama.cpp the first
+        named of a level is its main chain's node)."""
         out = []
-        for p, parent, token, first in cands:
-            if len(out) >= room or not keep(p):
+        for cand in cands:
+            if len(out) >= room or not keep(cand[0]):
                 break
-            out.append((p, parent, token))
+            out.append(cand)
         return out
 
     # -- after the round ------------------------------------------------------------------
@@ -244,21 +255,20 @@ class RoundPlanner:
 
     def follow(self, tokens: list[int]) -> int | None:
         """The node where the device chose its last token (the path of all the others); None when a
-        token before the last is not on the tree. Feeds the controller's calibration: at each node
-        reached that has children, whether the device stayed, against the LLM's mass there."""
-        node, stayed, offered = 0, 0, 0.0
+        token before the last is not on the tree. Feeds the controller: at each node reached that
+        has children, which ranks were offered, with what probability, and which one was taken."""
+        node = 0
         for i, t in enumerate(tokens):
-            kids = [j for j in range(node + 1, self.size) if self.parents[j] == node]
             nxt = self.child(node, t)
-            if kids:
-                offered += float(torch.stack([self.logps[node][self.tokens[j]] for j in kids]).exp().sum())
-                stayed += nxt is not None
+            for j in range(node + 1, self.size):
+                if self.parents[j] == node:
+                    p = float(self.logps[node][self.tokens[j]].exp())
+                    self.controller.calibrate(self.rank[j], p, j == nxt)
             if i == len(tokens) - 1:
                 break
             if nxt is None:
                 return None
             node = nxt
-        self.controller.calibrate(stayed, offered)
         return node
 
     def encode(self, position: int, encode_node, cloud_us: int) -> bytes:

@@ -277,7 +277,7 @@ class Registry:
         return sess.last_frame
 
     def _planner(self, sess: Session) -> RoundPlanner | None:
-        if sess.controller is None:
+        if sess.controller is None or not hasattr(self.scheduler.pool, "grow"):  # a pool without trees: per token
             return None
         return RoundPlanner(sess.controller, extends_branches=getattr(self.scheduler.pool, "extends_branches", True))
 
