@@ -319,15 +319,15 @@ class LlamaDecodeBatch(_OwnsContext):
 # node has to equal the step it stands for, bit for bit. Measured on SmolLM2 Q4_1 (docs/wire-format.md,
 # "Look-ahead"), llama.cpp's CPU kernels round by (1) whether a llama_decode holds one token or
 # several (another matmul path once a sequence passes 256 cells: up to 1 nat on tail tokens, 0.5 on
-# the top 20), (2) flash attention's order of cells, and (3) where a sequence's cells lie in the
-# shared cache at all (another sequence's cells in between moved a step by 0.8 nats, flash attention
-# off). Rounding differences this small grow that large because activations are quantised to 8 bits.
-# So the pool runs without flash attention, never decodes one row alone (a lone row gets a throwaway
-# row beside it, removed at once, so the next cell goes where the throwaway was), and keeps a
-# session's cells where per-token steps put them: a tree's nodes are steps of the session's own
-# sequence, the next node of the main chain (the greedy child of the greedy child...) kept, every
-# other node decoded at the same position and removed again (llama_memory_seq_rm puts the cache's
-# search head back on the freed cell). Branches are therefore leaves: only the main chain grows.
+# the top 20) and (2) where a sequence's cells lie in the shared cache (flash attention by their
+# order; with it off too, another sequence's cells in between moved a step by 0.8 nats). Rounding
+# differences this small grow that large because activations are quantised to 8 bits. So the pool
+# never decodes one row alone (a lone row gets a throwaway row beside it, removed at once, so the
+# next cell goes where the throwaway was), and keeps a session's cells where per-token steps put
+# them: a tree's nodes are steps of the session's own sequence, the next node of the main chain
+# (the greedy child of the greedy child...) kept, every other node decoded at the same position and
+# removed again (llama_memory_seq_rm puts the cache's search head back on the freed cell). Branches
+# are therefore leaves: only the main chain grows.
 LLAMA_MAX_SEQ = 256  # llama.cpp's limit on sequence ids per context
 
 
@@ -376,7 +376,7 @@ class LlamaSequencePool(_OwnsContext):
         # A unified cache: cells go to whichever sequence needs them, so memory follows the
         # tokens actually held, not n_seq_max times the longest possible sequence.
         self.ctx, self.batch = _new_context(model, self.n_cells, self._cap, n_seq_max + 1, unified=True,
-                                            n_ubatch=self._cap, flash_attn=False)  # fmt: skip
+                                            n_ubatch=self._cap)  # fmt: skip
         self._mem = ll.llama_get_memory(self.ctx)
         self._out = np.empty((self._cap, model.n_vocab), dtype=np.float32)  # [n, V], reused
         self.pos: dict[int, int] = {}  # next position of each live sequence
