@@ -68,6 +68,21 @@ def test_chains_through_llama_server_give_the_per_token_tokens(engine, smollm2_c
     assert runs["off"][1] == len(runs["off"][0]) and runs[4][1] < runs["off"][1]
 
 
+def test_chains_over_a_slow_link_keep_the_tokens(engine, smollm2_cpp):
+    """Through the delay relay (a 100 ms round trip): the in-process tokens, in fewer requests than
+    tokens, and the round trip that auto weighs is the link's. (Whether auto takes chains depends on
+    the engine's and the device's speed against the link: tests/device/test_engine_chain.py.)"""
+    from tests.device.relay import DelayRelay
+
+    want = CoSteer(smollm2_cpp, smollm2_cpp).generate(QUERY, CONTEXT, "costeer", max_new_tokens=N)
+    with DelayRelay(engine.port, 0.1) as relay:
+        llm = connect_engine(relay.url(), "smollm2-135m-instruct", api="llamacpp", k=256, lookahead=4)
+        assert llm.rtt_s >= 0.1
+        got = CoSteer(llm, smollm2_cpp).generate(QUERY, CONTEXT, "costeer", max_new_tokens=N)
+    assert got.token_ids == want.token_ids
+    assert llm.requests < len(got.token_ids)
+
+
 def test_engine_restart_mid_generation_loses_nothing(smollm2_cpp, tmp_path):
     binary = find_llama_server()
     if binary is None:

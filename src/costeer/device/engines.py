@@ -260,6 +260,12 @@ class EngineSource:
     def close(self) -> None:
         self._pool.shutdown(wait=False)
 
+    def _request(self, n: int) -> tuple[list[ChainLink], float]:
+        """One chain request (in the pool's thread) -> its answer and its own wall time."""
+        t0 = time.perf_counter()
+        links = self.llm.chain(self.prompt + self.chosen, len(self.chosen), n)
+        return links, time.perf_counter() - t0
+
     def _next(self, hook, first: bool = False) -> Tensor:
         """The current position's distribution: from the chain when the chosen prefix is on it,
         else from one request (whose answer becomes the chain)."""
@@ -269,13 +275,12 @@ class EngineSource:
             self.served += 1
         else:
             n = self.policy.depth(max(1, self.max_new_tokens - len(self.chosen)))
-            t0 = clock()
-            pending = self._pool.submit(self.llm.chain, self.prompt + self.chosen, len(self.chosen), n)
+            pending = self._pool.submit(self._request, n)
             hook_s = _timed(hook)  # the SLM pair's forward, while the engine computes
-            self.chain = pending.result()
+            self.chain, wall_s = pending.result()
             self.requests += 1
             if not first:  # the first request also prefilled the prompt
-                self.policy.requested(n, clock() - t0)
+                self.policy.requested(n, wall_s)
         if self._returned is not None and self._asked is not None:  # the decoder's time, and the SLM pair's
             self.policy.device(self._asked - self._returned + hook_s)
         now = clock()
