@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from costeer.api import CoSteer  # noqa: E402
 from costeer.engine.config import STEERING_STAGES, Method, SamplingConfig, SteeringConfig  # noqa: E402
 from costeer.engine.fusion import fusion_pipeline  # noqa: E402
-from costeer.engine.loop import LocalModelSource, LocalSteeringSource, decode  # noqa: E402
+from costeer.engine.loop import DecodePlan, LocalModelSource, LocalSteeringSource, decode  # noqa: E402
 from costeer.engine.models import LM  # noqa: E402
 from costeer.engine.vocab import VocabMap  # noqa: E402
 from tests.tiny import bpe_tokenizer, gemma3, llama, make_lm, sp_tokenizer  # noqa: E402
@@ -155,11 +155,11 @@ def check_speed(tokens: int, runs: int) -> dict:
             sync()
             t = time.perf_counter()
             if m == "llm":
-                steps = list(decode(LocalModelSource(lm, tokens), prompt, vocab, sampling))
+                steps = list(decode(DecodePlan(LocalModelSource(lm, prompt, tokens), vocab, sampling)))
             else:
                 fusion = fusion_pipeline(Method(m), SteeringConfig())
-                steps = list(decode(LocalModelSource(lm, tokens), prompt, vocab, sampling,
-                                    LocalSteeringSource(lm, tokens), (prompt[:50], prompt), fusion=fusion))  # fmt: skip
+                steps = list(decode(DecodePlan(LocalModelSource(lm, prompt, tokens), vocab, sampling,
+                                               LocalSteeringSource(lm, (prompt[:50], prompt), tokens), fusion)))  # fmt: skip
             sync()
             times.append(time.perf_counter() - t)
             assert len(steps) == tokens

@@ -31,21 +31,22 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from costeer import frames  # noqa: E402
 from costeer.api import CoSteer  # noqa: E402
-from costeer.device.client import SteeringAhead  # noqa: E402
+from costeer.device.ahead import SteeringAhead  # noqa: E402
 from costeer.engine.config import Method, SamplingConfig  # noqa: E402
-from costeer.engine.loop import LocalModelSource, LocalSteeringSource, decode  # noqa: E402
+from costeer.engine.fusion import paper_pipeline  # noqa: E402
+from costeer.engine.loop import DecodePlan, LocalModelSource, LocalSteeringSource, decode  # noqa: E402
 from costeer.engine.models import load_lm  # noqa: E402
 from costeer.engine.prompts import render_context  # noqa: E402
 from costeer.steering import fuse  # noqa: E402
 
 
 class Recording(LocalModelSource):
-    def __init__(self, lm):
-        super().__init__(lm)
+    def __init__(self, lm, prompt_ids):
+        super().__init__(lm, prompt_ids)
         self.seen: list[torch.Tensor] = []
 
-    def start(self, prompt_ids):
-        self.seen.append(super().start(prompt_ids))
+    def start(self):
+        self.seen.append(super().start())
         return self.seen[-1]
 
     def advance(self, token_id):
@@ -54,12 +55,12 @@ class Recording(LocalModelSource):
 
 
 class RecordingPair(LocalSteeringSource):
-    def __init__(self, lm):
-        super().__init__(lm)
+    def __init__(self, lm, prompts):
+        super().__init__(lm, prompts)
         self.seen: list[torch.Tensor] = []
 
-    def start(self, base_ids, pers_ids):
-        self.seen.append(super().start(base_ids, pers_ids))
+    def start(self):
+        self.seen.append(super().start())
         return self.seen[-1]
 
     def advance(self, token_id):
@@ -70,16 +71,16 @@ class RecordingPair(LocalSteeringSource):
 class Framed(LocalModelSource):
     """The in-process LLM squeezed through a DIST frame (for the free-running check)."""
 
-    def __init__(self, lm, k, values, ahead, tail, floor):
-        super().__init__(lm)
+    def __init__(self, lm, prompt_ids, k, values, ahead, tail, floor):
+        super().__init__(lm, prompt_ids)
         self.k, self.values, self.ahead, self.tail, self.pos, self.floor = k, values, ahead, tail, 0, floor
 
     def _wire(self, logp):
         dist = frames.decode_downlink(encode(logp, self.k, self.pos, self.values, self.floor))
         return frames.densify(dist, self.ahead.reference() if self.tail == "slm" and not dist.full else None)
 
-    def start(self, prompt_ids):
-        logp = super().start(prompt_ids)
+    def start(self):
+        logp = super().start()
         self.ahead.run_start()
         return self._wire(logp)
 
@@ -103,14 +104,15 @@ def prompts_of(cs, query, ctx, context_message=None):
 
 
 def record(cs, llm_prompt, slm_prompts, n, b):
-    src, pair = Recording(cs.llm), RecordingPair(cs.slm)
-    ids = [s.token_id for s in decode(src, llm_prompt, cs.vocab(), SamplingConfig(max_new_tokens=n), pair, slm_prompts, b)]
+    src, pair = Recording(cs.llm, llm_prompt), RecordingPair(cs.slm, slm_prompts)
+    plan = DecodePlan(src, cs.vocab(), SamplingConfig(max_new_tokens=n), pair, paper_pipeline(b))
+    ids = [s.token_id for s in decode(plan)]
     return ids, src.seen, pair.seen
 
 
 def fidelity(cs, steps_llm, steps_pair, k, values, tail, b, floor):
     vocab = cs.vocab()
-    ahead = SteeringAhead(None, None, vocab, cs.llm.vocab_size)
+    ahead = SteeringAhead(None, vocab, cs.llm.vocab_size)
     agree, kl, nbytes, entries = 0, 0.0, 0, 0
     for i, (logp, pair) in enumerate(zip(steps_llm, steps_pair)):
         slm = vocab.slm_view(pair)
@@ -131,9 +133,10 @@ def fidelity(cs, steps_llm, steps_pair, k, values, tail, b, floor):
 
 def free_running(cs, llm_prompt, slm_prompts, n, b, k, values, tail, floor):
     vocab = cs.vocab()
-    ahead = SteeringAhead(LocalSteeringSource(cs.slm), slm_prompts, vocab, cs.llm.vocab_size)
-    src = Framed(cs.llm, k, values, ahead, tail, floor)
-    return [s.token_id for s in decode(src, llm_prompt, vocab, SamplingConfig(max_new_tokens=n), ahead, slm_prompts, b)]
+    ahead = SteeringAhead(LocalSteeringSource(cs.slm, slm_prompts), vocab, cs.llm.vocab_size)
+    src = Framed(cs.llm, llm_prompt, k, values, ahead, tail, floor)
+    plan = DecodePlan(src, vocab, SamplingConfig(max_new_tokens=n), ahead, paper_pipeline(b))
+    return [s.token_id for s in decode(plan)]
 
 
 def main():

@@ -156,3 +156,44 @@ def test_demo_runs_every_shown_method_on_the_shipped_persona(folders):
     for m in ("llm", "costeer", "costeer_matched", "slm_context"):
         assert f"── {m}:" in r.output
     assert "Sam Okafor" in r.output and "Jordan Avery" not in r.output  # the reference is never printed
+
+
+def test_generate_and_eval_share_one_declaration_of_their_common_options():
+    """The Models and Decoding groups reach both commands, under the same names and defaults, and
+    with no option given they are the library's own defaults."""
+    import typer.main
+
+    from costeer.cli import Decoding, Models, eval_, generate
+    from costeer.engine.config import GenerationConfig
+
+    def options(fn):
+        return {p.name: p.default for p in typer.main.get_command_from_info(
+            typer.models.CommandInfo(callback=fn), pretty_exceptions_short=True, rich_markup_mode=None).params}  # fmt: skip
+
+    gen, ev = options(generate), options(eval_)
+    shared = {f for cls in (Models, Decoding) for f in cls.__dataclass_fields__}
+    assert shared <= set(gen) and shared <= set(ev)
+    assert {k: gen[k] for k in shared} == {k: ev[k] for k in shared}
+    assert Decoding().config() == GenerationConfig()
+    assert Decoding(tau=0.0, gate=0.5).config().steering.variant.tau == 0.0
+
+
+def test_chat_gateway_and_playground_take_the_same_groups():
+    """chat and gateway take Models and Decoding (the gateway's budget default is its own), the
+    playground the in-process model options: one declaration each, the same names and defaults."""
+    import typer.main
+
+    from costeer.cli import Decoding, LocalModels, Models, chat, gateway, generate, playground
+
+    def options(fn):
+        return {p.name: p.default for p in typer.main.get_command_from_info(
+            typer.models.CommandInfo(callback=fn), pretty_exceptions_short=True, rich_markup_mode=None).params}  # fmt: skip
+
+    gen, ch, gw, pg = options(generate), options(chat), options(gateway), options(playground)
+    shared = {f for cls in (Models, Decoding) for f in cls.__dataclass_fields__}
+    assert {k: ch[k] for k in shared} == {k: gen[k] for k in shared}
+    assert {k: gw[k] for k in shared - {"max_new_tokens"}} == {k: gen[k] for k in shared - {"max_new_tokens"}}
+    assert gw["max_new_tokens"] == 256 and gen["max_new_tokens"] == Decoding().max_new_tokens
+    local = set(LocalModels.__dataclass_fields__)
+    assert {k: pg[k] for k in local} == {k: gen[k] for k in local}
+    assert not (set(Models.__dataclass_fields__) - local - {"cloud", "cloud_k"}) & set(pg)  # no option it would ignore

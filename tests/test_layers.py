@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Lowest first; a module may import its own layer and those below it. frames is shared by both
 # sides of the split and imports nothing of costeer.
-LAYERS = {"steering": 0, "frames": 0, "engine": 1, "api": 2, "chat": 2, "hf": 2, "cloud": 3, "device": 3,
+LAYERS = {"errors": 0, "steering": 0, "frames": 0, "engine": 1, "api": 2, "chat": 2, "hf": 2, "cloud": 3, "device": 3,
           "gateway": 4, "playground": 4, "eval": 5, "cli": 6}  # fmt: skip
 APART = ({"cloud", "device"}, {"frames", "steering"})  # same layer, never each other
 
@@ -28,7 +28,7 @@ def _imports(name: str, path: Path, known) -> set[str]:
     """costeer modules that `name` imports (`from pkg import mod` counts as pkg.mod)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     deps = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             deps |= {a.name for a in node.names if a.name.startswith("costeer")}
         elif isinstance(node, ast.ImportFrom):
@@ -39,6 +39,16 @@ def _imports(name: str, path: Path, known) -> set[str]:
             if base.startswith("costeer"):
                 deps |= {f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names}
     return deps - {name}
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node but those under `if TYPE_CHECKING:` (annotations only: no import at run time)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING":
+            yield from (n for child in node.orelse for n in [child, *_runtime_nodes(child)])
+            continue
+        yield node
+        yield from _runtime_nodes(node)
 
 
 GRAPH = {n: _imports(n, p, set(_modules())) for n, p in _modules().items()}

@@ -1,6 +1,7 @@
 """CoSteer: a small on-device model steers a cloud LLM's decoding, token by token.
 
-Layers (imported in one direction):  cli -> api -> engine -> steering.
+Layers, imported in one direction (docs/architecture.md):
+steering -> engine -> api / chat / hf -> device / cloud -> gateway / playground -> eval -> cli.
 """
 
 __version__ = "0.1.0"

@@ -10,16 +10,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
-from costeer.engine.config import STEERING_STAGES, GenerationConfig, Method, SamplingConfig, SteeringConfig
+from costeer.engine.config import GenerationConfig, Method, SamplingConfig, SteeringConfig
 from costeer.engine.fusion import fusion_pipeline
-from costeer.engine.loop import LocalModelSource, LocalSteeringSource, SharedModel, Step, decode
+from costeer.engine.loop import DecodePlan, LLMSide, LocalSteeringSource, SharedModel, Step, decode
+from costeer.engine.methods import MethodSpec
 from costeer.engine.models import LM, load_lm
 from costeer.engine.prefix_cache import PrefixCache, PrefixPlan
 from costeer.engine.prompts import Messages, chat_ids, conversation, first_user_turn, stable_prefix_len, with_context
 from costeer.engine.vocab import VocabMap, align_vocabularies, support_mask
+from costeer.errors import CoSteerError
 
 
 @dataclass
@@ -71,7 +73,7 @@ class _TextStream:
         return new
 
 
-class PromptTooLong(ValueError):
+class PromptTooLong(CoSteerError, ValueError):
     """A prompt that, with the tokens to generate, does not fit its model's trained window."""
 
 
@@ -80,7 +82,7 @@ class CoSteer:
     object reuses it for every request): True builds one from the environment (memory, and encrypted on
     disk when a key is set: engine/prefix_cache.py), None or False prefills every prompt whole."""
 
-    def __init__(self, llm: LM | None, slm: LM | None, config: GenerationConfig | None = None,
+    def __init__(self, llm: LLMSide | None, slm: LM | None, config: GenerationConfig | None = None,
                  prefix_cache: PrefixCache | bool | None = True):  # fmt: skip
         if llm is None and slm is None:
             raise ValueError("need at least one model")
@@ -135,22 +137,21 @@ class CoSteer:
             out["slm_reference"] = chat_ids(self.slm.tokenizer, first_user_turn(public, reference_message))
         return out
 
-    def _prefix(self, prompts: dict[str, list[int]], rows: tuple[str | None, ...], query: str | Messages,
-                context: str | None, context_message: str | None, reference_message: str | None) -> PrefixPlan | None:  # fmt: skip
+    def _prefix(self, prompts: dict[str, list[int]], rows: tuple[str, ...], query: Messages, context: str | None,
+                context_message: str | None, reference_message: str | None) -> PrefixPlan | None:  # fmt: skip
         """The prefix-cache plan for a decode batch over the branches `rows`: the private context's branches
         and the public reference keep their stable prefix. One-turn prompts only: a longer conversation is
         prefilled whole."""
-        public = conversation(query)
-        if self.prefix_cache is None or len(public) != 1:
+        if self.prefix_cache is None or len(query) != 1:
             return None
-        ctx = _with_context(public, context, context_message)
+        ctx = _with_context(query, context, context_message)
         turns = {"slm_context": ctx, "llm_context": ctx,
-                 "slm_reference": first_user_turn(public, reference_message) if reference_message else None}
+                 "slm_reference": first_user_turn(query, reference_message) if reference_message else None}
         lengths = []
         for branch in rows:
             lm = self.llm if branch == "llm_context" else self.slm
             turn = turns.get(branch) if branch in prompts else None
-            lengths.append(stable_prefix_len(lm.tokenizer, turn[0]["content"], public[0]["content"], context)
+            lengths.append(stable_prefix_len(lm.tokenizer, turn[0]["content"], query[0]["content"], context)
                            if turn else 0)  # fmt: skip
         return PrefixPlan(self.prefix_cache, tuple(lengths)) if any(lengths) else None
 
@@ -161,7 +162,7 @@ class CoSteer:
             s = SamplingConfig.model_validate(s.model_dump())
         return s, steering or self.config.steering
 
-    # -- generation --------------------------------------------------------------------
+    # -- generation: check -> plan -> decode -------------------------------------------
 
     def stream(
         self,
@@ -194,62 +195,58 @@ class CoSteer:
         inspect: n > 0 attaches to each Step what steering did to it (`engine.loop.Inspection`: the shift
         log π_fused − log π_llm of the chosen token, the n likeliest tokens before and after); off by default.
         Overrides: temperature, top_k, top_p, seed, max_new_tokens."""
-        method = Method(method)
-        query = conversation(query)
-        if (method.steered or method in (Method.llm_context, Method.slm_context)) and not (
-            (context and context.strip()) or (context_message and context_message.strip())
-        ):
-            raise ValueError(f"method '{method.value}' needs a personal context")
-        if method.uses_llm and self.llm is None:
-            raise ValueError(f"method '{method.value}' needs an LLM")
-        if method.uses_slm and self.slm is None:
-            raise ValueError(f"method '{method.value}' needs an SLM")
-        if method is Method.llm_context and getattr(self.llm, "remote", False):
-            raise ValueError("method 'llm_context' would send the private context to the cloud: refused")
+        spec, query = Method(method).spec, conversation(query)
         s_cfg, st_cfg = self._config(sampling, steering, overrides)
-        private = method not in (Method.llm, Method.slm)
+        self._check(spec, query, context, context_message, st_cfg)
+        prompts, fitted = self._branch_prompts(spec, query, context, context_message, reference_message,
+                                               s_cfg.max_new_tokens, truncate_context)  # fmt: skip
+        # the prefix cache keeps what the private source reads: the SLM pair's, or a baseline's one prompt
+        rows = ("slm_reference", "slm_context") if spec.steered else (spec.primary,)
+        prefix = self._prefix(prompts, rows, query, fitted, context_message, reference_message)
+        plan = self._plan(spec, prompts, s_cfg, st_cfg, _with_context(query, fitted, context_message), prefix)
+        plan = replace(plan, inspect=inspect)
+        b = plan.fusion.coefficient if plan.fusion is not None else None
+        primary = self.llm if spec.uses_llm else self.slm
+        cut = len(context) - len(fitted) if context else 0
+        return GenerationStream(decode(plan), primary.tokenizer,
+                                Generation(spec.name, "", [], prompts, "length", b, context_cut=cut))  # fmt: skip
+
+    def _check(self, spec: MethodSpec, query: Messages, context: str | None, context_message: str | None,
+               steering: SteeringConfig) -> None:  # fmt: skip
+        """Refuse a request that cannot run here, or must not (the private context to a remote LLM)."""
+        if spec.needs_context and not ((context and context.strip()) or (context_message and context_message.strip())):
+            raise ValueError(f"method '{spec.name}' needs a personal context")
+        if spec.uses_llm and self.llm is None:
+            raise ValueError(f"method '{spec.name}' needs an LLM")
+        if spec.uses_slm and self.slm is None:
+            raise ValueError(f"method '{spec.name}' needs an SLM")
+        if spec.privacy_violating and self.llm.remote:
+            raise ValueError(f"method '{spec.name}' would send the private context to the cloud: refused")
+        if spec.steered and steering.gate is not None and self.llm.remote:
+            raise ValueError("the confidence gate is for in-process generation: with the cloud, the SLM pair "
+                             "already runs while the cloud answers")
+
+    def _branch_prompts(self, spec: MethodSpec, query: Messages, context: str | None, context_message: str | None,
+                        reference_message: str | None, max_new_tokens: int,
+                        truncate_context: bool) -> tuple[dict[str, list[int]], str | None]:  # fmt: skip
+        """The prompts the method reads (its row's branches), each fitting its model's window with
+        max_new_tokens -> (prompts, the context they hold). Only a method that reads the context sees it;
+        with truncate_context a context too long is cut at its end (else PromptTooLong)."""
+        private = spec.needs_context
 
         def build(ctx: str | None) -> dict[str, list[int]]:
             p = self.prompts(query, ctx if private else None, context_message if private else None,
-                             reference_message if method.matched else None)  # fmt: skip
-            return {k: v for k, v in p.items() if k in _BRANCHES[method]}
+                             reference_message if spec.matched else None)  # fmt: skip
+            return {k: v for k, v in p.items() if k in spec.branches}
 
-        prompts, full_context = build(context), context
-        overflow = self._overflow(prompts, s_cfg.max_new_tokens)
-        if overflow is not None:
-            if not (truncate_context and private and context and not context_message):
-                raise PromptTooLong(f"{overflow}: shorten the context, or let it be cut (--truncate-context, "
-                                    "truncate_context=True)")  # fmt: skip
-            context, prompts = self._fit_context(context, build, s_cfg.max_new_tokens, overflow)
-
-        if method.steered:
-            vocab, b = self.vocab(), st_cfg.coefficient(method)
-            primary = self.llm
-            slm_prompts = (prompts.get("slm_reference", prompts["slm"]), prompts["slm_context"])
-            prefix = self._prefix(prompts, ("slm_reference", "slm_context"), query, context, context_message,
-                                  reference_message)  # fmt: skip
-            source, steering, local = self._steered_sources(vocab, s_cfg, st_cfg, slm_prompts, prefix)
-            # the support rule goes with the matched reference: together they keep the user's details
-            # (docs/steering-variants.md §5); against the bare query the delta stays the paper's
-            support = None
-            if "support" in STEERING_STAGES[method] and "slm_reference" in prompts:
-                text = "\n".join(m["content"] for m in _with_context(query, context, context_message))
-                support = support_mask(vocab, self.llm.tokenizer, text).to(self.slm.device)  # where Δ lives
-            steps = decode(source, prompts["llm"], vocab, s_cfg, steering, slm_prompts, b,
-                           fusion=fusion_pipeline(method, st_cfg, support), gate=st_cfg.gate, inspect=inspect)  # fmt: skip
-            steps = _closing(steps, local)
-        else:
-            primary = self.llm if method.uses_llm else self.slm
-            vocab = VocabMap(size=primary.vocab_size, identity=True, stop_ids=primary.stop_ids)
-            b = None
-            prefix = self._prefix(prompts, (method.value,), query, context, context_message, None)
-            source = (self._llm_side(vocab, s_cfg, prefix=prefix)[0] if method.uses_llm
-                      else LocalModelSource(primary, s_cfg.max_new_tokens, prefix))  # fmt: skip
-            steps = decode(source, prompts[method.value], vocab, s_cfg, inspect=inspect)
-        steps = _closing(steps, source)
-        cut = len(full_context) - len(context) if full_context else 0
-        return GenerationStream(steps, primary.tokenizer,
-                                Generation(method.value, "", [], prompts, "length", b, context_cut=cut))  # fmt: skip
+        prompts = build(context)
+        overflow = self._overflow(prompts, max_new_tokens)
+        if overflow is None:
+            return prompts, context
+        if not (truncate_context and private and context and not context_message):
+            raise PromptTooLong(f"{overflow}: shorten the context, or let it be cut (--truncate-context, "
+                                "truncate_context=True)")  # fmt: skip
+        return self._fit_context(context, build, max_new_tokens, overflow)
 
     def _overflow(self, prompts: dict[str, list[int]], max_new_tokens: int) -> str | None:
         """Why the first prompt that, with max_new_tokens, exceeds its model's trained window does, or None.
@@ -262,8 +259,8 @@ class CoSteer:
                         f"the trained window of {lm.name} ({window:,} tokens)")  # fmt: skip
         return None
 
-    def _fit_context(self, context: str, build, max_new_tokens: int, overflow: str) -> tuple[str, dict]:
-        """The longest head of the context whose prompts all fit -> (that head, its prompts).
+    def _fit_context(self, context: str, build, max_new_tokens: int, overflow: str) -> tuple[dict, str]:
+        """The longest head of the context whose prompts all fit -> (its prompts, that head).
         Binary search over characters: about two tokenisations of the whole context in all."""
         fits, too_long, best = 0, len(context), None  # context[:fits] fits (once best is set)
         while too_long - fits > 1:
@@ -275,32 +272,36 @@ class CoSteer:
                 too_long = mid
         if best is None:
             raise PromptTooLong(f"{overflow}, and still does without the context")
-        return context[:fits], best
+        return best, context[:fits]
 
-    def _steered_sources(self, vocab: VocabMap, sampling: SamplingConfig, steering: SteeringConfig, slm_prompts,
-                         prefix: PrefixPlan | None = None):  # fmt: skip
-        """-> (next-token source, steering source, the in-process SLM source to close, if any)."""
+    def _plan(self, spec: MethodSpec, prompts: dict[str, list[int]], sampling: SamplingConfig,
+              steering: SteeringConfig, with_context: Messages | None, prefix: PrefixPlan | None) -> DecodePlan:  # fmt: skip
+        """The sources over their prompts, the vocabulary map and, steered, the fusion pipeline. `prefix`:
+        the prefix-cache plan of the source that reads the context (the SLM pair, or a baseline's one)."""
+        n = sampling.max_new_tokens
+        if not spec.steered:
+            lm = self.llm if spec.uses_llm else self.slm
+            vocab = VocabMap(size=lm.vocab_size, identity=True, stop_ids=lm.stop_ids)
+            source = lm.connect(prompts[spec.primary], vocab, n, prefix=prefix)[0]
+            return DecodePlan(source, vocab, sampling, prompts=prompts)
+        vocab = self.vocab()
+        pair_prompts = (prompts.get("slm_reference", prompts["slm"]), prompts["slm_context"])  # (without, with)
         if self.llm is self.slm and steering.gate is None:
             # one model on both sides: its three sequences in one batch (a gate needs them apart)
             shared_prefix = PrefixPlan(prefix.cache, (0, *prefix.lengths)) if prefix is not None else None
-            shared = SharedModel(self.slm, slm_prompts, sampling.max_new_tokens, shared_prefix)
-            return shared.llm, shared.steering, None
-        local = LocalSteeringSource(self.slm, sampling.max_new_tokens, prefix)
-        source, steering_source = self._llm_side(vocab, sampling, local, slm_prompts)
-        if steering.gate is not None and steering_source is not local:
-            raise ValueError("the confidence gate is for in-process generation: with the cloud, the SLM pair "
-                             "already runs while the cloud answers")
-        return source, steering_source, local
-
-    def _llm_side(self, vocab: VocabMap, sampling: SamplingConfig, steering=None, slm_prompts=None,
-                  prefix: PrefixPlan | None = None):  # fmt: skip
-        """The LLM as a next-token source, with the steering source to pair it with: in-process,
-        or — when `llm` is a `costeer.device.CloudLLM` — a client of the cloud service that runs
-        the SLM pair while the cloud answers. `prefix`: for an in-process LLM's own prompt."""
-        connect = getattr(self.llm, "connect", None)
-        if connect is None:
-            return LocalModelSource(self.llm, sampling.max_new_tokens, prefix), steering
-        return connect(vocab, sampling.max_new_tokens, steering, slm_prompts)
+            shared = SharedModel(self.slm, prompts["llm"], pair_prompts, n, shared_prefix)
+            primary, pair = shared.llm, shared.steering
+        else:
+            pair = LocalSteeringSource(self.slm, pair_prompts, n, prefix)
+            primary, pair = self.llm.connect(prompts["llm"], vocab, n, pair)
+        # the support rule goes with the matched reference: together they keep the user's details
+        # (docs/steering-variants.md §5); against the bare query the delta stays the paper's
+        support = None
+        if "support" in spec.stages and "slm_reference" in prompts:
+            text = "\n".join(m["content"] for m in with_context)
+            support = support_mask(vocab, self.llm.tokenizer, text).to(self.slm.device)  # where Δ lives
+        fusion = fusion_pipeline(spec.name, steering, support)
+        return DecodePlan(primary, vocab, sampling, pair, fusion, steering.gate, prompts)
 
     def generate(self, query: str | Messages, context: str | None = None, method: Method | str = Method.costeer,
                  **kw) -> Generation:  # fmt: skip
@@ -337,29 +338,9 @@ class GenerationStream:
                 close()
 
 
-def _closing(steps: Iterator[Step], source) -> Iterator[Step]:
-    """Close the source (a cloud session) when the stream ends, however it ends."""
-    try:
-        yield from steps
-    finally:
-        close = getattr(source, "close", None)
-        if close is not None:
-            close()
-
-
 def _with_context(public: Messages, context: str | None, context_message: str | None) -> Messages | None:
     """The with-context conversation: its first user turn is `context_message` verbatim, else the
     context then the turn's text."""
     if context_message:
         return first_user_turn(public, context_message)
     return with_context(public, context) if context else None
-
-
-_BRANCHES: dict[Method, tuple[str, ...]] = {
-    **{m: ("llm", "slm", "slm_context") for m in Method if m.steered},
-    Method.costeer_matched: ("llm", "slm", "slm_reference", "slm_context"),
-    Method.llm: ("llm",),
-    Method.llm_context: ("llm_context",),
-    Method.slm: ("slm",),
-    Method.slm_context: ("slm_context",),
-}

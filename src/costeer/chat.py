@@ -22,12 +22,6 @@ from costeer.engine.config import Method
 from costeer.engine.prompts import PLAIN_STOP, Messages, chat_ids, conversation, first_user, user_message
 
 
-def needs_context(method: Method | str) -> bool:
-    """Whether the method reads the private context (steered ones and the SLM with the context)."""
-    m = Method(method)
-    return m.steered or m in (Method.slm_context, Method.llm_context)
-
-
 class StopText:
     """Cuts streamed text at the first stop string; holds back a tail that may begin one."""
 

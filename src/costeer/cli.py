@@ -3,20 +3,26 @@ API, prints. Errors a user can cause end in one line on stderr and exit code 2."
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import sys
+from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional, get_type_hints
 
 import typer
 from pydantic import ValidationError
 
 from costeer import frames
 from costeer.device.options import HELP as CLOUD_K_HELP
+from costeer.device.options import LOOKAHEAD_HELP
 from costeer.device.transport import Retry
-from costeer.engine.config import METHOD_HELP, GenerationConfig, Method, SamplingConfig, SteeringConfig, VariantConfig
+from costeer.engine.config import GenerationConfig, Method, SamplingConfig, SteeringConfig, VariantConfig
+from costeer.engine.methods import METHODS, PAPER_METHODS
+from costeer.errors import CoSteerError
 
 DEFAULT_LLM = "smollm2-135m-instruct"
 DEFAULT_SLM = "smollm2-135m-instruct"
@@ -28,7 +34,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-METHODS_DOC = "; ".join(f"{m.value}: {h}" for m, h in METHOD_HELP.items())
+METHODS_DOC = "; ".join(f"{s.name}: {s.help}" for s in METHODS)
 
 
 def _fail(msg: str) -> None:
@@ -54,10 +60,10 @@ def _load(llm: Optional[str], slm: Optional[str], config: GenerationConfig, devi
 
 def _load_cloud(url: str, slm: Optional[str], config: GenerationConfig, device: str, backend: str, frames_,
                 tail: str, wire_log: Optional[Path], query: str, api: str = "costeer", llm_spec: Optional[str] = None,
-                link: Optional[dict] = None):  # fmt: skip
+                link: Optional[dict] = None, lookahead=None):  # fmt: skip
     """The LLM is the cloud at `url` (our service, or a serving engine whose model `llm_spec`
     names for its tokenizer); the SLM loads here, on the device. frames_: a device.CloudFrames;
-    link: how to reach it (_cloud_link)."""
+    link: how to reach it (Models.link); lookahead: a device.Lookahead (engines: positions per request)."""
     from costeer.api import CoSteer
     from costeer.device import connect_cloud, connect_engine
     from costeer.engine.models import load_lm
@@ -67,20 +73,14 @@ def _load_cloud(url: str, slm: Optional[str], config: GenerationConfig, device: 
     if api == "costeer":
         llm = connect_cloud(url, k=frames_, tail=tail, wire_log=wire_log, **link)
     else:
-        llm = connect_engine(url, llm_spec or DEFAULT_LLM, api=api, k=frames_, tail=tail, wire_log=wire_log, **link)
+        llm = connect_engine(url, llm_spec or DEFAULT_LLM, api=api, k=frames_, tail=tail, wire_log=wire_log,
+                             lookahead=lookahead, **link)  # fmt: skip
     if llm.wire is not None:
         llm.wire.meta(query=query)  # the audit's default public query
     return CoSteer(llm, load_lm(slm, device, backend) if slm else None, config)
 
 
 CLOUD_APIS = ("costeer", "llamacpp", "openai", "auto")
-
-
-def _cloud_link(ca_file: Optional[Path], insecure: bool, resume_s: float) -> dict:
-    """--ca-file, --insecure and --cloud-resume-s as connect_cloud / connect_engine keywords."""
-    from costeer.device import Retry
-
-    return {"ca_file": ca_file, "insecure": insecure, "retry": Retry(budget_s=resume_s)}
 
 
 def _cloud_frames(k: Optional[str], api: str):
@@ -117,61 +117,132 @@ def _invalid_options(e: ValidationError) -> str:
 
 
 def _run_guarded(fn):
-    """User errors -> one line; anything else is a bug and keeps its traceback."""
-    from costeer.engine.llamacpp import LlamaCppError
-    from costeer.engine.models import ModelLoadError
-    from costeer.engine.vocab import IncompatibleVocabularies
-
+    """User errors -> one line; anything else is a bug and keeps its traceback. Besides CoSteerError,
+    ValueError (a refused argument; a config's ValidationError names its flags) and FileNotFoundError
+    are the user's."""
     try:
         return fn()
     except ValidationError as e:
         _fail(_invalid_options(e))
-    except (ModelLoadError, IncompatibleVocabularies, FileNotFoundError, ValueError, LlamaCppError) as e:
+    except (CoSteerError, FileNotFoundError, ValueError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt:
         _fail("interrupted")
 
 
-# Options shared by the commands that generate.
-LLM_OPT = typer.Option(DEFAULT_LLM, help="LLM: preset, .gguf file, model folder or hub name.")
-SLM_OPT = typer.Option(DEFAULT_SLM, help="SLM (on the device): preset, .gguf file, folder or hub name.")
-MAX_NEW_OPT = typer.Option(128, min=1)
-TEMPERATURE_OPT = typer.Option(0.0, min=0.0, help="0 = greedy (the paper's setting).")
-TOP_K_OPT = typer.Option(0, min=0)
-TOP_P_OPT = typer.Option(1.0, min=0.0, max=1.0)
-SEED_OPT = typer.Option(None)
-T_OPT = typer.Option(20, "--T", min=1, help="FTRL iterations.")
-ALPHA_OPT = typer.Option(2.0, help="α: LLM policy contrast.")
-BETA_OPT = typer.Option(1.0, help="β: weight of the SLM delta.")
-LAMBDA_OPT = typer.Option(2.0, "--lambda", help="λ: KL anchor to the LLM's policy.")
-ETA_OPT = typer.Option(10.0, help="η: FTRL step size.")
-DEVICE_OPT = typer.Option("auto", help="auto | cpu | cuda[:N]")
-BACKEND_OPT = typer.Option("auto", help="transformers | llamacpp | auto (llama.cpp for GGUF files on the CPU when installed).")
-CLOUD_API_OPT = typer.Option("costeer", help="With --cloud: costeer (our service, ws://) | llamacpp (llama-server) | "
-                             "openai (vLLM, SGLang) | auto; for an engine, --llm names the model it serves (its tokenizer).")
-CLOUD_K_OPT = typer.Option(None, help=f"With --cloud: {CLOUD_K_HELP}")
-CA_FILE_OPT = typer.Option(None, "--ca-file", help="With a wss:// or https:// --cloud: the CA bundle to trust "
-                           "(default: SSL_CERT_FILE, else the system's).")
-INSECURE_OPT = typer.Option(False, "--insecure", help="With --cloud: allow the API key over plain ws:// or http:// "
-                            "to a host other than this machine (anyone on the path can read it).")
-RESUME_OPT = typer.Option(Retry().budget_s, "--cloud-resume-s", min=0.0, help="With --cloud: how long to keep "
-                          "trying to resume after the connection is lost (a cloud restart), in seconds.")
-GATE_OPT = typer.Option(None, min=0.0, max=1.0, help="Confidence gate: skip steering (and the SLM) where the LLM's top "
-                        "probability reaches this; default off.")
-_V = VariantConfig()  # the costeer_* variants' options; unset ones keep these defaults
-TAU_OPT = typer.Option(None, min=0.0, max=1.0, help=f"Plausible head τ (default {_V.tau}; 0 = off).")
-TAU_PERS_OPT = typer.Option(None, min=0.0, max=1.0, help="Also keep the context SLM's head at this τ (default off).")
-EPSILON_OPT = typer.Option(None, min=0.0, help=f"Trust region ε, nats/token (default {_V.epsilon}; inf = off).")
-REP_PENALTY_OPT = typer.Option(None, min=0.0, help=f"Guard: nats off used tokens (default {_V.repetition_penalty}).")
-NO_REPEAT_OPT = typer.Option(None, min=0, help=f"Guard: ban repeated n-grams (default {_V.no_repeat_ngram}; 0 = off).")
+# ---- options shared by the commands: each declared once, as a typer Annotated type ------------------
+
+Llm = Annotated[str, typer.Option(help="LLM: preset, .gguf file, model folder or hub name.")]
+Slm = Annotated[str, typer.Option(help="SLM (on the device): preset, .gguf file, folder or hub name.")]
+MaxNew = Annotated[int, typer.Option(min=1)]
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")]
+Backend = Annotated[str, typer.Option(help="transformers | llamacpp | auto (llama.cpp for GGUF files on the CPU "
+                                           "when installed).")]  # fmt: skip
+_S, _P, _V = SteeringConfig(), SamplingConfig(), VariantConfig()  # the defaults, from the configs themselves
 
 
-def _variant(tau, tau_pers, epsilon, repetition_penalty, no_repeat_ngram) -> VariantConfig | None:
-    """The variant options given, or None (the defaults) when none was."""
-    given = dict(tau=tau, tau_pers=tau_pers, epsilon=epsilon, repetition_penalty=repetition_penalty,
-                 no_repeat_ngram=no_repeat_ngram)  # fmt: skip
-    given = {k: v for k, v in given.items() if v is not None}
-    return VariantConfig(**given) if given else None
+CloudK = Annotated[Optional[str], typer.Option(help=f"With --cloud: {CLOUD_K_HELP}")]
+
+
+@dataclass
+class LocalModels:
+    """The model pair in this process (playground; with the cloud options below, `Models`)."""
+
+    llm: Llm = DEFAULT_LLM
+    slm: Slm = DEFAULT_SLM
+    device: Device = "auto"
+    backend: Backend = "auto"
+
+
+@dataclass
+class Models(LocalModels):
+    """Where the models run: both here, or the LLM behind --cloud (generate, eval, chat, gateway)."""
+
+    cloud: Annotated[Optional[str], typer.Option(
+        help="ws://HOST:PORT of `costeer serve` (key from COSTEER_API_KEY; --llm is then the server's), or a serving "
+        "engine (--cloud-api): the LLM runs there, the SLM and the context stay here (llm_context is refused).")] = None
+    cloud_k: CloudK = None
+    cloud_tail: Annotated[str, typer.Option(help="With --cloud: model of the mass outside the top-k: slm | uniform.")] = "slm"
+    cloud_api: Annotated[str, typer.Option(
+        help="With --cloud: costeer (our service, ws://) | llamacpp (llama-server) | openai (vLLM, SGLang) | auto; for "
+        "an engine, --llm names the model it serves (its tokenizer).")] = "costeer"  # fmt: skip
+    ca_file: Annotated[Optional[Path], typer.Option(
+        "--ca-file", help="With a wss:// or https:// --cloud: the CA bundle to trust (default: SSL_CERT_FILE, else the "
+        "system's).")] = None  # fmt: skip
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="With --cloud: allow the API key over plain ws:// or http:// to a host other than this "
+        "machine (anyone on the path can read it).")] = False  # fmt: skip
+    cloud_resume_s: Annotated[float, typer.Option(
+        "--cloud-resume-s", min=0.0, help="With --cloud: how long to keep trying to resume after the connection is "
+        "lost (a cloud restart), in seconds.")] = Retry().budget_s  # fmt: skip
+    lookahead: Annotated[str, typer.Option(help=f"With --cloud: {LOOKAHEAD_HELP}")] = "auto"
+
+    def frames(self):
+        """--cloud-k parsed once (device.CloudFrames), else the default of the cloud kind."""
+        return _cloud_frames(self.cloud_k, self.cloud_api)
+
+    def lookahead_option(self):
+        """--lookahead parsed once (device.Lookahead), checked against the cloud kind."""
+        from costeer.device import Lookahead
+
+        la = Lookahead.parse(self.lookahead)
+        if self.cloud_api == "costeer" and la.depth not in (None, 1):
+            raise ValueError("--lookahead N needs --cloud-api llamacpp|openai for now: costeer serve answers one "
+                             "position per round trip (auto and off are accepted)")  # fmt: skip
+        return la
+
+    def link(self) -> dict:
+        """--ca-file, --insecure and --cloud-resume-s as connect_cloud / connect_engine keywords."""
+        return {"ca_file": self.ca_file, "insecure": self.insecure, "retry": Retry(budget_s=self.cloud_resume_s)}
+
+
+@dataclass
+class Decoding:
+    """Sampling, the FTRL hyper-parameters, the costeer_* variants' stages and the gate (generate, eval,
+    chat, gateway)."""
+
+    max_new_tokens: MaxNew = _P.max_new_tokens
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy (the paper's setting).")] = _P.temperature
+    top_k: Annotated[int, typer.Option(min=0)] = _P.top_k
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = _P.top_p
+    seed: Annotated[Optional[int], typer.Option()] = _P.seed
+    T: Annotated[int, typer.Option("--T", min=1, help="FTRL iterations.")] = _S.T
+    alpha: Annotated[float, typer.Option(help="α: LLM policy contrast.")] = _S.alpha
+    beta: Annotated[float, typer.Option(help="β: weight of the SLM delta.")] = _S.beta
+    lam: Annotated[float, typer.Option("--lambda", help="λ: KL anchor to the LLM's policy.")] = _S.lam
+    eta: Annotated[float, typer.Option(help="η: FTRL step size.")] = _S.eta
+    # the costeer_* variants' stages: unset ones keep VariantConfig's defaults
+    tau: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help=f"Plausible head τ (default {_V.tau}; 0 = off).")] = None
+    tau_pers: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Also keep the context SLM's head at this τ "
+                                                      "(default off).")] = None
+    epsilon: Annotated[Optional[float], typer.Option(min=0.0, help=f"Trust region ε, nats/token (default {_V.epsilon}; "
+                                                     "inf = off).")] = None
+    repetition_penalty: Annotated[Optional[float], typer.Option(min=0.0, help="Guard: nats off used tokens (default "
+                                                                f"{_V.repetition_penalty}).")] = None
+    no_repeat_ngram: Annotated[Optional[int], typer.Option(min=0, help="Guard: ban repeated n-grams (default "
+                                                           f"{_V.no_repeat_ngram}; 0 = off).")] = None
+    gate: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Confidence gate: skip steering (and the SLM) "
+                                                  "where the LLM's top probability reaches this; default off.")] = None  # fmt: skip
+
+    def variant(self) -> VariantConfig | None:
+        """The variant options given, or None (the defaults) when none was."""
+        given = {k: getattr(self, k) for k in VariantConfig.model_fields if getattr(self, k) is not None}
+        return VariantConfig(**given) if given else None
+
+    def config(self) -> GenerationConfig:
+        return GenerationConfig(
+            steering=SteeringConfig(T=self.T, alpha=self.alpha, beta=self.beta, lam=self.lam, eta=self.eta,
+                                    variant=self.variant(), gate=self.gate),
+            sampling=SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
+                                    max_new_tokens=self.max_new_tokens),
+        )  # fmt: skip
+
+
+@dataclass
+class GatewayDecoding(Decoding):
+    """Decoding for the gateway: a request may name its own budget, this is the one when it does not."""
+
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="A request's token budget when it names none.")] = 256
 
 
 def _check_sampling_and_gate(cfg: GenerationConfig, methods: list[Method]) -> None:
@@ -187,17 +258,37 @@ def _check_sampling_and_gate(cfg: GenerationConfig, methods: list[Method]) -> No
                    "sample", err=True)  # fmt: skip
 
 
-def _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens,
-                variant: VariantConfig | None = None, gate: float | None = None) -> GenerationConfig:  # fmt: skip
-    return GenerationConfig(
-        steering=SteeringConfig(T=T, alpha=alpha, beta=beta, lam=lam, eta=eta, variant=variant, gate=gate),
-        sampling=SamplingConfig(
-            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens
-        ),
-    )
+def _with_options(**groups: type):
+    """Give a command the fields of each options dataclass as its own options; it receives them
+    gathered, one instance per group (e.g. `models: Models`), so that commands share one declaration."""
+
+    def wrap(fn):
+        sig = inspect.signature(fn)
+        own = [p for name, p in sig.parameters.items() if name not in groups]
+        annotations = {k: v for k, v in get_type_hints(fn, include_extras=True).items() if k not in groups}
+        added = []
+        for cls in groups.values():
+            hints = get_type_hints(cls, include_extras=True)
+            for f in fields(cls):
+                added.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                               annotation=hints[f.name]))  # fmt: skip
+                annotations[f.name] = hints[f.name]
+
+        @functools.wraps(fn)
+        def command(**kw):
+            for name, cls in groups.items():
+                kw[name] = cls(**{f.name: kw.pop(f.name) for f in fields(cls)})
+            return fn(**kw)
+
+        command.__signature__ = sig.replace(parameters=own + added)
+        command.__annotations__ = annotations
+        return command
+
+    return wrap
 
 
 @app.command()
+@_with_options(models=Models, decoding=Decoding)
 def generate(
     query: Optional[str] = typer.Option(None, "--query", "-q", help="The public query (the only text the LLM sees)."),
     messages: Optional[Path] = typer.Option(None, "--messages", help="A public conversation instead of --query: a "
@@ -210,39 +301,13 @@ def generate(
     reference_file: Optional[Path] = typer.Option(
         None, "--reference-file", help="For costeer_matched: a public reference profile in the context's format "
         "(text, JSON or YAML); the SLM's without-context branch reads it with the query."),
-    llm: str = LLM_OPT,
-    slm: str = SLM_OPT,
     method: Method = typer.Option(Method.costeer, help=METHODS_DOC),
-    max_new_tokens: int = MAX_NEW_OPT,
-    temperature: float = TEMPERATURE_OPT,
-    top_k: int = TOP_K_OPT,
-    top_p: float = TOP_P_OPT,
-    seed: Optional[int] = SEED_OPT,
-    T: int = T_OPT,
-    alpha: float = ALPHA_OPT,
-    beta: float = BETA_OPT,
-    lam: float = LAMBDA_OPT,
-    eta: float = ETA_OPT,
-    tau: Optional[float] = TAU_OPT,
-    tau_pers: Optional[float] = TAU_PERS_OPT,
-    epsilon: Optional[float] = EPSILON_OPT,
-    repetition_penalty: Optional[float] = REP_PENALTY_OPT,
-    no_repeat_ngram: Optional[int] = NO_REPEAT_OPT,
-    gate: Optional[float] = GATE_OPT,
-    device: str = DEVICE_OPT,
-    backend: str = BACKEND_OPT,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
-    cloud: Optional[str] = typer.Option(None, help="ws://HOST:PORT of `costeer serve`: the LLM runs there "
-                                        "(key from COSTEER_API_KEY; --llm is then the server's)."),
-    cloud_k: Optional[str] = CLOUD_K_OPT,
-    cloud_tail: str = typer.Option("slm", help="With --cloud: model of the mass outside the top-k: slm | uniform."),
-    cloud_api: str = CLOUD_API_OPT,
     wire_log: Optional[Path] = typer.Option(None, help="With --cloud: record every byte sent and received here."),
-    ca_file: Optional[Path] = CA_FILE_OPT,
-    insecure: bool = INSECURE_OPT,
-    cloud_resume_s: float = RESUME_OPT,
     truncate_context: bool = typer.Option(False, help="Cut the context's end until every prompt fits its model's "
                                           "trained window (default: refuse a context that does not fit)."),
+    models: Models = Models(),
+    decoding: Decoding = Decoding(),
 ) -> None:
     """Generate one response with any method; tokens stream as they are chosen."""
 
@@ -255,7 +320,7 @@ def generate(
         public = "\n".join(m["content"] for m in turns)  # what the cloud may see, for the wire audit
         if context_file is not None and context is not None:
             raise ValueError("give --context or --context-file, not both")
-        if wire_log is not None and cloud is None:
+        if wire_log is not None and models.cloud is None:
             raise ValueError("--wire-log records the exchange with the cloud: give --cloud too")
         ctx = load_context(context_file) if context_file is not None else context
         if reference_file is not None and not method.matched:
@@ -264,17 +329,9 @@ def generate(
         if method.matched and reference is None:
             typer.echo("note: costeer_matched without --reference-file is the paper's update with the repetition "
                        "guard (docs/steering-variants.md §5)", err=True)
-        variant = _variant(tau, tau_pers, epsilon, repetition_penalty, no_repeat_ngram)
-        cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens, variant, gate)
+        cfg = decoding.config()
         _check_sampling_and_gate(cfg, [method])
-        frames_ = _cloud_frames(cloud_k, cloud_api) if cloud is not None else None
-        _quiet_libraries()
-        needs_llm, needs_slm = method.uses_llm, method.uses_slm
-        if cloud is not None:
-            cs = _load_cloud(cloud, slm if needs_slm else None, cfg, device, backend, frames_, cloud_tail, wire_log,
-                             public, cloud_api, llm, _cloud_link(ca_file, insecure, cloud_resume_s))
-        else:
-            cs = _load(llm if needs_llm else None, slm if needs_slm else None, cfg, device, backend)
+        cs = _load_models(models, cfg, [method], wire_log, public)
         stream = cs.stream(turns, ctx, method, reference_message=reference, truncate_context=truncate_context)
         cut = stream.generation.context_cut
         if cut:
@@ -300,8 +357,8 @@ def generate(
                         "stop_reason": g.stop_reason,
                         "coefficient": g.coefficient,
                         "context_cut": g.context_cut,
-                        "llm": (cloud or llm) if needs_llm else None,
-                        "slm": slm if needs_slm else None,
+                        "llm": (models.cloud or models.llm) if method.uses_llm else None,
+                        "slm": models.slm if method.uses_slm else None,
                         "config": cfg.model_dump(),
                         "timing_s": g.timing(),
                     }
@@ -313,11 +370,11 @@ def generate(
 
 @app.command()
 def demo(
-    llm: str = LLM_OPT,
-    slm: str = SLM_OPT,
-    max_new_tokens: int = typer.Option(64, min=1),
-    device: str = DEVICE_OPT,
-    backend: str = BACKEND_OPT,
+    llm: Llm = DEFAULT_LLM,
+    slm: Slm = DEFAULT_SLM,
+    max_new_tokens: MaxNew = 64,
+    device: Device = "auto",
+    backend: Backend = "auto",
 ) -> None:
     """Run the default pair on the shipped example persona: `llm`, `costeer`, `costeer_matched`, `slm_context`."""
     import yaml
@@ -338,7 +395,7 @@ def demo(
         typer.echo(f"\nPrivate context (stays on the device):\n{ctx}\n")
         typer.echo(f"Public query (all the cloud LLM sees): {example['query']}\n")
         for m in (Method.llm, Method.costeer, Method.costeer_matched, Method.slm_context):
-            typer.secho(f"── {m.value}: {METHOD_HELP[m]}", bold=True)
+            typer.secho(f"── {m.value}: {m.spec.help}", bold=True)
             stream = cs.stream(example["query"], ctx, m, reference_message=reference)
             for chunk in stream:
                 sys.stdout.write(chunk.text)
@@ -350,7 +407,7 @@ def demo(
     _run_guarded(run)
 
 
-ALL_METHODS = ",".join(("slm", "slm_context", "llm", "costeer", "light", "llm_context"))
+ALL_METHODS = ",".join(PAPER_METHODS)
 
 
 def _load_examples(task: str, data: Optional[Path], preference: Optional[str], limit: Optional[int]):
@@ -372,6 +429,18 @@ def _load_for(methods, llm: str, slm: str, cfg: GenerationConfig, device: str, b
     return _load(llm if needs_llm else None, slm if needs_slm else None, cfg, device, backend)
 
 
+def _load_models(m: Models, cfg: GenerationConfig, methods, wire_log: Optional[Path] = None, query: str = ""):
+    """The CoSteer for these methods: only the models they need, the LLM behind --cloud when given
+    (its frames option checked before anything is loaded or sent)."""
+    if m.cloud is None:
+        return _load_for(methods, m.llm, m.slm, cfg, m.device, m.backend)
+    frames_, lookahead = m.frames(), m.lookahead_option()
+    _quiet_libraries()
+    slm = m.slm if any(x.uses_slm for x in methods) else None
+    return _load_cloud(m.cloud, slm, cfg, m.device, m.backend, frames_, m.cloud_tail, wire_log, query, m.cloud_api, m.llm,
+                       m.link(), lookahead)
+
+
 def _interruptible(out: Path, fn):
     """Ctrl-C keeps every finished generation: say how to pick up from there."""
     try:
@@ -381,6 +450,7 @@ def _interruptible(out: Path, fn):
 
 
 @app.command("eval")
+@_with_options(models=Models, decoding=Decoding)
 def eval_(
     task: str = typer.Option(..., help="cogenesis | longlamp_abstract | longlamp_review | longlamp_writing | "
                              "helpsteer | personal_preference_eval | truthfulqa | ultrachat"),
@@ -390,34 +460,8 @@ def eval_(
     methods: str = typer.Option(ALL_METHODS, help=f"Comma-separated. {METHODS_DOC}"),
     preference: Optional[str] = typer.Option(None, help="Preference tasks: concise | creative | uplifting | verbose."),
     limit: Optional[int] = typer.Option(None, min=0, help="First N examples only."),
-    llm: str = LLM_OPT,
-    slm: str = SLM_OPT,
-    cloud: Optional[str] = typer.Option(None, help="ws://HOST:PORT of `costeer serve`: the LLM runs there, the SLM "
-                                        "and the context stay here (llm_context is refused)."),
-    cloud_k: Optional[str] = CLOUD_K_OPT,
-    cloud_tail: str = typer.Option("slm", help="With --cloud: model of the mass outside the top-k: slm | uniform."),
-    cloud_api: str = CLOUD_API_OPT,
-    ca_file: Optional[Path] = CA_FILE_OPT,
-    insecure: bool = INSECURE_OPT,
-    cloud_resume_s: float = RESUME_OPT,
-    max_new_tokens: int = MAX_NEW_OPT,
-    temperature: float = TEMPERATURE_OPT,
-    top_k: int = TOP_K_OPT,
-    top_p: float = TOP_P_OPT,
-    seed: Optional[int] = SEED_OPT,
-    T: int = T_OPT,
-    alpha: float = ALPHA_OPT,
-    beta: float = BETA_OPT,
-    lam: float = LAMBDA_OPT,
-    eta: float = ETA_OPT,
-    tau: Optional[float] = TAU_OPT,
-    tau_pers: Optional[float] = TAU_PERS_OPT,
-    epsilon: Optional[float] = EPSILON_OPT,
-    repetition_penalty: Optional[float] = REP_PENALTY_OPT,
-    no_repeat_ngram: Optional[int] = NO_REPEAT_OPT,
-    gate: Optional[float] = GATE_OPT,
-    device: str = DEVICE_OPT,
-    backend: str = BACKEND_OPT,
+    models: Models = Models(),
+    decoding: Decoding = Decoding(),
 ) -> None:
     """Run methods over a task into a resumable folder, then write metrics.json and report.md/csv/png."""
 
@@ -426,24 +470,17 @@ def eval_(
         from costeer.eval.report import render_markdown
 
         ms = parse_methods(methods.split(","))
-        if cloud is not None and Method.llm_context in ms:
-            raise ValueError("method 'llm_context' would send the private context to the cloud: drop it with --cloud")
+        leaky = [m.value for m in ms if m.spec.privacy_violating]
+        if models.cloud is not None and leaky:
+            raise ValueError(f"method '{leaky[0]}' would send the private context to the cloud: drop it with --cloud")
         examples, path = _load_examples(task, data, preference, limit)
-        variant = _variant(tau, tau_pers, epsilon, repetition_penalty, no_repeat_ngram)
-        cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens, variant, gate)
+        cfg = decoding.config()
         _check_sampling_and_gate(cfg, ms)
-        if cloud is not None:
-            frames_ = _cloud_frames(cloud_k, cloud_api)
-            _quiet_libraries()
-            needs_slm = any(m.uses_slm for m in ms)
-            cs = _load_cloud(cloud, slm if needs_slm else None, cfg, device, backend, frames_, cloud_tail, None, "",
-                             cloud_api, llm, _cloud_link(ca_file, insecure, cloud_resume_s))
-        else:
-            cs = _load_for(ms, llm, slm, cfg, device, backend)
-        models = {"llm": f"{cloud} (k={frames_}, tail={cloud_tail})" if cloud else _label(llm, cs.llm),
-                  "slm": _label(slm, cs.slm)}
+        cs = _load_models(models, cfg, ms)
+        llm_label = f"{models.cloud} (k={models.frames()}, tail={models.cloud_tail})" if models.cloud else None
+        labels = {"llm": llm_label or _label(models.llm, cs.llm), "slm": _label(models.slm, cs.slm)}
         metrics = _interruptible(out, lambda: run_eval(
-            cs, examples, ms, out, data=path, limit=limit, models=models
+            cs, examples, ms, out, data=path, limit=limit, models=labels
         ))  # fmt: skip
         typer.echo(render_markdown(metrics))
         typer.echo(f"wrote {out}/metrics.json, report.md, report.csv, report.png", err=True)
@@ -477,11 +514,11 @@ def sweep(
     params: str = typer.Option("alpha,beta,lambda,eta,T", help="Comma-separated hyper-parameters to vary."),
     preference: Optional[str] = typer.Option(None, help="Preference tasks: concise | creative | uplifting | verbose."),
     limit: Optional[int] = typer.Option(None, min=0, help="First N examples only."),
-    max_new_tokens: int = MAX_NEW_OPT,
-    llm: str = LLM_OPT,
-    slm: str = SLM_OPT,
-    device: str = DEVICE_OPT,
-    backend: str = BACKEND_OPT,
+    max_new_tokens: MaxNew = _P.max_new_tokens,
+    llm: Llm = DEFAULT_LLM,
+    slm: Slm = DEFAULT_SLM,
+    device: Device = "auto",
+    backend: Backend = "auto",
 ) -> None:
     """Vary α, β, λ, η, T one at a time around the defaults (paper Fig. 2); writes sweep.json/csv/png."""
 
@@ -509,7 +546,7 @@ def sweep(
 
 @app.command()
 def serve(
-    llm: str = LLM_OPT,
+    llm: Llm = DEFAULT_LLM,
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8765, min=1, max=65535),
     api_keys_file: Optional[Path] = typer.Option(None, help="Allowed API keys, one per line (also: COSTEER_API_KEYS)."),
@@ -528,8 +565,8 @@ def serve(
     max_connections: int = typer.Option(256, min=1, help="Open sockets in all; more are answered 503 at once."),
     send_timeout: float = typer.Option(30.0, min=0.1, help="Seconds a peer may take to read a frame before it is dropped."),
     handshake_timeout: float = typer.Option(10.0, min=0.1, help="Seconds for a whole HTTP request, then for OPEN/ATTACH."),
-    device: str = DEVICE_OPT,
-    backend: str = BACKEND_OPT,
+    device: Device = "auto",
+    backend: Backend = "auto",
     log_level: str = typer.Option("info"),
 ) -> None:
     """Serve the LLM to devices over a WebSocket (the cloud side of the split; docs/wire-format.md, docs/security.md)."""
@@ -571,19 +608,6 @@ def _read_messages(path: Path) -> list:
     return turns
 
 
-def _pair(cloud: Optional[str], llm: Optional[str], slm: Optional[str], cfg: GenerationConfig, device: str,
-          backend: str, cloud_k: Optional[str], cloud_tail: str, cloud_api: str):  # fmt: skip
-    """The model pair: in-process, or the LLM behind `cloud` and the SLM here."""
-    _quiet_libraries()
-    if cloud is not None:
-        return _load_cloud(cloud, slm, cfg, device, backend, _cloud_frames(cloud_k, cloud_api), cloud_tail, None, "",
-                           cloud_api, llm)
-    return _load(llm, slm, cfg, device, backend)
-
-
-CLOUD_OPT = typer.Option(None, help="ws://HOST:PORT of `costeer serve` (key from COSTEER_API_KEY), or with "
-                         "--cloud-api a serving engine's URL: the LLM runs there, the SLM and the context here.")
-CLOUD_TAIL_OPT = typer.Option("slm", help="With --cloud: model of the mass outside the top-k: slm | uniform.")
 CONTEXT_FILE_OPT = typer.Option(None, "--context-file", "-c", help="Private profile / history: text, JSON or YAML.")
 REFERENCE_FILE_OPT = typer.Option(None, "--reference-file", help="For costeer_matched: a public reference profile "
                                   "in the context's format (text, JSON or YAML).")
@@ -592,44 +616,29 @@ CHAT_HELP = "/reset clears the conversation, /context FILE swaps the private con
 
 
 @app.command()
+@_with_options(models=Models, decoding=Decoding)
 def chat(
     context_file: Optional[Path] = CONTEXT_FILE_OPT,
     reference_file: Optional[Path] = REFERENCE_FILE_OPT,
     system: Optional[str] = typer.Option(None, help="A system prompt (public: the cloud LLM reads it)."),
     method: Method = typer.Option(Method.costeer, help=METHODS_DOC),
-    llm: str = LLM_OPT,
-    slm: str = SLM_OPT,
-    max_new_tokens: int = MAX_NEW_OPT,
-    temperature: float = TEMPERATURE_OPT,
-    top_k: int = TOP_K_OPT,
-    top_p: float = TOP_P_OPT,
-    seed: Optional[int] = SEED_OPT,
-    T: int = T_OPT,
-    alpha: float = ALPHA_OPT,
-    beta: float = BETA_OPT,
-    lam: float = LAMBDA_OPT,
-    eta: float = ETA_OPT,
-    device: str = DEVICE_OPT,
-    backend: str = BACKEND_OPT,
-    cloud: Optional[str] = CLOUD_OPT,
-    cloud_k: Optional[str] = CLOUD_K_OPT,
-    cloud_tail: str = CLOUD_TAIL_OPT,
-    cloud_api: str = CLOUD_API_OPT,
+    models: Models = Models(),
+    decoding: Decoding = Decoding(),
 ) -> None:
     """Talk with the model pair in the terminal: answers stream, the public conversation is kept
     (the cloud LLM reads it), the private context only ever reaches the on-device SLM."""
 
     def setup():
-        from costeer.chat import Chat, needs_context
+        from costeer.chat import Chat
         from costeer.engine.prompts import load_context
 
         ctx = load_context(context_file) if context_file is not None else None
-        if needs_context(method) and ctx is None:
+        if method.needs_context and ctx is None:
             raise ValueError(f"method '{method.value}' needs a personal context: give --context-file")
         reference = load_context(reference_file) if reference_file is not None else None
-        cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, seed, max_new_tokens)
-        cs = _pair(cloud, llm if method.uses_llm else None, slm if method.uses_slm else None, cfg, device, backend,
-                   cloud_k, cloud_tail, cloud_api)  # fmt: skip
+        cfg = decoding.config()
+        _check_sampling_and_gate(cfg, [method])
+        cs = _load_models(models, cfg, [method])
         return Chat(cs, method, ctx, reference, system)
 
     session = _run_guarded(setup)
@@ -675,9 +684,6 @@ def _chat_command(session, line: str) -> bool:
 
 def _run_turn(session, line: str) -> None:
     """Stream one answer; an error ends the turn (not the chat) and leaves the history as it was."""
-    from costeer.device import CloudError
-    from costeer.engine.llamacpp import LlamaCppError
-
     try:
         answer = session.say(line)
         for piece in answer:
@@ -685,42 +691,28 @@ def _run_turn(session, line: str) -> None:
             sys.stdout.flush()
         sys.stdout.write("\n")
         session.keep(answer)
-    except (CloudError, ValueError, LlamaCppError) as e:
+    except (CoSteerError, ValueError) as e:
         typer.echo(f"\nerror: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
     except KeyboardInterrupt:
         typer.echo("\n(interrupted: the answer is dropped)", err=True)
 
 
 @app.command()
+@_with_options(models=Models, decoding=GatewayDecoding)
 def gateway(
     context_file: Optional[Path] = typer.Option(None, "--context-file", "-c", help="The private profile (text, JSON "
                                                 "or YAML), re-read when it changes. Requests never carry it."),
     reference_file: Optional[Path] = REFERENCE_FILE_OPT,
-    llm: str = LLM_OPT,
-    slm: str = SLM_OPT,
     host: str = typer.Option("127.0.0.1", help="Interface to listen on; anything but loopback needs a key."),
     port: int = typer.Option(8080, min=1, max=65535),
     api_keys_file: Optional[Path] = typer.Option(None, help="Accepted keys (Authorization: Bearer), one a line "
                                                  "(also: COSTEER_GATEWAY_KEYS, comma-separated)."),
-    max_new_tokens: int = typer.Option(256, min=1, help="A request's token budget when it names none."),
     max_tokens_limit: int = typer.Option(2048, min=1, help="The most max_tokens a request may ask for."),
     max_prompt_tokens: int = typer.Option(8192, min=1, help="The longest conversation accepted, in tokens."),
     max_waiting: int = typer.Option(8, min=0, help="Requests queued behind the running one; more get HTTP 429."),
-    temperature: float = TEMPERATURE_OPT,
-    top_k: int = TOP_K_OPT,
-    top_p: float = TOP_P_OPT,
-    T: int = T_OPT,
-    alpha: float = ALPHA_OPT,
-    beta: float = BETA_OPT,
-    lam: float = LAMBDA_OPT,
-    eta: float = ETA_OPT,
-    device: str = DEVICE_OPT,
-    backend: str = BACKEND_OPT,
-    cloud: Optional[str] = CLOUD_OPT,
-    cloud_k: Optional[str] = CLOUD_K_OPT,
-    cloud_tail: str = CLOUD_TAIL_OPT,
-    cloud_api: str = CLOUD_API_OPT,
     log_level: str = typer.Option("info"),
+    models: Models = Models(),
+    decoding: GatewayDecoding = GatewayDecoding(),
 ) -> None:
     """Serve the OpenAI chat API on this device (POST /v1/chat/completions, GET /v1/models): the
     model name picks the method, the private context comes from --context-file only."""
@@ -736,8 +728,7 @@ def gateway(
                                    max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens,
                                    max_waiting=max_waiting)  # fmt: skip
         check_bind(host, settings)  # before loading the models
-        cfg = _gen_config(T, alpha, beta, lam, eta, temperature, top_k, top_p, None, max_new_tokens)
-        cs = _pair(cloud, llm, slm, cfg, device, backend, cloud_k, cloud_tail, cloud_api)
+        cs = _load_models(models, decoding.config(), list(Method))  # a request's model name picks any method
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
         run_gateway(cs, settings, host=host, port=port, log_level=log_level)
 
@@ -745,19 +736,17 @@ def gateway(
 
 
 @app.command()
+@_with_options(models=LocalModels)
 def playground(
-    llm: str = LLM_OPT,
-    slm: str = SLM_OPT,
     model: list[str] = typer.Option([], "--model", help="Another model the pickers offer (repeat); presets are offered anyway."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (the page holds your context: keep it local)."),
     port: int = typer.Option(8770, min=0, max=65535, help="0: any free port."),
     cloud: Optional[str] = typer.Option(None, help="ws://HOST:PORT of `costeer serve`: the LLM runs there (key from "
                                         "COSTEER_API_KEY); the wire panel then shows the bytes."),
-    cloud_k: Optional[str] = typer.Option(None, help="With --cloud: 'packed[:N]', a top-k size or 'full' (as generate)."),
+    cloud_k: CloudK = None,
     wire_dir: Optional[Path] = typer.Option(None, help="With --cloud: keep the wire log here (default: a temporary folder)."),
-    device: str = DEVICE_OPT,
-    backend: str = BACKEND_OPT,
     log_level: str = typer.Option("warning"),
+    models: LocalModels = LocalModels(),
 ) -> None:
     """A local web page: the LLM alone and steered side by side, a steering heat-map, the wire (docs/playground.md)."""
 
@@ -771,8 +760,9 @@ def playground(
 
         if wire_dir is not None and cloud is None:
             raise ValueError("--wire-dir keeps the exchange with the cloud: give --cloud too")
-        settings = PlaygroundSettings(llm=llm, slm=slm, models=(*model, *PRESETS), cloud=cloud, cloud_k=cloud_k,
-                                      device=device, backend=backend, wire_dir=wire_dir)  # fmt: skip
+        settings = PlaygroundSettings(llm=models.llm, slm=models.slm, models=(*model, *PRESETS), cloud=cloud,
+                                      cloud_k=cloud_k, device=models.device, backend=models.backend,
+                                      wire_dir=wire_dir)  # fmt: skip
         _quiet_libraries()
         sock = socket.create_server((host, port))  # bound here, so that port 0 can name its port
         bound = sock.getsockname()[1]

@@ -1,8 +1,8 @@
 """The wire format between the device and the cloud (docs/wire-format.md): binary WebSocket
 frames, little-endian, each starting with a version byte and a message-type byte.
 
-Both sides import this module and nothing else of each other (DESIGN.md: `cloud` never
-imports `device`). The cloud turns its next-token log-probabilities into a DIST frame with
+Both sides import this module and nothing else of each other (docs/architecture.md: `cloud`
+never imports `device`). The cloud turns its next-token log-probabilities into a DIST frame with
 `encode_dist`; the device reads it back with `decode_downlink` and rebuilds a full [V]
 log-probability vector with `densify`, the one place that decides how the mass outside the
 top-k (the tail) is spread. Improving the representation means changing these functions.

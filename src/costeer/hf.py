@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 from transformers import BatchEncoding, LogitsProcessor
 
-from costeer.engine.config import STEERING_STAGES, GenerationConfig, Method, SteeringConfig
+from costeer.engine.config import GenerationConfig, Method, SteeringConfig
+from costeer.engine.methods import METHODS
 from costeer.engine.fusion import FusionPipeline, fusion_pipeline
 from costeer.engine.models import LM, from_transformers, load_lm, stop_ids
 from costeer.engine.prompts import prompt_ids, user_message
@@ -131,7 +132,7 @@ class CoSteerLogitsProcessor(LogitsProcessor):
     def _fusion(self, support_text: str | None) -> FusionPipeline:
         """The method's stages; the support rule only with a matched reference, as in CoSteer.stream."""
         support = None
-        if support_text is not None and "support" in STEERING_STAGES[self.method]:
+        if support_text is not None and "support" in self.method.stages:
             support = support_mask(self.vocab, self.tokenizer, support_text).to(self.slm.device)
         return fusion_pipeline(self.method, self.steering, support)
 
@@ -235,14 +236,14 @@ class CoSteerLogitsProcessor(LogitsProcessor):
 
 
 def _steered_method(method: Method | str) -> Method:
+    names = ", ".join(s.name for s in METHODS if s.steered)
     try:
         m = Method(method)
     except ValueError:
-        names = ", ".join(m.value for m in STEERING_STAGES)
         raise ValueError(f"unknown method '{method}' (steered methods: {names})") from None
     if not m.steered:
         raise ValueError(f"method '{m.value}' does not steer: call generate without the processor "
-                         f"(steered methods: {', '.join(x.value for x in STEERING_STAGES)})")  # fmt: skip
+                         f"(steered methods: {names})")  # fmt: skip
     return m
 
 

@@ -189,11 +189,11 @@ def test_the_audit_finds_a_leak(server, tiny_llm, tiny_slm, tmp_path):
     """Negative control: a device that (wrongly) sends the context in its prompt is caught."""
     log = tmp_path / "leaky.jsonl"
     llm = connect_cloud(server.url, api_key=KEY_A, k=8, wire_log=log)
-    src = CloudSource(llm, 4)
     leaky_prompt = prompt_ids(llm.tokenizer, user_message(QUERY, CONTEXT))
+    src = CloudSource(llm, leaky_prompt, 4)
     assert len(leaky_prompt) > server.settings.max_prompt_tokens
     with pytest.raises(CloudError, match="exceeds the limit"):  # refused, but the bytes went out
-        src.start(leaky_prompt)
+        src.start()
     report = audit_wire(log, CONTEXT, QUERY)
     assert not report.clean and report.prompt_is_query is False
     assert "golden retriever biscuit i like" in report.leaks
@@ -215,7 +215,7 @@ def test_the_tail_reference_is_built_while_the_cloud_works():
     pairs = iter([torch.log_softmax(torch.randn(2, 6, generator=torch.Generator().manual_seed(i)), -1) for i in range(2)])
 
     class Pair:
-        def start(self, base, pers):
+        def start(self):
             return next(pairs)
 
         def advance(self, token_id):
@@ -225,7 +225,7 @@ def test_the_tail_reference_is_built_while_the_cloud_works():
         size=4, identity=False, llm_index=torch.tensor([0, 2, 4]), slm_index=torch.tensor([1, 2, 3]),
         llm_stop=torch.tensor([7]), slm_stop=torch.tensor([5]),
     )  # fmt: skip
-    ahead = SteeringAhead(Pair(), ([1], [1, 2]), vocab, llm_vocab_size=8)
+    ahead = SteeringAhead(Pair(), vocab, llm_vocab_size=8)
     ahead.run_start()
     first = ahead._ref[1]
     assert ahead._ref[0] is ahead.pair  # built before anyone asked for it

@@ -122,7 +122,7 @@ def test_cli_generate_through_llama_server(engine, smollm2_cpp, tmp_path):
     ctx.write_text(CONTEXT)
     r = CliRunner().invoke(app, ["generate", "--cloud", engine.url, "--cloud-api", "llamacpp", "--llm",
                                  "smollm2-135m-instruct", "-q", QUERY, "--context-file", str(ctx),
-                                 "--max-new-tokens", "16", "--json"])  # fmt: skip
+                                 "--max-new-tokens", "16", "--lookahead", "4", "--json"])  # fmt: skip
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout.strip().splitlines()[-1])
     want = CoSteer(smollm2_cpp, smollm2_cpp).generate(QUERY, CONTEXT, "costeer", max_new_tokens=16)

@@ -152,7 +152,7 @@ def test_variant_config():
 
 def test_the_loop_threads_the_generated_ids_through_the_stages():
     from costeer.engine.config import SamplingConfig
-    from costeer.engine.loop import decode
+    from costeer.engine.loop import DecodePlan, decode
     from tests.engine.test_loop import ScriptedLLM, ScriptedSLM, vocab
 
     seen: list[list[int]] = []
@@ -166,8 +166,7 @@ def test_the_loop_threads_the_generated_ids_through_the_stages():
 
     def run(*stages, n=4):
         pipeline = FusionPipeline((PaperUpdate(1.0), *stages, Recorder()))
-        steps = decode(ScriptedLLM(), [9], vocab(), SamplingConfig(max_new_tokens=n), ScriptedSLM(), ([1], [2]),
-                       fusion=pipeline)  # fmt: skip
+        steps = decode(DecodePlan(ScriptedLLM(), vocab(), SamplingConfig(max_new_tokens=n), ScriptedSLM(), pipeline))
         return [s.token_id for s in steps]
 
     assert run() == [4, 4, 4, 4]  # the SLM's context branch pushes token 4 every time

@@ -9,7 +9,7 @@ import torch
 
 from costeer.engine.config import SamplingConfig, SteeringConfig
 from costeer.engine.fusion import paper_pipeline
-from costeer.engine.loop import LocalModelSource, LocalSteeringSource, decode
+from costeer.engine.loop import DecodePlan, LocalModelSource, LocalSteeringSource, decode
 from tests.engine.test_loop import ScriptedLLM, ScriptedSLM, vocab
 
 
@@ -36,8 +36,8 @@ class UnsureLLM(ScriptedLLM):
 
 def test_gate_skips_the_slm_where_the_llm_is_sure():
     slm = CatchUpSLM()
-    steps = list(decode(ScriptedLLM(), [9], vocab(), SamplingConfig(max_new_tokens=6), slm, ([1], [2]), b=1.0,
-                        gate=0.5))
+    steps = list(decode(DecodePlan(ScriptedLLM(), vocab(), SamplingConfig(max_new_tokens=6), slm, paper_pipeline(1.0),
+                                   gate=0.5)))
     # the first token is steered (the prefill always runs); every later one is the LLM's own
     assert [s.gated for s in steps] == [False] + [True] * (len(steps) - 1)
     assert steps[0].token_id == 4 and [s.token_id for s in steps[1:]] == [5]
@@ -46,8 +46,8 @@ def test_gate_skips_the_slm_where_the_llm_is_sure():
 
 def test_gate_catches_the_slm_up_in_one_forward():
     slm = CatchUpSLM()
-    steps = list(decode(UnsureLLM(), [9], vocab(), SamplingConfig(max_new_tokens=7), slm, ([1], [2]), b=0.05,
-                        gate=0.5))
+    steps = list(decode(DecodePlan(UnsureLLM(), vocab(), SamplingConfig(max_new_tokens=7), slm, paper_pipeline(0.05),
+                                   gate=0.5)))
     steered = [s.index for s in steps if not s.gated]
     assert steered[0] == 0 and len(steered) > 1
     # every token chosen before the last steered step reached the SLM, in order
@@ -58,8 +58,8 @@ def test_gate_catches_the_slm_up_in_one_forward():
 def test_gate_off_and_gate_one_never_skip():
     for gate in (None, 1.0):
         slm = CatchUpSLM()
-        steps = list(decode(UnsureLLM(), [9], vocab(), SamplingConfig(max_new_tokens=5), slm, ([1], [2]), b=1.0,
-                            gate=gate))
+        steps = list(decode(DecodePlan(UnsureLLM(), vocab(), SamplingConfig(max_new_tokens=5), slm, paper_pipeline(1.0),
+                                       gate=gate)))
         assert not any(s.gated for s in steps)  # a top probability of exactly 1 never occurs here
         assert len(slm.fed) == len(steps) - 1 and slm.extended == []
 
@@ -80,26 +80,27 @@ def test_gated_run_equals_always_on_slm_with_the_same_mask(cs, quantile):
     sampling = SamplingConfig(max_new_tokens=n)
     slm_prompts = (p["slm"], p["slm_context"])
     # random tiny models are unsure everywhere: take the gate from their own top probabilities
-    ungated = list(decode(LocalModelSource(cs.llm), p["llm"], vm, sampling, LocalSteeringSource(cs.slm),
-                          slm_prompts, b))
-    src, tops = LocalModelSource(cs.llm), []
-    lp = src.start(p["llm"])
+    paper = paper_pipeline(b)
+
+    def plan(fusion, gate=None):  # fresh sources over the same prompts
+        return DecodePlan(LocalModelSource(cs.llm, p["llm"]), vm, sampling, LocalSteeringSource(cs.slm, slm_prompts),
+                          fusion, gate)  # fmt: skip
+
+    ungated = list(decode(plan(paper)))
+    src, tops = LocalModelSource(cs.llm, p["llm"]), []
+    lp = src.start()
     for s in ungated[:-1]:
         tops.append(float(vm.llm_view(lp).exp().max()))
         lp = src.advance(s.token_id)
     gate = float(torch.tensor(tops).quantile(quantile))
-    gated = list(decode(LocalModelSource(cs.llm), p["llm"], vm, sampling, LocalSteeringSource(cs.slm), slm_prompts,
-                        b, gate=gate))
-
-    paper = paper_pipeline(b)
+    gated = list(decode(plan(paper, gate)))
 
     class Masked:  # the same decision, taken with the SLM always up to date
         def __call__(self, z, pers, base, history):
             return z if float(z.max()) >= math.log(gate) and history else paper(z, pers, base, history)
 
     # The first token is always steered: the mask only applies from the second on (history non-empty).
-    always = list(decode(LocalModelSource(cs.llm), p["llm"], vm, sampling, LocalSteeringSource(cs.slm), slm_prompts,
-                         b, fusion=Masked()))
+    always = list(decode(plan(Masked())))
     assert [s.token_id for s in gated] == [s.token_id for s in always]
     fired = sum(s.gated for s in gated)
     assert not gated[0].gated and 0 < fired < len(gated) - 1  # the gate fired, and not everywhere

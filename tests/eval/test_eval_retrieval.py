@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from costeer.eval.tasks import EmbeddingRetriever, LexicalRetriever, default_retriever
+from costeer.eval.retrieval import EmbeddingRetriever, LexicalRetriever, default_retriever
 
 
 @pytest.fixture(scope="module")

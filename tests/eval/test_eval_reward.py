@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 
 from costeer.eval.reward import ArmoRMScorer
-from costeer.eval.tasks import CrossEncoderRetriever, load_task, sample_path
+from costeer.eval.retrieval import CrossEncoderRetriever
+from costeer.eval.tasks import load_task, sample_path
 
 
 def test_armorm_absent_model_is_a_clear_error(tmp_path):

@@ -4,11 +4,12 @@ serving engine (engines.py) — and the wire log with its audit (wire.py). Besid
 (HTTP, CloudError, Retry), tokenizers.py (the tokenizer cache), ahead.py (the SLM pair run while
 the cloud computes), options.py (the frames to ask for). Imports run one way:
 client / engines -> ahead, options, transport -> wire -> tokenizers; all of them may import the
-engine and `costeer.frames`, never `costeer.cloud` (tests/test_layers.py checks the directions)."""
+engine and `costeer.frames`, never `costeer.cloud` (docs/architecture.md; tests/test_layers.py checks
+the directions)."""
 
 from costeer.device.client import CloudLLM, CloudSource, connect_cloud
 from costeer.device.engines import EngineLLM, connect_engine
-from costeer.device.options import DEFAULT_FRAMES, DEFAULT_K, CloudFrames
+from costeer.device.options import DEFAULT_FRAMES, DEFAULT_K, CloudFrames, Lookahead
 from costeer.device.transport import CloudError, Retry
 from costeer.device.wire import AuditReport, WireLog, audit_wire
 
@@ -21,6 +22,7 @@ __all__ = [
     "CloudLLM",
     "CloudSource",
     "EngineLLM",
+    "Lookahead",
     "Retry",
     "WireLog",
     "audit_wire",

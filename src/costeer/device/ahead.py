@@ -10,6 +10,7 @@ import math
 import torch
 from torch import Tensor
 
+from costeer.engine.loop import SteeringSource
 from costeer.engine.vocab import VocabMap
 
 
@@ -17,8 +18,8 @@ class SteeringAhead:
     """The SLM pair as a SteeringSource whose forwards CloudSource runs ahead, while it
     waits for the cloud; decode() then gets the pair already computed."""
 
-    def __init__(self, inner, prompts, vocab: VocabMap, llm_vocab_size: int):
-        self.inner, self.prompts, self.vocab, self.V = inner, prompts, vocab, llm_vocab_size
+    def __init__(self, inner: SteeringSource, vocab: VocabMap, llm_vocab_size: int):
+        self.inner, self.vocab, self.V = inner, vocab, llm_vocab_size  # inner holds its prompts
         self.pair: Tensor | None = None
         self._ready_for = None  # ("start",) | ("advance", slm_id)
         self._to_slm: dict[int, int] | None = None
@@ -37,7 +38,7 @@ class SteeringAhead:
     # across tokenizers it is a scatter into [V_llm] (0.3 ms at V = 262,144) that would
     # otherwise sit on the critical path between the DIST frame and the next TOKEN.
     def run_start(self) -> None:
-        self.pair, self._ready_for = self.inner.start(*self.prompts), ("start",)
+        self.pair, self._ready_for = self.inner.start(), ("start",)
         self.reference()
 
     def run_advance(self, llm_id: int) -> None:
@@ -46,12 +47,9 @@ class SteeringAhead:
         self.reference()
 
     # SteeringSource
-    def start(self, base_ids: list[int], pers_ids: list[int]) -> Tensor:
-        if self._ready_for == ("start",) and (list(base_ids), list(pers_ids)) == tuple(map(list, self.prompts)):
-            self._ready_for = None
-            return self.pair
-        self.prompts = (base_ids, pers_ids)
-        self.run_start()
+    def start(self) -> Tensor:
+        if self._ready_for != ("start",):  # not run ahead (a source that starts it first runs it)
+            self.run_start()
         self._ready_for = None
         return self.pair
 
@@ -60,6 +58,11 @@ class SteeringAhead:
             raise RuntimeError("the SLM pair is out of step with the cloud source")
         self._ready_for = None
         return self.pair
+
+    def close(self) -> None:
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            close()
 
     def reference(self) -> Tensor:
         """The SLM's no-context log-probabilities on the LLM's vocabulary ([V_llm]; LLM ids with

@@ -39,6 +39,8 @@ from costeer.device.options import DEFAULT_FRAMES, DEFAULT_K, CloudFrames, check
 from costeer.device.tokenizers import TokenizerRefused, cached_tokenizer, store_tokenizer, tokenizer_dir
 from costeer.device.transport import MAX_INFO_BYTES, MAX_TOKENIZER_BYTES, CloudError, HttpClient, Link, Retry, cloud_urls
 from costeer.device.wire import WireLog, redact_headers
+from costeer.engine.loop import LLMSide, SteeringSource
+from costeer.engine.prefix_cache import PrefixPlan
 from costeer.engine.vocab import VocabMap
 
 # With the names this module offered before the split (they now live in the modules above).
@@ -85,7 +87,7 @@ class CloudInfo(BaseModel):
             raise CloudError(f"the cloud's /v1/info is malformed: {where}: {err['msg']}") from None
 
 
-class CloudLLM:
+class CloudLLM(LLMSide):
     """The LLM behind a costeer cloud service, as CoSteer's `llm` (see the module docs)."""
 
     remote = True  # CoSteer refuses `llm_context` with a remote LLM: it would send the context
@@ -112,15 +114,13 @@ class CloudLLM:
     def packed(self) -> bool:
         return self.frames.packed
 
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
-
-    def connect(self, vocab: VocabMap, max_new_tokens: int, steering=None, slm_prompts=None):
-        """-> (next-token source, steering source) for one generation; the steering source (the
-        SLM pair) is wrapped so that its forwards run while the cloud answers."""
-        ahead = SteeringAhead(steering, slm_prompts, vocab, self.vocab_size) if steering is not None else None
-        return CloudSource(self, max_new_tokens, ahead), ahead
+    def connect(self, prompt_ids: list[int], vocab: VocabMap, max_new_tokens: int,
+                steering: SteeringSource | None = None,
+                prefix: PrefixPlan | None = None) -> tuple[CloudSource, SteeringAhead | None]:  # fmt: skip
+        """LLMSide: one cloud session over `prompt_ids`; the steering source (the SLM pair) comes
+        back wrapped so that its forwards run while the cloud answers. No `prefix` comes here (LLMSide)."""
+        ahead = SteeringAhead(steering, vocab, self.vocab_size) if steering is not None else None
+        return CloudSource(self, prompt_ids, max_new_tokens, ahead), ahead
 
 
 def connect_cloud(url: str, api_key: str | None = None, k: CloudFrames | int | str = DEFAULT_FRAMES,
@@ -160,18 +160,18 @@ def connect_cloud(url: str, api_key: str | None = None, k: CloudFrames | int | s
 class CloudSource:
     """A NextTokenSource over the cloud's WebSocket (one generation, one session)."""
 
-    def __init__(self, llm: CloudLLM, max_new_tokens: int, ahead: SteeringAhead | None = None):
+    def __init__(self, llm: CloudLLM, prompt_ids: list[int], max_new_tokens: int, ahead: SteeringAhead | None = None):
         self.llm, self.max_new_tokens, self.ahead = llm, max_new_tokens, ahead
         self.ws = None
         self.session_id: bytes | None = None
-        self.prompt: list[int] = []
+        self.prompt: list[int] = list(prompt_ids)  # the public query's prompt (OPEN sends it)
         self.chosen: list[int] = []
         self.reconnects = 0
 
     # -- NextTokenSource ---------------------------------------------------------------
 
-    def start(self, prompt_ids: list[int]) -> Tensor:
-        self.prompt, self.chosen, self.session_id = list(prompt_ids), [], None
+    def start(self) -> Tensor:
+        self.chosen, self.session_id = [], None
         hook = self.ahead.run_start if self.ahead else None
         return self._densify(self._exchange(None, hook))
 

@@ -49,6 +49,8 @@ from costeer.device.ahead import SteeringAhead
 from costeer.device.options import DEFAULT_K, CloudFrames, Lookahead, check_tail
 from costeer.device.transport import MAX_JSON_BYTES, CloudError, HttpClient, Link, Retry
 from costeer.device.wire import WireLog
+from costeer.engine.loop import LLMSide, SteeringSource
+from costeer.engine.prefix_cache import PrefixPlan
 from costeer.engine.vocab import VocabMap
 
 TRANSIENT = frozenset({502, 503, 504})  # HTTP answers that a later try may not get
@@ -73,7 +75,7 @@ def parse_top(entries: dict[int, float], vocab_size: int, position: int) -> fram
     return frames.Dist(position, vocab_size, logp, ids, log_tail)
 
 
-class EngineLLM:
+class EngineLLM(LLMSide):
     """An LLM served by a third-party engine, as CoSteer's `llm` (like `CloudLLM`)."""
 
     remote = True  # CoSteer refuses `llm_context`: it would send the private context
@@ -91,13 +93,13 @@ class EngineLLM:
         self.wire = http.wire
         self.requests = 0
 
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
-
-    def connect(self, vocab: VocabMap, max_new_tokens: int, steering=None, slm_prompts=None):
-        ahead = SteeringAhead(steering, slm_prompts, vocab, self.vocab_size) if steering is not None else None
-        return EngineSource(self, ahead, max_new_tokens), ahead
+    def connect(self, prompt_ids: list[int], vocab: VocabMap, max_new_tokens: int,
+                steering: SteeringSource | None = None,
+                prefix: PrefixPlan | None = None) -> tuple[EngineSource, SteeringAhead | None]:  # fmt: skip
+        """LLMSide: a source of chain requests over `prompt_ids`; the SLM pair runs meanwhile.
+        No `prefix` comes here (LLMSide)."""
+        ahead = SteeringAhead(steering, vocab, self.vocab_size) if steering is not None else None
+        return EngineSource(self, prompt_ids, ahead, max_new_tokens), ahead
 
     # -- one request -------------------------------------------------------------------
 
@@ -232,10 +234,11 @@ class EngineSource:
     """A NextTokenSource over an engine: a request per chain (see the module docs), the SLM pair
     computed while the engine answers; positions the chain already holds cost no request."""
 
-    def __init__(self, llm: EngineLLM, ahead: SteeringAhead | None = None, max_new_tokens: int = 1 << 30):
+    def __init__(self, llm: EngineLLM, prompt_ids: list[int], ahead: SteeringAhead | None = None,
+                 max_new_tokens: int = 1 << 30):  # fmt: skip
         self.llm, self.ahead, self.max_new_tokens = llm, ahead, max_new_tokens
         self.policy = ChainDepth(llm.lookahead, llm.rtt_s)
-        self.prompt: list[int] = []
+        self.prompt: list[int] = list(prompt_ids)
         self.chosen: list[int] = []
         self.chain: list[ChainLink] = []  # chain[0]: the current position's; the rest follow chain[0].token
         self.requests = self.served = 0
@@ -243,8 +246,8 @@ class EngineSource:
         self._asked: float | None = None  # when the decoder came back with its token
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="engine")
 
-    def start(self, prompt_ids: list[int]) -> Tensor:
-        self.prompt, self.chosen, self.chain = list(prompt_ids), [], []
+    def start(self) -> Tensor:
+        self.chosen, self.chain = [], []
         return self._next(self.ahead.run_start if self.ahead else None, first=True)
 
     def advance(self, token_id: int) -> Tensor:

@@ -13,13 +13,14 @@ import shutil
 from pathlib import Path
 
 from costeer.engine.models import cache_root
+from costeer.errors import CoSteerError
 
 FINGERPRINT = re.compile(r"[0-9a-f]{64}")  # sha256, hex (frames.tokenizer_fingerprint)
 FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # no separator, no leading dot
 MAX_FILES = 16  # save_pretrained writes 3 to 6
 
 
-class TokenizerRefused(ValueError):
+class TokenizerRefused(CoSteerError, ValueError):
     """A fingerprint or tokenizer files from a cloud that the cache does not take."""
 
 

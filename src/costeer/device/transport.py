@@ -19,6 +19,7 @@ from time import monotonic, sleep  # the names the retry budget reads: tests swa
 from urllib.parse import urlsplit, urlunsplit
 
 from costeer.device.wire import WireLog, redact_headers
+from costeer.errors import CoSteerError
 
 log = logging.getLogger("costeer.device")
 
@@ -27,7 +28,7 @@ MAX_INFO_BYTES = 64 << 10  # /v1/info: a few hundred bytes from an honest cloud
 MAX_TOKENIZER_BYTES = 128 << 20  # /v1/tokenizer: Gemma-3's 262k vocabulary is about 40 MB of JSON
 
 
-class CloudError(ValueError):
+class CloudError(CoSteerError, ValueError):
     """The cloud refused a request or stayed unreachable (a user-facing, one-line error)."""
 
     def __init__(self, message: str, code: int | None = None):

@@ -1,4 +1,5 @@
 """Engine pieces: model backends, vocabulary alignment, prompts, sampling and the decode loop.
 
-Imports only `costeer.steering` below it; nothing here knows about the CLI.
+Imports only `costeer.steering` and `costeer.errors` below it; nothing here knows about the CLI
+(docs/architecture.md).
 """

@@ -1,80 +1,19 @@
-"""Options gathered in one place (pydantic, validated at the edge)."""
+"""Options gathered in one place (pydantic, validated at the edge); the methods are engine/methods.py's table."""
 
 from __future__ import annotations
 
 import math
-from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from costeer.steering import FTRLParams, effective_coefficient, light_coefficient
+from costeer.engine.methods import Method
+from costeer.steering import FTRLParams
 
 
-class Method(str, Enum):
-    """What drives the decoding. Only `llm_context` ever shows the private context to the LLM."""
-
-    costeer = "costeer"  # LLM steered by the SLM delta, T-step FTRL update (the paper's method)
-    light = "light"  # LightCoSteer: the T = 1 update (Eq. 8)
-    # the paper's update plus named fusion stages (VariantConfig; docs/steering-variants.md)
-    costeer_plausible = "costeer_plausible"  # delta only among the LLM's plausible tokens (τ)
-    costeer_trust = "costeer_trust"  # per-token trust region KL(π ‖ π_base) ≤ ε
-    costeer_plausible_trust = "costeer_plausible_trust"  # both
-    costeer_guarded = "costeer_guarded"  # both, and the repetition guard
-    # the delta against a matched reference context (a public profile in the same format), raising only
-    # tokens of the private context, and the repetition guard
-    costeer_matched = "costeer_matched"
-    llm = "llm"  # LLM alone, public query only
-    llm_context = "llm_context"  # LLM sees the context: privacy-VIOLATING upper bound, for comparison only
-    slm = "slm"  # SLM alone, public query only
-    slm_context = "slm_context"  # SLM alone with the context (stays on the device)
-
-    @property
-    def steered(self) -> bool:
-        return self in STEERING_STAGES
-
-    @property
-    def matched(self) -> bool:
-        """The SLM's without-context branch sees a reference context, not the bare query."""
-        return self is Method.costeer_matched
-
-    @property
-    def uses_llm(self) -> bool:
-        return self.steered or self in (Method.llm, Method.llm_context)
-
-    @property
-    def uses_slm(self) -> bool:
-        return self is not Method.llm and self is not Method.llm_context
-
-
-METHOD_HELP = {
-    Method.costeer: "LLM steered by the on-device SLM delta (paper's T-step FTRL update)",
-    Method.light: "LightCoSteer: one-step update, β* = β/(λ+1/η)",
-    Method.costeer_plausible: "costeer among the LLM's plausible tokens, π_base ≥ τ·max π_base",
-    Method.costeer_trust: "costeer with a per-token trust region, KL(π‖π_base) ≤ ε",
-    Method.costeer_plausible_trust: "costeer_plausible and costeer_trust together",
-    Method.costeer_guarded: "costeer_plausible_trust plus a repetition penalty and no-repeat n-gram ban",
-    Method.costeer_matched: "costeer with the delta taken against a matched public reference profile (raising "
-    "only tokens of the private context), plus the no-repeat n-gram guard",
-    Method.llm: "LLM alone on the public query (baseline)",
-    Method.llm_context: "LLM is GIVEN the private context: privacy-violating upper bound, never for real use",
-    Method.slm: "SLM alone on the public query (baseline)",
-    Method.slm_context: "SLM alone with the private context (on-device baseline)",
-}
-
-
-# The fusion stages each steered method runs, in order (engine/fusion.py builds them). "costeer" is
-# the paper's update log_softmax(log π_base + b Δ) and always comes first; "guard" comes before the
-# head and the trust region so that they work on the tokens that may still be said (fusion.py).
-STEERING_STAGES: dict[Method, tuple[str, ...]] = {
-    Method.costeer: ("costeer",),
-    Method.light: ("costeer",),  # the same update with LightCoSteer's coefficient
-    Method.costeer_plausible: ("costeer", "plausible"),
-    Method.costeer_trust: ("costeer", "trust"),
-    Method.costeer_plausible_trust: ("costeer", "plausible", "trust"),
-    Method.costeer_guarded: ("costeer", "guard", "plausible", "trust"),
-    # and the SLM's without-context branch reads a matched reference (api.py)
-    Method.costeer_matched: ("costeer", "support", "guard"),
-}
+# Derived from the method table (engine/methods.py), kept for the code that reads them by these names.
+METHOD_HELP: dict[Method, str] = {m: m.spec.help for m in Method}
+# The fusion stages each steered method runs, in order (engine/fusion.py builds them).
+STEERING_STAGES: dict[Method, tuple[str, ...]] = {m: m.spec.stages for m in Method if m.steered}
 
 
 class VariantConfig(BaseModel):
@@ -131,11 +70,12 @@ class SteeringConfig(BaseModel):
         """The variant parameters in force (the defaults when none were given)."""
         return self.variant or VariantConfig()
 
-    def coefficient(self, method: Method) -> float:
-        """The delta's effective coefficient b for a steered method."""
-        if method is Method.light:
-            return light_coefficient(self.params())
-        return effective_coefficient(self.params())
+    def coefficient(self, method: Method | str) -> float:
+        """The delta's effective coefficient b for a steered method (its row's rule, engine/methods.py)."""
+        spec = Method(method).spec
+        if spec.coefficient is None:
+            raise ValueError(f"method '{spec.name}' does not steer: it has no coefficient")
+        return spec.coefficient(self.params())
 
 
 class SamplingConfig(BaseModel):

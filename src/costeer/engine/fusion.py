@@ -5,7 +5,7 @@ the aligned ids generated so far; each stage maps a `FusionState` to a new one, 
 of `costeer.steering`. Every stage shapes the exponential family π ∝ π_base·e^{bΔ}, changing which base or
 which b, and recomputes the policy from it: "costeer" (the paper's update, always first), "support",
 "guard", "plausible", "trust" ("support" edits the delta rather than the base). Which stages a method runs,
-in which order, is data: `config.STEERING_STAGES`.
+in which order, is data: the method's row in engine/methods.py; `fusion_pipeline` builds them by name.
 
 The guard edits the base. For the paper's update that is the same as editing the fused policy (both are
 additive or masks in log space, and the policy is log_softmax(base + bΔ)), i.e. a guard "after fusion";
@@ -17,11 +17,12 @@ token, and cannot act (seen on SmolLM2: "Dear [Neighbours Name] and [Neighbours 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import ClassVar, Protocol, Sequence
+from typing import Callable, ClassVar, Protocol, Sequence
 
 from torch import Tensor
 
-from costeer.engine.config import STEERING_STAGES, Method, SteeringConfig
+from costeer.engine.config import SteeringConfig, VariantConfig
+from costeer.engine.methods import Method
 from costeer.steering import (
     fuse_delta,
     lift_supported,
@@ -137,6 +138,11 @@ class FusionPipeline:
     def names(self) -> tuple[str, ...]:
         return tuple(st.name for st in self.stages)
 
+    @property
+    def coefficient(self) -> float:
+        """The delta's coefficient b_T the paper's update starts from (a later "trust" may lower it per token)."""
+        return self.stages[0].b
+
     def run(self, logp_base: Tensor, logp_pers: Tensor, logp_base_slm: Tensor,
             history: Sequence[int] = ()) -> FusionState:  # fmt: skip
         """Every stage in turn; the final state (its `b` is the coefficient actually used)."""
@@ -157,17 +163,30 @@ def paper_pipeline(b: float) -> FusionPipeline:
     return FusionPipeline((PaperUpdate(b),))
 
 
-def fusion_pipeline(method: Method, steering: SteeringConfig, support: Tensor | None = None) -> FusionPipeline:
-    """The stages `method` runs (config.STEERING_STAGES), parameterised by `steering`; `support` (bool [K],
+@dataclass(frozen=True)
+class StageInputs:
+    """What building a stage may read: the method's coefficient, the variant parameters, the request's support."""
+
+    b: float  # the delta's coefficient by the method's rule (SteeringConfig.coefficient)
+    variant: VariantConfig
+    support: Tensor | None  # bool [K] (vocab.support_mask of the with-context message), or None
+
+
+# Each stage by the name a method's row gives it (engine/methods.py). A new stage: its class above and a line here.
+_BUILD: dict[str, Callable[[StageInputs], Stage]] = {
+    "costeer": lambda i: PaperUpdate(i.b),
+    "plausible": lambda i: PlausibilityHead(i.variant.tau, i.variant.tau_pers),
+    "trust": lambda i: TrustRegion(i.variant.epsilon),
+    "guard": lambda i: RepetitionGuard(i.variant.repetition_penalty, i.variant.no_repeat_ngram),
+    "support": lambda i: ContextSupport(i.support),
+}
+
+
+def fusion_pipeline(method: Method | str, steering: SteeringConfig, support: Tensor | None = None) -> FusionPipeline:
+    """The stages `method` runs (its row's `stages`), parameterised by `steering`; `support` (bool [K],
     vocab.support_mask of the with-context message) for the "support" stage."""
-    if method not in STEERING_STAGES:
+    method = Method(method)
+    if not method.steered:
         raise ValueError(f"method '{method.value}' does not steer")
-    v = steering.variants()
-    build = {
-        "costeer": lambda: PaperUpdate(steering.coefficient(method)),
-        "plausible": lambda: PlausibilityHead(v.tau, v.tau_pers),
-        "trust": lambda: TrustRegion(v.epsilon),
-        "guard": lambda: RepetitionGuard(v.repetition_penalty, v.no_repeat_ngram),
-        "support": lambda: ContextSupport(support),
-    }
-    return FusionPipeline(tuple(build[name]() for name in STEERING_STAGES[method]))
+    inputs = StageInputs(steering.coefficient(method), steering.variants(), support)
+    return FusionPipeline(tuple(_BUILD[name](inputs) for name in method.spec.stages))

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from costeer.engine.prefix_cache import Codec, PrefixPlan
+from costeer.errors import CoSteerError
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,8 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-class LlamaCppError(RuntimeError):
-    pass
+class LlamaCppError(CoSteerError, RuntimeError):
+    """llama.cpp could not load or run a model."""
 
 
 class LlamaCppModel:

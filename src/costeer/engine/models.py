@@ -23,14 +23,16 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from costeer.engine.loop import LLMSide, LocalModelSource, NextTokenSource, SteeringSource
 from costeer.engine.paths import cache_root
 from costeer.engine.prefix_cache import Codec, PrefixPlan
-from costeer.engine.vocab import special_ids
+from costeer.engine.vocab import VocabMap, special_ids
+from costeer.errors import CoSteerError
 
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(CoSteerError, ValueError):
     """A model spec that cannot be resolved or loaded (bad path, missing package, …)."""
 
 
@@ -163,11 +165,13 @@ BACKENDS = ("auto", "transformers", "llamacpp")
 
 
 @dataclass
-class LM:
+class LM(LLMSide):
     """A causal LM with its tokenizer, device and the ids that end a generation.
 
     `model` is a transformers model, or a `LlamaCppModel` when backend == "llamacpp"; either
     way the tokenizer is the HF one (for a GGUF, read from the same file: the same ids)."""
+
+    remote = False  # in this process: it may read the private context (the llm_context baseline)
 
     name: str
     model: object
@@ -203,9 +207,11 @@ class LM:
             return LlamaSequencePool(self.model, n_cells, n_seq_max, chunk)
         return DecodePool(self)
 
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
+    def connect(self, prompt_ids: list[int], vocab: VocabMap, max_new_tokens: int,
+                steering: SteeringSource | None = None,
+                prefix: PrefixPlan | None = None) -> tuple[NextTokenSource, SteeringSource | None]:  # fmt: skip
+        """LLMSide: a source over this model in this process; the steering source runs as it is."""
+        return LocalModelSource(self, prompt_ids, max_new_tokens, prefix), steering
 
     @property
     def window(self) -> int | None:

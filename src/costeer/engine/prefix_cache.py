@@ -40,6 +40,7 @@ from typing import Callable, Generic, Sequence, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from costeer.engine.paths import cache_root
+from costeer.errors import CoSteerError
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ KEY_FILE_ENV = "COSTEER_CACHE_KEY_FILE"
 MiB = 1 << 20
 
 
-class CacheKeyError(ValueError):
+class CacheKeyError(CoSteerError, ValueError):
     """A cache key that is not 32 bytes of urlsafe base64."""
 
 

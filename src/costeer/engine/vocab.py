@@ -15,10 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from costeer.errors import CoSteerError
+
 _BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 
-class IncompatibleVocabularies(ValueError):
+class IncompatibleVocabularies(CoSteerError, ValueError):
     """The two tokenizers share too little to steer one with the other."""
 
 

@@ -22,15 +22,18 @@ from typing import Any, Callable, Iterable, Sequence
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from costeer.engine.methods import METHODS, PAPER_METHODS
+
 from . import metrics as M
 from .tasks import TASKS, Example, personal_text
 
-PRIVACY_VIOLATING: tuple[str, ...] = ("llm_context",)
-METHOD_ORDER: tuple[str, ...] = ("slm", "slm_context", "llm", "costeer", "light", "llm_context")
+# From the method table (engine/methods.py): the methods whose LLM reads the private context, and the paper's order.
+PRIVACY_VIOLATING: tuple[str, ...] = tuple(s.name for s in METHODS if s.privacy_violating)
+METHOD_ORDER: tuple[str, ...] = PAPER_METHODS
 _METHOD_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
-class Generation(BaseModel):
+class GenerationRow(BaseModel):
     """One generated answer, as the engine writes it."""
 
     model_config = ConfigDict(extra="allow")
@@ -95,24 +98,24 @@ _PREFERENCE_HEADLINE = {"concise": "length_words", "verbose": "length_words", "u
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_generations(run_dir: str | Path) -> dict[str, list[Generation]]:
+def load_generations(run_dir: str | Path) -> dict[str, list[GenerationRow]]:
     """Every ``<method>.jsonl`` in the folder, keyed by method."""
     run = Path(run_dir)
     if not run.is_dir():
         raise FileNotFoundError(f"run folder not found: {run}")
-    out: dict[str, list[Generation]] = {}
+    out: dict[str, list[GenerationRow]] = {}
     for file in sorted(run.glob("*.jsonl")):
         method = file.stem
         if method.startswith(".") or not _METHOD_NAME.match(method):
             continue
-        rows: list[Generation] = []
+        rows: list[GenerationRow] = []
         seen: set[str] = set()
         for lineno, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
                 continue
             where = f"{file}:{lineno}"
             try:
-                row = Generation.model_validate(json.loads(line))
+                row = GenerationRow.model_validate(json.loads(line))
             except json.JSONDecodeError as err:
                 raise ValueError(f"{where}: malformed generation row: invalid JSON ({err.msg})") from None
             except ValidationError as err:
@@ -172,7 +175,7 @@ class _JudgeCache:
             self.path.write_text(json.dumps(self.data, indent=1, ensure_ascii=False))
 
 
-def _score_one(family: str, ex: Example, gen: Generation, method: str, judge: Any, reward: Any,
+def _score_one(family: str, ex: Example, gen: GenerationRow, method: str, judge: Any, reward: Any,
                cache: _JudgeCache | None) -> dict[str, Any]:
     text = gen.text
     row: dict[str, Any] = {

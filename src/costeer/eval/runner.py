@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from costeer.engine.config import Method, SamplingConfig, SteeringConfig
 
 from . import metrics as M
-from .report import Generation, compute_metrics, write_report
+from .report import GenerationRow, compute_metrics, write_report
 from .tasks import TASKS, Example, load_task, sample_path
 
 if TYPE_CHECKING:  # the API pulls in torch; keep importing this module cheap
@@ -34,8 +34,8 @@ if TYPE_CHECKING:  # the API pulls in torch; keep importing this module cheap
 RUN_FILE = "run.json"
 
 
-class GenerationRecord(Generation):
-    """One line of ``<method>.jsonl``: what :class:`report.Generation` reads, plus what replays it."""
+class GenerationRecord(GenerationRow):
+    """One line of ``<method>.jsonl``: what :class:`report.GenerationRow` reads, plus what replays it."""
 
     token_ids: list[int]
     stop_reason: str
@@ -167,7 +167,7 @@ def done_ids(path: Path) -> set[str]:
 
 def _parse_id(line: bytes, where: str) -> str:
     try:
-        return Generation.model_validate(json.loads(line.decode("utf-8"))).id
+        return GenerationRow.model_validate(json.loads(line.decode("utf-8"))).id
     except (UnicodeDecodeError, json.JSONDecodeError, ValidationError):
         raise ValueError(f"{where}: malformed generation row") from None
 

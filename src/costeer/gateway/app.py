@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from costeer.api import CoSteer
-from costeer.chat import Reply, needs_context, reply
+from costeer.chat import Reply, reply
 from costeer.cloud.sessions import KeyRing
 from costeer.device import CloudError
 from costeer.engine.config import Method
@@ -43,12 +43,12 @@ _CLOUD_REFUSALS = {4413: 400, 4422: 400, 4429: 429}
 
 def served_methods(cs: CoSteer, has_context: bool) -> list[str]:
     """The methods the loaded models can run; those that read the private context only when the
-    gateway has one; never `llm_context`, which would hand the context to the LLM."""
+    gateway has one; never a privacy-violating one (`llm_context`), which would hand the context to the LLM."""
     out = []
     for m in Method:
-        if m is Method.llm_context or (m.uses_llm and cs.llm is None) or (m.uses_slm and cs.slm is None):
+        if m.privacy_violating or (m.uses_llm and cs.llm is None) or (m.uses_slm and cs.slm is None):
             continue
-        if needs_context(m) and not has_context:
+        if m.needs_context and not has_context:
             continue
         out.append(m.value)
     return out
@@ -87,7 +87,7 @@ class Gateway:
         messages = [m.model_dump() for m in req.messages]
 
         def run() -> Reply:
-            context = self._private(self.context) if needs_context(method) else None
+            context = self._private(self.context) if method.needs_context else None
             reference = self._private(self.reference) if method.matched and self.reference else None
             r = reply(self.cs, messages, method, context, reference, req.stop, **overrides)
             if r.prompt_tokens > self.settings.max_prompt_tokens:

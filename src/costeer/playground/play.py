@@ -21,8 +21,8 @@ from typing import Iterator
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from costeer.api import CoSteer, GenerationStream
-from costeer.engine.config import METHOD_HELP, GenerationConfig, Method, SamplingConfig, SteeringConfig
-from costeer.engine.llamacpp import LlamaCppError
+from costeer.engine.config import GenerationConfig, Method, SamplingConfig, SteeringConfig
+from costeer.errors import CoSteerError
 
 # Bounds on what a page may ask for (the request comes over HTTP: untrusted).
 MAX_QUERY_CHARS = 2_000
@@ -34,7 +34,7 @@ EXTRA_METHODS = (Method.light, Method.slm_context, Method.slm)
 LOCK_WAIT_S = 30.0  # a new answer waits this long for the previous one to finish its last token
 # What a user can cause (ValueError covers CloudError, ModelLoadError, IncompatibleVocabularies);
 # anything else is a bug: logged with its traceback, and named on the page.
-USER_ERRORS = (ValueError, FileNotFoundError, LlamaCppError)
+USER_ERRORS = (CoSteerError, ValueError, FileNotFoundError)
 
 log = logging.getLogger("costeer.playground")
 
@@ -192,7 +192,7 @@ class Play:
             yield "error", {"message": _one_line(e)}
             yield "end", {"stopped": False}
             return
-        wire = getattr(cs.llm, "wire", None) if getattr(cs.llm, "remote", False) else None
+        wire = getattr(cs.llm, "wire", None) if cs.llm.remote else None
         yield "start", self._start_payload(cs, columns, wire)
         tap = WireTap(wire) if wire is not None else None
         try:
@@ -235,7 +235,7 @@ class Play:
         st = self.req.steering()
         return {
             "run_id": self.run_id,
-            "streams": [{"method": c.method.value, "help": METHOD_HELP[c.method], "steered": c.method.steered,
+            "streams": [{"method": c.method.value, "help": c.method.spec.help, "steered": c.method.steered,
                          "coefficient": st.coefficient(c.method) if c.method.steered else None} for c in columns],
             "remote": wire is not None,
             "cloud": getattr(cs.llm, "ws_url", None),

@@ -25,7 +25,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, ConfigDict, Field
 
-from costeer.engine.config import METHOD_HELP, STEERING_STAGES, Method
+from costeer.engine.config import Method
+from costeer.engine.methods import METHODS
 from costeer.playground.models import Models
 from costeer.playground.play import EXTRA_METHODS, Play, PlayRequest, Sliders, new_run_id
 
@@ -87,8 +88,8 @@ def playground_router(models: Models, prefix: str = "/playground") -> APIRouter:
         return {
             "models": settings.offered(),
             "cloud": settings.cloud,
-            "methods": [{"value": m.value, "help": METHOD_HELP[m]} for m in STEERING_STAGES],
-            "extra": [{"value": m.value, "help": METHOD_HELP[m]} for m in EXTRA_METHODS],
+            "methods": [{"value": s.name, "help": s.help} for s in METHODS if s.steered],
+            "extra": [{"value": m.value, "help": m.spec.help} for m in EXTRA_METHODS],
             "fields": _field_bounds(),
             "example": example_persona(),
             # conversations are not in the API yet: the page offers one question at a time
