@@ -710,18 +710,22 @@ def gateway(
     max_tokens_limit: int = typer.Option(2048, min=1, help="The most max_tokens a request may ask for."),
     max_prompt_tokens: int = typer.Option(8192, min=1, help="The longest conversation accepted, in tokens."),
     max_waiting: int = typer.Option(8, min=0, help="Requests queued behind the running one; more get HTTP 429."),
+    playground: bool = typer.Option(True, help="Also serve the browser playground at /playground on the same "
+                                    "server (loopback binds only: the page has no key)."),
     log_level: str = typer.Option("info"),
     models: Models = Models(),
     decoding: GatewayDecoding = GatewayDecoding(),
 ) -> None:
     """Serve the OpenAI chat API on this device (POST /v1/chat/completions, GET /v1/models): the
-    model name picks the method, the private context comes from --context-file only."""
+    model name picks the method, the private context comes from --context-file only. The browser
+    playground is served beside it at /playground (docs/playground.md)."""
 
     def run():
         import logging
 
         from costeer.cloud import read_api_keys
-        from costeer.gateway import GatewaySettings, check_bind, serve as run_gateway
+        from costeer.gateway import GatewaySettings, check_bind, create_app, serve
+        from costeer.gateway.config import is_loopback
 
         keys = read_api_keys(os.environ.get("COSTEER_GATEWAY_KEYS"), api_keys_file)
         settings = GatewaySettings(context_file=context_file, reference_file=reference_file, api_keys=keys,
@@ -730,9 +734,22 @@ def gateway(
         check_bind(host, settings)  # before loading the models
         cs = _load_models(models, decoding.config(), list(Method))  # a request's model name picks any method
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        run_gateway(cs, settings, host=host, port=port, log_level=log_level)
+        page = playground and is_loopback(host)
+        if playground and not page:
+            typer.echo(f"warning: the playground is not served on {host} (not loopback: the page has no key)", err=True)
+        app_ = create_app(cs, settings, routers=[_served_playground(cs, models)] if page else [])
+        serve(app_, host, port, log_level, lambda url: typer.echo(
+            f"costeer gateway: {url}/v1" + (f", playground {url}/playground/" if page else ""), err=True))
 
     _run_guarded(run)
+
+
+def _served_playground(cs, models: Models):
+    """The playground's router over the gateway's own pair (its pickers offer that pair only)."""
+    from costeer.playground import Models as PlaygroundModels, PlaygroundSettings, playground_router
+
+    settings = PlaygroundSettings(llm=models.llm, slm=models.slm, cloud=models.cloud)
+    return playground_router(PlaygroundModels.serving(cs, settings))
 
 
 @app.command()
@@ -748,15 +765,13 @@ def playground(
     log_level: str = typer.Option("warning"),
     models: LocalModels = LocalModels(),
 ) -> None:
-    """A local web page: the LLM alone and steered side by side, a steering heat-map, the wire (docs/playground.md)."""
+    """A local web page: the LLM alone and steered side by side, a steering heat-map, the wire, chat
+    mode (docs/playground.md). The same server as `costeer gateway`, with the page at / and no /v1 API."""
 
     def run():
-        import socket
-
-        import uvicorn
-
         from costeer.engine.models import PRESETS
-        from costeer.playground import PlaygroundSettings, create_app
+        from costeer.gateway import create_app, serve
+        from costeer.playground import Models as PlaygroundModels, PlaygroundSettings, playground_router
 
         if wire_dir is not None and cloud is None:
             raise ValueError("--wire-dir keeps the exchange with the cloud: give --cloud too")
@@ -764,11 +779,9 @@ def playground(
                                       cloud_k=cloud_k, device=models.device, backend=models.backend,
                                       wire_dir=wire_dir)  # fmt: skip
         _quiet_libraries()
-        sock = socket.create_server((host, port))  # bound here, so that port 0 can name its port
-        bound = sock.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level=log_level))
-        typer.echo(f"costeer playground: http://{host}:{bound}/playground/ (Ctrl-C stops it)", err=True)
-        server.run(sockets=[sock])
+        app_ = create_app(None, routers=[playground_router(PlaygroundModels(settings), prefix="")])
+        serve(app_, host, port, log_level,
+              lambda url: typer.echo(f"costeer playground: {url}/ (Ctrl-C stops it)", err=True))
 
     _run_guarded(run)
 

@@ -1,4 +1,5 @@
-"""The playground on tiny models: a loader that knows two specs, SSE parsing, a live server."""
+"""The playground on tiny models: a loader that knows two specs, SSE parsing, a live server (the
+gateway's app with the playground's router: the one server both commands run)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 import uvicorn
 
 from costeer.engine.models import LM
-from costeer.playground import Models, PlaygroundSettings, create_app
+from costeer.gateway import create_app
+from costeer.playground import Models, PlaygroundSettings, playground_router
 from tests.cloud.conftest import _own_cache, server, tiny_llm, tiny_slm  # noqa: F401 (fixtures)
 
 QUERY = "what should I cook tonight"
@@ -83,6 +85,11 @@ def make_models(lms, **settings) -> Models:
     return Models(s, load_lm=lms.__getitem__)
 
 
+def playground_app(models: Models, prefix: str = ""):
+    """What `costeer playground` serves: the gateway's app, no /v1 API, the page at `prefix` (/)."""
+    return create_app(None, routers=[playground_router(models, prefix=prefix)])
+
+
 class LiveServer:
     """A FastAPI app served by uvicorn on a free port, in a daemon thread."""
 
@@ -109,7 +116,7 @@ def live(lms):
     started = []
 
     def start(**settings) -> LiveServer:
-        srv = LiveServer(create_app(None, make_models(lms, **settings)))
+        srv = LiveServer(playground_app(make_models(lms, **settings)))
         started.append(srv)
         return srv
 

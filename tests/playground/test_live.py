@@ -17,7 +17,7 @@ def stream_until(url: str, body: dict, on_event) -> list[tuple[str, dict]]:
     """POST the answer, call on_event(kind, data) as events arrive; -> all events."""
     events = []
     with httpx.Client(base_url=url, timeout=60, trust_env=False) as http:
-        with http.stream("POST", "/playground/api/generate", json=body) as r:
+        with http.stream("POST", "/api/generate", json=body) as r:
             assert r.status_code == 200
             pending = []
             for line in r.iter_lines():
@@ -36,7 +36,7 @@ def stop_after_first_token(stream: str):
             on_event.run_id = data["run_id"]
         if kind == "token" and data["stream"] == stream and not on_event.sent:
             on_event.sent = True
-            assert http.post("/playground/api/stop", json={"run_id": on_event.run_id}).json()["stopping"]
+            assert http.post("/api/stop", json={"run_id": on_event.run_id}).json()["stopping"]
 
     on_event.sent = False
     return on_event
@@ -54,13 +54,13 @@ def test_stop_ends_the_answer_mid_stream(live):
 def test_the_page_going_away_stops_the_answer(live, lms):
     srv = live()
     with httpx.Client(base_url=srv.url, timeout=60, trust_env=False) as http:
-        with http.stream("POST", "/playground/api/generate", json=request_body(llm="slow-llm", max_new_tokens=MAX_NEW)) as r:
+        with http.stream("POST", "/api/generate", json=request_body(llm="slow-llm", max_new_tokens=MAX_NEW)) as r:
             for line in r.iter_lines():
                 if line.startswith("event: token"):
                     break  # drop the connection mid-answer
         # the next answer waits for the models, i.e. for the first answer to end
         before = lms["slow-llm"].advances
-        events = sse_events(http.post("/playground/api/generate", json=request_body(max_new_tokens=4)).text.splitlines())
+        events = sse_events(http.post("/api/generate", json=request_body(max_new_tokens=4)).text.splitlines())
         assert events[-1] == ("end", {"stopped": False})
         assert lms["slow-llm"].advances - before < 20  # not the 2 x 199 forwards of a full answer
 
@@ -85,7 +85,7 @@ def test_remote_cloud_wire_panel_shows_the_bytes_and_the_token_ids(live, slow_cl
         assert w["remote"] and w["bytes_up"] > 0 and w["bytes_down"] > w["bytes_up"]
         assert w["token_ids"] == ids[: len(w["token_ids"])] and len(w["token_ids"]) >= len(ids) - 1
         assert w["prompt_ids"] == [w["llm_prompt_ids"]]  # one OPEN, with the public query's prompt
-        assert w["audit"] == {"clean": True, "leaks": [], "prompt_is_query": True}
+        assert w["audit"] == {"clean": True, "leaks": [], "prompt_is_public": True}
         assert w["session_closed"]
     assert not slow_cloud.registry.sessions
 
