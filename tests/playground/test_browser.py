@@ -15,7 +15,8 @@ import pytest
 
 from costeer.engine.models import PRESETS
 from costeer.playground import Models, PlaygroundSettings
-from tests.playground.conftest import LiveServer, playground_app
+from tests.playground.conftest import playground_app
+from tests.servers import UvicornThread
 
 pytestmark = pytest.mark.real
 
@@ -47,7 +48,7 @@ def page_url():
         # one llama.cpp thread: on a shared, oversubscribed CI machine two threads meeting at
         # every barrier of every forward measured 10 s a token instead of 0.2 s
         mp.setenv("COSTEER_THREADS", "1")
-        srv = LiveServer(playground_app(Models(PlaygroundSettings(llm=pair, slm=pair, models=tuple(PRESETS)))))
+        srv = UvicornThread(playground_app(Models(PlaygroundSettings(llm=pair, slm=pair, models=tuple(PRESETS)))))
         yield f"{srv.url}/"
         srv.stop()
 
