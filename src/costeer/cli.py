@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from costeer import frames
 from costeer.device.options import HELP as CLOUD_K_HELP
+from costeer.device.options import LOOKAHEAD_HELP
 from costeer.device.transport import Retry
 from costeer.engine.config import GenerationConfig, Method, SamplingConfig, SteeringConfig, VariantConfig
 from costeer.engine.methods import METHODS, PAPER_METHODS
@@ -59,10 +60,10 @@ def _load(llm: Optional[str], slm: Optional[str], config: GenerationConfig, devi
 
 def _load_cloud(url: str, slm: Optional[str], config: GenerationConfig, device: str, backend: str, frames_,
                 tail: str, wire_log: Optional[Path], query: str, api: str = "costeer", llm_spec: Optional[str] = None,
-                link: Optional[dict] = None):  # fmt: skip
+                link: Optional[dict] = None, lookahead=None):  # fmt: skip
     """The LLM is the cloud at `url` (our service, or a serving engine whose model `llm_spec`
     names for its tokenizer); the SLM loads here, on the device. frames_: a device.CloudFrames;
-    link: how to reach it (Models.link)."""
+    link: how to reach it (Models.link); lookahead: a device.Lookahead (engines: positions per request)."""
     from costeer.api import CoSteer
     from costeer.device import connect_cloud, connect_engine
     from costeer.engine.models import load_lm
@@ -72,7 +73,8 @@ def _load_cloud(url: str, slm: Optional[str], config: GenerationConfig, device: 
     if api == "costeer":
         llm = connect_cloud(url, k=frames_, tail=tail, wire_log=wire_log, **link)
     else:
-        llm = connect_engine(url, llm_spec or DEFAULT_LLM, api=api, k=frames_, tail=tail, wire_log=wire_log, **link)
+        llm = connect_engine(url, llm_spec or DEFAULT_LLM, api=api, k=frames_, tail=tail, wire_log=wire_log,
+                             lookahead=lookahead, **link)  # fmt: skip
     if llm.wire is not None:
         llm.wire.meta(query=query)  # the audit's default public query
     return CoSteer(llm, load_lm(slm, device, backend) if slm else None, config)
@@ -173,10 +175,21 @@ class Models(LocalModels):
     cloud_resume_s: Annotated[float, typer.Option(
         "--cloud-resume-s", min=0.0, help="With --cloud: how long to keep trying to resume after the connection is "
         "lost (a cloud restart), in seconds.")] = Retry().budget_s  # fmt: skip
+    lookahead: Annotated[str, typer.Option(help=f"With --cloud: {LOOKAHEAD_HELP}")] = "auto"
 
     def frames(self):
         """--cloud-k parsed once (device.CloudFrames), else the default of the cloud kind."""
         return _cloud_frames(self.cloud_k, self.cloud_api)
+
+    def lookahead_option(self):
+        """--lookahead parsed once (device.Lookahead), checked against the cloud kind."""
+        from costeer.device import Lookahead
+
+        la = Lookahead.parse(self.lookahead)
+        if self.cloud_api == "costeer" and la.depth not in (None, 1):
+            raise ValueError("--lookahead N needs --cloud-api llamacpp|openai for now: costeer serve answers one "
+                             "position per round trip (auto and off are accepted)")  # fmt: skip
+        return la
 
     def link(self) -> dict:
         """--ca-file, --insecure and --cloud-resume-s as connect_cloud / connect_engine keywords."""
@@ -421,11 +434,11 @@ def _load_models(m: Models, cfg: GenerationConfig, methods, wire_log: Optional[P
     (its frames option checked before anything is loaded or sent)."""
     if m.cloud is None:
         return _load_for(methods, m.llm, m.slm, cfg, m.device, m.backend)
-    frames_ = m.frames()
+    frames_, lookahead = m.frames(), m.lookahead_option()
     _quiet_libraries()
     slm = m.slm if any(x.uses_slm for x in methods) else None
     return _load_cloud(m.cloud, slm, cfg, m.device, m.backend, frames_, m.cloud_tail, wire_log, query, m.cloud_api, m.llm,
-                       m.link())
+                       m.link(), lookahead)
 
 
 def _interruptible(out: Path, fn):

@@ -88,6 +88,8 @@ def test_audit_wire_exits_1_on_a_leak(folders, cloud, context_file, tmp_path):
         (["--cloud", "CLOUD", "--cloud-k", "lots"], KEY_A, "k must be"),
         (["--cloud", "CLOUD", "--cloud-k", "packed:0"], KEY_A, "k must be"),
         (["--cloud", "CLOUD", "--cloud-k", "packed", "--cloud-api", "llamacpp"], KEY_A, "needs --cloud-api costeer"),
+        (["--cloud", "CLOUD", "--lookahead", "many"], KEY_A, "lookahead must be"),
+        (["--cloud", "CLOUD", "--lookahead", "4"], KEY_A, "needs --cloud-api llamacpp|openai"),
         (["--cloud", "CLOUD", "--method", "llm_context"], KEY_A, "would send the private context"),
         (["--cloud", "CLOUD", "--max-new-tokens", "3000"], KEY_A, "exceeds the limit"),  # the cloud's 2,048
     ],

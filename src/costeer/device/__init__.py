@@ -9,7 +9,7 @@ the directions)."""
 
 from costeer.device.client import CloudLLM, CloudSource, connect_cloud
 from costeer.device.engines import EngineLLM, connect_engine
-from costeer.device.options import DEFAULT_FRAMES, DEFAULT_K, CloudFrames
+from costeer.device.options import DEFAULT_FRAMES, DEFAULT_K, CloudFrames, Lookahead
 from costeer.device.transport import CloudError, Retry
 from costeer.device.wire import AuditReport, WireLog, audit_wire
 
@@ -22,6 +22,7 @@ __all__ = [
     "CloudLLM",
     "CloudSource",
     "EngineLLM",
+    "Lookahead",
     "Retry",
     "WireLog",
     "audit_wire",

@@ -87,3 +87,47 @@ def check_tail(tail: str) -> str:
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
     return tail
+
+
+MAX_LOOKAHEAD = 32  # positions one round may carry: the device bounds what it asks for
+LOOKAHEAD_HELP = ("How many positions one round trip may carry: 'auto' (from the measured round trip, the cloud's "
+                  "cost per position and how often the device stayed on the look-ahead), 'off' (one token per "
+                  f"round trip), or N <= {MAX_LOOKAHEAD} (at most N). Outputs are the same whatever it is.")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Lookahead:
+    """`--lookahead auto|off|N`: depth None is auto; 1 is off (one position per round trip); N a
+    fixed bound on the positions of one round."""
+
+    depth: int | None = None
+
+    def __post_init__(self) -> None:
+        d = self.depth
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= MAX_LOOKAHEAD):
+            raise ValueError(f"lookahead must be 'auto', 'off' or a number from 1 to {MAX_LOOKAHEAD}, got {d!r}")
+
+    @classmethod
+    def parse(cls, value: Lookahead | int | str | None) -> Lookahead:
+        """'auto' / None, 'off' / 0, or N -> Lookahead (itself when given one)."""
+        if isinstance(value, Lookahead):
+            return value
+        if value is None:
+            return cls()
+        if isinstance(value, int) and not isinstance(value, bool):
+            return cls(max(1, value))
+        text = str(value).strip().lower()
+        if text == "auto":
+            return cls()
+        if text in ("off", "0"):
+            return cls(1)
+        if text.isdigit():
+            return cls(int(text))
+        raise ValueError(f"lookahead must be 'auto', 'off' or a number from 1 to {MAX_LOOKAHEAD}, got {value!r}")
+
+    @property
+    def auto(self) -> bool:
+        return self.depth is None
+
+    def __str__(self) -> str:
+        return "auto" if self.auto else "off" if self.depth == 1 else str(self.depth)
