@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
@@ -14,8 +13,8 @@ from typer.testing import CliRunner
 from costeer.api import CoSteer
 from costeer.cli import app
 from costeer.engine.models import load_lm
-from tests.cloud.server_util import free_port
 from tests.device.folders import tiny_folders
+from tests.servers import free_port, wait_http
 
 runner = CliRunner()
 QUERY, FOLLOW_UP = "what should I cook", "and for the dog"
@@ -125,15 +124,7 @@ def test_gateway_serves_the_openai_client(folders, pair, contexts):
                              "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)  # fmt: skip
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", trust_env=False, timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline, "the gateway did not start"
-                time.sleep(0.2)
+        wait_http(f"http://127.0.0.1:{port}/health", proc, 180, lambda: proc.stderr.read().decode())
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         got = client.chat.completions.create(model="costeer", messages=[{"role": "user", "content": QUERY}],
                                              max_tokens=6)  # fmt: skip

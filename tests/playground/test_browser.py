@@ -15,7 +15,8 @@ import pytest
 
 from costeer.engine.models import PRESETS
 from costeer.playground import Models, PlaygroundSettings
-from tests.playground.conftest import LiveServer, playground_app
+from tests.playground.conftest import playground_app
+from tests.servers import UvicornThread
 
 pytestmark = pytest.mark.real
 
@@ -47,7 +48,7 @@ def page_url():
         # one llama.cpp thread: on a shared, oversubscribed CI machine two threads meeting at
         # every barrier of every forward measured 10 s a token instead of 0.2 s
         mp.setenv("COSTEER_THREADS", "1")
-        srv = LiveServer(playground_app(Models(PlaygroundSettings(llm=pair, slm=pair, models=tuple(PRESETS)))))
+        srv = UvicornThread(playground_app(Models(PlaygroundSettings(llm=pair, slm=pair, models=tuple(PRESETS)))))
         yield f"{srv.url}/"
         srv.stop()
 
@@ -160,3 +161,20 @@ def test_chat_mode_two_turns_the_second_carries_the_first(browser, page_url, tmp
     assert "public conversation's prompt" in browser.find_element(By.ID, "wire-body").text
     browser.execute_script("window.scrollTo(0, 0)")
     browser.save_screenshot(str(tmp_path / "playground-chat.png"))
+
+
+def test_a_conversation_at_its_turn_limit_asks_for_a_new_one(browser, page_url):
+    from selenium.webdriver.common.by import By
+
+    browser.get(page_url)
+    _wait(browser, lambda d: d.find_element(By.ID, "profile").get_property("value"), 30)
+    browser.find_element(By.ID, "chat").click()
+    limit = browser.execute_script("return state.options.chat.max_turns")
+    browser.execute_script("state.turns = Array.from({length: 2 * arguments[0]}, (_, i) => "
+                           "({role: i % 2 ? 'assistant' : 'user', content: 'x'}))", limit)  # fmt: skip
+    browser.find_element(By.ID, "go").click()
+    _wait(browser, lambda d: d.find_element(By.ID, "errors").text, 10)
+    assert "start a new conversation" in browser.find_element(By.ID, "errors").text
+    assert not browser.find_elements(By.CLASS_NAME, "turn")  # nothing was asked
+    browser.find_element(By.ID, "new-chat").click()
+    assert "0 earlier turns kept" in browser.find_element(By.ID, "turns").text

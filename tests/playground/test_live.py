@@ -109,3 +109,37 @@ def test_an_unreachable_cloud_is_an_error_on_the_page(live):
     errors = [d["message"] for k, d in events if k == "error"]
     assert len(errors) == 1 and "cannot reach the cloud" in errors[0]
     assert events[-1][0] == "end"
+
+
+def test_chat_mode_over_the_cloud_sends_the_public_conversation_only(live, slow_cloud):
+    srv = live(cloud=slow_cloud.url, api_key=KEY_A)
+    first = stream_until(srv.url, request_body(llm=slow_cloud.url, max_new_tokens=4), lambda *a: None)
+    said = next(d["text"] for k, d in first if k == "done" and d["stream"] == "costeer")
+    turns = [{"role": "user", "content": request_body()["query"]}, {"role": "assistant", "content": said}]
+    second = stream_until(srv.url, request_body(llm=slow_cloud.url, query="and for dessert", turns=turns,
+                                                max_new_tokens=4), lambda *a: None)  # fmt: skip
+    wire = {d["stream"]: d for k, d in second if k == "wire"}
+    first_prompt = next(d for k, d in first if k == "wire")["llm_prompt_ids"]
+    for w in wire.values():
+        # one OPEN: exactly the public conversation's prompt, which holds the first turn, and no context
+        assert w["prompt_ids"] == [w["llm_prompt_ids"]] and len(w["llm_prompt_ids"]) > len(first_prompt)
+        assert w["audit"] == {"clean": True, "leaks": [], "prompt_is_public": True}
+
+
+def test_a_remote_llm_without_a_wire_log_says_so(slow_cloud, tiny_slm):
+    from costeer import CoSteer
+    from costeer.device import connect_cloud
+    from costeer.playground import Models, PlaygroundSettings
+    from tests.playground.conftest import playground_app
+    from tests.servers import UvicornThread
+
+    cs = CoSteer(connect_cloud(slow_cloud.url, KEY_A), tiny_slm)  # as `costeer gateway --cloud` holds it: no log
+    settings = PlaygroundSettings(llm="tiny-llm", slm="tiny-slm", cloud=slow_cloud.url)
+    srv = UvicornThread(playground_app(Models.serving(cs, settings)))
+    try:
+        events = stream_until(srv.url, request_body(llm=slow_cloud.url, max_new_tokens=4), lambda *a: None)
+    finally:
+        srv.stop()
+    assert next(d for k, d in events if k == "start")["remote"]
+    wire = [d for k, d in events if k == "wire"]
+    assert wire and all(w["remote"] and not w["logged"] and "bytes_up" not in w for w in wire)

@@ -134,6 +134,10 @@ async function generate(event) {
   if (state.controller) return;
   delete document.body.dataset.finished;
   $("errors").replaceChildren();
+  if (chatMode() && state.turns.length / 2 >= state.options.chat.max_turns) {
+    return showError(`the conversation holds ${state.options.chat.max_turns} turns, the most one question carries: ` +
+                     "start a new conversation");
+  }
   if (!chatMode()) newConversation();
   $("wire-body").replaceChildren();
   const body = request();
@@ -185,7 +189,7 @@ function keepTurn(body) {
     return;
   }
   state.turns = [...body.turns, { role: "user", content: body.query },
-                 { role: "assistant", content: steered.text.textContent }];
+                 { role: "assistant", content: steered.answer }];
   state.turn.dataset.kept = "1";
   $("query").value = "";
   showConversation();
@@ -272,6 +276,7 @@ const HANDLERS = {
     col.el.classList.remove("running");
     col.foot.textContent = `${d.tokens} tokens · ${d.ms_per_token} ms/token · ${d.stop_reason === "stop" ? "finished" : "length limit"}`;
     col.el.dataset.done = "1";
+    col.answer = d.text;  // the answer as the API cut it (stop strings): what chat mode carries
   },
   wire: (d) => showWire(d),
   error: (d) => {
