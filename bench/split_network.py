@@ -68,16 +68,17 @@ def _pinned(core: int, args: list[str], **kw) -> subprocess.Popen:
 
 
 class CountingPool:
-    """The LM's sequence pool with a count of each forward kind it ran (prefill, step, ...)."""
+    """The LM's sequence pool with a count of each kind of forward it ran: prompt pieces (prefill),
+    one token per session (step), and look-ahead tree levels (grow)."""
 
-    NOT_FORWARDS = frozenset({"drop", "close"})
+    FORWARDS = frozenset({"prefill", "step", "grow"})
 
     def __init__(self, pool):
         self._pool, self.calls = pool, {}
 
     def __getattr__(self, name: str):
         attr = getattr(self._pool, name)
-        if not callable(attr) or name.startswith("_") or name in self.NOT_FORWARDS:
+        if name not in self.FORWARDS:
             return attr
 
         def counted(*a, **kw):
@@ -155,11 +156,12 @@ def split_run(cs, http, ex: dict, method: str, tokens: int) -> dict:
     after = http.get("/bench/forwards").json()
     ids = stream.generation.token_ids
     n = len(ids)
-    forwards = sum(v for k, v in after.items() if k != "prefill") - sum(v for k, v in before[3].items() if k != "prefill")
+    kinds = {k: after.get(k, 0) - before[3].get(k, 0) for k in after}  # forwards of each kind in this generation
     return {"tokens": n, "ttft_s": first - t0, "tok_s": (n - 1) / (end - first) if n > 1 else 0.0,
             "e2e_tok_s": n / (end - t0), "rounds": rounds_of(llm) - before[0],
             "bytes_down": llm.bytes_down - before[1], "bytes_up": llm.bytes_up - before[2],
-            "forwards": forwards, "token_ids": ids}  # fmt: skip
+            "forwards": sum(v for k, v in kinds.items() if k != "prefill"), "forward_kinds": kinds,
+            "token_ids": ids}  # fmt: skip
 
 
 def vanilla_run(client, url: str, ex: dict, tokens: int) -> dict:

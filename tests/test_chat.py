@@ -1,11 +1,14 @@
 """Chat over CoSteer on tiny random models: the turns each branch reads, stop strings, history."""
 
+from types import SimpleNamespace
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from costeer import CoSteer
-from costeer.chat import Chat, StopText, reply
+from costeer.api import Chunk
+from costeer.chat import Chat, Reply, StopText, reply
 from costeer.engine.prompts import chat_ids, conversation, user_message, with_context
 from tests.tiny import bpe_tokenizer, gemma3, llama, make_lm, sp_tokenizer
 
@@ -130,3 +133,33 @@ def test_two_turns_on_the_real_gemma_smollm2_pair(gemma, smollm2):
         chat.keep(answer)
     assert [m["role"] for m in chat.history] == ["user", "assistant", "user", "assistant"]
     assert gemma.tokenizer.decode(prompts["llm"]).count("Assistant:") == 2
+
+
+class _Stream:
+    """A stand-in GenerationStream: fixed text pieces, one chunk each; records its close."""
+
+    def __init__(self, pieces):
+        self.chunks = [Chunk(step=None, text=p) for p in pieces]
+        self.generation = SimpleNamespace(stop_reason="length", token_ids=[])
+        self.closed = False
+
+    def __iter__(self):
+        try:
+            yield from self.chunks
+        finally:
+            self.closed = True
+
+
+@pytest.mark.parametrize("pieces, want, text, finish", [
+    # a tail that may begin the stop string is held back, then let out at the end without a chunk
+    (["ab", "cd"], [(0, ""), (1, "ab"), (None, "cd")], "abcd", "length"),
+    # the stop string is cut, and the token that completed it lets out nothing
+    (["ab", "xy", "z!"], [(0, ""), (1, "ab"), (2, "")], "ab", "stop"),
+])  # fmt: skip
+def test_reply_tokens_pair_each_chunk_with_the_text_it_lets_out(pieces, want, text, finish):
+    stream = _Stream(pieces)
+    r = Reply(stream, ("xyz",), prompt_tokens=0)
+    got = [(None if c is None else stream.chunks.index(c), piece) for c, piece in r.tokens()]
+    assert got == want and r.text == text and r.finish_reason == finish and stream.closed
+    again = Reply(_Stream(pieces), ("xyz",), prompt_tokens=0)
+    assert "".join(again) == text  # iterating the reply gives the same text

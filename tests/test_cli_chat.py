@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
@@ -14,8 +13,8 @@ from typer.testing import CliRunner
 from costeer.api import CoSteer
 from costeer.cli import app
 from costeer.engine.models import load_lm
-from tests.cloud.server_util import free_port
 from tests.device.folders import tiny_folders
+from tests.servers import free_port, wait_http
 
 runner = CliRunner()
 QUERY, FOLLOW_UP = "what should I cook", "and for the dog"
@@ -125,19 +124,43 @@ def test_gateway_serves_the_openai_client(folders, pair, contexts):
                              "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)  # fmt: skip
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", trust_env=False, timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline, "the gateway did not start"
-                time.sleep(0.2)
+        wait_http(f"http://127.0.0.1:{port}/health", proc, 180, lambda: proc.stderr.read().decode())
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         got = client.chat.completions.create(model="costeer", messages=[{"role": "user", "content": QUERY}],
                                              max_tokens=6)  # fmt: skip
         assert got.choices[0].message.content == pair.generate(QUERY, CONTEXT, "costeer", max_new_tokens=6).text
+        # the same server serves the playground, over the same pair (its pickers offer that pair only)
+        page = f"http://127.0.0.1:{port}/playground/"
+        assert "costeer playground" in httpx.get(page, trust_env=False, timeout=30).text
+        opts = httpx.get(page + "api/options", trust_env=False, timeout=30).json()
+        assert opts["models"] == {"llm": [folders["llm"]], "slm": [folders["slm"]]}
+        body = {"query": QUERY, "profile": "I like spicy tofu", "llm": folders["llm"], "slm": folders["slm"],
+                "max_new_tokens": 6}  # fmt: skip
+        events = httpx.post(page + "api/generate", json=body, trust_env=False, timeout=120).text
+        done = [json.loads(line[5:]) for line in events.splitlines() if line.startswith("data:") and '"stop_reason"' in line]
+        want = pair.generate(QUERY, "Profile:\nI like spicy tofu", "costeer", max_new_tokens=6).text
+        assert [d["text"] for d in done if d["stream"] == "costeer"] == [want]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("args, env, mounted, warned", [
+    ([], {}, True, False),
+    (["--no-playground"], {}, False, False),
+    (["--host", "0.0.0.0"], {"COSTEER_GATEWAY_KEYS": "gateway-key-0123456789"}, False, True),  # the page has no key
+])  # fmt: skip
+def test_gateway_mounts_the_playground_on_its_own_server(folders, monkeypatch, args, env, mounted, warned):
+    import costeer.gateway
+
+    served = {}
+    monkeypatch.setattr(costeer.gateway, "serve", lambda app, host, port, log_level, announce: served.update(app=app))
+    r = runner.invoke(app, ["gateway", "--llm", folders["llm"], "--slm", folders["slm"], "--device", "cpu", *args],
+                      env=env)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    from fastapi.testclient import TestClient
+
+    client = TestClient(served["app"])
+    assert client.get("/v1/models").status_code in (200, 401)  # served (with a key configured: asked for)
+    assert client.get("/playground/").status_code == (200 if mounted else 404)
+    assert ("the playground is not served on 0.0.0.0" in r.stderr) == warned

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from costeer.api import CoSteer, GenerationStream
+from costeer.api import Chunk, CoSteer, GenerationStream
 from costeer.engine.config import Method
 from costeer.engine.prompts import PLAIN_STOP, Messages, chat_ids, conversation, first_user, user_message
 
@@ -59,6 +59,18 @@ class Reply:
     _done: bool = field(default=False, repr=False)
 
     def __iter__(self) -> Iterator[str]:
+        tokens = self.tokens()
+        try:
+            for _, piece in tokens:
+                if piece:
+                    yield piece
+        finally:
+            tokens.close()  # a cloud session ends as soon as the turn does
+
+    def tokens(self) -> Iterator[tuple[Chunk | None, str]]:
+        """Each streamed token with the text it lets out once stop strings are cut: a tail that may
+        begin one is held back and let out with a later token, or at the end as (None, tail). For a
+        caller that shows each token (the playground's heat-map); iterating the reply gives the text."""
         if self._done:
             raise RuntimeError("a reply streams once")
         self._done = True
@@ -67,19 +79,18 @@ class Reply:
         try:
             for chunk in chunks:
                 piece, hit = cut.push(chunk.text)
-                yield from self._emit(piece)
+                self.text += piece
+                yield chunk, piece
                 if hit:
                     self.finish_reason = "stop"
                     return
-            yield from self._emit(cut.flush())
+            tail = cut.flush()
+            if tail:
+                self.text += tail
+                yield None, tail
             self.finish_reason = self.stream.generation.stop_reason
         finally:
             chunks.close()  # a cloud session ends as soon as the turn does
-
-    def _emit(self, piece: str) -> Iterator[str]:
-        if piece:
-            self.text += piece
-            yield piece
 
     @property
     def completion_tokens(self) -> int:

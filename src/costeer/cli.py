@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from costeer import frames
 from costeer.device.options import HELP as CLOUD_K_HELP
-from costeer.device.options import LOOKAHEAD_HELP, Lookahead
+from costeer.device.options import LOOKAHEAD_HELP
 from costeer.device.transport import Retry
 from costeer.engine.config import GenerationConfig, Method, SamplingConfig, SteeringConfig, VariantConfig
 from costeer.engine.methods import METHODS, PAPER_METHODS
@@ -60,10 +60,10 @@ def _load(llm: Optional[str], slm: Optional[str], config: GenerationConfig, devi
 
 def _load_cloud(url: str, slm: Optional[str], config: GenerationConfig, device: str, backend: str, frames_,
                 tail: str, wire_log: Optional[Path], query: str, api: str = "costeer", llm_spec: Optional[str] = None,
-                link: Optional[dict] = None, lookahead: "Lookahead | str" = "auto"):  # fmt: skip
+                link: Optional[dict] = None, lookahead=None):  # fmt: skip
     """The LLM is the cloud at `url` (our service, or a serving engine whose model `llm_spec`
     names for its tokenizer); the SLM loads here, on the device. frames_: a device.CloudFrames;
-    link: how to reach it (Models.link); lookahead: our service's look-ahead (device.Lookahead)."""
+    link: how to reach it (Models.link); lookahead: a device.Lookahead (engines: positions per request)."""
     from costeer.api import CoSteer
     from costeer.device import connect_cloud, connect_engine
     from costeer.engine.models import load_lm
@@ -73,7 +73,8 @@ def _load_cloud(url: str, slm: Optional[str], config: GenerationConfig, device: 
     if api == "costeer":
         llm = connect_cloud(url, k=frames_, tail=tail, wire_log=wire_log, lookahead=lookahead, **link)
     else:
-        llm = connect_engine(url, llm_spec or DEFAULT_LLM, api=api, k=frames_, tail=tail, wire_log=wire_log, **link)
+        llm = connect_engine(url, llm_spec or DEFAULT_LLM, api=api, k=frames_, tail=tail, wire_log=wire_log,
+                             lookahead=lookahead, **link)  # fmt: skip
     if llm.wire is not None:
         llm.wire.meta(query=query)  # the audit's default public query
     return CoSteer(llm, load_lm(slm, device, backend) if slm else None, config)
@@ -174,11 +175,20 @@ class Models(LocalModels):
     cloud_resume_s: Annotated[float, typer.Option(
         "--cloud-resume-s", min=0.0, help="With --cloud: how long to keep trying to resume after the connection is "
         "lost (a cloud restart), in seconds.")] = Retry().budget_s  # fmt: skip
-    lookahead: Annotated[str, typer.Option(help=f"With --cloud (costeer serve): {LOOKAHEAD_HELP}")] = "auto"
+    lookahead: Annotated[str, typer.Option(help=f"With --cloud: {LOOKAHEAD_HELP}")] = "auto"
 
     def frames(self):
         """--cloud-k parsed once (device.CloudFrames), else the default of the cloud kind."""
         return _cloud_frames(self.cloud_k, self.cloud_api)
+
+    def lookahead_option(self):
+        """--lookahead parsed once (device.Lookahead), checked against the cloud kind."""
+        from costeer.device import Lookahead
+
+        la = Lookahead.parse(self.lookahead)
+        if self.cloud_api != "costeer" and la.tree:
+            raise ValueError("--lookahead tree:D:M needs --cloud-api costeer (a serving engine answers chains)")
+        return la
 
     def link(self) -> dict:
         """--ca-file, --insecure and --cloud-resume-s as connect_cloud / connect_engine keywords."""
@@ -423,8 +433,7 @@ def _load_models(m: Models, cfg: GenerationConfig, methods, wire_log: Optional[P
     (its frames option checked before anything is loaded or sent)."""
     if m.cloud is None:
         return _load_for(methods, m.llm, m.slm, cfg, m.device, m.backend)
-    frames_ = m.frames()
-    lookahead = Lookahead.parse(m.lookahead)  # checked before anything is loaded or sent
+    frames_, lookahead = m.frames(), m.lookahead_option()
     _quiet_libraries()
     slm = m.slm if any(x.uses_slm for x in methods) else None
     return _load_cloud(m.cloud, slm, cfg, m.device, m.backend, frames_, m.cloud_tail, wire_log, query, m.cloud_api, m.llm,
@@ -703,18 +712,22 @@ def gateway(
     max_tokens_limit: int = typer.Option(2048, min=1, help="The most max_tokens a request may ask for."),
     max_prompt_tokens: int = typer.Option(8192, min=1, help="The longest conversation accepted, in tokens."),
     max_waiting: int = typer.Option(8, min=0, help="Requests queued behind the running one; more get HTTP 429."),
+    playground: bool = typer.Option(True, help="Also serve the browser playground at /playground on the same "
+                                    "server (loopback binds only: the page has no key)."),
     log_level: str = typer.Option("info"),
     models: Models = Models(),
     decoding: GatewayDecoding = GatewayDecoding(),
 ) -> None:
     """Serve the OpenAI chat API on this device (POST /v1/chat/completions, GET /v1/models): the
-    model name picks the method, the private context comes from --context-file only."""
+    model name picks the method, the private context comes from --context-file only. The browser
+    playground is served beside it at /playground (docs/playground.md)."""
 
     def run():
         import logging
 
         from costeer.cloud import read_api_keys
-        from costeer.gateway import GatewaySettings, check_bind, serve as run_gateway
+        from costeer.gateway import GatewaySettings, check_bind, create_app, serve
+        from costeer.gateway.config import is_loopback
 
         keys = read_api_keys(os.environ.get("COSTEER_GATEWAY_KEYS"), api_keys_file)
         settings = GatewaySettings(context_file=context_file, reference_file=reference_file, api_keys=keys,
@@ -723,9 +736,22 @@ def gateway(
         check_bind(host, settings)  # before loading the models
         cs = _load_models(models, decoding.config(), list(Method))  # a request's model name picks any method
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        run_gateway(cs, settings, host=host, port=port, log_level=log_level)
+        page = playground and is_loopback(host)
+        if playground and not page:
+            typer.echo(f"warning: the playground is not served on {host} (not loopback: the page has no key)", err=True)
+        app_ = create_app(cs, settings, routers=[_served_playground(cs, models)] if page else [])
+        serve(app_, host, port, log_level, lambda url: typer.echo(
+            f"costeer gateway: {url}/v1" + (f", playground {url}/playground/" if page else ""), err=True))
 
     _run_guarded(run)
+
+
+def _served_playground(cs, models: Models):
+    """The playground's router over the gateway's own pair (its pickers offer that pair only)."""
+    from costeer.playground import Models as PlaygroundModels, PlaygroundSettings, playground_router
+
+    settings = PlaygroundSettings(llm=models.llm, slm=models.slm, cloud=models.cloud)
+    return playground_router(PlaygroundModels.serving(cs, settings))
 
 
 @app.command()
@@ -741,15 +767,13 @@ def playground(
     log_level: str = typer.Option("warning"),
     models: LocalModels = LocalModels(),
 ) -> None:
-    """A local web page: the LLM alone and steered side by side, a steering heat-map, the wire (docs/playground.md)."""
+    """A local web page: the LLM alone and steered side by side, a steering heat-map, the wire, chat
+    mode (docs/playground.md). The same server as `costeer gateway`, with the page at / and no /v1 API."""
 
     def run():
-        import socket
-
-        import uvicorn
-
         from costeer.engine.models import PRESETS
-        from costeer.playground import PlaygroundSettings, create_app
+        from costeer.gateway import create_app, serve
+        from costeer.playground import Models as PlaygroundModels, PlaygroundSettings, playground_router
 
         if wire_dir is not None and cloud is None:
             raise ValueError("--wire-dir keeps the exchange with the cloud: give --cloud too")
@@ -757,11 +781,9 @@ def playground(
                                       cloud_k=cloud_k, device=models.device, backend=models.backend,
                                       wire_dir=wire_dir)  # fmt: skip
         _quiet_libraries()
-        sock = socket.create_server((host, port))  # bound here, so that port 0 can name its port
-        bound = sock.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level=log_level))
-        typer.echo(f"costeer playground: http://{host}:{bound}/playground/ (Ctrl-C stops it)", err=True)
-        server.run(sockets=[sock])
+        app_ = create_app(None, routers=[playground_router(PlaygroundModels(settings), prefix="")])
+        serve(app_, host, port, log_level,
+              lambda url: typer.echo(f"costeer playground: {url}/ (Ctrl-C stops it)", err=True))
 
     _run_guarded(run)
 

@@ -23,6 +23,7 @@ from websockets.uri import parse_uri
 
 from costeer.cloud import ServerSettings, create_app
 from costeer.cloud.net import uvicorn_config
+from tests.servers import UvicornThread, free_port, wait_http  # noqa: F401 (free_port: for the tests that import it here)
 
 KEY_A, KEY_B = "key-alpha-0123456789", "key-bravo-9876543210"
 
@@ -34,27 +35,11 @@ def wait_until(cond, timeout: float = 5.0) -> None:
         time.sleep(0.02)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_in_thread(config: uvicorn.Config, port: int = 0) -> tuple[uvicorn.Server, threading.Thread, int]:
     """uvicorn serving `config` on 127.0.0.1:port (0: a free one) in a daemon thread, once it has
-    started -> (server, thread, port)."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("test server did not start")
-        time.sleep(0.02)
-    return server, thread, sock.getsockname()[1]
+    started -> (server, thread, port) (tests/servers.py)."""
+    srv = UvicornThread(config, port)
+    return srv.server, srv.thread, srv.port
 
 
 class ThreadServer:
@@ -107,18 +92,11 @@ class ProcessServer:
         return self
 
     def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"server exited: {self.log.read().decode(errors='replace')[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/v1/health", timeout=1, trust_env=False).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("server did not become ready")
+        def log() -> str:
+            self.log.seek(0)
+            return self.log.read().decode(errors="replace")
+
+        wait_http(f"http://127.0.0.1:{self.port}/v1/health", self.proc, timeout, log)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -93,10 +93,12 @@ def test_audit_wire_exits_1_on_a_leak(folders, cloud, context_file, tmp_path):
         (["--cloud", "CLOUD", "--cloud-k", "lots"], KEY_A, "k must be"),
         (["--cloud", "CLOUD", "--cloud-k", "packed:0"], KEY_A, "k must be"),
         (["--cloud", "CLOUD", "--cloud-k", "packed", "--cloud-api", "llamacpp"], KEY_A, "needs --cloud-api costeer"),
+        (["--cloud", "CLOUD", "--lookahead", "many"], KEY_A, "lookahead must be"),
+        (["--cloud", "CLOUD", "--lookahead", "tree:2:4", "--cloud-api", "llamacpp"], KEY_A, "needs --cloud-api costeer"),
         (["--cloud", "CLOUD", "--method", "llm_context"], KEY_A, "would send the private context"),
         (["--cloud", "CLOUD", "--max-new-tokens", "3000"], KEY_A, "exceeds the limit"),  # the cloud's 2,048
         (["--cloud", "CLOUD", "--lookahead", "sideways"], KEY_A, "lookahead must be"),
-        (["--cloud", "CLOUD", "--lookahead", "chain:40"], KEY_A, "exceeds the limit of 16"),  # the cloud's bound
+        (["--cloud", "CLOUD", "--lookahead", "chain:20"], KEY_A, "exceeds the limit of 16"),  # the cloud's bound
     ],
 )
 def test_cloud_errors_are_one_line(args, key, message, folders, cloud, context_file):

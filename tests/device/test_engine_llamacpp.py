@@ -33,7 +33,7 @@ def engine(smollm2_cpp, tmp_path_factory):
 
 
 def test_llm_through_llama_server_equals_in_process(engine, smollm2_cpp, smollm2):
-    llm = connect_engine(engine.url, "smollm2-135m-instruct", api="auto", k=64)
+    llm = connect_engine(engine.url, "smollm2-135m-instruct", api="auto", k=64, lookahead="off")
     assert llm.api == "llamacpp" and llm.vocab_size == smollm2_cpp.vocab_size
     got = CoSteer(llm, None).generate(QUERY, method="llm", max_new_tokens=N)
     want = CoSteer(smollm2_cpp, None).generate(QUERY, method="llm", max_new_tokens=N)
@@ -53,6 +53,34 @@ def test_costeer_through_llama_server_equals_in_process(engine, smollm2_cpp):
     got = CoSteer(llm, smollm2_cpp).generate(QUERY, CONTEXT, "costeer", max_new_tokens=N)
     want = CoSteer(smollm2_cpp, smollm2_cpp).generate(QUERY, CONTEXT, "costeer", max_new_tokens=N)
     assert got.token_ids == want.token_ids
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_k": 0, "seed": 5}], ids=["greedy", "seeded"])
+def test_chains_through_llama_server_give_the_per_token_tokens(engine, smollm2_cpp, sampling):
+    """One request of n_predict = d with n_probs per position (issue #14 item 4): the same tokens as
+    one request per token, in fewer requests."""
+    runs = {}
+    for lookahead in ("off", 4):
+        llm = connect_engine(engine.url, "smollm2-135m-instruct", api="llamacpp", k=256, lookahead=lookahead)
+        got = CoSteer(llm, smollm2_cpp).generate(QUERY, CONTEXT, "costeer", max_new_tokens=N, **sampling)
+        runs[lookahead] = (got.token_ids, llm.requests)
+    assert runs[4][0] == runs["off"][0]
+    assert runs["off"][1] == len(runs["off"][0]) and runs[4][1] < runs["off"][1]
+
+
+def test_chains_over_a_slow_link_keep_the_tokens(engine, smollm2_cpp):
+    """Through the delay relay (a 100 ms round trip): the in-process tokens, in fewer requests than
+    tokens, and the round trip that auto weighs is the link's. (Whether auto takes chains depends on
+    the engine's and the device's speed against the link: tests/device/test_engine_chain.py.)"""
+    from tests.device.relay import DelayRelay
+
+    want = CoSteer(smollm2_cpp, smollm2_cpp).generate(QUERY, CONTEXT, "costeer", max_new_tokens=N)
+    with DelayRelay(engine.port, 0.1) as relay:
+        llm = connect_engine(relay.url(), "smollm2-135m-instruct", api="llamacpp", k=256, lookahead=4)
+        assert llm.rtt_s >= 0.1
+        got = CoSteer(llm, smollm2_cpp).generate(QUERY, CONTEXT, "costeer", max_new_tokens=N)
+    assert got.token_ids == want.token_ids
+    assert llm.requests < len(got.token_ids)
 
 
 def test_engine_restart_mid_generation_loses_nothing(smollm2_cpp, tmp_path):
@@ -94,7 +122,7 @@ def test_cli_generate_through_llama_server(engine, smollm2_cpp, tmp_path):
     ctx.write_text(CONTEXT)
     r = CliRunner().invoke(app, ["generate", "--cloud", engine.url, "--cloud-api", "llamacpp", "--llm",
                                  "smollm2-135m-instruct", "-q", QUERY, "--context-file", str(ctx),
-                                 "--max-new-tokens", "16", "--json"])  # fmt: skip
+                                 "--max-new-tokens", "16", "--lookahead", "4", "--json"])  # fmt: skip
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout.strip().splitlines()[-1])
     want = CoSteer(smollm2_cpp, smollm2_cpp).generate(QUERY, CONTEXT, "costeer", max_new_tokens=16)

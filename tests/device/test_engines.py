@@ -37,6 +37,7 @@ def test_bad_answers_are_clear_errors(bad):
 @pytest.mark.parametrize("api", ["llamacpp", "openai"])
 def test_a_request_holds_the_public_ids_and_a_count_only(api):
     path, body = engine(api, k=4).request_body([5, 6, 7])
+    assert engine(api, k=4).request_body([5, 6, 7], 3)[1] == {**body, ("n_predict" if api == "llamacpp" else "max_tokens"): 3}
     assert body["prompt"] == [5, 6, 7]
     k_field = "n_probs" if api == "llamacpp" else "logprobs"
     assert body[k_field] == 4
@@ -76,7 +77,7 @@ class _Answers:
     def __init__(self, script):
         self.script = list(script)
 
-    def post_json(self, path, body):
+    def request_json(self, method, path, body=None, max_bytes=None):
         item = self.script.pop(0)
         if isinstance(item, CloudError):
             raise item

@@ -113,7 +113,9 @@ def test_lookahead_option_parsing():
     assert Lookahead.parse("chain:4").request(16, 64) == frames.Lookahead(frames.LOOKAHEAD_FIXED, 4, 5)
     assert Lookahead.parse("tree:3:9").request(16, 64) == frames.Lookahead(frames.LOOKAHEAD_FIXED, 3, 10)
     assert Lookahead.parse("auto").request(4, 10) == frames.Lookahead(frames.LOOKAHEAD_AUTO, 4, 10)  # clipped
-    assert Lookahead.parse(6).request(16, 64) == frames.Lookahead(frames.LOOKAHEAD_AUTO, 6, 7)
+    assert Lookahead.parse(6).request(16, 64) == frames.Lookahead(frames.LOOKAHEAD_FIXED, 5, 6)  # 6 positions a round
+    assert not Lookahead.parse("off").request(16, 64).on and Lookahead.parse("1") == Lookahead.parse("off")
+    assert str(Lookahead.parse("tree:3:9")) == "tree:3:9" and Lookahead.parse("chain:4") == Lookahead.parse(5)
     for bad in ("sideways", "chain:0", "tree:4:2", "-3", "chain:x"):
         with pytest.raises(ValueError, match="look-ahead|lookahead"):
             Lookahead.parse(bad)

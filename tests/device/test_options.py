@@ -4,7 +4,7 @@ shown back as the text that names it (run folders record that text)."""
 import pytest
 
 from costeer import frames
-from costeer.device.options import DEFAULT_K, PACKED_K, CloudFrames
+from costeer.device.options import DEFAULT_K, MAX_LOOKAHEAD, PACKED_K, CloudFrames, Lookahead
 
 
 @pytest.mark.parametrize(
@@ -45,3 +45,17 @@ def test_defaults_per_cloud_kind_and_what_engines_accept():
         CloudFrames.parse("packed").top_k_only()
     with pytest.raises(ValueError, match="top-k only"):
         CloudFrames.parse("full").top_k_only()
+
+
+@pytest.mark.parametrize("text, depth", [("auto", None), (" AUTO", None), (None, None), ("off", 1), ("0", 1), (0, 1),
+                                         ("1", 1), ("4", 4), (8, 8), (str(MAX_LOOKAHEAD), MAX_LOOKAHEAD)])  # fmt: skip
+def test_lookahead_texts_parse_to_one_value(text, depth):
+    la = Lookahead.parse(text)
+    assert la.depth == depth and la.auto == (depth is None)
+    assert Lookahead.parse(str(la)) == la and Lookahead.parse(la) is la
+
+
+@pytest.mark.parametrize("bad", ["many", "-1", "", "4.5", str(MAX_LOOKAHEAD + 1), MAX_LOOKAHEAD + 1, True])
+def test_bad_lookaheads_are_refused(bad):
+    with pytest.raises(ValueError, match="lookahead must be"):
+        Lookahead.parse(bad)

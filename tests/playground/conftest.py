@@ -1,19 +1,19 @@
-"""The playground on tiny models: a loader that knows two specs, SSE parsing, a live server."""
+"""The playground on tiny models: a loader that knows two specs, SSE parsing, a live server (the
+gateway's app with the playground's router: the one server both commands run)."""
 
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from dataclasses import fields
 
 import pytest
-import uvicorn
 
 from costeer.engine.models import LM
-from costeer.playground import Models, PlaygroundSettings, create_app
+from costeer.gateway import create_app
+from costeer.playground import Models, PlaygroundSettings, playground_router
 from tests.cloud.conftest import _own_cache, server, tiny_llm, tiny_slm  # noqa: F401 (fixtures)
+from tests.servers import UvicornThread
 
 QUERY = "what should I cook tonight"
 PROFILE = "my name is Sam, I live in Seattle and I like spicy tofu"
@@ -83,24 +83,9 @@ def make_models(lms, **settings) -> Models:
     return Models(s, load_lm=lms.__getitem__)
 
 
-class LiveServer:
-    """A FastAPI app served by uvicorn on a free port, in a daemon thread."""
-
-    def __init__(self, app):
-        sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("playground test server did not start")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+def playground_app(models: Models, prefix: str = ""):
+    """What `costeer playground` serves: the gateway's app, no /v1 API, the page at `prefix` (/)."""
+    return create_app(None, routers=[playground_router(models, prefix=prefix)])
 
 
 @pytest.fixture
@@ -108,8 +93,8 @@ def live(lms):
     """Start playground apps on tiny models; all stopped at the end of the test."""
     started = []
 
-    def start(**settings) -> LiveServer:
-        srv = LiveServer(create_app(None, make_models(lms, **settings)))
+    def start(**settings) -> UvicornThread:
+        srv = UvicornThread(playground_app(make_models(lms, **settings)))
         started.append(srv)
         return srv
 

@@ -1,6 +1,7 @@
 """End to end in headless Chromium (Debian's chromium + chromium-driver, driven by Selenium): the page
-on the bundled pair answers the example persona's query; the steered text differs from the LLM's and
-carries a coloured heat-map; a screenshot lands in the test's output folder."""
+on the bundled pair (served as `costeer playground` serves it: the gateway's app, the page at /) answers
+the example persona's query; the steered text differs from the LLM's and carries a coloured heat-map;
+in chat mode a second question carries the first turn; screenshots land in the test's output folder."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from costeer.engine.models import PRESETS
-from costeer.playground import PlaygroundSettings, create_app
-from tests.playground.conftest import LiveServer
+from costeer.playground import Models, PlaygroundSettings
+from tests.playground.conftest import playground_app
+from tests.servers import UvicornThread
 
 pytestmark = pytest.mark.real
 
@@ -46,8 +48,8 @@ def page_url():
         # one llama.cpp thread: on a shared, oversubscribed CI machine two threads meeting at
         # every barrier of every forward measured 10 s a token instead of 0.2 s
         mp.setenv("COSTEER_THREADS", "1")
-        srv = LiveServer(create_app(PlaygroundSettings(llm=pair, slm=pair, models=tuple(PRESETS))))
-        yield f"{srv.url}/playground/"
+        srv = UvicornThread(playground_app(Models(PlaygroundSettings(llm=pair, slm=pair, models=tuple(PRESETS)))))
+        yield f"{srv.url}/"
         srv.stop()
 
 
@@ -122,3 +124,57 @@ def test_a_refused_request_shows_its_error_on_the_page(browser, page_url):
     _wait(browser, lambda d: d.find_element(By.ID, "errors").text, 30)
     assert "context is empty" in browser.find_element(By.ID, "errors").text
     assert browser.find_element(By.ID, "go").is_enabled()  # the page stays usable
+
+
+def test_chat_mode_two_turns_the_second_carries_the_first(browser, page_url, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(page_url)
+    _wait(browser, lambda d: d.find_element(By.ID, "profile").get_property("value"), 30)
+    browser.find_element(By.ID, "chat").click()
+    _wait(browser, lambda d: d.find_element(By.ID, "coefficient").text.startswith("b = "), 30)
+    set_tokens = "arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input'))"
+    browser.execute_script(set_tokens, browser.find_element(By.ID, "s-max_new_tokens"), 24)  # two short turns
+    finished = lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-finished")  # noqa: E731
+
+    browser.find_element(By.ID, "go").click()
+    _wait(browser, finished, ANSWER_TIMEOUT_S)
+    first = browser.find_element(By.CSS_SELECTOR, '.turn[data-turn="1"]')
+    assert first.get_attribute("data-kept") == "1", browser.find_element(By.ID, "errors").text
+    said = first.find_element(By.CSS_SELECTOR, '.column[data-method="costeer"] .text').text
+    assert browser.find_element(By.ID, "query").get_property("value") == ""  # ready for the next question
+    assert "1 earlier turn kept" in browser.find_element(By.ID, "turns").text
+
+    browser.find_element(By.ID, "query").send_keys("And what should I drink with it?")
+    browser.find_element(By.ID, "go").click()
+    _wait(browser, finished, ANSWER_TIMEOUT_S)
+    assert browser.find_element(By.ID, "errors").text == ""
+    second = browser.find_element(By.CSS_SELECTOR, '.turn[data-turn="2"]')
+    assert second.get_attribute("data-kept") == "1"
+    # the server said what the request carried: turn 2, the first turn with the costeer answer
+    assert "Turn 2: every column read the 1 earlier turn with the costeer answers" in second.text
+    for m in ("llm", "costeer"):
+        assert second.find_element(By.CSS_SELECTOR, f'.column[data-method="{m}"]').get_attribute("data-done") == "1"
+    # both turns stay on the page; the first answer is unchanged by the second
+    assert first.find_element(By.CSS_SELECTOR, '.column[data-method="costeer"] .text').text == said
+    # the LLM's prompt grew by the first turn: its wire card counts the public conversation's token ids
+    assert "public conversation's prompt" in browser.find_element(By.ID, "wire-body").text
+    browser.execute_script("window.scrollTo(0, 0)")
+    browser.save_screenshot(str(tmp_path / "playground-chat.png"))
+
+
+def test_a_conversation_at_its_turn_limit_asks_for_a_new_one(browser, page_url):
+    from selenium.webdriver.common.by import By
+
+    browser.get(page_url)
+    _wait(browser, lambda d: d.find_element(By.ID, "profile").get_property("value"), 30)
+    browser.find_element(By.ID, "chat").click()
+    limit = browser.execute_script("return state.options.chat.max_turns")
+    browser.execute_script("state.turns = Array.from({length: 2 * arguments[0]}, (_, i) => "
+                           "({role: i % 2 ? 'assistant' : 'user', content: 'x'}))", limit)  # fmt: skip
+    browser.find_element(By.ID, "go").click()
+    _wait(browser, lambda d: d.find_element(By.ID, "errors").text, 10)
+    assert "start a new conversation" in browser.find_element(By.ID, "errors").text
+    assert not browser.find_elements(By.CLASS_NAME, "turn")  # nothing was asked
+    browser.find_element(By.ID, "new-chat").click()
+    assert "0 earlier turns kept" in browser.find_element(By.ID, "turns").text

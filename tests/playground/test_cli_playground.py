@@ -1,4 +1,5 @@
-"""`costeer playground`: one-line errors, and the page served on the port it names (no model loads at start)."""
+"""`costeer playground`: one-line errors, and the page served at / on the port it names (no model loads at start):
+the gateway's server, without its /v1 API."""
 
 from __future__ import annotations
 
@@ -26,13 +27,15 @@ def test_playground_serves_the_page_on_a_free_port():
         deadline, url = time.monotonic() + 60, None
         while url is None and time.monotonic() < deadline:
             line = proc.stderr.readline()
-            found = re.search(r"(http://127\.0\.0\.1:\d+/playground/)", line)
+            found = re.search(r"(http://127\.0\.0\.1:\d+/) ", line)
             url = found.group(1) if found else None
         assert url, "the command did not print its URL"
         page = httpx.get(url, timeout=30, trust_env=False)
         assert page.status_code == 200 and "costeer playground" in page.text
         opts = httpx.get(url + "api/options", timeout=30, trust_env=False).json()
         assert opts["models"]["llm"][0] == "smollm2-135m-instruct" and "gemma3-270m" in opts["models"]["slm"]
+        assert httpx.get(url + "health", timeout=30, trust_env=False).json() == {"status": "ok"}  # the gateway's app
+        assert httpx.get(url + "v1/models", timeout=30, trust_env=False).status_code == 404  # with no model pair
     finally:
         proc.terminate()
         proc.wait(timeout=30)

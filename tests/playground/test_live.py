@@ -17,7 +17,7 @@ def stream_until(url: str, body: dict, on_event) -> list[tuple[str, dict]]:
     """POST the answer, call on_event(kind, data) as events arrive; -> all events."""
     events = []
     with httpx.Client(base_url=url, timeout=60, trust_env=False) as http:
-        with http.stream("POST", "/playground/api/generate", json=body) as r:
+        with http.stream("POST", "/api/generate", json=body) as r:
             assert r.status_code == 200
             pending = []
             for line in r.iter_lines():
@@ -36,7 +36,7 @@ def stop_after_first_token(stream: str):
             on_event.run_id = data["run_id"]
         if kind == "token" and data["stream"] == stream and not on_event.sent:
             on_event.sent = True
-            assert http.post("/playground/api/stop", json={"run_id": on_event.run_id}).json()["stopping"]
+            assert http.post("/api/stop", json={"run_id": on_event.run_id}).json()["stopping"]
 
     on_event.sent = False
     return on_event
@@ -54,13 +54,13 @@ def test_stop_ends_the_answer_mid_stream(live):
 def test_the_page_going_away_stops_the_answer(live, lms):
     srv = live()
     with httpx.Client(base_url=srv.url, timeout=60, trust_env=False) as http:
-        with http.stream("POST", "/playground/api/generate", json=request_body(llm="slow-llm", max_new_tokens=MAX_NEW)) as r:
+        with http.stream("POST", "/api/generate", json=request_body(llm="slow-llm", max_new_tokens=MAX_NEW)) as r:
             for line in r.iter_lines():
                 if line.startswith("event: token"):
                     break  # drop the connection mid-answer
         # the next answer waits for the models, i.e. for the first answer to end
         before = lms["slow-llm"].advances
-        events = sse_events(http.post("/playground/api/generate", json=request_body(max_new_tokens=4)).text.splitlines())
+        events = sse_events(http.post("/api/generate", json=request_body(max_new_tokens=4)).text.splitlines())
         assert events[-1] == ("end", {"stopped": False})
         assert lms["slow-llm"].advances - before < 20  # not the 2 x 199 forwards of a full answer
 
@@ -85,7 +85,7 @@ def test_remote_cloud_wire_panel_shows_the_bytes_and_the_token_ids(live, slow_cl
         assert w["remote"] and w["bytes_up"] > 0 and w["bytes_down"] > w["bytes_up"]
         assert w["token_ids"] == ids[: len(w["token_ids"])] and len(w["token_ids"]) >= len(ids) - 1
         assert w["prompt_ids"] == [w["llm_prompt_ids"]]  # one OPEN, with the public query's prompt
-        assert w["audit"] == {"clean": True, "leaks": [], "prompt_is_query": True}
+        assert w["audit"] == {"clean": True, "leaks": [], "prompt_is_public": True}
         assert w["session_closed"]
     assert not slow_cloud.registry.sessions
 
@@ -109,3 +109,37 @@ def test_an_unreachable_cloud_is_an_error_on_the_page(live):
     errors = [d["message"] for k, d in events if k == "error"]
     assert len(errors) == 1 and "cannot reach the cloud" in errors[0]
     assert events[-1][0] == "end"
+
+
+def test_chat_mode_over_the_cloud_sends_the_public_conversation_only(live, slow_cloud):
+    srv = live(cloud=slow_cloud.url, api_key=KEY_A)
+    first = stream_until(srv.url, request_body(llm=slow_cloud.url, max_new_tokens=4), lambda *a: None)
+    said = next(d["text"] for k, d in first if k == "done" and d["stream"] == "costeer")
+    turns = [{"role": "user", "content": request_body()["query"]}, {"role": "assistant", "content": said}]
+    second = stream_until(srv.url, request_body(llm=slow_cloud.url, query="and for dessert", turns=turns,
+                                                max_new_tokens=4), lambda *a: None)  # fmt: skip
+    wire = {d["stream"]: d for k, d in second if k == "wire"}
+    first_prompt = next(d for k, d in first if k == "wire")["llm_prompt_ids"]
+    for w in wire.values():
+        # one OPEN: exactly the public conversation's prompt, which holds the first turn, and no context
+        assert w["prompt_ids"] == [w["llm_prompt_ids"]] and len(w["llm_prompt_ids"]) > len(first_prompt)
+        assert w["audit"] == {"clean": True, "leaks": [], "prompt_is_public": True}
+
+
+def test_a_remote_llm_without_a_wire_log_says_so(slow_cloud, tiny_slm):
+    from costeer import CoSteer
+    from costeer.device import connect_cloud
+    from costeer.playground import Models, PlaygroundSettings
+    from tests.playground.conftest import playground_app
+    from tests.servers import UvicornThread
+
+    cs = CoSteer(connect_cloud(slow_cloud.url, KEY_A), tiny_slm)  # as `costeer gateway --cloud` holds it: no log
+    settings = PlaygroundSettings(llm="tiny-llm", slm="tiny-slm", cloud=slow_cloud.url)
+    srv = UvicornThread(playground_app(Models.serving(cs, settings)))
+    try:
+        events = stream_until(srv.url, request_body(llm=slow_cloud.url, max_new_tokens=4), lambda *a: None)
+    finally:
+        srv.stop()
+    assert next(d for k, d in events if k == "start")["remote"]
+    wire = [d for k, d in events if k == "wire"]
+    assert wire and all(w["remote"] and not w["logged"] and "bytes_up" not in w for w in wire)

@@ -132,7 +132,7 @@ class CloudLLM(LLMSide):
     def _lookahead(self, choice: Lookahead) -> frames.Lookahead:
         limits = self.info.lookahead
         if limits is None or limits.frame_version != frames.LOOKAHEAD_VERSION:
-            if choice.on and choice.mode != frames.LOOKAHEAD_AUTO:
+            if choice.on and not choice.auto:
                 raise CloudError(f"the cloud does not offer look-ahead (asked for {choice})")
             return frames.NO_LOOKAHEAD  # auto with a cloud that has none: per token, as before
         return choice.request(limits.max_depth, limits.max_nodes)

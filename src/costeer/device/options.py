@@ -89,71 +89,75 @@ def check_tail(tail: str) -> str:
     return tail
 
 
-# Look-ahead (docs/wire-format.md, "Look-ahead"): what the device lets the cloud compute ahead.
-AUTO_DEPTH, AUTO_NODES = 8, 16  # 'auto' within these (and the server's limits): enough for ~100 ms RTT
-LOOKAHEAD_HELP = ("'auto' (the cloud sizes each round's tree from the round trip it measures, its cost per level "
-                  "and how often this device stays in the tree; none where the round trip is cheap), 'off', N "
-                  "(auto, at most N nodes ahead), 'chain:D' or 'tree:D:N' (that shape every round: for benchmarks).")
+# Look-ahead (docs/wire-format.md, "Look-ahead"): how many positions one round trip may carry.
+MAX_LOOKAHEAD = 32  # positions one round may carry: the device bounds what it asks for
+AUTO_DEPTH, AUTO_NODES = 8, 16  # costeer serve's 'auto' asks within these (and the server's limits)
+LOOKAHEAD_HELP = ("How many positions one round trip may carry: 'auto' (from the measured round trip, the cloud's "
+                  "cost per position and how often the device stayed on the look-ahead), 'off' (one token per "
+                  f"round trip), N <= {MAX_LOOKAHEAD} (a chain of N positions each round); with costeer serve also "
+                  "'chain:D' (D positions past the first) and 'tree:D:M' (D levels, M nodes past the first: where the "
+                  "LLM is unsure, its other candidates too). Outputs are the same whatever it is.")  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Lookahead:
-    """The device's look-ahead choice, checked once; `request(limits)` -> what OPEN asks for."""
+    """`--lookahead`: depth None is auto; 1 is off (one position per round trip); N a chain of N
+    positions per round. `tree` > 0 (costeer serve only): a tree of depth - 1 levels and `tree`
+    nodes past the round's first position."""
 
-    mode: int = frames.LOOKAHEAD_AUTO
-    depth: int = AUTO_DEPTH
-    ahead: int = AUTO_NODES - 1  # nodes below the root
+    depth: int | None = None
+    tree: int = 0
 
     def __post_init__(self) -> None:
-        if self.mode not in (frames.LOOKAHEAD_OFF, frames.LOOKAHEAD_AUTO, frames.LOOKAHEAD_FIXED):
-            raise ValueError(f"unknown look-ahead mode {self.mode}")
-        if self.mode != frames.LOOKAHEAD_OFF and not (1 <= self.depth <= 255 and self.depth <= self.ahead < 0xFFFF):
-            raise ValueError("look-ahead needs 1 to 255 levels and at least one node per level")
+        d = self.depth
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= MAX_LOOKAHEAD):
+            raise ValueError(f"lookahead must be 'auto', 'off' or a number from 1 to {MAX_LOOKAHEAD}, got {d!r}")
+        if self.tree and (d is None or d < 2 or self.tree < d - 1 or self.tree >= 0xFFFF):
+            raise ValueError("a look-ahead tree needs at least one level and one node per level")
 
     @classmethod
-    def parse(cls, value: "Lookahead | int | str | None") -> "Lookahead":
-        """'auto' | 'off' | N | 'chain:D' | 'tree:D:N' -> Lookahead (itself when given one)."""
+    def parse(cls, value: Lookahead | int | str | None) -> Lookahead:
+        """'auto' / None, 'off' / 0, N, 'chain:D' or 'tree:D:M' -> Lookahead (itself when given one)."""
         if isinstance(value, Lookahead):
             return value
         if value is None:
             return cls()
+        if isinstance(value, int) and not isinstance(value, bool):
+            return cls(max(1, value))
         text = str(value).strip().lower()
-        parts = text.split(":")
-        try:
-            if text == "auto":
-                return cls()
-            if text in ("off", "0"):
-                return cls(frames.LOOKAHEAD_OFF, 0, 0)
-            if len(parts) == 1:
-                n = int(text)
-                return cls(frames.LOOKAHEAD_AUTO, min(n, 255), n)
-            if parts[0] == "chain" and len(parts) == 2:
-                return cls(frames.LOOKAHEAD_FIXED, int(parts[1]), int(parts[1]))
-            if parts[0] == "tree" and len(parts) == 3:
-                return cls(frames.LOOKAHEAD_FIXED, int(parts[1]), int(parts[2]))
-        except ValueError as e:
-            if "look-ahead" in str(e):
-                raise
-        raise ValueError(f"lookahead must be 'auto', 'off', N, 'chain:D' or 'tree:D:N', got {value!r}")
+        if text == "auto":
+            return cls()
+        if text in ("off", "0"):
+            return cls(1)
+        if text.isdigit():
+            return cls(int(text))
+        kind, *nums = text.split(":")
+        if all(n.isdigit() for n in nums) and ((kind, len(nums)) in (("chain", 1), ("tree", 2))) and int(nums[0]) >= 1:
+            depth = int(nums[0]) + 1
+            return cls(depth, int(nums[1]) if kind == "tree" else 0)
+        raise ValueError(f"lookahead must be 'auto', 'off', a number from 1 to {MAX_LOOKAHEAD}, 'chain:D' or "
+                         f"'tree:D:M', got {value!r}")  # fmt: skip
+
+    @property
+    def auto(self) -> bool:
+        return self.depth is None
 
     @property
     def on(self) -> bool:
-        return self.mode != frames.LOOKAHEAD_OFF
+        return self.depth != 1
 
     def request(self, max_depth: int, max_nodes: int) -> frames.Lookahead:
-        """What OPEN asks for, within the server's limits: auto is clipped to them; a fixed shape
-        is asked for as it is (a server that allows less refuses it with 4413)."""
+        """What OPEN asks costeer serve for: auto within AUTO_DEPTH / AUTO_NODES and the server's
+        limits; a chain or a tree as it is (a server that allows less refuses it with 4413)."""
+        if self.auto:
+            depth, nodes = min(AUTO_DEPTH, max_depth), min(AUTO_NODES, max_nodes)
+            return frames.Lookahead(frames.LOOKAHEAD_AUTO, depth, nodes) if depth and nodes > 1 else frames.NO_LOOKAHEAD
         if not self.on:
             return frames.NO_LOOKAHEAD
-        if self.mode == frames.LOOKAHEAD_AUTO:
-            depth = min(self.depth, max_depth)
-            nodes = min(self.ahead + 1, max_nodes)
-            return frames.Lookahead(frames.LOOKAHEAD_AUTO, depth, nodes) if depth and nodes > 1 else frames.NO_LOOKAHEAD
-        return frames.Lookahead(frames.LOOKAHEAD_FIXED, self.depth, self.ahead + 1)
+        ahead = self.tree or self.depth - 1
+        return frames.Lookahead(frames.LOOKAHEAD_FIXED, self.depth - 1, ahead + 1)
 
     def __str__(self) -> str:
-        if not self.on:
-            return "off"
-        if self.mode == frames.LOOKAHEAD_AUTO:
-            return "auto" if (self.depth, self.ahead) == (AUTO_DEPTH, AUTO_NODES - 1) else str(self.ahead)
-        return f"chain:{self.depth}" if self.ahead == self.depth else f"tree:{self.depth}:{self.ahead}"
+        if self.tree:
+            return f"tree:{self.depth - 1}:{self.tree}"
+        return "auto" if self.auto else "off" if self.depth == 1 else str(self.depth)

@@ -1,9 +1,14 @@
-"""The gateway's FastAPI app: the OpenAI chat API over CoSteer.
+"""The device's one HTTP server: the OpenAI chat API over CoSteer, and what else is mounted beside it.
 
     POST /v1/chat/completions   a public conversation -> the next assistant turn (JSON, or SSE)
     GET  /v1/models             the methods served, as model names
     GET  /v1/models/{name}      one of them (404 otherwise)
     GET  /health                liveness (no key needed, tells nothing)
+
+`create_app(cs, settings, routers)` builds it; `routers` are served beside the API (`costeer gateway`
+mounts the browser playground at /playground). Without a model pair (`cs=None`) there is no /v1 API:
+`costeer playground` is this app with only the playground's router, at /. Every generation, of either,
+runs in the one worker that owns the models.
 
 The private context is read from the gateway's own `--context-file`, never from a request, and
 no answer field carries it: only the generated text may reflect it. The log, at its default
@@ -16,9 +21,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -30,7 +36,7 @@ from costeer.device import CloudError
 from costeer.engine.config import Method
 from costeer.engine.llamacpp import LlamaCppError
 from costeer.gateway import schema
-from costeer.gateway.config import DEFAULT_HOST, DEFAULT_PORT, GatewaySettings, WatchedFile, check_bind
+from costeer.gateway.config import DEFAULT_HOST, DEFAULT_PORT, GatewaySettings, WatchedFile
 from costeer.gateway.schema import ApiError, ChatRequest
 from costeer.gateway.worker import Busy, Job, Worker
 
@@ -55,13 +61,14 @@ def served_methods(cs: CoSteer, has_context: bool) -> list[str]:
 
 
 class Gateway:
-    """The service behind the routes: the model pair, the private files and the worker."""
+    """The service behind the routes: the model pair (None: no /v1 API), the private files and the
+    worker that runs every generation, the mounted routers' too."""
 
-    def __init__(self, cs: CoSteer, settings: GatewaySettings):
+    def __init__(self, cs: CoSteer | None, settings: GatewaySettings):
         self.cs, self.settings = cs, settings
         self.context = WatchedFile(settings.context_file) if settings.context_file else None
         self.reference = WatchedFile(settings.reference_file) if settings.reference_file else None
-        self.models = served_methods(cs, self.context is not None)
+        self.models = served_methods(cs, self.context is not None) if cs is not None else []
         self.worker = Worker(settings.max_waiting)
         self.keys = KeyRing(settings.api_keys)
         self.created = int(time.time())
@@ -231,10 +238,13 @@ def _log_done(req: ChatRequest, r: Reply, t0: float) -> None:
              r.completion_tokens, r.finish_reason, time.monotonic() - t0)  # fmt: skip
 
 
-def create_app(cs: CoSteer, settings: GatewaySettings | None = None, routers: Sequence[APIRouter] = ()) -> FastAPI:
-    """The gateway as a FastAPI app. `routers` are mounted beside the OpenAI routes (e.g. the
-    browser playground); they find the service as `request.app.state.gateway` (a Gateway) and may
-    protect themselves with `Depends(gateway.require_key)`."""
+def create_app(cs: CoSteer | None, settings: GatewaySettings | None = None,
+               routers: Sequence[APIRouter] = ()) -> FastAPI:  # fmt: skip
+    """The device's server as a FastAPI app: the OpenAI routes over `cs` (none when `cs` is None) and
+    `routers` beside them (e.g. the browser playground); those find the service as
+    `request.app.state.gateway` (a Gateway: its `worker` runs their generations too) and may protect
+    themselves with `Depends(gateway.require_key)`. The /v1 routes answer errors in OpenAI's shape,
+    the others in FastAPI's."""
     gw = Gateway(cs, settings or GatewaySettings())
 
     @contextlib.asynccontextmanager
@@ -254,11 +264,15 @@ def create_app(cs: CoSteer, settings: GatewaySettings | None = None, routers: Se
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
+        if not _openai_path(request):
+            return await http_exception_handler(request, exc)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return JSONResponse(ApiError(exc.status_code, str(exc.detail), code).body(), status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
+        if not _openai_path(request):  # e.g. the playground, whose page shows what was wrong
+            return await request_validation_exception_handler(request, exc)
         return JSONResponse(ApiError(400, "invalid request", "invalid_value").body(), status_code=400)
 
     @app.exception_handler(Exception)
@@ -270,16 +284,27 @@ def create_app(cs: CoSteer, settings: GatewaySettings | None = None, routers: Se
     async def health():
         return {"status": "ok"}
 
-    app.include_router(openai_router(gw))
+    if cs is not None:
+        app.include_router(openai_router(gw))
     for r in routers:
         app.include_router(r)
     return app
 
 
-def serve(cs: CoSteer, settings: GatewaySettings, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-          log_level: str = "info") -> None:  # fmt: skip
-    """Run the gateway until interrupted (refuses a non-loopback bind without keys)."""
+def _openai_path(request: Request) -> bool:
+    return request.url.path == "/v1" or request.url.path.startswith("/v1/")
+
+
+def serve(app: FastAPI, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_level: str = "info",
+          announce: Callable[[str], None] | None = None) -> None:  # fmt: skip
+    """Run `app` until interrupted. The socket is bound first, so that port 0 names its port:
+    `announce` gets http://HOST:PORT before the server starts. The bind rule (check_bind) is the
+    caller's, checked before it loads the models."""
+    import socket
+
     import uvicorn
 
-    check_bind(host, settings)
-    uvicorn.run(create_app(cs, settings), host=host, port=port, log_level=log_level)
+    sock = socket.create_server((host, port))
+    if announce is not None:
+        announce(f"http://{host}:{sock.getsockname()[1]}")
+    uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])

@@ -1,7 +1,8 @@
 """One generation at a time, off the event loop.
 
 The models are not thread-safe, so a single lock serialises generations; each runs in a worker
-thread and hands its text pieces to the event loop through a queue. Up to `max_waiting` requests
+thread and hands its pieces (the gateway's text pieces, the playground's events) to the event loop
+through a queue. Up to `max_waiting` requests
 may wait behind the running one; more are turned away at once (HTTP 429) instead of piling up.
 """
 
@@ -51,7 +52,7 @@ class Worker:
         self._pool = ThreadPoolExecutor(max_workers=max_waiting + 1, thread_name_prefix="costeer-gen")
 
     def submit(self, start: Callable[[], Iterable[str]]) -> Job:
-        """Run `start()` and iterate what it returns (text pieces) in a worker thread, under the lock.
+        """Run `start()` and iterate what it returns (pieces) in a worker thread, under the lock.
         `start` runs in the thread too: building a generation touches the models. Raises Busy."""
         with self._count:
             if self._admitted > self.max_waiting:

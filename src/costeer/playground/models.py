@@ -3,13 +3,14 @@
 Only the specs listed in `PlaygroundSettings.models` can be chosen: a page never names a path
 to load. With `cloud`, the LLM is that `costeer serve` (connected when first needed, so an
 unreachable cloud is an error on the page, not at start-up), with a wire log the wire panel reads.
+`Models.serving(cs, settings)` offers one pair already loaded (the gateway's) and loads nothing.
 """
 
 from __future__ import annotations
 
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +29,7 @@ class PlaygroundSettings:
     device: str = "auto"
     backend: str = "auto"
     wire_dir: Path | None = None  # where the cloud's wire log goes (None: a temporary folder)
+    pair_only: bool = False  # the pickers offer the default pair alone (a pair the server already holds)
 
     def __post_init__(self):
         if not self.llm or not self.slm:
@@ -35,6 +37,8 @@ class PlaygroundSettings:
 
     def offered(self) -> dict[str, list[str]]:
         """What each picker lists, the default first."""
+        if self.pair_only:
+            return {"llm": [self.cloud or self.llm], "slm": [self.slm]}
         specs = list(dict.fromkeys((self.llm, self.slm, *self.models)))
         slms = [self.slm] + [s for s in specs if s != self.slm]
         llms = [self.cloud] if self.cloud else [self.llm] + [s for s in specs if s != self.llm]
@@ -54,6 +58,20 @@ class Models:
         self._cloud = None
         self._lock = threading.Lock()
         self.wire_path: Path | None = None
+
+    @classmethod
+    def serving(cls, cs: CoSteer, settings: PlaygroundSettings) -> "Models":
+        """The pair `cs` (the gateway's, loaded at its start) as the pickers' only choice, named
+        `settings.llm` (or `settings.cloud`) and `settings.slm`."""
+        settings = replace(settings, pair_only=True)
+
+        def refuse(spec: str):
+            raise ValueError(f"the playground here serves its server's pair, not '{spec}'")
+
+        models = cls(settings, load_lm=refuse, connect=lambda: refuse(settings.cloud))
+        offered = settings.offered()
+        models._pair = ((offered["llm"][0], offered["slm"][0]), cs)
+        return models
 
     def pair(self, llm: str, slm: str) -> CoSteer:
         offered = self.settings.offered()

@@ -1,20 +1,23 @@
-"""The playground as a FastAPI router (mounted by `costeer playground`, and by any app that wants it).
+"""The playground as a FastAPI router, served by the gateway's app (gateway.create_app(routers=[...])):
+`costeer gateway` mounts it at /playground, `costeer playground` is the same server with it at /.
 
     GET  {prefix}/                 the page (plain HTML/CSS/JS from the package: no CDN, no build step)
     GET  {prefix}/static/{name}    its two assets
     GET  {prefix}/api/options      pickers, slider defaults and bounds, the example persona
+    GET  {prefix}/api/methods      the methods a column may show, from the method table
     GET  {prefix}/api/coefficient  the effective delta coefficient the sliders imply (the engine's own)
-    POST {prefix}/api/generate     one answer as server-sent events (play.py)
+    POST {prefix}/api/generate     one answer (or chat turn) as server-sent events (play.py)
     POST {prefix}/api/stop         stop an answer: the device stops and the cloud sessions end
 
-The personal context reaches this process only; only the SLM's with-context branch reads it.
-POSTs from another origin are refused (a web page elsewhere must not drive the local models).
+The personal context reaches this process only; only the SLM's with-context branch reads it. An
+answer runs in the server's one worker (`request.app.state.gateway.worker`), the thread that owns
+the models, queued behind the gateway's own requests. POSTs from another origin are refused (a web
+page elsewhere must not drive the local models).
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
+import logging
 from importlib import resources
 from typing import Annotated, AsyncIterator
 from urllib.parse import urlsplit
@@ -26,12 +29,13 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, ConfigDict, Field
 
 from costeer.engine.config import Method
-from costeer.engine.methods import METHODS
+from costeer.gateway.worker import Busy
 from costeer.playground.models import Models
-from costeer.playground.play import EXTRA_METHODS, Play, PlayRequest, Sliders, new_run_id
+from costeer.playground.play import BASELINE, MAX_TURNS, Play, PlayRequest, Sliders, new_run_id, offered_methods
+
+log = logging.getLogger("costeer.playground")
 
 ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
-MAX_PENDING = 4  # answers running or waiting for the models at once
 
 
 class StopRequest(BaseModel):
@@ -64,13 +68,15 @@ def same_origin(request: Request) -> None:
 
 
 def playground_router(models: Models, prefix: str = "/playground") -> APIRouter:
+    """The page and its API under `prefix` ("" puts the page at /)."""
     router = APIRouter(prefix=prefix)
-    answer_lock = threading.Lock()  # one answer decodes at a time: the models are shared
     plays: dict[str, Play] = {}
 
-    @router.get("", include_in_schema=False)
-    def page_redirect() -> RedirectResponse:
-        return RedirectResponse(f"{prefix}/")  # the page's relative URLs need the slash
+    if prefix:
+
+        @router.get("", include_in_schema=False)
+        def page_redirect() -> RedirectResponse:
+            return RedirectResponse(f"{prefix}/")  # the page's relative URLs need the slash
 
     @router.get("/", response_class=HTMLResponse)
     def page() -> HTMLResponse:
@@ -88,13 +94,14 @@ def playground_router(models: Models, prefix: str = "/playground") -> APIRouter:
         return {
             "models": settings.offered(),
             "cloud": settings.cloud,
-            "methods": [{"value": s.name, "help": s.help} for s in METHODS if s.steered],
-            "extra": [{"value": m.value, "help": m.spec.help} for m in EXTRA_METHODS],
             "fields": _field_bounds(),
             "example": example_persona(),
-            # conversations are not in the API yet: the page offers one question at a time
-            "chat": False,
+            "chat": {"max_turns": MAX_TURNS},
         }
+
+    @router.get("/api/methods")
+    def methods() -> dict:
+        return {"methods": offered_methods(), "default": Method.costeer.value, "always": BASELINE.value}
 
     @router.get("/api/coefficient")
     def coefficient(q: Annotated[CoefficientQuery, Query()]) -> dict:
@@ -103,15 +110,26 @@ def playground_router(models: Models, prefix: str = "/playground") -> APIRouter:
         return {"method": q.method.value, "coefficient": q.steering().coefficient(q.method)}
 
     @router.post("/api/generate", response_class=EventSourceResponse, dependencies=[Depends(same_origin)])
-    async def generate(req: PlayRequest) -> AsyncIterator[ServerSentEvent]:
-        if len(plays) >= MAX_PENDING:
-            raise HTTPException(429, "too many answers running: stop one first")
-        play = Play(new_run_id(), req, models.pair, answer_lock)
+    async def generate(req: PlayRequest, request: Request) -> AsyncIterator[ServerSentEvent]:
+        play = Play(new_run_id(), req, models.pair)
+        try:
+            job = request.app.state.gateway.worker.submit(play.events)
+        except Busy:
+            raise HTTPException(429, "the models are busy with other answers: stop one, or retry shortly") from None
         plays[play.run_id] = play
         try:
-            async for kind, data in _in_thread(play):
+            # first, so that the page can stop the answer while it waits for the models or loads them
+            yield ServerSentEvent(event="run", data={"run_id": play.run_id})
+            while (event := await job.next()).kind == "piece":
+                kind, data = event.value
                 yield ServerSentEvent(event=kind, data=data)
+            if event.kind == "error":  # Play turns every error into events: this one escaped it
+                log.error("playground answer %s failed", play.run_id, exc_info=event.value)
+                yield ServerSentEvent(event="error", data={"message": "internal error (see the server log)"})
+                yield ServerSentEvent(event="end", data={"stopped": False})
         finally:
+            play.stop()  # the page went away: the worker ends every stream after its current token
+            job.cancel()
             plays.pop(play.run_id, None)
 
     @router.post("/api/stop", dependencies=[Depends(same_origin)])
@@ -122,33 +140,6 @@ def playground_router(models: Models, prefix: str = "/playground") -> APIRouter:
         return {"run_id": req.run_id, "stopping": play is not None}
 
     return router
-
-
-async def _in_thread(play: Play) -> AsyncIterator[tuple[str, dict]]:
-    """Run play.events() in its own thread; relay its events. Leaving early (the page went away)
-    stops the answer: the worker ends every stream after its current token."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-
-    def put(item) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the server's loop is gone
-            play.stop()
-
-    def work() -> None:
-        try:
-            for event in play.events():
-                put(event)
-        finally:
-            put(None)
-
-    threading.Thread(target=work, name=f"playground-{play.run_id}", daemon=True).start()
-    try:
-        while (event := await queue.get()) is not None:
-            yield event
-    finally:
-        play.stop()
 
 
 def _field_bounds() -> dict[str, dict]:

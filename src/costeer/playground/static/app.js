@@ -1,5 +1,7 @@
 // The playground page: plain JavaScript, no framework, no build step, no network beyond this server.
 // One answer = one POST api/generate whose response is read as server-sent events (routes.py).
+// Chat mode: the page keeps the public conversation (questions and the steered column's answers) and
+// sends it with each new question; the server keeps nothing between answers.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -9,33 +11,57 @@ const SLIDERS = {
   sampling: [["temperature", "temperature (0 = greedy)", 0.05], ["top_k", "top-k (0 = off; with temperature > 0)", 1],
              ["max_new_tokens", "max new tokens", 1]],
 };
-const state = { runId: null, controller: null, options: null, columns: {}, tips: new WeakMap() };
+const state = { runId: null, controller: null, options: null, methods: [], columns: {}, tips: new WeakMap(),
+                turns: [], turn: null };
 
 // ---------------------------------------------------------------------------------------------
 // Set-up: pickers, sliders, the example persona
 
 async function init() {
-  const resp = await fetch("api/options");
-  if (!resp.ok) return showError(`cannot read the playground's options: HTTP ${resp.status}`);
-  const opts = await resp.json();
+  const [opts, table] = await Promise.all([getJSON("api/options"), getJSON("api/methods")]);
   state.options = opts;
+  state.methods = table.methods;
   fillSelect($("llm"), opts.models.llm.map((m) => [m, m]));
   fillSelect($("slm"), opts.models.slm.map((m) => [m, m]));
-  fillSelect($("method"), opts.methods.map((m) => [m.value, m.value, m.help]));
-  for (const m of opts.extra) {
-    const label = document.createElement("label");
-    label.title = m.help;
-    label.innerHTML = `<input type="checkbox" value="${m.value}"> ${m.value}`;
-    $("extra").append(label);
+  // the pickers come from the method table (api/methods): steered rows for the steered column, the
+  // others beside the LLM alone; ◆ marks a method that reads the personal context
+  const label = (m) => `${m.name}${m.needs_context ? " ◆" : ""}`;
+  fillSelect($("method"), table.methods.filter((m) => m.steered).map((m) => [m.name, label(m), m.help]));
+  $("method").value = table.default;
+  for (const m of table.methods.filter((m) => m.name !== table.always)) {
+    const box = document.createElement("label");
+    box.title = m.help;
+    box.dataset.method = m.name;
+    const input = document.createElement("input");
+    input.type = "checkbox";
+    input.value = m.name;
+    box.append(input, ` ${label(m)}`);
+    $("extra").append(box);
   }
+  showExtras();
+  $("chat-note").textContent = `Chat mode keeps up to ${opts.chat.max_turns} turns.`;
   buildSliders($("steering-sliders"), SLIDERS.steering, opts.fields);
   buildSliders($("sampling-sliders"), SLIDERS.sampling, opts.fields);
   const where = $("where");
   where.textContent = opts.cloud ? `cloud LLM: ${opts.cloud}` : "LLM in this process (no cloud)";
   where.classList.toggle("remote", Boolean(opts.cloud));
-  $("chat-note").textContent = opts.chat ? "" : "Chat mode comes when the API holds conversations: one question at a time for now.";
   if (!$("query").value && !$("profile").value) loadExample();
   updateCoefficient();
+}
+
+async function getJSON(url) {
+  const resp = await fetch(url);
+  if (!resp.ok) throw new Error(`${url}: ${await errorText(resp)}`);
+  return resp.json();
+}
+
+// The extra columns offered: every method but the one always shown (the LLM alone) and the steered one.
+function showExtras() {
+  for (const box of $("extra").children) {
+    const steered = box.dataset.method === $("method").value;
+    box.hidden = steered;
+    if (steered) box.querySelector("input").checked = false;
+  }
 }
 
 function fillSelect(select, items) {
@@ -88,11 +114,16 @@ function updateCoefficient() {
 // ---------------------------------------------------------------------------------------------
 // One answer
 
+function chatMode() {
+  return $("chat").checked;
+}
+
 function request() {
   const body = {
     query: $("query").value, profile: $("profile").value, history: $("history").value,
     preference: $("preference").value, llm: $("llm").value, slm: $("slm").value, method: $("method").value,
     extra: [...$("extra").querySelectorAll("input:checked")].map((c) => c.value),
+    turns: chatMode() ? state.turns : [],
   };
   for (const [name] of [...SLIDERS.steering, ...SLIDERS.sampling]) body[name] = sliderValue(name);
   return body;
@@ -101,9 +132,16 @@ function request() {
 async function generate(event) {
   event.preventDefault();
   if (state.controller) return;
+  delete document.body.dataset.finished;
   $("errors").replaceChildren();
-  $("columns").replaceChildren();
+  if (chatMode() && state.turns.length / 2 >= state.options.chat.max_turns) {
+    return showError(`the conversation holds ${state.options.chat.max_turns} turns, the most one question carries: ` +
+                     "start a new conversation");
+  }
+  if (!chatMode()) newConversation();
   $("wire-body").replaceChildren();
+  const body = request();
+  state.turn = addTurn(body);
   state.columns = {};
   const controller = new AbortController();
   state.controller = controller;
@@ -111,17 +149,62 @@ async function generate(event) {
   try {
     const resp = await fetch("api/generate", {
       method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(request()), signal: controller.signal,
+      body: JSON.stringify(body), signal: controller.signal,
     });
-    if (!resp.ok) return showError(await errorText(resp));
-    await readEvents(resp.body, handle);
+    if (!resp.ok) showError(await errorText(resp));
+    else await readEvents(resp.body, handle);
   } catch (e) {
     if (e.name !== "AbortError") showError(`lost the connection to the playground: ${e.message}`);
   } finally {
+    if (chatMode()) keepTurn(body);
     state.controller = null;
     state.runId = null;
     setRunning(false);
+    document.body.dataset.finished = "1";
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The conversation: one .turn per question (its question, then its columns)
+
+function addTurn(body) {
+  const turn = document.createElement("section");
+  turn.className = "turn";
+  turn.dataset.turn = body.turns.length / 2 + 1;
+  turn.innerHTML = `<div class="question"><span class="who">you</span><span class="q"></span></div>
+    <p class="carried note"></p><div class="columns"></div>`;
+  turn.querySelector(".q").textContent = body.query;
+  $("conversation").append(turn);
+  return turn;
+}
+
+// A turn joins the conversation once its steered answer is complete: that answer is the one the
+// next question carries (an error or a stop drops the turn, as `costeer chat` does).
+function keepTurn(body) {
+  const steered = state.columns[body.method];
+  const ok = steered && steered.el.dataset.done === "1" && !$("errors").children.length;
+  if (!ok) {
+    state.turn.classList.add("dropped");
+    state.turn.querySelector(".carried").textContent = "Not kept in the conversation: the steered answer did not finish.";
+    return;
+  }
+  state.turns = [...body.turns, { role: "user", content: body.query },
+                 { role: "assistant", content: steered.answer }];
+  state.turn.dataset.kept = "1";
+  $("query").value = "";
+  showConversation();
+}
+
+function newConversation() {
+  state.turns = [];
+  $("conversation").replaceChildren();
+  showConversation();
+}
+
+function showConversation() {
+  const n = state.turns.length / 2;
+  $("turns").textContent = chatMode() ? `${n} earlier turn${n === 1 ? "" : "s"} kept` : "";
+  $("new-chat").hidden = !chatMode();
 }
 
 async function stop() {
@@ -179,6 +262,11 @@ const HANDLERS = {
   status: (d) => setStatus(d.message),
   start: (d) => {
     setStatus("generating…");
+    const steered = d.streams.find((s) => s.steered)?.method;
+    state.turn.querySelector(".carried").textContent = d.turn > 1
+      ? `Turn ${d.turn}: every column read the ${d.turn - 1} earlier turn${d.turn > 2 ? "s" : ""} with the ${steered} ` +
+        `answers (${d.llm_prompt_tokens} tokens of public conversation for the LLM).`
+      : "";
     for (const s of d.streams) addColumn(s);
     $("wire-body").innerHTML = '<p class="note">Filled in when the answer ends.</p>';
   },
@@ -188,6 +276,7 @@ const HANDLERS = {
     col.el.classList.remove("running");
     col.foot.textContent = `${d.tokens} tokens · ${d.ms_per_token} ms/token · ${d.stop_reason === "stop" ? "finished" : "length limit"}`;
     col.el.dataset.done = "1";
+    col.answer = d.text;  // the answer as the API cut it (stop strings): what chat mode carries
   },
   wire: (d) => showWire(d),
   error: (d) => {
@@ -207,7 +296,6 @@ const HANDLERS = {
       }
     }
     setStatus(d.stopped ? "stopped: the device stopped and the cloud sessions ended" : "done");
-    document.body.dataset.finished = "1";
   },
 };
 
@@ -237,7 +325,7 @@ function addColumn(stream) {
   el.innerHTML = `<h2></h2><div class="help"></div><div class="text"></div><div class="foot"></div>`;
   el.querySelector("h2").textContent = stream.method;
   el.querySelector(".help").textContent = stream.help + coef;
-  $("columns").append(el);
+  state.turn.querySelector(".columns").append(el);
   state.columns[stream.method] = { el, text: el.querySelector(".text"), foot: el.querySelector(".foot") };
 }
 
@@ -314,15 +402,20 @@ function showWire(d) {
   };
   if (!d.remote) {
     para("In-process: the LLM runs in this process, so nothing crossed a network. Start the playground with " +
-         "--cloud ws://HOST:PORT to see the bytes. What the LLM was given: the public query's prompt " +
+         "--cloud ws://HOST:PORT to see the bytes. What the LLM was given: the public conversation's prompt " +
+         `(${d.llm_prompt_ids.length} token ids) and the ${d.token_ids.length} tokens chosen:`);
+    ids(d.token_ids);
+  } else if (!d.logged) {
+    para("The LLM is remote, but this server keeps no wire log of its connection, so the bytes are not shown " +
+         "(`costeer playground --cloud` keeps one). What it was sent: the public conversation's prompt " +
          `(${d.llm_prompt_ids.length} token ids) and the ${d.token_ids.length} tokens chosen:`);
     ids(d.token_ids);
   } else {
     para(`${fmt(d.bytes_up)} bytes up, ${fmt(d.bytes_down)} bytes down, ${d.messages} records ` +
          `(HTTP and WebSocket payloads, from the wire log).`);
     para(`Prompt sent (OPEN): ${d.prompt_ids.map((p) => p.length).join(" + ")} token ids, ` +
-         (d.audit.prompt_is_query ? "exactly the public query's prompt." : "NOT the public query's prompt."),
-         d.audit.prompt_is_query ? "ok" : "leak");
+         (d.audit.prompt_is_public ? "exactly the public conversation's prompt." : "NOT the public conversation's prompt."),
+         d.audit.prompt_is_public ? "ok" : "leak");
     para(`Token ids sent (${d.token_ids.length}):`);
     ids(d.token_ids);
     para(d.audit.clean ? "Audit: no 5-gram of your context crossed the wire."
@@ -340,8 +433,10 @@ document.addEventListener("DOMContentLoaded", () => {
   $("ask").addEventListener("submit", generate);
   $("stop").addEventListener("click", stop);
   $("example").addEventListener("click", loadExample);
-  $("method").addEventListener("change", updateCoefficient);
-  $("columns").addEventListener("mouseover", showTip);
-  $("columns").addEventListener("mouseout", () => { $("tip").hidden = true; });
+  $("method").addEventListener("change", () => { updateCoefficient(); showExtras(); });
+  $("chat").addEventListener("change", () => { if (!chatMode()) newConversation(); showConversation(); });
+  $("new-chat").addEventListener("click", newConversation);
+  $("conversation").addEventListener("mouseover", showTip);
+  $("conversation").addEventListener("mouseout", () => { $("tip").hidden = true; });
   init().catch((e) => showError(`cannot start the page: ${e.message}`));
 });
