@@ -153,11 +153,21 @@ def test_past_the_workers_queue_an_answer_is_refused_with_429(lms):
 
     app = create_app(None, GatewaySettings(max_waiting=0), routers=[playground_router(make_models(lms), prefix="")])
     srv = UvicornThread(app)
+    models = app.state.gateway.worker.lock
+    models.acquire()  # as if a generation held the models: the first answer waits for them
+    held = True
     try:
         with httpx.Client(base_url=srv.url, timeout=60, trust_env=False) as http:
-            with http.stream("POST", "/api/generate", json=request_body(llm="slow-llm", max_new_tokens=MAX_NEW)) as r:
-                next(line for line in r.iter_lines() if line.startswith("event: token"))  # the first is running
+            with http.stream("POST", "/api/generate", json=request_body(max_new_tokens=4)) as first:
+                lines = first.iter_lines()
+                assert next(lines) == "event: run"  # admitted, waiting
                 second = http.post("/api/generate", json=request_body(max_new_tokens=4))
                 assert second.status_code == 429 and "busy" in second.json()["detail"]
+                models.release()
+                held = False
+                events = sse_events(lines)
+        assert events[-1] == ("end", {"stopped": False})  # the admitted answer ran once the models were free
     finally:
+        if held:
+            models.release()
         srv.stop()
