@@ -76,12 +76,12 @@ def test_each_direction_is_delayed_by_half_the_round_trip(echo, rtt):
             there = echo.arrivals[-1][0]
             assert there - t0 >= rtt / 2 - 1e-3  # uplink half
             assert back - there >= rtt / 2 - 1e-3  # downlink half
-            assert back - t0 < rtt + 0.2  # and not much more (a loaded 2-core machine)
+            assert back - t0 < rtt + 1.0  # and not much more (generous: a loaded 2-core machine stalls threads)
 
 
 def test_a_burst_is_delayed_not_spaced_out(echo):
     """Ten chunks 10 ms apart through 200 ms: the last is back about 200 + 90 ms after the first
-    left, not 10 x 200 ms (latency, not a queue of round trips)."""
+    left, not 10 x 200 ms = 2 s (latency, not a queue of round trips)."""
     with DelayRelay(echo.port, 0.2) as relay, connect(relay) as s:
         t0 = time.monotonic()
         for i in range(10):
@@ -90,7 +90,7 @@ def test_a_burst_is_delayed_not_spaced_out(echo):
         got = recv_exactly(s, 1000)
         took = time.monotonic() - t0
     assert got == b"".join(bytes([i]) * 100 for i in range(10))
-    assert 0.29 <= took < 0.29 + 0.3
+    assert 0.29 <= took < 1.2
 
 
 def test_bytes_pass_unchanged_both_ways(echo):
