@@ -1,0 +1,60 @@
+"""The look-ahead controller on synthetic rounds: what it measures (R, L as medians, the first
+round left out), the saving S that decides, zero look-ahead where the round trip is cheaper than
+the tree, probes until the device has taken a token from a tree, and the stay estimate per rank."""
+
+import torch
+
+from costeer import frames
+from costeer.cloud.lookahead import Controller, RoundPlanner
+
+AUTO = frames.Lookahead(frames.LOOKAHEAD_AUTO, 8, 16)
+
+
+def rounds(c: Controller, gaps_and_taken, step=0.010):
+    c.step_took(step)
+    t = 0.0
+    c.sent(2000, 1, now=t)
+    c.received(0, now=t + 5.0)  # the first round: the device's prompt work, not a round trip
+    for gap, taken in gaps_and_taken:
+        t += 10
+        c.sent(2000, 1 + taken, now=t)
+        c.received(taken, now=t + gap)
+    return c
+
+
+def test_a_50_ms_link_is_worth_looking_ahead_and_loopback_is_not():
+    far = rounds(Controller(AUTO), [(0.052, 0), (0.050, 0), (0.065, 1), (0.079, 2), (0.051, 0)])
+    R, L = far.round_trip()
+    assert abs(R - 0.051) < 1e-9 and abs(L - 0.014) < 1e-3  # the first round's 5 s left out
+    assert 0.045 < far.saving() < 0.05  # R + c1 - L
+    near = rounds(Controller(AUTO), [(0.002, 0), (0.002, 0), (0.020, 1), (0.039, 2), (0.003, 0)])
+    assert near.saving() == 0.0  # the device's own token costs more than the round trip it saves
+
+
+def test_until_a_token_is_taken_from_a_tree_the_saving_is_zero_and_probes_are_offered():
+    c = rounds(Controller(AUTO), [(0.050, 0)] * 3)
+    assert c.saving() == 0.0 and c.round_trip()[1] == c.round_trip()[0] + c.c1
+    due = [Controller(AUTO, n_rounds=n).probe_due() for n in range(20)]
+    assert due[:3] == [True] * 3 and due[8] and due[16] and not any(due[3:8])
+
+
+def test_the_planner_grows_where_it_pays_and_not_where_it_does_not():
+    logp = torch.log_softmax(torch.tensor([4.0, 1.0, 0.5, 0.0, -1.0]), -1)
+    worth = rounds(Controller(AUTO), [(0.050, 0), (0.060, 1), (0.061, 1)])
+    planner = RoundPlanner(worth)
+    rows = planner.begin(logp)
+    assert rows and rows[0] == (0, 0)  # the greedy child first
+    cheap = rounds(Controller(AUTO), [(0.002, 0), (0.020, 1), (0.021, 1)])
+    cheap.n_rounds = 5  # no probe due
+    assert RoundPlanner(cheap).begin(logp) == []
+    fixed = RoundPlanner(Controller(frames.Lookahead(frames.LOOKAHEAD_FIXED, 2, 5)))
+    assert len(fixed.begin(logp)) == 2  # (nodes - 1) / depth per level, whatever the measurements
+
+
+def test_the_stay_estimate_follows_the_device_per_rank():
+    c = Controller(AUTO)
+    for _ in range(20):
+        c.calibrate(0, 0.4, True)  # the device takes the greedy child nearly always
+        c.calibrate(1, 0.2, False)
+    assert c.stay(0, 0.4) > 0.9 and c.stay(1, 0.2) < 0.1
+    assert c.stay(0, 0.8) == 1.0 and c.stay(0, 0.2) < c.stay(0, 0.4)  # surer than usual: likelier
