@@ -71,7 +71,7 @@ def _load_cloud(url: str, slm: Optional[str], config: GenerationConfig, device: 
     typer.echo(f"connecting to {url}; loading SLM={slm} …", err=True)
     link = link or {}
     if api == "costeer":
-        llm = connect_cloud(url, k=frames_, tail=tail, wire_log=wire_log, **link)
+        llm = connect_cloud(url, k=frames_, tail=tail, wire_log=wire_log, lookahead=lookahead, **link)
     else:
         llm = connect_engine(url, llm_spec or DEFAULT_LLM, api=api, k=frames_, tail=tail, wire_log=wire_log,
                              lookahead=lookahead, **link)  # fmt: skip
@@ -186,9 +186,8 @@ class Models(LocalModels):
         from costeer.device import Lookahead
 
         la = Lookahead.parse(self.lookahead)
-        if self.cloud_api == "costeer" and la.depth not in (None, 1):
-            raise ValueError("--lookahead N needs --cloud-api llamacpp|openai for now: costeer serve answers one "
-                             "position per round trip (auto and off are accepted)")  # fmt: skip
+        if self.cloud_api != "costeer" and la.tree:
+            raise ValueError("--lookahead tree:D:M needs --cloud-api costeer (a serving engine answers chains)")
         return la
 
     def link(self) -> dict:
@@ -565,6 +564,8 @@ def serve(
     max_connections: int = typer.Option(256, min=1, help="Open sockets in all; more are answered 503 at once."),
     send_timeout: float = typer.Option(30.0, min=0.1, help="Seconds a peer may take to read a frame before it is dropped."),
     handshake_timeout: float = typer.Option(10.0, min=0.1, help="Seconds for a whole HTTP request, then for OPEN/ATTACH."),
+    max_lookahead_depth: int = typer.Option(16, min=0, max=255, help="Look-ahead levels a device may ask for per round."),
+    max_lookahead_nodes: int = typer.Option(64, min=1, max=65535, help="Look-ahead nodes (root included) a device may ask for per round."),
     device: Device = "auto",
     backend: Backend = "auto",
     log_level: str = typer.Option("info"),
@@ -585,7 +586,8 @@ def serve(
                                   prefill_chunk_tokens=prefill_chunk_tokens,
                                   idle_timeout_s=idle_timeout, values=values, packed_floor=packed_floor,
                                   max_connections=max_connections, send_timeout_s=send_timeout,
-                                  handshake_timeout_s=handshake_timeout)  # fmt: skip
+                                  handshake_timeout_s=handshake_timeout, max_lookahead_depth=max_lookahead_depth,
+                                  max_lookahead_nodes=max_lookahead_nodes)  # fmt: skip
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
         _quiet_libraries()
         run_server(llm, settings, host=host, port=port, device=device, backend=backend, log_level=log_level,

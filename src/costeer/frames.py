@@ -11,6 +11,12 @@ Uplink (device -> cloud) carries only token ids: the public query's prompt ids (
 tokens chosen so far when resuming (OPEN, ATTACH) and one chosen id per step (TOKEN, 4 bytes). There is
 no message that could carry context text, SLM outputs or deltas, and the cloud alone decides
 what a DIST frame holds (the device never names tokens it wants probabilities for).
+
+Look-ahead (frame version 2, docs/wire-format.md "Look-ahead"): a TREE frame carries the
+distributions of a tree of continuations the cloud chose, one DIST frame per node; the device
+answers a round with one TOKENS frame, the tokens it chose in it (a path of the tree and the one
+token that left it). OPEN and ATTACH have a version-2 form with the look-ahead bound and the
+round's pending tokens. Version-1 frames are unchanged and still accepted.
 """
 
 from __future__ import annotations
@@ -27,10 +33,17 @@ import torch
 from torch import Tensor
 
 VERSION = 1
+LOOKAHEAD_VERSION = 2  # the look-ahead frames: OPEN and ATTACH's long forms, TOKENS, TREE
 
 # message types
-OPEN, ATTACH, TOKEN = 0x01, 0x02, 0x03  # uplink
-READY, DIST = 0x81, 0x82  # downlink
+OPEN, ATTACH, TOKEN, TOKENS = 0x01, 0x02, 0x03, 0x04  # uplink (TOKENS: version 2 only)
+READY, DIST, TREE = 0x81, 0x82, 0x83  # downlink (TREE: version 2 only)
+_TYPES = {VERSION: {OPEN, ATTACH, TOKEN, READY, DIST}, LOOKAHEAD_VERSION: {OPEN, ATTACH, TOKENS, TREE}}
+
+# look-ahead modes (OPEN, version 2): none, the cloud's adaptive shape within the bounds, or the
+# bounds themselves every round (a chain of `depth` and, with more `nodes`, branches)
+LOOKAHEAD_OFF, LOOKAHEAD_AUTO, LOOKAHEAD_FIXED = 0, 1, 2
+NO_PARENT = 0xFFFF  # the root's parent in a TREE frame
 
 # DIST encodings
 FULL_F32, TOPK_F16, TOPK_F32, TOPK_PACKED = 0, 1, 2, 3
@@ -66,6 +79,10 @@ CLOSE_BUSY = 4429
 
 _OPEN = struct.Struct("<BBHIIII")  # version, type, flags, k, max_new_tokens, n_prompt, n_generated
 _ATTACH = struct.Struct(f"<BBH{SESSION_ID_BYTES}sII")  # version, type, 0, session id, n_generated, last token
+_OPEN2 = struct.Struct("<BBHIIIIBBH")  # _OPEN's fields, then look-ahead mode, depth, nodes
+_ATTACH2 = struct.Struct(f"<BBH{SESSION_ID_BYTES}sI")  # version 2, type, n_pending, session id, n_generated
+_TOKENS = struct.Struct("<BBH")  # version 2, type, n; then u32 ids[n]
+_TREE = struct.Struct("<BBHII")  # version 2, type, nodes, position, cloud microseconds; then the nodes
 _TOKEN = struct.Struct("<BBI")  # version, type, token id (the long form, for ids >= 2**24)
 TOKEN_BYTES = 4  # the short form: version, token id as u24; a 4-byte uplink frame is always a TOKEN
 _READY = struct.Struct(f"<BBH{SESSION_ID_BYTES}sII")  # version, type, 0, session id, vocab size, position
@@ -87,6 +104,24 @@ class FrameError(ValueError):
 
 
 @dataclass(frozen=True)
+class Lookahead:
+    """What a device asks for in OPEN: no look-ahead, the cloud's adaptive shape within `depth`
+    levels and `nodes` nodes per round, or that shape fixed (a chain of `depth`; more `nodes` than
+    depth + 1 branch where the LLM is least sure)."""
+
+    mode: int = LOOKAHEAD_OFF
+    depth: int = 0  # tree levels below the root
+    nodes: int = 1  # nodes per round, the root included
+
+    @property
+    def on(self) -> bool:
+        return self.mode != LOOKAHEAD_OFF
+
+
+NO_LOOKAHEAD = Lookahead()
+
+
+@dataclass(frozen=True)
 class Open:
     """Start a session on the public prompt; `generated` (resume) are tokens already chosen."""
 
@@ -95,24 +130,51 @@ class Open:
     max_new_tokens: int = 128
     generated: list[int] = field(default_factory=list)
     packed: bool = False  # TOPK_PACKED frames, at most k entries
+    lookahead: Lookahead = NO_LOOKAHEAD  # anything but off: the version-2 form
 
     def encode(self) -> bytes:
         ids = list(self.prompt_ids) + list(self.generated)
         flags = FLAG_PACKED if self.packed else 0
-        head = _OPEN.pack(VERSION, OPEN, flags, self.k, self.max_new_tokens, len(self.prompt_ids), len(self.generated))
+        fields = (flags, self.k, self.max_new_tokens, len(self.prompt_ids), len(self.generated))
+        if self.lookahead.on:
+            la = self.lookahead
+            head = _OPEN2.pack(LOOKAHEAD_VERSION, OPEN, *fields, la.mode, la.depth, la.nodes)
+        else:
+            head = _OPEN.pack(VERSION, OPEN, *fields)
         return head + np.asarray(ids, dtype="<u4").tobytes()
 
 
 @dataclass(frozen=True)
 class Attach:
-    """Re-attach to a live session after a dropped connection (no replay needed)."""
+    """Re-attach to a live session after a dropped connection (no replay needed). `pending`: the
+    tokens of the device's last uplink, whose answer it never got (the long form; the short one
+    carries at most one, as `last_token`)."""
 
     session_id: bytes
     n_generated: int
     last_token: int = NO_TOKEN
+    pending: tuple[int, ...] = ()
 
     def encode(self) -> bytes:
+        if self.pending:
+            head = _ATTACH2.pack(LOOKAHEAD_VERSION, ATTACH, len(self.pending), self.session_id, self.n_generated)
+            return head + np.asarray(self.pending, dtype="<u4").tobytes()
         return _ATTACH.pack(VERSION, ATTACH, 0, self.session_id, self.n_generated, self.last_token)
+
+    def tail(self) -> tuple[int, ...]:
+        """The tokens whose answer was lost, whichever form carried them."""
+        return self.pending or (() if self.last_token == NO_TOKEN else (self.last_token,))
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """The tokens the device chose in one look-ahead round: a path down the round's tree, then the
+    token that left it (or the last one before a stop). Nothing else goes up."""
+
+    token_ids: tuple[int, ...]
+
+    def encode(self) -> bytes:
+        return _TOKENS.pack(LOOKAHEAD_VERSION, TOKENS, len(self.token_ids)) + np.asarray(self.token_ids, "<u4").tobytes()
 
 
 @dataclass(frozen=True)
@@ -159,43 +221,132 @@ class Dist:
         return self.ids is None
 
 
-Uplink = Union[Open, Attach, Token]
-Downlink = Union[Ready, Dist]
+@dataclass(frozen=True, eq=False)
+class Tree:
+    """One look-ahead round as the device reads it: node 0 is the root (the distribution at
+    `position`), node i > 0 the token `tokens[i]` after its parent `parents[i]` < i, and
+    `dists[i]` the LLM's distribution after that path (position + depth)."""
+
+    position: int
+    parents: tuple[int, ...]  # parents[0] = -1
+    tokens: tuple[int, ...]  # tokens[0] = NO_TOKEN
+    dists: tuple[Dist, ...]
+    cloud_us: int = 0  # the cloud's compute time for the round (informative)
+
+    @property
+    def size(self) -> int:
+        return len(self.parents)
+
+    def depths(self) -> list[int]:
+        d = [0] * self.size
+        for i in range(1, self.size):
+            d[i] = d[self.parents[i]] + 1
+        return d
+
+    def child(self, node: int, token: int) -> int | None:
+        """The child of `node` reached by `token`, if the round holds one."""
+        return next((i for i in range(node + 1, self.size) if self.parents[i] == node and self.tokens[i] == token), None)
+
+    def path(self, node: int) -> list[int]:
+        """The tokens from the root down to `node`."""
+        out = []
+        while node > 0:
+            out.append(self.tokens[node])
+            node = self.parents[node]
+        return out[::-1]
+
+    @classmethod
+    def single(cls, dist: Dist) -> "Tree":
+        """A DIST frame as a round with no look-ahead."""
+        return cls(dist.position, (-1,), (NO_TOKEN,), (dist,))
 
 
-def _header(data: bytes) -> int:
+def encode_tree(position: int, parents: list[int], tokens: list[int], dist_frames: list[bytes], cloud_us: int = 0) -> bytes:
+    """A look-ahead round -> TREE frame: `parents`/`tokens` of nodes 1..n-1 (the root has neither),
+    `dist_frames` the n nodes' DIST frames (root first) as encode_dist / encode_packed made them."""
+    n = len(dist_frames)
+    if len(parents) != n - 1 or len(tokens) != n - 1:
+        raise ValueError("a tree needs a parent and a token for every node but the root")
+    return b"".join([
+        _TREE.pack(LOOKAHEAD_VERSION, TREE, n, position, min(cloud_us, 0xFFFFFFFF)),
+        np.asarray(parents, "<u2").tobytes(), np.asarray(tokens, "<u4").tobytes(),
+        np.asarray([len(f) for f in dist_frames], "<u4").tobytes(), *dist_frames,
+    ])  # fmt: skip
+
+
+def tree_overhead(n: int) -> int:
+    """Bytes a TREE frame of n nodes adds to its n DIST frames."""
+    return _TREE.size + 6 * (n - 1) + 4 * n
+
+
+Uplink = Union[Open, Attach, Token, Tokens]
+Downlink = Union[Ready, Dist, Tree]
+
+
+def _header(data: bytes) -> tuple[int, int]:
+    """-> (version, message type), a type this version has; FrameError otherwise."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise FrameError("frames are binary")
     if len(data) < 2:
         raise FrameError(f"frame of {len(data)} bytes is too short")
-    if data[0] != VERSION:
-        raise FrameError(f"unsupported frame version {data[0]} (this side speaks {VERSION})", CLOSE_VERSION)
-    return data[1]
+    version, kind = data[0], data[1]
+    if version not in _TYPES:
+        raise FrameError(f"unsupported frame version {version} (this side speaks {VERSION} and {LOOKAHEAD_VERSION})",
+                         CLOSE_VERSION)  # fmt: skip
+    if kind not in _TYPES[version] and any(kind in types for types in _TYPES.values()):
+        raise FrameError(f"unsupported frame version {version} for message type 0x{kind:02x}", CLOSE_VERSION)
+    return version, kind
+
+
+def _ids(data: bytes, offset: int, n: int) -> list[int]:
+    return np.frombuffer(data, dtype="<u4", count=n, offset=offset).astype(np.int64).tolist()
 
 
 def decode_uplink(data: bytes) -> Uplink:
     """Device -> cloud bytes -> message; raises FrameError (malformed, wrong version)."""
     if isinstance(data, (bytes, bytearray, memoryview)) and len(data) == TOKEN_BYTES and data[0] == VERSION:
         return Token(int.from_bytes(bytes(data[1:]), "little"))
-    kind = _header(data)
+    version, kind = _header(data)
     if kind == OPEN:
-        if len(data) < _OPEN.size:
-            raise FrameError("OPEN frame too short")
-        _, _, flags, k, max_new, n_prompt, n_gen = _OPEN.unpack_from(data)
-        if len(data) != _OPEN.size + 4 * (n_prompt + n_gen):
-            raise FrameError(f"OPEN frame length {len(data)} does not match {n_prompt}+{n_gen} token ids")
-        if flags & ~FLAG_PACKED:
-            raise FrameError(f"unknown OPEN flags 0x{flags:04x}")
-        ids = np.frombuffer(data, dtype="<u4", offset=_OPEN.size).astype(np.int64).tolist()
-        return Open(ids[:n_prompt], k, max_new, ids[n_prompt:], bool(flags & FLAG_PACKED))
+        return _decode_open(data, version)
+    if kind == ATTACH and version == LOOKAHEAD_VERSION:
+        if len(data) < _ATTACH2.size:
+            raise FrameError("ATTACH frame too short")
+        _, _, n, sid, n_gen = _ATTACH2.unpack_from(data)
+        if n < 1 or len(data) != _ATTACH2.size + 4 * n:
+            raise FrameError(f"ATTACH frame length {len(data)} does not match {n} pending token ids")
+        return Attach(sid, n_gen, NO_TOKEN, tuple(_ids(data, _ATTACH2.size, n)))
     if kind == ATTACH:
         _expect_size(data, _ATTACH, "ATTACH")
         _, _, _, sid, n_gen, last = _ATTACH.unpack(data)
         return Attach(sid, n_gen, last)
+    if kind == TOKENS:
+        if len(data) < _TOKENS.size:
+            raise FrameError("TOKENS frame too short")
+        n = _TOKENS.unpack_from(data)[2]
+        if n < 1 or len(data) != _TOKENS.size + 4 * n:
+            raise FrameError(f"TOKENS frame length {len(data)} does not match {n} token ids")
+        return Tokens(tuple(_ids(data, _TOKENS.size, n)))
     if kind == TOKEN:
         _expect_size(data, _TOKEN, "TOKEN")
         return Token(_TOKEN.unpack(data)[2])
     raise FrameError(f"unknown uplink message type 0x{kind:02x}")
+
+
+def _decode_open(data: bytes, version: int) -> Open:
+    layout = _OPEN2 if version == LOOKAHEAD_VERSION else _OPEN
+    if len(data) < layout.size:
+        raise FrameError("OPEN frame too short")
+    _, _, flags, k, max_new, n_prompt, n_gen, *la = layout.unpack_from(data)
+    if len(data) != layout.size + 4 * (n_prompt + n_gen):
+        raise FrameError(f"OPEN frame length {len(data)} does not match {n_prompt}+{n_gen} token ids")
+    if flags & ~FLAG_PACKED:
+        raise FrameError(f"unknown OPEN flags 0x{flags:04x}")
+    lookahead = Lookahead(*la) if la else NO_LOOKAHEAD
+    if la and lookahead.mode not in (LOOKAHEAD_AUTO, LOOKAHEAD_FIXED):
+        raise FrameError(f"unknown look-ahead mode {lookahead.mode}")
+    ids = _ids(data, layout.size, n_prompt + n_gen)
+    return Open(ids[:n_prompt], k, max_new, ids[n_prompt:], bool(flags & FLAG_PACKED), lookahead)
 
 
 def _expect_size(data: bytes, layout: struct.Struct, name: str) -> None:
@@ -219,8 +370,11 @@ def _check_ids(ids: np.ndarray, vocab: int) -> None:
 
 def decode_downlink(data: bytes) -> Downlink:
     """Cloud -> device bytes -> message; raises FrameError (malformed, wrong version, impossible
-    values: a token id twice or outside the vocabulary, NaN or +inf log-probabilities)."""
-    kind = _header(data)
+    values: a token id twice or outside the vocabulary, NaN or +inf log-probabilities; a TREE frame
+    whose parents, tokens, counts or node positions do not make one tree)."""
+    version, kind = _header(data)
+    if kind == TREE:
+        return _decode_tree(data)
     if kind == READY:
         _expect_size(data, _READY, "READY")
         _, _, _, sid, vocab, pos = _READY.unpack(data)
@@ -255,6 +409,40 @@ def decode_downlink(data: bytes) -> Downlink:
             cap = float(low) + float(np.spacing(np.abs(low))) / 2
         return Dist(pos, vocab, torch.from_numpy(vals), torch.from_numpy(ids), float(log_tail), cap=cap)
     raise FrameError(f"unknown downlink message type 0x{kind:02x}")
+
+
+def _decode_tree(data: bytes) -> Tree:
+    if len(data) < _TREE.size:
+        raise FrameError("TREE frame too short")
+    _, _, n, position, cloud_us = _TREE.unpack_from(data)
+    at = _TREE.size
+    if n < 1 or len(data) < at + 6 * (n - 1) + 4 * n:
+        raise FrameError(f"TREE frame of {len(data)} bytes cannot hold {n} nodes")
+    parents = np.frombuffer(data, "<u2", n - 1, at).astype(np.int64)
+    tokens = np.frombuffer(data, "<u4", n - 1, at + 2 * (n - 1)).astype(np.int64)
+    lengths = np.frombuffer(data, "<u4", n, at + 6 * (n - 1)).astype(np.int64)
+    at += 6 * (n - 1) + 4 * n
+    if int(lengths.sum()) != len(data) - at:
+        raise FrameError("TREE frame: the node lengths do not add up to the frame")
+    if (parents >= np.arange(1, n)).any():
+        raise FrameError("TREE frame: a node's parent does not come before it")
+    pairs = set(zip(parents.tolist(), tokens.tolist()))
+    if len(pairs) != n - 1:
+        raise FrameError("TREE frame: two children of one node hold the same token")
+    tree = Tree(position, (-1, *parents.tolist()), (NO_TOKEN, *tokens.tolist()), ())
+    dists, view = [], memoryview(data)
+    for i, (length, depth) in enumerate(zip(lengths.tolist(), tree.depths())):
+        node = view[at : at + length]
+        if _header(node) != (VERSION, DIST):
+            raise FrameError(f"TREE frame: node {i} is not a DIST frame")
+        dist = decode_downlink(node)
+        if dist.position != position + depth or (dists and dist.vocab_size != dists[0].vocab_size):
+            raise FrameError(f"TREE frame: node {i} is at position {dist.position}, not {position + depth}")
+        dists.append(dist)
+        at += length
+    if (tokens >= dists[0].vocab_size).any():
+        raise FrameError("TREE frame holds a token id outside the vocabulary")
+    return Tree(position, tree.parents, tree.tokens, tuple(dists), cloud_us)
 
 
 # ---------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def test_token_frame_is_four_bytes_and_ready_round_trips():
     assert len(Token(1 << 24).encode()) == 6 and frames.decode_uplink(Token(1 << 24).encode()) == Token(1 << 24)
     assert frames.decode_uplink(struct.pack("<BBI", 1, frames.TOKEN, 9)) == Token(9)
     with pytest.raises(FrameError) as e:
-        frames.decode_uplink(b"\x02\x05\x00\x00")  # another version
+        frames.decode_uplink(b"\x03\x05\x00\x00")  # another version (2 is the look-ahead frames)
     assert e.value.code == frames.CLOSE_VERSION
     r = Ready(b"\x01" * 16, 49152, 3)
     assert frames.decode_downlink(r.encode()) == r

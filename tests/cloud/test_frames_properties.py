@@ -154,6 +154,9 @@ def check_read(decode, data: bytes) -> None:
         return
     if isinstance(msg, Dist):
         check_dist(msg)
+    elif isinstance(msg, frames.Tree):  # a look-ahead round: every node a sound distribution
+        for d in msg.dists:
+            check_dist(d)
     else:  # a fixed-layout message: it reads back the same from its own bytes
         assert decode(msg.encode()) == msg
 

@@ -174,3 +174,43 @@ def test_a_failed_forward_fails_its_jobs_only(pool):
         s.close()
     assert broken.closed
 
+
+
+class TreePool(RecordingPool):
+    """A recording pool with look-ahead: commit hands back one token to feed again (as llama.cpp does
+    for a kept branch leaf); grow records its rows."""
+
+    def commit(self, seq, node):
+        self.calls.append(("commit", seq, node))
+        return [99] if node == 2 else []
+
+    def grow(self, rows):
+        return self._forward(("grow", tuple(rows)), len(rows))
+
+
+class ChainPlanner:
+    """Grows `depth` levels of one node each, then stops."""
+
+    def __init__(self, depth):
+        self.depth, self.levels = depth, 0
+
+    def begin(self, logp):
+        return [(0, 7)] if self.depth else []
+
+    def extend(self, logps, seconds):
+        self.levels += 1
+        return [(self.levels, 7)] if self.levels < self.depth else []
+
+
+def test_a_look_ahead_job_commits_steps_what_the_pool_gave_back_then_grows_one_level_per_tick():
+    pool = TreePool()
+    sched = Scheduler(pool, n_seq=4, prefill_budget=4)
+    try:
+        sched.submit("a", job("k1", prompt=[1, 2])).result(timeout=10)
+        j = job("k1", steps=[5])
+        j.commit, j.tree = 2, ChainPlanner(2)
+        assert sched.submit("a", j).result(timeout=10) == ("done", (V,))
+        assert pool.calls[1:] == [("commit", 0, 2), ("step", ((0, 99),)), ("step", ((0, 5),)),
+                                  ("grow", ((0, 0, 7),)), ("grow", ((0, 1, 7),))]  # fmt: skip
+    finally:
+        sched.close()

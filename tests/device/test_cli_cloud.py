@@ -62,6 +62,11 @@ def test_generate_over_the_cloud_equals_in_process(folders, cloud, context_file,
                    "--slm", folders["slm"], "--max-new-tokens", "6")  # fmt: skip
     assert streamed.exit_code == 0 and streamed.stdout.strip()
 
+    for shape in ("chain:4", "tree:3:9", "off"):  # look-ahead: the same tokens (docs/wire-format.md)
+        ahead = run("generate", "--cloud", cloud.url, "--cloud-k", "full", "--lookahead", shape, *common)
+        assert ahead.exit_code == 0, ahead.output
+        assert json.loads(ahead.stdout.strip().splitlines()[-1])["token_ids"] == a["token_ids"], shape
+
 
 def test_audit_wire_exits_1_on_a_leak(folders, cloud, context_file, tmp_path):
     log = tmp_path / "wire.jsonl"
@@ -89,9 +94,11 @@ def test_audit_wire_exits_1_on_a_leak(folders, cloud, context_file, tmp_path):
         (["--cloud", "CLOUD", "--cloud-k", "packed:0"], KEY_A, "k must be"),
         (["--cloud", "CLOUD", "--cloud-k", "packed", "--cloud-api", "llamacpp"], KEY_A, "needs --cloud-api costeer"),
         (["--cloud", "CLOUD", "--lookahead", "many"], KEY_A, "lookahead must be"),
-        (["--cloud", "CLOUD", "--lookahead", "4"], KEY_A, "needs --cloud-api llamacpp|openai"),
+        (["--cloud", "CLOUD", "--lookahead", "tree:2:4", "--cloud-api", "llamacpp"], KEY_A, "needs --cloud-api costeer"),
         (["--cloud", "CLOUD", "--method", "llm_context"], KEY_A, "would send the private context"),
         (["--cloud", "CLOUD", "--max-new-tokens", "3000"], KEY_A, "exceeds the limit"),  # the cloud's 2,048
+        (["--cloud", "CLOUD", "--lookahead", "sideways"], KEY_A, "lookahead must be"),
+        (["--cloud", "CLOUD", "--lookahead", "chain:20"], KEY_A, "exceeds the limit of 16"),  # the cloud's bound
     ],
 )
 def test_cloud_errors_are_one_line(args, key, message, folders, cloud, context_file):

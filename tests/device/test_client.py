@@ -37,7 +37,7 @@ def cloud_pair(server, slm, key=KEY_A, **kw):
 @pytest.mark.parametrize("method", ["costeer", "light", "llm"])
 def test_full_frames_give_the_in_process_tokens(server, local, tiny_slm, method):
     want = local.generate(QUERY, CONTEXT, method, max_new_tokens=N)
-    cs = cloud_pair(server, tiny_slm, k="full")
+    cs = cloud_pair(server, tiny_slm, k="full", lookahead="off")  # one DIST per token (bytes checked below)
     got = cs.generate(QUERY, CONTEXT, method, max_new_tokens=N)
     assert got.token_ids == want.token_ids and got.text == want.text
     assert got.prompt_ids == want.prompt_ids
@@ -68,7 +68,7 @@ def test_topk_with_the_slm_tail_is_exact_when_the_slm_is_the_llm(tiny_llm):
     try:
         want = CoSteer(tiny_llm, tiny_llm).generate(QUERY, CONTEXT, "costeer", max_new_tokens=N).token_ids
         for k in (4, 32):
-            cs = CoSteer(connect_cloud(srv.url, api_key=KEY_A, k=k, tail="slm"), tiny_llm)
+            cs = CoSteer(connect_cloud(srv.url, api_key=KEY_A, k=k, tail="slm", lookahead="off"), tiny_llm)
             assert cs.generate(QUERY, CONTEXT, "costeer", max_new_tokens=N).token_ids == want
             assert cs.llm.bytes_down == cs.llm.frames_down * frames.frame_bytes(tiny_llm.vocab_size, k, "f32")
     finally:

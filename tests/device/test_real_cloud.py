@@ -27,7 +27,7 @@ def test_smollm2_over_the_socket_equals_in_process(smollm2, tmp_path, monkeypatc
     log = tmp_path / "wire.jsonl"
     try:
         for k in ("full", DEFAULT_FRAMES, DEFAULT_K):
-            llm = connect_cloud(server.url, api_key=KEY_A, k=k, wire_log=log)
+            llm = connect_cloud(server.url, api_key=KEY_A, k=k, wire_log=log, lookahead="off")
             got = CoSteer(llm, smollm2).generate(QUERY, CONTEXT, "costeer", max_new_tokens=N)
             assert got.token_ids == want.token_ids, f"k={k}"
             assert got.text == want.text
@@ -40,3 +40,29 @@ def test_smollm2_over_the_socket_equals_in_process(smollm2, tmp_path, monkeypatc
         server.stop()
     report = audit_wire(log, CONTEXT, QUERY)
     assert report.clean and report.prompt_is_query, report.to_dict()
+
+
+@pytest.mark.parametrize("backend", ["smollm2", "smollm2_cpp"])
+def test_look_ahead_gives_the_per_token_tokens_on_the_real_pair(backend, request, tmp_path, monkeypatch):
+    """SmolLM2 on both sides, each cloud backend (transformers; llama.cpp with its tree in shared
+    cells): a fixed tree and chain give the per-token run's tokens for costeer and costeer_matched,
+    greedy and with seeded sampling, and the device does take tokens from the trees."""
+    monkeypatch.setenv("COSTEER_CACHE_DIR", str(tmp_path / "cache"))
+    lm = request.getfixturevalue(backend)
+    server = ThreadServer(lm)
+    reference = "Name: Alex Doe. Lives in Denver. Likes pasta, cycling and jazz."
+    try:
+        def run(lookahead, method, **kw):
+            llm = connect_cloud(server.url, api_key=KEY_A, lookahead=lookahead)
+            extra = {"reference_message": f"{reference}\n\n{QUERY}"} if method == "costeer_matched" else {}
+            g = CoSteer(llm, lm).generate(QUERY, CONTEXT, method, max_new_tokens=32, **extra, **kw)
+            return g.token_ids, llm.tree_tokens
+
+        for method, kw in (("costeer", {}), ("costeer_matched", {}), ("costeer", dict(temperature=0.8, seed=3))):
+            want, _ = run("off", method, **kw)
+            for shape in ("tree:4:12", "chain:4"):
+                got, taken = run(shape, method, **kw)
+                assert got == want, (method, kw, shape)
+                assert taken > 0
+    finally:
+        server.stop()

@@ -83,7 +83,8 @@ def test_remote_cloud_wire_panel_shows_the_bytes_and_the_token_ids(live, slow_cl
     for name, w in wire.items():
         ids = [d["id"] for k, d in events if k == "token" and d["stream"] == name]
         assert w["remote"] and w["bytes_up"] > 0 and w["bytes_down"] > w["bytes_up"]
-        assert w["token_ids"] == ids[: len(w["token_ids"])] and len(w["token_ids"]) >= len(ids) - 1
+        # what went up: the answer but its last round (one token; with look-ahead, the tree's last path)
+        assert w["token_ids"] == ids[: len(w["token_ids"])] and w["token_ids"]
         assert w["prompt_ids"] == [w["llm_prompt_ids"]]  # one OPEN, with the public query's prompt
         assert w["audit"] == {"clean": True, "leaks": [], "prompt_is_public": True}
         assert w["session_closed"]

@@ -9,7 +9,15 @@ log-probabilities after the last one) and await its future. Every tick the sched
      order, until `prefill_budget` tokens are spent (at least one piece per tick), each piece
      in its own forward (what the prompt computes alone);
   3. steps: the next single token of every other session with work (a client's TOKEN, or one
-     token of a resumed session's replay) in ONE batched forward.
+     token of a resumed session's replay) in ONE batched forward;
+  4. look-ahead: the next level of every session's round tree (cloud/lookahead.py), all of them
+     (`pool.grow`: llama.cpp decodes the main chains' nodes of all sessions in one forward and each
+     branch leaf alone; the transformers pool feeds every node alone; both for exactness).
+
+A job with a look-ahead tree first keeps the path its device took through the previous round
+(`pool.commit`, before any forward of the tick; what the pool did not keep of it is stepped again),
+then steps its token, then grows its tree one level per tick; its result is made when the tree is
+done.
 
 A long prompt therefore costs everyone at most one piece per tick, a replay advances one token
 per tick beside everyone else's tokens, and releasing a session drops whatever it still had
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
@@ -46,6 +55,11 @@ class Job:
     finish: Callable[[Tensor], object]
     future: Future = field(default_factory=Future)
     fed: int = 0  # prompt tokens fed so far
+    commit: int | None = None  # keep the path to this node of the last round's tree first
+    tree: object | None = None  # a RoundPlanner: begin(logp) / extend(logps, seconds) -> next rows
+    rows: list[tuple[int, int]] = field(default_factory=list)  # the tree's next level (parent, token)
+    root: Tensor | None = None  # the distribution after the steps, kept while the tree grows
+    step_s: float = 0.0  # seconds of the forward that gave `root`
 
     @property
     def prefilling(self) -> bool:
@@ -135,11 +149,16 @@ class Scheduler:
                 if self._closed:
                     return
                 freed = self._take_released()
-                prefills, steps = self._plan()
+                commits = self._take_commits()
             for seq in freed:
                 self.pool.drop(seq)
+            self._commit(commits)  # before planning: a commit may give a job tokens to step first
+            with self._cv:
+                prefills, steps = self._plan()
+                levels = [(k, j, self._seq(k)) for k, j in self._jobs.items() if j.rows]
             self._prefill(prefills)
             self._step(steps)
+            self._grow(levels)
             self.ticks += 1
 
     def _take_released(self) -> list[int]:
@@ -154,6 +173,23 @@ class Scheduler:
                 self._free.append(seq)
         self._released.clear()
         return freed
+
+    def _take_commits(self) -> list[tuple[object, Job, int, int]]:
+        out = []
+        for key, job in self._jobs.items():
+            if job.commit is not None:
+                out.append((key, job, self._seq(key), job.commit))
+                job.commit = None
+        return out
+
+    def _commit(self, commits) -> None:
+        for key, job, seq, node in commits:
+            try:
+                again = self.pool.commit(seq, node)  # path tokens the pool did not keep (llama.cpp: a branch leaf)
+            except Exception as e:  # the sequence is in an unknown state: its session must end
+                self._fail([(key, job)], e)
+                continue
+            job.steps.extendleft(reversed(again))
 
     def _seq(self, key: object) -> int:
         if key not in self._seqs:
@@ -177,7 +213,8 @@ class Scheduler:
         owners = {j.owner for j in self._jobs.values()}
         waiting = [o for o in self._turns if o in owners and o not in served]
         self._turns = deque(waiting + [o for o in served if o in owners])
-        steps = [(k, j, self._seq(k), j.steps[0]) for k, j in self._jobs.items() if not j.prefilling and j.steps]
+        steps = [(k, j, self._seq(k), j.steps[0]) for k, j in self._jobs.items()
+                 if not j.prefilling and j.steps and j.commit is None]  # fmt: skip
         return prefills, steps
 
     def _prefill(self, pieces) -> None:
@@ -189,20 +226,49 @@ class Scheduler:
                 continue
             job.fed += len(tokens)
             if not job.prefilling and not job.steps:
-                self._finish(key, job, logp)
+                self._stepped(key, job, logp, 0.0)
 
     def _step(self, steps) -> None:
         if not steps:
             return
+        t = time.perf_counter()
         try:
             logps = self.pool.step([(seq, tok) for _, _, seq, tok in steps])  # [n, V]
         except Exception as e:
             self._fail([(key, job) for key, job, _, _ in steps], e)
             return
+        took = time.perf_counter() - t
         for row, (key, job, _, _) in enumerate(steps):
             job.steps.popleft()
             if not job.steps:
-                self._finish(key, job, logps[row])
+                self._stepped(key, job, logps[row], took)
+
+    def _stepped(self, key: object, job: Job, logp: Tensor, took: float) -> None:
+        """The job's tokens are fed: finish, or start its look-ahead tree."""
+        job.step_s = took
+        job.rows = job.tree.begin(logp) if job.tree is not None else []
+        if job.rows:
+            job.root = logp
+        else:
+            self._finish(key, job, logp)
+
+    def _grow(self, levels) -> None:
+        if not levels:
+            return
+        rows = [(seq, parent, token) for _, job, seq in levels for parent, token in job.rows]
+        t = time.perf_counter()
+        try:
+            logps = self.pool.grow(rows)  # [n, V]
+        except Exception as e:
+            self._fail([(key, job) for key, job, _ in levels], e)
+            return
+        took, at = time.perf_counter() - t, 0
+        for key, job, _ in levels:
+            n = len(job.rows)
+            job.rows = job.tree.extend(logps[at : at + n], took)
+            at += n
+            if not job.rows:
+                self._finish(key, job, job.root)
 
     def _finish(self, key: object, job: Job, logp: Tensor) -> None:
         with self._cv:

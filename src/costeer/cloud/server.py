@@ -114,6 +114,8 @@ def create_app(lm: LM, settings: ServerSettings) -> FastAPI:
             "stop_ids": sorted(lm.stop_ids),
             "tokenizer_fingerprint": fingerprint,
             "frame_version": frames.VERSION,
+            "lookahead": {"frame_version": frames.LOOKAHEAD_VERSION, "max_depth": s.max_lookahead_depth,
+                          "max_nodes": s.max_lookahead_nodes},  # fmt: skip
             "limits": {
                 "max_sessions_per_key": s.max_sessions_per_key,
                 "max_prompt_tokens": s.max_prompt_tokens,
@@ -266,11 +268,11 @@ async def _serve(ws: WebSocket, owner: str, registry: Registry, settings: Server
                 sess.websocket, sess.attached = ws, True
                 if old is not None and old is not ws:
                     await _close(old, frames.CLOSE_ORDER, "taken over by a new connection", settings.send_timeout_s)
+                lost = list(msg.tail())  # the device's last uplink, whose answer it never got
                 if msg.n_generated == sess.position:
                     frame = sess.last_frame
-                elif msg.n_generated == sess.position + 1 and msg.last_token != frames.NO_TOKEN:
-                    registry.check_token(sess, msg.last_token)  # the token whose answer was lost
-                    frame = await registry.advance(sess, msg.last_token)
+                elif lost and msg.n_generated == sess.position + len(lost):
+                    frame = await registry.advance(sess, lost, registry.check_tokens(sess, lost))
                 else:
                     raise ProtocolError(frames.CLOSE_ORDER, f"out of step: the device has {msg.n_generated} "
                                         f"tokens, the session {sess.position}")  # fmt: skip
@@ -278,18 +280,28 @@ async def _serve(ws: WebSocket, owner: str, registry: Registry, settings: Server
                 raise ProtocolError(frames.CLOSE_ORDER, "TOKEN before OPEN: open a session first")
             sess.touch()
             ready = frames.Ready(sess.id, registry.lm.vocab_size, sess.position).encode()
-            if not (await _send(ws, sess, registry, ready, settings) and await _send(ws, sess, registry, frame, settings)):
+            if not (await _send(ws, sess, registry, ready, settings) and await _send_round(ws, sess, registry, frame, settings)):
                 return
             continue
-        if not isinstance(msg, frames.Token):
+        if not isinstance(msg, (frames.Token, frames.Tokens)):
             raise ProtocolError(frames.CLOSE_ORDER, "this connection already has a session; send TOKEN frames")
-        registry.check_token(sess, msg.token_id)
-        frame = await registry.advance(sess, msg.token_id)
+        tokens = [msg.token_id] if isinstance(msg, frames.Token) else list(msg.token_ids)
+        if sess.controller is not None:
+            sess.controller.received(len(tokens) - 1)
+        frame = await registry.advance(sess, tokens, registry.check_tokens(sess, tokens))
         if sess.ended or sess.websocket is not ws:
             return
         sess.touch()
-        if not await _send(ws, sess, registry, frame, settings):
+        if not await _send_round(ws, sess, registry, frame, settings):
             return
+
+
+async def _send_round(ws: WebSocket, sess: Session, registry: Registry, frame: bytes, settings: ServerSettings) -> bool:
+    """A round's frame; a look-ahead session's controller notes when it left (its round trip)."""
+    ok = await _send(ws, sess, registry, frame, settings)
+    if ok and sess.controller is not None:
+        sess.controller.sent(len(frame), sess.round.size if sess.round is not None else 1)
+    return ok
 
 
 async def _send(ws: WebSocket, sess: Session, registry: Registry, data: bytes, settings: ServerSettings) -> bool:
@@ -325,11 +337,12 @@ async def _close_code(ws: WebSocket, timeout: float) -> int | None:
 
 def _device_gone(registry: Registry, sess: Session | None, ws: WebSocket, code: int | None) -> None:
     """The device's connection is gone: a close with 1000 ends its session at once (even before
-    READY); any other drop keeps the session for ATTACH until the idle timeout."""
+    READY), and so does one with a 44xx code (the device refused what the cloud sent and will not
+    come back to it); any other drop keeps the session for ATTACH until the idle timeout."""
     if sess is None or sess.ended or sess.websocket is not ws:
         return
-    if code == frames.CLOSE_NORMAL:
-        registry.end(sess, "closed by the device")
+    if code == frames.CLOSE_NORMAL or (code is not None and 4400 <= code < 4500):
+        registry.end(sess, "closed by the device" if code == frames.CLOSE_NORMAL else f"refused by the device ({code})")
     else:
         sess.attached, sess.websocket = False, None
         sess.touch()

@@ -22,6 +22,7 @@ from pathlib import Path
 from torch import Tensor
 
 from costeer import frames
+from costeer.cloud.lookahead import Controller, RoundPlanner
 from costeer.cloud.scheduler import Job, Released, Scheduler
 from costeer.engine.models import LM
 
@@ -55,12 +56,17 @@ class ServerSettings:
     send_timeout_s: float = 30.0  # a peer that has not taken a frame or a close within this is dropped
     handshake_timeout_s: float = 10.0  # a whole HTTP request, then a WebSocket's OPEN or ATTACH
     max_connections: int = 256  # open sockets, HTTP and WebSocket; more are answered 503 at once
+    # look-ahead (cloud/lookahead.py): the largest tree a session may ask for per round
+    max_lookahead_depth: int = 16  # levels below the root
+    max_lookahead_nodes: int = 64  # nodes, the root included
 
     def __post_init__(self):
         if not self.api_keys:
             raise ValueError("no API keys: set COSTEER_API_KEYS (comma-separated) or give --api-keys-file")
         if min(self.send_timeout_s, self.handshake_timeout_s, self.idle_timeout_s) <= 0 or self.max_connections < 1:
             raise ValueError("timeouts must be positive and max_connections at least 1")
+        if not (0 <= self.max_lookahead_depth <= 255 and 1 <= self.max_lookahead_nodes <= 0xFFFF):
+            raise ValueError("max_lookahead_depth must be 0-255 and max_lookahead_nodes 1-65535")
         largest = self.max_prompt_tokens + self.max_new_tokens
         for name in ("max_kv_tokens", "max_backlog_tokens_per_key"):
             if getattr(self, name) < largest:
@@ -71,6 +77,11 @@ class ServerSettings:
     def max_uplink_bytes(self) -> int:
         """The largest OPEN frame these limits allow (the server refuses bigger messages)."""
         return 64 + 4 * (self.max_prompt_tokens + self.max_new_tokens)
+
+    def check_lookahead(self, la: frames.Lookahead) -> None:
+        if la.on and (la.depth > self.max_lookahead_depth or la.nodes > self.max_lookahead_nodes):
+            raise ProtocolError(frames.CLOSE_TOO_LARGE, f"look-ahead of {la.depth} levels and {la.nodes} nodes exceeds "
+                                f"the limit of {self.max_lookahead_depth} and {self.max_lookahead_nodes}")  # fmt: skip
 
 
 def read_api_keys(env_value: str | None, keys_file: str | Path | None) -> frozenset[str]:
@@ -124,6 +135,9 @@ class Session:
     busy: bool = False  # a job is queued or running in the scheduler
     last_active: float = field(default_factory=time.monotonic)
     websocket: object | None = None
+    lookahead: frames.Lookahead = frames.NO_LOOKAHEAD
+    controller: Controller | None = None  # look-ahead sessions: what the rounds' shape follows
+    round: RoundPlanner | None = None  # the last round sent (its tree: what the next uplink may follow)
 
     @property
     def position(self) -> int:
@@ -131,8 +145,9 @@ class Session:
 
     @property
     def kv_tokens(self) -> int:
-        """The KV cache this session may fill: its reservation against max_kv_tokens."""
-        return len(self.prompt) + self.max_new_tokens
+        """The KV cache this session may fill: its reservation against max_kv_tokens (a look-ahead
+        round's nodes hold cells until the next uplink)."""
+        return len(self.prompt) + self.max_new_tokens + (self.lookahead.nodes if self.lookahead.on else 0)
 
     def touch(self) -> None:
         self.last_active = time.monotonic()
@@ -147,6 +162,8 @@ class Session:
             "prompt_tokens": len(self.prompt),
             "attached": self.attached,
             "idle_s": round(time.monotonic() - self.last_active, 3),
+            "lookahead": {"mode": self.lookahead.mode, "depth": self.lookahead.depth, "nodes": self.lookahead.nodes,
+                          **(self.controller.estimates() if self.controller is not None else {})},
         }
 
 
@@ -183,13 +200,16 @@ class Registry:
             )
         if len(msg.generated) >= msg.max_new_tokens:
             raise ProtocolError(frames.CLOSE_TOO_LARGE, "resumed tokens already reach max_new_tokens")
+        s.check_lookahead(msg.lookahead)
         bad = next((t for t in [*msg.prompt_ids, *msg.generated] if t >= V), None)
         if bad is not None:
             raise ProtocolError(frames.CLOSE_INVALID, f"token id {bad} is outside the vocabulary (size {V})")
-        self._check_capacity(owner, len(msg.prompt_ids) + msg.max_new_tokens, len(msg.prompt_ids) + len(msg.generated))
         sid = secrets.token_bytes(frames.SESSION_ID_BYTES)
-        sess = Session(sid, owner, msg.k, msg.max_new_tokens, list(msg.prompt_ids), msg.packed)
+        sess = Session(sid, owner, msg.k, msg.max_new_tokens, list(msg.prompt_ids), msg.packed, lookahead=msg.lookahead)
+        self._check_capacity(owner, sess.kv_tokens, len(msg.prompt_ids) + len(msg.generated))
         sess.generated = list(msg.generated)
+        if msg.lookahead.on:
+            sess.controller = Controller(msg.lookahead)
         self.sessions[sid] = sess
         log.info("session %s… opened: %d prompt tokens, %d resumed, k=%s%s",
                  sid.hex()[:8], len(msg.prompt_ids), len(msg.generated), msg.k or "full",
@@ -238,19 +258,35 @@ class Registry:
 
     # -- forwards (jobs for the scheduler; the frames are made in its thread) --------------
 
-    def _frame(self, sess: Session, logp: Tensor) -> bytes:
+    def _encode(self, sess: Session, logp: Tensor, position: int) -> bytes:
         if sess.packed:
-            sess.last_frame = frames.encode_packed(logp, sess.k, sess.position, self.settings.packed_floor)
+            return frames.encode_packed(logp, sess.k, position, self.settings.packed_floor)
+        return frames.encode_dist(logp, sess.k, position, self.settings.values)
+
+    def _frame(self, sess: Session, logp: Tensor, job: Job | None = None, started: float = 0.0) -> bytes:
+        """The round's frame: a DIST for the root alone, else a TREE (the job's planner)."""
+        tree = job.tree if job is not None else None
+        if tree is None or tree.size == 1:
+            sess.last_frame = self._encode(sess, logp, sess.position)
         else:
-            sess.last_frame = frames.encode_dist(logp, sess.k, sess.position, self.settings.values)
+            cloud_us = int((time.perf_counter() - started) * 1e6)
+            sess.last_frame = tree.encode(sess.position, lambda lp, pos: self._encode(sess, lp, pos), cloud_us)
+        sess.round = tree
+        if sess.controller is not None and job is not None:
+            sess.controller.step_took(job.step_s)
         return sess.last_frame
 
-    async def _run(self, sess: Session, prompt: list[int], steps: list[int], finish) -> bytes:
+    def _planner(self, sess: Session) -> RoundPlanner | None:
+        if sess.controller is None or not hasattr(self.scheduler.pool, "grow"):  # a pool without trees: per token
+            return None
+        return RoundPlanner(sess.controller, extends_branches=getattr(self.scheduler.pool, "extends_branches", True))
+
+    async def _run(self, sess: Session, job: Job) -> bytes:
         if sess.ended:
             raise ProtocolError(frames.CLOSE_ENDED, "the session has ended")
         sess.busy = True
         try:
-            return await asyncio.wrap_future(self.scheduler.submit(sess.id, Job(sess.owner, prompt, deque(steps), finish)))
+            return await asyncio.wrap_future(self.scheduler.submit(sess.id, job))
         except Released:
             raise ProtocolError(frames.CLOSE_ENDED, "the session has ended") from None
         finally:
@@ -259,22 +295,49 @@ class Registry:
     async def start(self, sess: Session) -> bytes:
         """Prefill the prompt, then replay resumed tokens one by one: the state is exactly the
         one an uninterrupted session would hold (a one-shot prefill would differ in rounding)."""
+        started = time.perf_counter()
+        job = Job(sess.owner, sess.prompt, deque(sess.generated), None, tree=self._planner(sess))
 
-        def started(logp: Tensor) -> bytes:
+        def finish(logp: Tensor) -> bytes:
             sess.started = True
-            return self._frame(sess, logp)
+            return self._frame(sess, logp, job, started)
 
-        return await self._run(sess, sess.prompt, sess.generated, started)
+        job.finish = finish
+        return await self._run(sess, job)
 
-    def check_token(self, sess: Session, token_id: int) -> None:
-        if token_id >= self.lm.vocab_size:
-            raise ProtocolError(frames.CLOSE_INVALID, f"token id {token_id} is outside the vocabulary (size {self.lm.vocab_size})")
-        if sess.position + 1 > sess.max_new_tokens:
+    def check_tokens(self, sess: Session, tokens: list[int]) -> int:
+        """An uplink against the session's limits and its last round -> the node of the round's tree
+        where the device chose its last token (0: the root). Bad input ends the session."""
+        bad = next((t for t in tokens if t >= self.lm.vocab_size), None)
+        if bad is not None:
+            raise ProtocolError(frames.CLOSE_INVALID, f"token id {bad} is outside the vocabulary (size {self.lm.vocab_size})")
+        if sess.position + len(tokens) > sess.max_new_tokens:
             raise ProtocolError(frames.CLOSE_TOO_LARGE, f"the session reached its {sess.max_new_tokens} new tokens")
+        tree = sess.round
+        allowed = 1 + (tree.max_depth() if tree is not None else 0)
+        if len(tokens) > allowed:
+            raise ProtocolError(frames.CLOSE_TOO_LARGE, f"{len(tokens)} tokens in one round; its tree allows {allowed}")
+        if len(tokens) == 1:
+            if tree is not None:
+                tree.follow(tokens)
+            return 0
+        node = tree.follow(tokens)
+        if node is None:
+            raise ProtocolError(frames.CLOSE_INVALID, "a token off the round's tree is followed by more tokens")
+        return node
 
-    async def advance(self, sess: Session, token_id: int) -> bytes:
-        def advanced(logp: Tensor) -> bytes:
-            sess.generated.append(token_id)
-            return self._frame(sess, logp)
+    async def advance(self, sess: Session, tokens: list[int], node: int) -> bytes:
+        """The device's tokens of one round (checked by check_tokens, which gave `node`): keep the path
+        to `node` from the round's tree, feed the last token, grow the next round."""
+        started = time.perf_counter()
+        kept = tokens[:-1]
+        job = Job(sess.owner, [], deque([tokens[-1]]), None, commit=node if sess.round is not None else None,
+                  tree=self._planner(sess))  # fmt: skip
 
-        return await self._run(sess, [], [token_id], advanced)
+        def finish(logp: Tensor) -> bytes:
+            sess.generated.extend(kept)
+            sess.generated.append(tokens[-1])
+            return self._frame(sess, logp, job, started)
+
+        job.finish = finish
+        return await self._run(sess, job)

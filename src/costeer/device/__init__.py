@@ -2,7 +2,7 @@
 on-device SLM pair) — our own cloud service (client.py: the WebSocket source) or a third-party
 serving engine (engines.py) — and the wire log with its audit (wire.py). Beside them: transport.py
 (HTTP, CloudError, Retry), tokenizers.py (the tokenizer cache), ahead.py (the SLM pair run while
-the cloud computes), options.py (the frames to ask for). Imports run one way:
+the cloud computes), options.py (the frames and the look-ahead to ask for). Imports run one way:
 client / engines -> ahead, options, transport -> wire -> tokenizers; all of them may import the
 engine and `costeer.frames`, never `costeer.cloud` (docs/architecture.md; tests/test_layers.py checks
 the directions)."""

@@ -19,9 +19,16 @@ rebuilds the LLM's [V] log-probabilities (`frames.densify`, with the SLM's own n
 distribution as the model of the top-k tail). Because the SLM forward runs inside
 `advance`, a Step's `llm_s` holds the overlapped time of both and `slm_s` is ~0.
 
+Look-ahead (`lookahead`, docs/wire-format.md): the cloud may answer with a TREE of likely
+continuations. While the token the device chose is a child of where it stands, `advance` takes that
+node's distribution without asking (the SLM pair still runs once per token); when the choice leaves
+the tree it sends the round's tokens in one TOKENS frame and waits, as for one token. Every
+distribution it uses is the one the cloud would have sent token by token.
+
 A dropped connection is retried with back-off: first by re-attaching to the live session
-(ATTACH), else — the cloud restarted, or the session was evicted — by opening a new one with
-the query plus the tokens chosen so far, which the cloud replays. The caller sees one stream.
+(ATTACH, with the round's tokens whose answer was lost), else — the cloud restarted, or the session
+was evicted — by opening a new one with the query plus the tokens chosen so far, which the cloud
+replays. The caller sees one stream.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from torch import Tensor
 
 from costeer import frames
 from costeer.device.ahead import SteeringAhead
-from costeer.device.options import DEFAULT_FRAMES, DEFAULT_K, CloudFrames, check_tail
+from costeer.device.options import DEFAULT_FRAMES, DEFAULT_K, CloudFrames, Lookahead, check_tail
 from costeer.device.tokenizers import TokenizerRefused, cached_tokenizer, store_tokenizer, tokenizer_dir
 from costeer.device.transport import MAX_INFO_BYTES, MAX_TOKENIZER_BYTES, CloudError, HttpClient, Link, Retry, cloud_urls
 from costeer.device.wire import WireLog, redact_headers
@@ -55,6 +62,16 @@ _FATAL = {frames.CLOSE_MALFORMED, frames.CLOSE_UNAUTHORIZED, frames.CLOSE_TOO_LA
 MAX_VOCAB = 1 << 24  # 64 times the largest vocabulary in use (Gemma-3: 262,144)
 
 
+class LookaheadInfo(BaseModel):
+    """/v1/info's look-ahead limits (a cloud that speaks the version-2 frames)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    frame_version: int
+    max_depth: int = Field(ge=0, le=255)
+    max_nodes: int = Field(ge=1, le=0xFFFF)
+
+
 class CloudInfo(BaseModel):
     """/v1/info as the device accepts it: every field it reads, typed and bounded (docs/security.md)."""
 
@@ -65,6 +82,7 @@ class CloudInfo(BaseModel):
     stop_ids: list[int] = Field(max_length=64)
     tokenizer_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
     frame_version: int
+    lookahead: LookaheadInfo | None = None  # absent: a cloud without look-ahead
 
     @model_validator(mode="after")
     def _stop_ids_in_the_vocabulary(self) -> CloudInfo:
@@ -93,7 +111,8 @@ class CloudLLM(LLMSide):
     remote = True  # CoSteer refuses `llm_context` with a remote LLM: it would send the context
 
     def __init__(self, ws_url: str, api_key: str, info: CloudInfo, tokenizer, frames_: CloudFrames = CloudFrames(DEFAULT_K),
-                 tail: str = "slm", wire: WireLog | None = None, retry: Retry = Retry(), link: Link = Link()):  # fmt: skip
+                 tail: str = "slm", wire: WireLog | None = None, retry: Retry = Retry(), link: Link = Link(),
+                 lookahead: Lookahead | str | int = "off"):  # fmt: skip
         self.ws_url, self.api_key, self.info = ws_url, api_key, info
         self.name = info.model
         self.tokenizer = tokenizer
@@ -102,9 +121,21 @@ class CloudLLM(LLMSide):
         self.device = torch.device("cpu")
         self.frames, self.tail, self.wire, self.retry = frames_, check_tail(tail), wire, retry
         self.bytes_down = self.bytes_up = self.frames_down = 0  # DIST payload bytes / TOKEN payload bytes
-        # the longest message the device reads: a frame of the kind asked for (docs/security.md)
-        self.max_message_bytes = frames.max_downlink_bytes(self.vocab_size, frames_.k, frames_.packed)
+        self.rounds = self.tree_tokens = 0  # round trips (DIST or TREE answers) / tokens taken from trees
+        self.lookahead = self._lookahead(Lookahead.parse(lookahead))  # what OPEN asks for
+        # the longest message the device reads: a frame of the kind asked for, one per node (docs/security.md)
+        per_node = frames.max_downlink_bytes(self.vocab_size, frames_.k, frames_.packed)
+        n = self.lookahead.nodes if self.lookahead.on else 1
+        self.max_message_bytes = per_node * n + (frames.tree_overhead(n) if n > 1 else 0)
         self.tls = link.tls() if ws_url.startswith("wss:") else None
+
+    def _lookahead(self, choice: Lookahead) -> frames.Lookahead:
+        limits = self.info.lookahead
+        if limits is None or limits.frame_version != frames.LOOKAHEAD_VERSION:
+            if choice.on and not choice.auto:
+                raise CloudError(f"the cloud does not offer look-ahead (asked for {choice})")
+            return frames.NO_LOOKAHEAD  # auto with a cloud that has none: per token, as before
+        return choice.request(limits.max_depth, limits.max_nodes)
 
     @property
     def k(self) -> int:
@@ -125,12 +156,15 @@ class CloudLLM(LLMSide):
 
 def connect_cloud(url: str, api_key: str | None = None, k: CloudFrames | int | str = DEFAULT_FRAMES,
                   tail: str = "slm", wire_log: str | Path | WireLog | None = None, retry: Retry = Retry(),
-                  ca_file: str | Path | None = None, insecure: bool = False) -> CloudLLM:  # fmt: skip
+                  ca_file: str | Path | None = None, insecure: bool = False,
+                  lookahead: Lookahead | int | str = "auto") -> CloudLLM:  # fmt: skip
     """Ask the cloud what it serves and fetch its tokenizer (cached by fingerprint).
     k: the frames to ask for (options.CloudFrames, or its text: 'full', a top-k size, 'packed[:N]').
+    lookahead: 'auto' (default), 'off', N, 'chain:D' or 'tree:D:N' (options.Lookahead).
     ca_file: the CA bundle wss:// trusts (else SSL_CERT_FILE, else the system's); insecure: allow
     the key over plain ws:// to a host other than this machine."""
     frames_ = CloudFrames.parse(k)
+    lookahead = Lookahead.parse(lookahead)
     api_key = api_key if api_key is not None else os.environ.get("COSTEER_API_KEY", "")
     if not api_key:
         raise CloudError("no API key: set COSTEER_API_KEY")
@@ -154,7 +188,7 @@ def connect_cloud(url: str, api_key: str | None = None, k: CloudFrames | int | s
         http.close()
     if wire is not None:
         wire.meta(url=ws_url, model=info.model, tokenizer_fingerprint=fp, tokenizer_dir=str(tokenizer_dir(fp)))
-    return CloudLLM(ws_url, api_key, info, tok, frames_, tail, wire, retry, link)
+    return CloudLLM(ws_url, api_key, info, tok, frames_, tail, wire, retry, link, lookahead)
 
 
 class CloudSource:
@@ -167,18 +201,29 @@ class CloudSource:
         self.prompt: list[int] = list(prompt_ids)  # the public query's prompt (OPEN sends it)
         self.chosen: list[int] = []
         self.reconnects = 0
+        self.tree: frames.Tree | None = None  # the round the device is in
+        self.node = 0  # where it stands in that round's tree
+        self.pending: list[int] = []  # the round's tokens sent up, whose answer has not come yet
 
     # -- NextTokenSource ---------------------------------------------------------------
 
     def start(self) -> Tensor:
         self.chosen, self.session_id = [], None
         hook = self.ahead.run_start if self.ahead else None
-        return self._densify(self._exchange(None, hook))
+        return self._enter(self._exchange(None, hook), 0)
 
     def advance(self, token_id: int) -> Tensor:
-        self.chosen.append(int(token_id))
+        token_id = int(token_id)
+        self.chosen.append(token_id)
+        child = self.tree.child(self.node, token_id) if self.tree is not None else None
+        if child is not None:  # the cloud computed this one ahead: no round trip
+            if self.ahead is not None:
+                self.ahead.run_advance(token_id)
+            self.llm.tree_tokens += 1
+            return self._enter(self.tree, child)
+        tokens = (self.tree.path(self.node) if self.tree is not None else []) + [token_id]
         hook = (lambda: self.ahead.run_advance(token_id)) if self.ahead else None
-        return self._densify(self._exchange(token_id, hook))
+        return self._enter(self._exchange(tokens, hook), 0)
 
     def close(self) -> None:
         """End the session (close code 1000: the cloud frees it at once)."""
@@ -192,27 +237,34 @@ class CloudSource:
 
     # -- internals ---------------------------------------------------------------------
 
-    def _densify(self, dist: frames.Dist) -> Tensor:
+    def _enter(self, tree: frames.Tree, node: int) -> Tensor:
+        """Stand at `node` of `tree` -> its [V] log-probabilities."""
+        self.tree, self.node = tree, node
+        dist = tree.dists[node]
         use_slm = self.llm.tail == "slm" and self.ahead is not None and not dist.full
         return frames.densify(dist, self.ahead.reference() if use_slm else None)
 
-    def _exchange(self, token_id: int | None, hook) -> frames.Dist:
-        """Send (the token, or OPEN/ATTACH on a new connection), run `hook` once while the
+    def _exchange(self, tokens: list[int] | None, hook) -> frames.Tree:
+        """Send the round's tokens (or OPEN/ATTACH on a new connection), run `hook` once while the
         cloud works, then read the answer; reconnect and resume on a dropped connection."""
         import websockets.exceptions as wse
 
+        self.pending = list(tokens or [])
         outage = None  # the run of failures this exchange is in, if any
         while True:
             try:
                 if self.ws is None:
                     self._connect_and_open()
-                elif token_id is not None:
-                    self._send(frames.Token(token_id).encode(), token=True)
-                token_id = None  # a reconnection re-sends it inside OPEN / ATTACH
+                elif tokens is not None:
+                    up = frames.Token(tokens[0]) if len(tokens) == 1 else frames.Tokens(tuple(tokens))
+                    self._send(up.encode(), token=True)
+                tokens = None  # a reconnection re-sends them inside OPEN / ATTACH
                 if hook is not None:
                     hook, h = None, hook
                     h()
-                return self._receive_dist()
+                tree = self._receive_round()
+                self.pending = []
+                return tree
             except wse.InvalidStatus as e:
                 status = e.response.status_code
                 body = e.response.body.decode("utf-8", "replace") if e.response.body else ""
@@ -275,10 +327,14 @@ class CloudSource:
             wire.record("received", "ws-handshake", resp.encode())
         self.ws = ws
         if self.session_id is not None:
-            last = self.chosen[-1] if self.chosen else frames.NO_TOKEN
-            self._send(frames.Attach(self.session_id, len(self.chosen), last).encode())
+            if len(self.pending) > 1:  # a round's tokens whose answer was lost: the long form
+                attach = frames.Attach(self.session_id, len(self.chosen), pending=tuple(self.pending))
+            else:
+                attach = frames.Attach(self.session_id, len(self.chosen), self.chosen[-1] if self.chosen else frames.NO_TOKEN)
+            self._send(attach.encode())
         else:
-            self._send(frames.Open(self.prompt, self.llm.k, self.max_new_tokens, list(self.chosen), self.llm.packed).encode())
+            self._send(frames.Open(self.prompt, self.llm.k, self.max_new_tokens, list(self.chosen), self.llm.packed,
+                                   self.llm.lookahead).encode())  # fmt: skip
         self._expect_ready = True
 
     def _send(self, data: bytes, token: bool = False) -> None:
@@ -297,21 +353,40 @@ class CloudSource:
         try:
             return frames.decode_downlink(data), len(data)
         except frames.FrameError as e:
-            raise CloudError(f"unreadable frame from the cloud: {e.reason}") from None
+            self._refuse(e.code, e.reason)
 
-    def _receive_dist(self) -> frames.Dist:
+    def _refuse(self, code: int, reason: str):
+        """A frame the device cannot use: close with `code` (the cloud ends the session and frees
+        it: docs/wire-format.md) and stop with one clear error."""
+        if self.ws is not None:
+            try:
+                self.ws.close(code, reason[:120])
+            except Exception:  # noqa: BLE001 - the connection may already be gone
+                pass
+            self._log_close("sent", code, reason[:120])
+            self.ws = None
+        raise CloudError(f"unreadable frame from the cloud: {reason}", code)
+
+    def _receive_round(self) -> frames.Tree:
         if getattr(self, "_expect_ready", False):
             msg, _ = self._recv()
             if not isinstance(msg, frames.Ready):
                 raise CloudError("the cloud did not answer OPEN with READY")
             self.session_id, self._expect_ready = msg.session_id, False
         msg, n = self._recv()
-        if not isinstance(msg, frames.Dist):
-            raise CloudError("expected a DIST frame from the cloud")
-        if msg.position != len(self.chosen) or msg.vocab_size != self.llm.vocab_size:
+        if isinstance(msg, frames.Dist):
+            msg = frames.Tree.single(msg)
+        if not isinstance(msg, frames.Tree):
+            raise CloudError("expected a DIST or TREE frame from the cloud")
+        if msg.position != len(self.chosen) or msg.dists[0].vocab_size != self.llm.vocab_size:
             raise CloudError(f"the cloud is out of step (position {msg.position}, expected {len(self.chosen)})")
+        asked = self.llm.lookahead
+        if msg.size > 1 and (msg.size > asked.nodes or max(msg.depths()) > asked.depth):
+            self._refuse(frames.CLOSE_MALFORMED, f"a TREE of {msg.size} nodes and {max(msg.depths())} levels; "
+                         f"asked for at most {asked.nodes} and {asked.depth}")  # fmt: skip
         self.llm.bytes_down += n
-        self.llm.frames_down += 1
+        self.llm.frames_down += msg.size
+        self.llm.rounds += 1
         return msg
 
     def _log_close(self, direction: str, code: int, reason: str) -> None:

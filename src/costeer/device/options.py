@@ -89,27 +89,35 @@ def check_tail(tail: str) -> str:
     return tail
 
 
+# Look-ahead (docs/wire-format.md, "Look-ahead"): how many positions one round trip may carry.
 MAX_LOOKAHEAD = 32  # positions one round may carry: the device bounds what it asks for
+AUTO_DEPTH, AUTO_NODES = 8, 16  # costeer serve's 'auto' asks within these (and the server's limits)
 LOOKAHEAD_HELP = ("How many positions one round trip may carry: 'auto' (from the measured round trip, the cloud's "
                   "cost per position and how often the device stayed on the look-ahead), 'off' (one token per "
-                  f"round trip), or N <= {MAX_LOOKAHEAD} (at most N). Outputs are the same whatever it is.")  # fmt: skip
+                  f"round trip), N <= {MAX_LOOKAHEAD} (a chain of N positions each round); with costeer serve also "
+                  "'chain:D' (D positions past the first) and 'tree:D:M' (D levels, M nodes past the first: where the "
+                  "LLM is unsure, its other candidates too). Outputs are the same whatever it is.")  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Lookahead:
-    """`--lookahead auto|off|N`: depth None is auto; 1 is off (one position per round trip); N a
-    fixed bound on the positions of one round."""
+    """`--lookahead`: depth None is auto; 1 is off (one position per round trip); N a chain of N
+    positions per round. `tree` > 0 (costeer serve only): a tree of depth - 1 levels and `tree`
+    nodes past the round's first position."""
 
     depth: int | None = None
+    tree: int = 0
 
     def __post_init__(self) -> None:
         d = self.depth
         if d is not None and (isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= MAX_LOOKAHEAD):
             raise ValueError(f"lookahead must be 'auto', 'off' or a number from 1 to {MAX_LOOKAHEAD}, got {d!r}")
+        if self.tree and (d is None or d < 2 or self.tree < d - 1 or self.tree >= 0xFFFF):
+            raise ValueError("a look-ahead tree needs at least one level and one node per level")
 
     @classmethod
     def parse(cls, value: Lookahead | int | str | None) -> Lookahead:
-        """'auto' / None, 'off' / 0, or N -> Lookahead (itself when given one)."""
+        """'auto' / None, 'off' / 0, N, 'chain:D' or 'tree:D:M' -> Lookahead (itself when given one)."""
         if isinstance(value, Lookahead):
             return value
         if value is None:
@@ -123,11 +131,33 @@ class Lookahead:
             return cls(1)
         if text.isdigit():
             return cls(int(text))
-        raise ValueError(f"lookahead must be 'auto', 'off' or a number from 1 to {MAX_LOOKAHEAD}, got {value!r}")
+        kind, *nums = text.split(":")
+        if all(n.isdigit() for n in nums) and ((kind, len(nums)) in (("chain", 1), ("tree", 2))) and int(nums[0]) >= 1:
+            depth = int(nums[0]) + 1
+            return cls(depth, int(nums[1]) if kind == "tree" else 0)
+        raise ValueError(f"lookahead must be 'auto', 'off', a number from 1 to {MAX_LOOKAHEAD}, 'chain:D' or "
+                         f"'tree:D:M', got {value!r}")  # fmt: skip
 
     @property
     def auto(self) -> bool:
         return self.depth is None
 
+    @property
+    def on(self) -> bool:
+        return self.depth != 1
+
+    def request(self, max_depth: int, max_nodes: int) -> frames.Lookahead:
+        """What OPEN asks costeer serve for: auto within AUTO_DEPTH / AUTO_NODES and the server's
+        limits; a chain or a tree as it is (a server that allows less refuses it with 4413)."""
+        if self.auto:
+            depth, nodes = min(AUTO_DEPTH, max_depth), min(AUTO_NODES, max_nodes)
+            return frames.Lookahead(frames.LOOKAHEAD_AUTO, depth, nodes) if depth and nodes > 1 else frames.NO_LOOKAHEAD
+        if not self.on:
+            return frames.NO_LOOKAHEAD
+        ahead = self.tree or self.depth - 1
+        return frames.Lookahead(frames.LOOKAHEAD_FIXED, self.depth - 1, ahead + 1)
+
     def __str__(self) -> str:
+        if self.tree:
+            return f"tree:{self.depth - 1}:{self.tree}"
         return "auto" if self.auto else "off" if self.depth == 1 else str(self.depth)

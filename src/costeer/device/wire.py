@@ -10,7 +10,7 @@ notes it — the public query. Meta records are the device's own notes, not wire
 
 `audit_wire` checks a log against the private context: it reports every word 5-gram of the
 context that occurs in what crossed the wire — the raw bytes of every record, and the token
-ids of OPEN / ATTACH / TOKEN messages decoded with the LLM's tokenizer — but neither in the
+ids of OPEN / ATTACH / TOKEN / TOKENS messages decoded with the LLM's tokenizer — but neither in the
 public query nor in the generated text (which the cloud sees by design: it is the answer).
 """
 
@@ -177,13 +177,14 @@ def audit_records(records: list[dict], context: str, query: str | None = None, t
             else:
                 generated.append(new)
         elif isinstance(msg, frames.Attach):
-            if generated and msg.last_token != frames.NO_TOKEN and msg.n_generated == len(generated[-1]) + 1:
-                generated[-1].append(msg.last_token)
-        elif isinstance(msg, frames.Token):
+            lost = list(msg.tail())  # the round whose answer was lost, re-sent
+            if generated and lost and msg.n_generated == len(generated[-1]) + len(lost):
+                generated[-1].extend(lost)
+        elif isinstance(msg, (frames.Token, frames.Tokens)):  # one token, or one look-ahead round's
             if not generated:
                 notes.append("TOKEN before any OPEN")
                 generated.append([])
-            generated[-1].append(msg.token_id)
+            generated[-1].extend([msg.token_id] if isinstance(msg, frames.Token) else msg.token_ids)
     gen_text = ""
     prompt_is_query = None
     if tok is not None:

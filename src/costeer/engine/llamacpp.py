@@ -21,6 +21,7 @@ import importlib.util
 import logging
 import os
 import threading
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -174,10 +175,14 @@ def _logprobs(ll, ctx, out: np.ndarray, out_index: list[int]) -> Tensor:
     return torch.log_softmax(torch.from_numpy(out[: len(out_index)]), dim=-1)
 
 
-def _new_context(model: "LlamaCppModel", n_ctx: int, n_batch: int, n_seq_max: int, unified: bool, n_ubatch: int = 512):
-    """A llama.cpp context on `model` -> (ctx, llama_batch of n_batch rows)."""
+def _new_context(model: "LlamaCppModel", n_ctx: int, n_batch: int, n_seq_max: int, unified: bool, n_ubatch: int = 512,
+                 flash_attn: bool | None = None):  # fmt: skip
+    """A llama.cpp context on `model` -> (ctx, llama_batch of n_batch rows). flash_attn None: llama.cpp's
+    choice (on for the CPU)."""
     ll = model._ll
     cp = ll.llama_context_default_params()
+    if flash_attn is not None:
+        cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
     cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, n_batch, n_ubatch
     cp.n_seq_max = n_seq_max
     cp.kv_unified = unified
@@ -310,6 +315,35 @@ class LlamaDecodeBatch(_OwnsContext):
 
 
 
+# What a sequence computes in the pool must not depend on what else shares its forward: a look-ahead
+# node has to equal the step it stands for, bit for bit. Measured on SmolLM2 Q4_1 (docs/wire-format.md,
+# "Look-ahead"), llama.cpp's CPU kernels round by (1) whether a llama_decode holds one token or
+# several (another matmul path once a sequence passes 256 cells: up to 1 nat on tail tokens, 0.5 on
+# the top 20) and (2) where a sequence's cells lie in the shared cache (flash attention by their
+# order; with it off too, another sequence's cells in between moved a step by 0.8 nats). Rounding
+# differences this small grow that large because activations are quantised to 8 bits. So the pool
+# never decodes one row alone (a lone row gets a throwaway row beside it, removed at once, so the
+# next cell goes where the throwaway was), and keeps a session's cells where per-token steps put
+# them: a tree's nodes are steps of the session's own sequence, the next node of the main chain
+# (the greedy child of the greedy child...) kept, every other node decoded at the same position and
+# removed again (llama_memory_seq_rm puts the cache's search head back on the freed cell). Branches
+# are therefore leaves: only the main chain grows.
+LLAMA_MAX_SEQ = 256  # llama.cpp's limit on sequence ids per context
+
+
+@dataclass
+class _SeqTree:
+    """The look-ahead tree grown from one sequence: node 0 is the root (the sequence's next position
+    `root`); `chain` lists the main chain's nodes, whose cells the sequence keeps; every other node is
+    a leaf whose cell was removed once computed."""
+
+    root: int
+    parent: list[int] = field(default_factory=lambda: [-1])
+    depth: list[int] = field(default_factory=lambda: [0])
+    token: list[int] = field(default_factory=lambda: [-1])
+    chain: list[int] = field(default_factory=lambda: [0])
+
+
 class LlamaSequencePool(_OwnsContext):
     """Independent sequences that come and go, served from ONE llama.cpp context: one unified KV
     cache of `n_cells` cells that all of them share (allocated once: the memory of the whole
@@ -319,25 +353,46 @@ class LlamaSequencePool(_OwnsContext):
     `chunk` tokens, the ubatch size, split exactly where a whole-prompt llama_decode splits);
     step([(seq, token)]) -> [n, V] feeds one token to each of n sequences in ONE llama_decode;
     drop(seq) frees a sequence's cells. The caller keeps each sequence's tokens within the cells
-    (a full cache fails the step with LlamaCppError)."""
+    (a full cache fails the step with LlamaCppError).
+
+    Look-ahead: grow([(seq, parent, token)]) -> [n, V] adds nodes to the sequences' trees, each a
+    child of its tree's main chain (0 = the sequence's next position): every node a step of the
+    sequence's own, the main chain's kept and the others removed again (see above); commit(seq, node)
+    cuts the sequence back to the path to `node` -> the path's tokens past the main chain (a branch
+    leaf's token), which the caller feeds again as steps."""
+
+    extends_branches = False  # only the main chain has children
+    branches_free = 1 << 30  # branches need no sequence of their own
 
     def __init__(self, model: LlamaCppModel, n_cells: int, n_seq_max: int, chunk: int = 512):
         if n_seq_max < 1 or n_cells < 1 or chunk < 1:
             raise ValueError("a pool needs at least one sequence, one cell and a chunk of one token")
+        if n_seq_max > LLAMA_MAX_SEQ - 1:
+            raise ValueError(f"a pool holds at most {LLAMA_MAX_SEQ - 1} sequences")
         ll = model._ll
         self._ll, self.model, self.chunk = ll, model, chunk
         self.n_cells = _round_up(n_cells, 256)
-        self._cap = max(chunk, n_seq_max)  # one step of every sequence fits one ubatch
+        self._cap = max(chunk, n_seq_max + 1)  # one step of every sequence fits one ubatch
         # A unified cache: cells go to whichever sequence needs them, so memory follows the
         # tokens actually held, not n_seq_max times the longest possible sequence.
-        self.ctx, self.batch = _new_context(model, self.n_cells, self._cap, n_seq_max, unified=True, n_ubatch=self._cap)
+        self.ctx, self.batch = _new_context(model, self.n_cells, self._cap, n_seq_max + 1, unified=True,
+                                            n_ubatch=self._cap)  # fmt: skip
         self._mem = ll.llama_get_memory(self.ctx)
-        self._out = np.empty((n_seq_max, model.n_vocab), dtype=np.float32)  # [n, V], reused
+        self._out = np.empty((self._cap, model.n_vocab), dtype=np.float32)  # [n, V], reused
         self.pos: dict[int, int] = {}  # next position of each live sequence
+        self._spare = n_seq_max  # the throwaway row's sequence
+        self.trees: dict[int, _SeqTree] = {}
 
     def _decode(self, rows: list[tuple[int, int, int, bool]]) -> Tensor:
-        return _logprobs(self._ll, self.ctx, self._out, _decode_rows(self._ll, self.ctx, self.batch, self._cap, rows,
-                                                                     f"{self.n_cells} cells shared"))  # fmt: skip
+        alone = len(rows) == 1
+        if alone:  # never one row (see above): a throwaway row beside it
+            rows = rows + [(rows[0][0], self._spare, 0, False)]
+        try:
+            out = _decode_rows(self._ll, self.ctx, self.batch, self._cap, rows, f"{self.n_cells} cells shared")
+        finally:
+            if alone:
+                self._ll.llama_memory_seq_rm(self._mem, self._spare, -1, -1)
+        return _logprobs(self._ll, self.ctx, self._out, out)
 
     def prefill(self, seq: int, tokens: list[int]) -> Tensor:
         if not 0 < len(tokens) <= self.chunk:
@@ -354,7 +409,53 @@ class LlamaSequencePool(_OwnsContext):
             self.pos[seq] += 1
         return out
 
+    def grow(self, rows: list[tuple[int, int, int]]) -> Tensor:
+        """Branch nodes first, each alone and removed again; then the main chains' next nodes of all
+        sequences in one llama_decode -> [n, V] in the order of `rows`."""
+        out: list[Tensor | None] = [None] * len(rows)
+        chain_rows: list[tuple[int, int, int, int]] = []  # (row, seq, position, token)
+        tips: dict[int, int] = {}  # seq -> its main chain's last node before this level
+        for i, (seq, parent, token) in enumerate(rows):
+            tree = self.trees.setdefault(seq, _SeqTree(self.pos[seq]))
+            tip = tips.setdefault(seq, tree.chain[-1])
+            if parent != tip:
+                raise ValueError("on llama.cpp only the main chain's last node takes children (one level at a time)")
+            at = tree.root + tree.depth[parent]
+            tree.parent.append(parent)
+            tree.depth.append(tree.depth[parent] + 1)
+            tree.token.append(token)
+            if tree.chain[-1] == tip:  # the first child named: the main chain's next node
+                tree.chain.append(len(tree.parent) - 1)
+                chain_rows.append((i, seq, at, token))
+            else:  # a leaf: where the step would put it, then gone again
+                out[i] = self._decode([(token, seq, at, True)])[0].clone()
+                self._ll.llama_memory_seq_rm(self._mem, seq, at, -1)
+        if chain_rows:
+            logps = self._decode([(t, seq, at, True) for _, seq, at, t in chain_rows])
+            for (i, _, _, _), lp in zip(chain_rows, logps):
+                out[i] = lp
+        return torch.stack(out)
+
+    def commit(self, seq: int, node: int) -> list[int]:
+        tree = self.trees.pop(seq, None)
+        if tree is None:
+            if node != 0:
+                raise ValueError("commit to a node of a tree that was never grown")
+            return []
+        path = []
+        while node > 0:
+            path.append(node)
+            node = tree.parent[node]
+        path.reverse()
+        kept = 0
+        while kept < len(path) and path[kept] in tree.chain:
+            kept += 1
+        end = tree.root + kept
+        self._ll.llama_memory_seq_rm(self._mem, seq, end, -1)
+        self.pos[seq] = end
+        return [tree.token[n] for n in path[kept:]]
+
     def drop(self, seq: int) -> None:
+        self.trees.pop(seq, None)
         if self.pos.pop(seq, None) is not None:
             self._ll.llama_memory_seq_rm(self._mem, seq, -1, -1)
-

@@ -467,6 +467,7 @@ class DecodePool:
     def __init__(self, lm: LM):
         self.lm = lm
         self._seqs: dict[int, DecodeBatch] = {}
+        self.trees: dict[int, list] = {}  # seq -> its look-ahead tree (grow / commit)
 
     def prefill(self, seq: int, tokens: list[int]) -> Tensor:
         batch = self._seqs.get(seq)
@@ -479,6 +480,7 @@ class DecodePool:
         return torch.cat([self._seqs[seq].advance([t]) for seq, t in items])
 
     def drop(self, seq: int) -> None:
+        self.trees.pop(seq, None)
         batch = self._seqs.pop(seq, None)
         if batch is not None:
             batch.close()
@@ -486,6 +488,70 @@ class DecodePool:
     def close(self) -> None:
         for seq in list(self._seqs):
             self.drop(seq)
+
+    # -- look-ahead trees: each node's own key/value column, the sequence's cache left as it is ---------
+    #
+    # Rows of one batched forward round differently from a row alone (2e-5 to 4e-5 on SmolLM2's
+    # logits, and by how many rows there are), so each node is fed alone over its path's cache: what
+    # the step it stands for computes, bit for bit. commit() appends the kept path's columns.
+
+    extends_branches = True  # any node may take children
+
+    def grow(self, rows: list[tuple[int, int, int]]) -> Tensor:
+        """rows (seq, parent node, token): new nodes of the sequences' look-ahead trees -> [n, V]."""
+        out = []
+        for seq, parent, token in rows:
+            tree = self.trees.setdefault(seq, [(-1, None)])  # node -> (parent, its key/value column per layer)
+            path = self._path(tree, parent)
+            batch = self._seqs[seq]
+            cache = self._cache_with(batch, path)
+            pos = batch.next_pos + len(path)  # [1, 1]
+            logp, cache = self._node_forward(token, pos, cache)
+            tree.append((parent, tuple((layer.keys[..., -1:, :], layer.values[..., -1:, :]) for layer in cache.layers)))
+            out.append(logp)
+        return torch.stack(out)
+
+    def commit(self, seq: int, node: int) -> list[int]:
+        """Keep the path to `node` as the sequence's own; forget the rest of its tree -> [] (no token
+        of the path needs feeding again)."""
+        tree = self.trees.pop(seq, None)
+        if tree is None:
+            if node != 0:
+                raise ValueError("commit to a node of a tree that was never grown")
+            return []
+        path = self._path(tree, node)
+        if path:
+            batch = self._seqs[seq]
+            batch.cache = self._cache_with(batch, path)
+            batch.mask = torch.cat([batch.mask, torch.ones((1, len(path)), dtype=batch.mask.dtype)], dim=-1)
+            batch.next_pos = batch.next_pos + len(path)
+        return []
+
+    @staticmethod
+    def _path(tree: list, node: int) -> list:
+        """The key/value columns from the root down to `node`."""
+        cols = []
+        while node > 0:
+            parent, kv = tree[node]
+            cols.append(kv)
+            node = parent
+        return cols[::-1]
+
+    def _cache_with(self, batch: DecodeBatch, path: list):
+        """The sequence's cache followed by the path's columns, as a new cache (the sequence's is untouched)."""
+        base = KVSnapshot.of(batch.cache, int(batch.next_pos))
+        layers = tuple(
+            (torch.cat([k, *(col[i][0] for col in path)], dim=-2), torch.cat([v, *(col[i][1] for col in path)], dim=-2))
+            for i, (k, v) in enumerate(base.layers)
+        )  # fmt: skip
+        return _cache_from(self.lm, KVSnapshot(layers, base.length + len(path)))
+
+    @torch.inference_mode()
+    def _node_forward(self, token: int, pos: Tensor, cache):
+        dev = self.lm.device
+        out = self.lm.model(input_ids=torch.tensor([[token]], device=dev), position_ids=pos.to(dev),
+                            past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        return torch.log_softmax(out.logits[0, -1, :].float(), dim=-1), out.past_key_values
 
 
 @torch.inference_mode()

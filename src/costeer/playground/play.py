@@ -294,7 +294,9 @@ class Play:
             "bytes_down": sum(r["len"] for r in col.records if r["dir"] == "received"),
             "messages": len(col.records),
             "prompt_ids": opened,
-            "token_ids": [m.token_id for m in uplink if isinstance(m, frames.Token)],
+            # one TOKEN per token, or one TOKENS per look-ahead round (docs/wire-format.md)
+            "token_ids": [t for m in uplink if isinstance(m, (frames.Token, frames.Tokens))
+                          for t in ([m.token_id] if isinstance(m, frames.Token) else m.token_ids)],  # fmt: skip
             "session_closed": any(r.get("kind") == "ws-close" for r in sent),
             # every OPEN is exactly the public conversation's prompt, as the API built it from the turns
             "audit": {"clean": report.clean, "leaks": report.leaks,

@@ -1,0 +1,280 @@
+"""Look-ahead rounds on the cloud: which continuations to compute ahead, and how many.
+
+A round starts from the session's next distribution (the root). `RoundPlanner` grows a tree
+level by level: each level's candidates are the top few tokens of the nodes of the level above,
+each with an estimated chance that the device goes there,
+
+    P(child) = P(parent) * min(1, q_r * p_LLM(child | parent) / mean p_r),
+
+where r is the child's rank among its siblings (0: the LLM's greedy token), q_r how often the
+device took the rank-r child at the nodes it reached in this session, and mean p_r the LLM's
+average probability of those children: the device's own acceptance, raised where the LLM is surer
+than usual and lowered where it is less sure (the device fuses the LLM with its SLM pair, so it
+agrees with the LLM less often than p says).
+
+How much of the tree to compute follows what `Controller` measures per session (docs/wire-format.md,
+"Look-ahead", has the derivation and the figures):
+
+  - S, the seconds a token saves when the device finds it in the tree instead of asking: a round
+    trip as the device lives it (R: from the cloud sending a round to the next uplink arriving,
+    for a round the device left at once) plus the cloud's root step (c1), minus what the device
+    spends on a token it finds in the tree (L). R and L are fitted to the session's rounds:
+    gap = R + L * (tokens taken from the tree) + beta * bytes, so bytes per node count too.
+  - the cloud's cost of a level of n nodes, a + b * n, fitted to the levels it computed;
+  - q_r and mean p_r, from how often the device stayed in the tree at the nodes it reached.
+
+A node is worth computing when P(node) * S exceeds its cost (b plus its bytes), a level when its
+nodes' worth exceeds the level's fixed cost a too. Where the round trip is cheaper than the tree
+(loopback, a cloud on the same machine) S is about zero and no look-ahead is computed at all. A
+FIXED look-ahead (a benchmark's chain or tree) takes `depth` levels of (nodes - 1) / depth nodes,
+the most likely first, whatever the measurements.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from costeer import frames
+
+MAX_WIDTH = 4  # candidates per node: the LLM's top few (issue #14: top 2/4/8 hold 57/63/69% of choices)
+HISTORY = 32  # rounds (and levels) the fits look back on
+
+
+def _ridge(x: np.ndarray, y: np.ndarray, prior: np.ndarray, strength: float) -> np.ndarray:
+    """Least squares y ~ x @ w pulled toward `prior` (with a few samples the prior decides)."""
+    k = x.shape[1]
+    a = x.T @ x + strength * np.eye(k)
+    return np.linalg.solve(a, x.T @ y + strength * prior)
+
+
+@dataclass
+class Controller:
+    """A session's measurements and the look-ahead they call for (module docs)."""
+
+    bounds: frames.Lookahead
+    c1: float = 0.0  # seconds: the cloud's root step (EWMA)
+    # per sibling rank (0: the greedy child), at the nodes the device reached: children offered,
+    # taken, and their LLM probability summed
+    offered: list[float] = field(default_factory=lambda: [0.0] * MAX_WIDTH)
+    taken: list[float] = field(default_factory=lambda: [0.0] * MAX_WIDTH)
+    mass: list[float] = field(default_factory=lambda: [0.0] * MAX_WIDTH)
+    rounds: deque = field(default_factory=lambda: deque(maxlen=HISTORY))  # (gap s, tokens from the tree, bytes)
+    levels: deque = field(default_factory=lambda: deque(maxlen=HISTORY))  # (nodes, seconds)
+    bytes_per_node: float = 0.0  # EWMA of a node's DIST frame
+    sent_at: float | None = None  # when the last round left (server clock)
+    sent_bytes: int = 0
+    n_rounds: int = 0  # rounds sent
+
+    def stay(self, rank: int, p: float) -> float:
+        """Estimated chance that the device takes a rank-`rank` child of LLM probability p at a
+        node it reached: q_r * p / mean p_r (q_r with a prior of one half)."""
+        q = (self.taken[rank] + 0.5) / (self.offered[rank] + 1.0)
+        mean_p = self.mass[rank] / self.offered[rank] if self.offered[rank] else p
+        return min(1.0, q * p / max(mean_p, 1e-9))
+
+    # -- measurements ---------------------------------------------------------------------
+
+    def step_took(self, seconds: float) -> None:
+        self.c1 = seconds if self.c1 == 0 else 0.8 * self.c1 + 0.2 * seconds
+
+    def level_took(self, nodes: int, seconds: float) -> None:
+        self.levels.append((nodes, seconds))
+
+    def sent(self, nbytes: int, nodes: int, now: float | None = None) -> None:
+        self.sent_at, self.sent_bytes = (time.monotonic() if now is None else now), nbytes
+        self.n_rounds += 1
+        if nodes > 1:
+            per = nbytes / nodes
+            self.bytes_per_node = per if self.bytes_per_node == 0 else 0.8 * self.bytes_per_node + 0.2 * per
+
+    def received(self, in_tree: int, now: float | None = None) -> None:
+        """The device's uplink arrived: it took `in_tree` tokens from the round's tree."""
+        if self.sent_at is not None:
+            now = time.monotonic() if now is None else now
+            self.rounds.append((now - self.sent_at, in_tree, self.sent_bytes))
+            self.sent_at = None
+
+    def calibrate(self, rank: int, p: float, taken: bool) -> None:
+        """At a node the device reached: a child of this rank and LLM probability was offered (and taken)."""
+        self.offered[rank] += 1
+        self.mass[rank] += p
+        self.taken[rank] += taken
+
+    # -- estimates ------------------------------------------------------------------------
+
+    def round_trip(self) -> tuple[float, float, float]:
+        """(R, L, beta): the gap of a round the device left at once, seconds per token it took from
+        the tree, seconds per byte sent. L's prior is R + c1: until the device has taken tokens from
+        a tree, look-ahead is assumed to save nothing (probe_due offers one node now and then)."""
+        if not self.rounds:
+            return 0.0, self.c1, 0.0
+        r = np.array(self.rounds, dtype=np.float64)
+        x = np.stack([np.ones(len(r)), r[:, 1], r[:, 2] / 1e4], axis=1)  # bytes in units of 10 KB
+        R0 = float(np.median(r[:, 0]))
+        prior = np.array([R0, R0 + self.c1, 0.0])
+        w = _ridge(x, r[:, 0], prior, strength=0.05)
+        return max(w[0], 0.0), max(w[1], 0.0), max(w[2], 0.0) / 1e4
+
+    def level_cost(self) -> tuple[float, float]:
+        """(a, b): a level of n nodes costs a + b * n seconds (prior: the root step's cost, half
+        fixed and half per node, until levels of different sizes tell them apart)."""
+        if not self.levels:
+            return self.c1 / 2, self.c1 / 2
+        r = np.array(self.levels, dtype=np.float64)
+        x = np.stack([np.ones(len(r)), r[:, 0]], axis=1)
+        w = _ridge(x, r[:, 1], np.array([self.c1 / 2, self.c1 / 2]), strength=0.5)
+        return max(w[0], 0.0), max(w[1], 1e-6)
+
+    def estimates(self) -> dict:
+        """What the shape follows now (milliseconds), for /v1/sessions and the benchmarks."""
+        R, L, beta = self.round_trip()
+        a, b = self.level_cost()
+        ms = lambda x: round(1000 * float(x), 3)  # noqa: E731
+        return {"saving_ms": ms(self.saving()), "round_trip_ms": ms(R), "device_token_ms": ms(L), "step_ms": ms(self.c1),
+                "level_ms": ms(a), "node_ms": ms(b), "ms_per_kb": ms(beta * 1000), "bytes_per_node": round(self.bytes_per_node),
+                "stay_greedy": round((self.taken[0] + 0.5) / (self.offered[0] + 1.0), 3), "rounds": self.n_rounds}  # fmt: skip
+
+    def probe_due(self) -> bool:
+        """No round in view had the device take a token from a tree: offer one node (the first
+        rounds, then every 8th), so that L gets measured."""
+        learned = any(in_tree >= 1 for _, in_tree, _ in self.rounds)
+        return not learned and (self.n_rounds < 3 or self.n_rounds % 8 == 0)
+
+    def saving(self) -> float:
+        """S: seconds a token found in the tree saves the device (0: look-ahead does not pay)."""
+        R, L, _ = self.round_trip()
+        return max(0.0, R + self.c1 - L)
+
+
+@dataclass
+class RoundPlanner:
+    """One round's tree (node 0: the root) grown level by level for the scheduler: begin(root
+    log-probabilities) and extend(each level's) return the next level's rows [(parent, token)], []
+    when the tree is done."""
+
+    controller: Controller
+    extends_branches: bool = True  # False (llama.cpp): only the main chain (greedy of greedy...) takes children
+    parents: list[int] = field(default_factory=lambda: [-1])
+    tokens: list[int] = field(default_factory=lambda: [frames.NO_TOKEN])
+    reach: list[float] = field(default_factory=lambda: [1.0])  # P(node)
+    depth: list[int] = field(default_factory=lambda: [0])
+    logps: list[Tensor] = field(default_factory=list)
+    frontier: list[int] = field(default_factory=lambda: [0])
+    rank: list[int] = field(default_factory=lambda: [0])  # among its siblings, by the LLM's probability
+    pending: list[tuple[float, int, int, int]] = field(default_factory=list)  # the level being computed: (P, parent, token, rank)
+
+    @property
+    def size(self) -> int:
+        return len(self.parents)
+
+    def begin(self, root: Tensor) -> list[tuple[int, int]]:
+        self.logps = [root]
+        return self._next_level()
+
+    def extend(self, logps: Tensor, seconds: float) -> list[tuple[int, int]]:
+        """The pending level's [n, V] log-probabilities, computed in `seconds`."""
+        self.controller.level_took(len(self.pending), seconds)
+        self.frontier = []
+        for (p, parent, token, rank), logp in zip(self.pending, logps):
+            self.rank.append(rank)
+            if self.extends_branches or not self.frontier:  # the first named is the main chain's
+                self.frontier.append(self.size)
+            self.parents.append(parent)
+            self.tokens.append(token)
+            self.reach.append(p)
+            self.depth.append(self.depth[parent] + 1)
+            self.logps.append(logp)
+        self.pending = []
+        return self._next_level()
+
+    def _candidates(self) -> list[tuple[float, int, int, bool]]:
+        """(P, parent, token, rank) for the children of the frontier, most likely first."""
+        c, out = self.controller, []
+        for node in self.frontier:
+            logp = self.logps[node]
+            probs, ids = torch.topk(logp.float().exp(), min(MAX_WIDTH, logp.shape[-1]))
+            for rank, (p, t) in enumerate(zip(probs.tolist(), ids.tolist())):
+                if p > 0:
+                    out.append((self.reach[node] * c.stay(rank, p), node, t, rank))
+        return sorted(out, key=lambda c: -c[0])
+
+    def _next_level(self) -> list[tuple[int, int]]:
+        b = self.controller.bounds
+        level = self.depth[self.frontier[0]] + 1 if self.frontier else b.depth + 1
+        room = b.nodes - self.size
+        if level > b.depth or room <= 0 or not self.frontier:
+            return []
+        if b.mode == frames.LOOKAHEAD_FIXED:
+            take = self._fixed(room, b)
+        else:
+            take = self._worth(room)
+        self.pending = take
+        return [(parent, token) for _, parent, token, _ in take]
+
+    def _fixed(self, room: int, b: frames.Lookahead) -> list[tuple[float, int, int, int]]:
+        per_level = max(1, (b.nodes - 1) // max(b.depth, 1))
+        return self._pick(self._candidates(), min(per_level, room), lambda p: True)
+
+    def _worth(self, room: int) -> list[tuple[float, int, int, int]]:
+        c = self.controller
+        S, cands, take = c.saving(), self._candidates(), []
+        if S > 0:
+            a, b = c.level_cost()
+            node_cost = b + c.round_trip()[2] * c.bytes_per_node
+            take = self._pick(cands, room, lambda p: p * S > node_cost)
+            if sum(c[0] for c in take) * S - node_cost * len(take) <= a:
+                take = []
+        if not take and self.size == 1 and c.probe_due():
+            take = self._pick(cands, 1, lambda p: True)
+        return take
+
+    def _pick(self, cands, room: int, keep) -> list[tuple[float, int, int, int]]:
+        """The most likely candidates that `keep` accepts, at most `room` (on llama.cpp the first
+        named of a level is its main chain's node)."""
+        out = []
+        for cand in cands:
+            if len(out) >= room or not keep(cand[0]):
+                break
+            out.append(cand)
+        return out
+
+    # -- after the round ------------------------------------------------------------------
+
+    def child(self, node: int, token: int) -> int | None:
+        return next((i for i in range(node + 1, self.size) if self.parents[i] == node and self.tokens[i] == token), None)
+
+    def max_depth(self) -> int:
+        return max(self.depth)
+
+    def follow(self, tokens: list[int]) -> int | None:
+        """The node where the device chose its last token (the path of all the others); None when a
+        token before the last is not on the tree. Feeds the controller: at each node reached that
+        has children, which ranks were offered, with what probability, and which one was taken."""
+        node = 0
+        for i, t in enumerate(tokens):
+            nxt = self.child(node, t)
+            for j in range(node + 1, self.size):
+                if self.parents[j] == node:
+                    p = float(self.logps[node][self.tokens[j]].exp())
+                    self.controller.calibrate(self.rank[j], p, j == nxt)
+            if i == len(tokens) - 1:
+                break
+            if nxt is None:
+                return None
+            node = nxt
+        return node
+
+    def encode(self, position: int, encode_node, cloud_us: int) -> bytes:
+        """The round as the device reads it: a DIST frame for the root alone, else a TREE frame;
+        `encode_node(logp, position)` makes each node's DIST frame."""
+        blobs = [encode_node(logp, position + d) for logp, d in zip(self.logps, self.depth)]
+        if self.size == 1:
+            return blobs[0]
+        return frames.encode_tree(position, self.parents[1:], self.tokens[1:], blobs, cloud_us)

@@ -1,0 +1,111 @@
+"""The cloud's side of look-ahead with a tiny LLM: TREE rounds over a bare socket, and every bad
+look-ahead input (a bound above the server's limit, more tokens than the round allows, a token off
+the tree followed by more) closes its own session with a documented code and frees it, while a
+healthy look-ahead session of another key completes with the right tokens."""
+
+import pytest
+from websockets.sync.client import connect
+
+from costeer import frames
+from costeer.api import CoSteer
+from costeer.device import connect_cloud
+from costeer.frames import Lookahead, Open, Token, Tokens
+from tests.cloud.server_util import KEY_A, KEY_B, wait_until
+from tests.cloud.test_server import CONTEXT, N, QUERY, closed_with
+
+CHAIN3 = Lookahead(frames.LOOKAHEAD_FIXED, 3, 4)
+
+
+def ws_open(server, key=KEY_A):
+    return connect(server.url + "/v1/stream", additional_headers={"Authorization": f"Bearer {key}"}, compression=None,
+                   proxy=None, legacy=True, max_size=None)  # fmt: skip
+
+
+def open_round(ws, lookahead=CHAIN3, max_new=20):
+    """OPEN with look-ahead -> (READY, the first round as a Tree)."""
+    ws.send(Open([1, 2, 3], frames.FULL, max_new, lookahead=lookahead).encode())
+    ready = frames.decode_downlink(ws.recv(timeout=10))
+    first = frames.decode_downlink(ws.recv(timeout=10))
+    assert isinstance(ready, frames.Ready)
+    return ready, first if isinstance(first, frames.Tree) else frames.Tree.single(first)
+
+
+def test_a_fixed_chain_is_the_greedy_continuation_and_each_node_its_distribution(server, tiny_llm):
+    from costeer.engine.models import full_forward_logprobs
+
+    with ws_open(server) as ws:
+        _, tree = open_round(ws)
+        assert tree.size == 4 and list(tree.parents) == [-1, 0, 1, 2] and tree.position == 0
+        prefix = [1, 2, 3]
+        for i in range(4):  # node i: the distribution after the chain's first i tokens, greedy next
+            want = full_forward_logprobs(tiny_llm, prefix)
+            assert (tree.dists[i].logp - want).abs().max() < 1e-4
+            if i < 3:
+                assert tree.tokens[i + 1] == int(want.argmax())
+                prefix.append(tree.tokens[i + 1])
+        # the device takes two nodes and leaves: the next round starts three tokens on
+        off = (tree.tokens[3] + 1) % tiny_llm.vocab_size
+        ws.send(Tokens((tree.tokens[1], tree.tokens[2], off)).encode())
+        nxt = frames.decode_downlink(ws.recv(timeout=10))
+        assert nxt.position == 3
+        want = full_forward_logprobs(tiny_llm, [1, 2, 3, tree.tokens[1], tree.tokens[2], off])
+        assert (nxt.dists[0].logp - want).abs().max() < 1e-4
+        ws.send(Token(nxt.tokens[1]).encode())  # one token still goes up as a plain TOKEN
+        assert frames.decode_downlink(ws.recv(timeout=10)).position == 4
+
+
+def _tokens_of(tree: frames.Tree) -> list[int]:
+    return [tree.tokens[1], tree.tokens[2], tree.tokens[3]]
+
+
+BAD = {
+    "look-ahead above the limit": (lambda s: Open([1], 0, 5, lookahead=Lookahead(frames.LOOKAHEAD_AUTO, 17, 9)).encode(),
+                                   frames.CLOSE_TOO_LARGE, "exceeds the limit of 16"),
+    "look-ahead nodes above the limit": (lambda s: Open([1], 0, 5, lookahead=Lookahead(frames.LOOKAHEAD_FIXED, 4, 65)).encode(),
+                                         frames.CLOSE_TOO_LARGE, "and 64"),
+    "more tokens than the round allows": ("round", lambda t: Tokens((*_tokens_of(t), 5, 6)).encode(),
+                                          frames.CLOSE_TOO_LARGE, "its tree allows 4"),
+    "a token off the tree, then more": ("round", lambda t: Tokens((t.tokens[1], (t.tokens[2] + 1) % 300, 7)).encode(),
+                                        frames.CLOSE_INVALID, "off the round's tree"),
+    "two tokens without look-ahead": ("plain", lambda t: Tokens((5, 6)).encode(), frames.CLOSE_TOO_LARGE, "allows 1"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_look_ahead_input_ends_its_session_and_a_healthy_one_completes(case, server, tiny_slm):
+    want = CoSteer(connect_cloud(server.url, api_key=KEY_B, k="full", lookahead="off"), tiny_slm).generate(
+        QUERY, CONTEXT, "costeer", max_new_tokens=N).token_ids  # fmt: skip
+    healthy = CoSteer(connect_cloud(server.url, api_key=KEY_B, k="full", lookahead="tree:3:9"), tiny_slm)
+    stream = healthy.stream(QUERY, CONTEXT, "costeer", max_new_tokens=N)
+    it = iter(stream)
+    head = [next(it) for _ in range(3)]
+    *steps, code, reason = BAD[case]
+    with ws_open(server, KEY_A) as ws:
+        if steps[0] in ("round", "plain"):
+            _, tree = open_round(ws, CHAIN3 if steps[0] == "round" else frames.NO_LOOKAHEAD)
+            ws.send(steps[1](tree))
+        else:
+            ws.send(steps[0](server))
+        closed_with(ws, code, reason)
+    rest = list(it)
+    assert len(head) + len(rest) == N and stream.generation.token_ids == want
+    wait_until(lambda: not server.registry.sessions)
+    wait_until(lambda: not server.registry.scheduler.pool.trees)  # every tree's nodes freed
+
+
+def test_a_round_cannot_pass_max_new_tokens(server):
+    with ws_open(server) as ws:
+        _, tree = open_round(ws, max_new=4)
+        ws.send(Tokens(tuple(_tokens_of(tree))).encode())  # 3 of 4
+        nxt = frames.decode_downlink(ws.recv(timeout=10))
+        ws.send(Tokens((nxt.tokens[1], 9)).encode())  # 5 > 4
+        closed_with(ws, frames.CLOSE_TOO_LARGE, "reached its 4 new tokens")
+    wait_until(lambda: not server.registry.sessions)
+
+
+def test_info_states_the_look_ahead_limits(server):
+    import httpx
+
+    info = httpx.get(server.http + "/v1/info", headers={"Authorization": f"Bearer {KEY_A}"}, trust_env=False).json()
+    assert info["lookahead"] == {"frame_version": 2, "max_depth": 16, "max_nodes": 64}
+    assert info["frame_version"] == frames.VERSION  # version-1 devices read the same /v1/info as before

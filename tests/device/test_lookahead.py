@@ -1,0 +1,202 @@
+"""Look-ahead over a real socket, tiny models: with any tree shape the device chooses exactly the
+tokens of per-token decoding (every steered method, greedy and seeded sampling), takes tokens from
+the trees without asking, sends one TOKENS frame per round, resumes mid-round after a drop, and
+refuses an inconsistent TREE frame with 4400, which ends and frees its session only."""
+
+import socket
+
+import pytest
+
+from costeer import frames
+from costeer.api import CoSteer
+from costeer.cloud.sessions import KeyRing
+from costeer.device import CloudError, Retry, connect_cloud
+from costeer.device.options import Lookahead
+from costeer.device.wire import read_wire_log
+from costeer.engine.config import Method
+from tests.cloud.server_util import KEY_A, KEY_B, wait_until
+
+QUERY = "what should I cook tonight"
+CONTEXT = (
+    "my name is Sam Okafor, I live in Seattle with my golden retriever Biscuit; "
+    "I like spicy tofu and lentils and go for long runs on Sunday morning"
+)
+REFERENCE = "my name is Alex Doe, I live in Denver with my cat; I like pasta and cycling on Saturday"
+N = 30
+STEERED = [m.value for m in Method if m.steered]
+
+
+def generate(server, slm, lookahead, method="costeer", key=KEY_A, **kw):
+    llm = connect_cloud(server.url, api_key=key, k="full", lookahead=lookahead)
+    extra = {"reference_message": REFERENCE} if method == "costeer_matched" else {}
+    g = CoSteer(llm, slm).generate(QUERY, CONTEXT, method, max_new_tokens=N, **extra, **kw)
+    return g, llm
+
+
+@pytest.fixture(scope="module")
+def per_token(server, tiny_slm):
+    """Per-token decoding over the same cloud, per method (greedy)."""
+    return {m: generate(server, tiny_slm, "off", m)[0].token_ids for m in STEERED + ["llm"]}
+
+
+@pytest.mark.parametrize("method", STEERED + ["llm"])
+def test_every_method_with_a_tree_gives_the_per_token_tokens(server, tiny_llm, tiny_slm, per_token, method):
+    got, llm = generate(server, tiny_slm, "tree:3:9", method)
+    assert got.token_ids == per_token[method]
+    extra = {"reference_message": REFERENCE} if method == "costeer_matched" else {}
+    assert got.token_ids == CoSteer(tiny_llm, tiny_slm).generate(QUERY, CONTEXT, method, max_new_tokens=N,
+                                                                 **extra).token_ids  # fmt: skip
+    assert llm.rounds + llm.tree_tokens == len(got.token_ids)  # each token: its own round or a tree's node
+
+
+@pytest.mark.parametrize("shape", ["chain:1", "chain:4", "chain:8", "tree:4:12", "auto", "5"])
+def test_every_shape_gives_the_per_token_tokens(server, tiny_slm, per_token, shape):
+    got, llm = generate(server, tiny_slm, shape)
+    assert got.token_ids == per_token["costeer"]
+    if shape.startswith(("chain", "tree")):
+        assert llm.tree_tokens > 0  # the device did take tokens from the trees
+
+
+@pytest.mark.parametrize("method", ["costeer", "light"])
+def test_seeded_sampling_with_a_tree_gives_the_per_token_tokens(server, tiny_slm, method):
+    sampled = dict(temperature=0.9, top_k=50, seed=11)
+    want = generate(server, tiny_slm, "off", method, **sampled)[0].token_ids
+    got, llm = generate(server, tiny_slm, "tree:4:12", method, **sampled)
+    assert got.token_ids == want and llm.tree_tokens > 0
+
+
+def test_a_chain_the_device_follows_costs_one_round_per_chain(server, tiny_slm, tmp_path):
+    """`llm` alone takes the LLM's greedy token, which is always the chain's next node: N tokens in
+    N / (d + 1) rounds, and the uplink holds each round's tokens and nothing else."""
+    llm = connect_cloud(server.url, api_key=KEY_A, k="full", lookahead="chain:4", wire_log=tmp_path / "w.jsonl")
+    g = CoSteer(llm, None).generate(QUERY, method="llm", max_new_tokens=N)
+    assert llm.rounds == N // 5 and llm.tree_tokens == N - N // 5
+    sent = [frames.decode_uplink(r["data"]) for r in read_wire_log(tmp_path / "w.jsonl")
+            if r.get("kind") == "ws-message" and r["dir"] == "sent"]  # fmt: skip
+    assert isinstance(sent[0], frames.Open) and sent[0].lookahead == frames.Lookahead(frames.LOOKAHEAD_FIXED, 4, 5)
+    rounds = [m.token_ids for m in sent[1:]]
+    assert all(isinstance(m, frames.Tokens) for m in sent[1:]) and all(len(r) == 5 for r in rounds)
+    assert [t for r in rounds for t in r] == g.token_ids[: len(rounds) * 5]
+    assert llm.bytes_up == sum(4 + 4 * len(r) for r in rounds)
+
+
+def test_the_wire_audit_reads_look_ahead_rounds(server, tiny_slm, tmp_path):
+    """The audit decodes TOKENS (and ATTACH's pending round) like TOKEN: the uplink's token ids are
+    exactly the answer, and no 5-gram of the context is on the wire."""
+    from costeer.device import audit_wire
+
+    log = tmp_path / "w.jsonl"
+    llm = connect_cloud(server.url, api_key=KEY_A, k="full", lookahead="tree:3:9", wire_log=log)
+    g = CoSteer(llm, tiny_slm).generate(QUERY, CONTEXT, "costeer", max_new_tokens=N)
+    assert llm.tree_tokens > 0
+    report = audit_wire(log, CONTEXT, QUERY)
+    assert report.clean and report.prompt_is_query and report.tokens_decoded, report.to_dict()
+    # what went up: the answer but the last round's tokens (the device stopped: no uplink for them)
+    sent = [llm.tokenizer.decode(g.token_ids[:n], skip_special_tokens=True) for n in range(N - 4, N)]
+    assert report.generated_text in sent
+
+
+def test_off_and_an_old_cloud_mean_per_token_frames(server, tiny_slm, monkeypatch):
+    g, llm = generate(server, tiny_slm, "off")
+    assert llm.lookahead == frames.NO_LOOKAHEAD and llm.tree_tokens == 0 and llm.rounds == len(g.token_ids)
+    from costeer.device import client
+
+    read = client.CloudInfo.read
+    monkeypatch.setattr(client.CloudInfo, "read", classmethod(lambda cls, a: read({**a, "lookahead": None})))
+    assert connect_cloud(server.url, api_key=KEY_A).lookahead == frames.NO_LOOKAHEAD  # auto: quietly off
+    with pytest.raises(CloudError, match="does not offer look-ahead"):
+        connect_cloud(server.url, api_key=KEY_A, lookahead="chain:4")
+
+
+def test_lookahead_option_parsing():
+    assert str(Lookahead.parse("auto")) == "auto" and not Lookahead.parse("off").on
+    assert Lookahead.parse("chain:4").request(16, 64) == frames.Lookahead(frames.LOOKAHEAD_FIXED, 4, 5)
+    assert Lookahead.parse("tree:3:9").request(16, 64) == frames.Lookahead(frames.LOOKAHEAD_FIXED, 3, 10)
+    assert Lookahead.parse("auto").request(4, 10) == frames.Lookahead(frames.LOOKAHEAD_AUTO, 4, 10)  # clipped
+    assert Lookahead.parse(6).request(16, 64) == frames.Lookahead(frames.LOOKAHEAD_FIXED, 5, 6)  # 6 positions a round
+    assert not Lookahead.parse("off").request(16, 64).on and Lookahead.parse("1") == Lookahead.parse("off")
+    assert str(Lookahead.parse("tree:3:9")) == "tree:3:9" and Lookahead.parse("chain:4") == Lookahead.parse(5)
+    for bad in ("sideways", "chain:0", "tree:4:2", "-3", "chain:x"):
+        with pytest.raises(ValueError, match="look-ahead|lookahead"):
+            Lookahead.parse(bad)
+
+
+def _spy_sources(llm):
+    sources, connect = [], llm.connect
+
+    def spy(*a, **kw):
+        pair = connect(*a, **kw)
+        sources.append(pair[0])
+        return pair
+
+    llm.connect = spy
+    return sources
+
+
+@pytest.mark.parametrize("lost", ["connection", "session"])
+def test_a_drop_in_the_middle_of_a_round_resumes_into_the_same_tokens(server, tiny_slm, per_token, tmp_path, lost):
+    """The socket dies while the device walks a tree (it has chosen tokens the cloud has not heard
+    of): it re-attaches with the round's tokens (ATTACH's long form), or, when the session is gone,
+    re-opens with everything chosen so far; the tokens are those of the uninterrupted run."""
+    llm = connect_cloud(server.url, api_key=KEY_A, k="full", lookahead="chain:4", wire_log=tmp_path / "w.jsonl",
+                        retry=Retry(backoff_s=0.05))  # fmt: skip
+    sources = _spy_sources(llm)
+    stream = CoSteer(llm, None).stream(QUERY, method="llm", max_new_tokens=N)
+    for i, _ in enumerate(stream):
+        if i == 7:  # tokens 5-9 are round 1's tree: the device stands inside it
+            src = sources[0]
+            assert src.tree.size == 5 and src.node > 0
+            if lost == "session":
+                server.registry.end(server.registry.sessions[src.session_id], "test")
+            src.ws.socket.shutdown(socket.SHUT_RDWR)
+    want = CoSteer(connect_cloud(server.url, api_key=KEY_A, k="full", lookahead="off"), None).generate(
+        QUERY, method="llm", max_new_tokens=N).token_ids  # fmt: skip
+    assert stream.generation.token_ids == want and sources[0].reconnects >= 1
+    sent = [frames.decode_uplink(r["data"]) for r in read_wire_log(tmp_path / "w.jsonl")
+            if r.get("kind") == "ws-message" and r["dir"] == "sent"]  # fmt: skip
+    attaches = [m for m in sent if isinstance(m, frames.Attach)]
+    assert attaches and attaches[0].n_generated == 10 and len(attaches[0].pending) == 5
+    if lost == "session":
+        opens = [m for m in sent if isinstance(m, frames.Open)]
+        assert len(opens) == 2 and opens[1].generated == want[:10]
+
+
+def test_an_inconsistent_tree_is_refused_and_its_session_freed(server, tiny_slm, per_token, monkeypatch):
+    """The cloud sends a TREE whose node 2 names itself as parent: the device closes with 4400, the
+    cloud ends and frees that session, and another key's session is not disturbed."""
+    healthy = CoSteer(connect_cloud(server.url, api_key=KEY_B, k="full", lookahead="tree:3:9"), tiny_slm)
+    it = iter(healthy.stream(QUERY, CONTEXT, "costeer", max_new_tokens=N))
+    head = [next(it).step.token_id for _ in range(3)]
+    encode_tree = frames.encode_tree
+
+    def broken(position, parents, tokens, blobs, cloud_us=0):
+        if len(parents) > 1:
+            parents = [parents[0], 2, *parents[2:]]
+        return encode_tree(position, parents, tokens, blobs, cloud_us)
+
+    monkeypatch.setattr(frames, "encode_tree", broken)
+    llm = connect_cloud(server.url, api_key=KEY_A, k="full", lookahead="tree:3:9")
+    with pytest.raises(CloudError, match="parent does not come before it") as e:
+        CoSteer(llm, tiny_slm).generate(QUERY, CONTEXT, "costeer", max_new_tokens=N)
+    assert e.value.code == frames.CLOSE_MALFORMED
+    b = KeyRing.owner(KEY_B)
+    wait_until(lambda: all(s.owner == b for s in server.registry.sessions.values()))  # KEY_A's ended
+    monkeypatch.setattr(frames, "encode_tree", encode_tree)
+    rest = [c.step.token_id for c in it]
+    assert head + rest == per_token["costeer"]
+    wait_until(lambda: not server.registry.sessions)
+
+
+def test_through_a_delay_relay_the_tokens_are_the_same_and_auto_looks_ahead(server, tiny_slm, per_token):
+    """Over a 40 ms round trip (tests/device/relay.py): a tree gives the per-token tokens, and `auto`
+    measures the round trip and looks ahead, at least two tokens per round trip for `llm` (whose
+    choice is always the LLM's greedy token)."""
+    from tests.device.relay import DelayRelay
+
+    with DelayRelay(server.port, rtt_s=0.04) as relay:
+        llm = connect_cloud(relay.url("ws"), api_key=KEY_A, k="full", lookahead="tree:3:9")
+        assert CoSteer(llm, tiny_slm).generate(QUERY, CONTEXT, "costeer", max_new_tokens=N).token_ids == per_token["costeer"]
+        auto = connect_cloud(relay.url("ws"), api_key=KEY_A, k="full")
+        g = CoSteer(auto, None).generate(QUERY, method="llm", max_new_tokens=N)
+        assert g.token_ids == per_token["llm"]
+        assert auto.rounds * 2 <= N, (auto.rounds, auto.tree_tokens)
