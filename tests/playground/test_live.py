@@ -144,3 +144,31 @@ def test_a_remote_llm_without_a_wire_log_says_so(slow_cloud, tiny_slm):
     assert next(d for k, d in events if k == "start")["remote"]
     wire = [d for k, d in events if k == "wire"]
     assert wire and all(w["remote"] and not w["logged"] and "bytes_up" not in w for w in wire)
+
+
+def test_past_the_workers_queue_an_answer_is_refused_with_429(lms):
+    from costeer.gateway import GatewaySettings, create_app
+    from costeer.playground import playground_router
+    from tests.playground.conftest import make_models
+    from tests.servers import UvicornThread
+
+    app = create_app(None, GatewaySettings(max_waiting=0), routers=[playground_router(make_models(lms), prefix="")])
+    srv = UvicornThread(app)
+    models = app.state.gateway.worker.lock
+    models.acquire()  # as if a generation held the models: the first answer waits for them
+    held = True
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60, trust_env=False) as http:
+            with http.stream("POST", "/api/generate", json=request_body(max_new_tokens=4)) as first:
+                lines = first.iter_lines()
+                assert next(lines) == "event: run"  # admitted, waiting
+                second = http.post("/api/generate", json=request_body(max_new_tokens=4))
+                assert second.status_code == 429 and "busy" in second.json()["detail"]
+                models.release()
+                held = False
+                events = sse_events(lines)
+        assert events[-1] == ("end", {"stopped": False})  # the admitted answer ran once the models were free
+    finally:
+        if held:
+            models.release()
+        srv.stop()

@@ -315,19 +315,19 @@ class LlamaDecodeBatch(_OwnsContext):
 
 
 
-# What a sequence computes in the pool must not depend on what else shares its forward: a look-ahead
-# node has to equal the step it stands for, bit for bit. Measured on SmolLM2 Q4_1 (docs/wire-format.md,
-# "Look-ahead"), llama.cpp's CPU kernels round by (1) whether a llama_decode holds one token or
-# several (another matmul path once a sequence passes 256 cells: up to 1 nat on tail tokens, 0.5 on
-# the top 20) and (2) where a sequence's cells lie in the shared cache (flash attention by their
-# order; with it off too, another sequence's cells in between moved a step by 0.8 nats). Rounding
-# differences this small grow that large because activations are quantised to 8 bits. So the pool
-# never decodes one row alone (a lone row gets a throwaway row beside it, removed at once, so the
-# next cell goes where the throwaway was), and keeps a session's cells where per-token steps put
-# them: a tree's nodes are steps of the session's own sequence, the next node of the main chain
-# (the greedy child of the greedy child...) kept, every other node decoded at the same position and
-# removed again (llama_memory_seq_rm puts the cache's search head back on the freed cell). Branches
-# are therefore leaves: only the main chain grows.
+# A look-ahead node has to equal the step it stands for, bit for bit. Measured on SmolLM2 Q4_1
+# (docs/wire-format.md, "Look-ahead"), llama.cpp's CPU kernels round by (1) whether a llama_decode
+# holds one token or several (another matmul path once a sequence passes 256 cells: up to 1 nat on
+# tail tokens, 0.5 on the top 20) and (2) where a sequence's cells lie in the shared cache (flash
+# attention by their order; with it off too, another sequence's cells in between moved a step by 0.8
+# nats). Rounding differences this small grow that large because activations are quantised to 8 bits.
+# So a tree's nodes are steps of the session's own sequence, in the cells its steps would take: the
+# next node of the main chain (the greedy child of the greedy child...) kept, every other node
+# decoded alone at the same position and removed again (llama_memory_seq_rm puts the cache's search
+# head back on the freed cell). Branches are therefore leaves: only the main chain grows. A session
+# alone in the pool then gets exactly its per-token distributions; sessions stepped together round
+# as several rows do, with or without look-ahead (making every decode several rows would cost a lone
+# step 55%, measured; docs/wire-format.md).
 LLAMA_MAX_SEQ = 256  # llama.cpp's limit on sequence ids per context
 
 
@@ -367,32 +367,23 @@ class LlamaSequencePool(_OwnsContext):
     def __init__(self, model: LlamaCppModel, n_cells: int, n_seq_max: int, chunk: int = 512):
         if n_seq_max < 1 or n_cells < 1 or chunk < 1:
             raise ValueError("a pool needs at least one sequence, one cell and a chunk of one token")
-        if n_seq_max > LLAMA_MAX_SEQ - 1:
-            raise ValueError(f"a pool holds at most {LLAMA_MAX_SEQ - 1} sequences")
+        if n_seq_max > LLAMA_MAX_SEQ:
+            raise ValueError(f"a pool holds at most {LLAMA_MAX_SEQ} sequences")
         ll = model._ll
         self._ll, self.model, self.chunk = ll, model, chunk
         self.n_cells = _round_up(n_cells, 256)
-        self._cap = max(chunk, n_seq_max + 1)  # one step of every sequence fits one ubatch
+        self._cap = max(chunk, n_seq_max)  # one step of every sequence fits one ubatch
         # A unified cache: cells go to whichever sequence needs them, so memory follows the
         # tokens actually held, not n_seq_max times the longest possible sequence.
-        self.ctx, self.batch = _new_context(model, self.n_cells, self._cap, n_seq_max + 1, unified=True,
-                                            n_ubatch=self._cap)  # fmt: skip
+        self.ctx, self.batch = _new_context(model, self.n_cells, self._cap, n_seq_max, unified=True, n_ubatch=self._cap)
         self._mem = ll.llama_get_memory(self.ctx)
         self._out = np.empty((self._cap, model.n_vocab), dtype=np.float32)  # [n, V], reused
         self.pos: dict[int, int] = {}  # next position of each live sequence
-        self._spare = n_seq_max  # the throwaway row's sequence
         self.trees: dict[int, _SeqTree] = {}
 
     def _decode(self, rows: list[tuple[int, int, int, bool]]) -> Tensor:
-        alone = len(rows) == 1
-        if alone:  # never one row (see above): a throwaway row beside it
-            rows = rows + [(rows[0][0], self._spare, 0, False)]
-        try:
-            out = _decode_rows(self._ll, self.ctx, self.batch, self._cap, rows, f"{self.n_cells} cells shared")
-        finally:
-            if alone:
-                self._ll.llama_memory_seq_rm(self._mem, self._spare, -1, -1)
-        return _logprobs(self._ll, self.ctx, self._out, out)
+        return _logprobs(self._ll, self.ctx, self._out, _decode_rows(self._ll, self.ctx, self.batch, self._cap, rows,
+                                                                     f"{self.n_cells} cells shared"))  # fmt: skip
 
     def prefill(self, seq: int, tokens: list[int]) -> Tensor:
         if not 0 < len(tokens) <= self.chunk:

@@ -29,7 +29,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, ConfigDict, Field
 
 from costeer.engine.config import Method
-from costeer.gateway.worker import Busy
+from costeer.gateway.worker import Busy, Job
 from costeer.playground.models import Models
 from costeer.playground.play import BASELINE, MAX_TURNS, Play, PlayRequest, Sliders, new_run_id, offered_methods
 
@@ -109,8 +109,9 @@ def playground_router(models: Models, prefix: str = "/playground") -> APIRouter:
             raise HTTPException(422, f"'{q.method.value}' is not steered: it has no delta coefficient")
         return {"method": q.method.value, "coefficient": q.steering().coefficient(q.method)}
 
-    @router.post("/api/generate", response_class=EventSourceResponse, dependencies=[Depends(same_origin)])
-    async def generate(req: PlayRequest, request: Request) -> AsyncIterator[ServerSentEvent]:
+    async def admit(req: PlayRequest, request: Request) -> AsyncIterator[tuple[Play, Job]]:
+        """The answer queued in the server's worker, before the response starts (so that a full queue
+        is a plain 429); stopped when the response ends, however it ends (a page that went away too)."""
         play = Play(new_run_id(), req, models.pair)
         try:
             job = request.app.state.gateway.worker.submit(play.events)
@@ -118,19 +119,24 @@ def playground_router(models: Models, prefix: str = "/playground") -> APIRouter:
             raise HTTPException(429, "the models are busy with other answers: stop one, or retry shortly") from None
         plays[play.run_id] = play
         try:
-            # first, so that the page can stop the answer while it waits for the models or loads them
-            yield ServerSentEvent(event="run", data={"run_id": play.run_id})
-            while (event := await job.next()).kind == "piece":
-                kind, data = event.value
-                yield ServerSentEvent(event=kind, data=data)
-            if event.kind == "error":  # Play turns every error into events: this one escaped it
-                log.error("playground answer %s failed", play.run_id, exc_info=event.value)
-                yield ServerSentEvent(event="error", data={"message": "internal error (see the server log)"})
-                yield ServerSentEvent(event="end", data={"stopped": False})
+            yield play, job
         finally:
-            play.stop()  # the page went away: the worker ends every stream after its current token
+            play.stop()  # the worker ends every stream after its current token
             job.cancel()
             plays.pop(play.run_id, None)
+
+    @router.post("/api/generate", response_class=EventSourceResponse, dependencies=[Depends(same_origin)])
+    async def generate(admitted: tuple = Depends(admit)) -> AsyncIterator[ServerSentEvent]:  # noqa: B008 (admit: a closure)
+        play, job = admitted
+        # first, so that the page can stop the answer while it waits for the models or loads them
+        yield ServerSentEvent(event="run", data={"run_id": play.run_id})
+        while (event := await job.next()).kind == "piece":
+            kind, data = event.value
+            yield ServerSentEvent(event=kind, data=data)
+        if event.kind == "error":  # Play turns every error into events: this one escaped it
+            log.error("playground answer %s failed", play.run_id, exc_info=event.value)
+            yield ServerSentEvent(event="error", data={"message": "internal error (see the server log)"})
+            yield ServerSentEvent(event="end", data={"stopped": False})
 
     @router.post("/api/stop", dependencies=[Depends(same_origin)])
     def stop(req: StopRequest) -> dict:
