@@ -3,8 +3,9 @@
 For each backend the script opens the cloud's sequence pool (the one `costeer serve` uses), prefills
 a public prompt, and then, `--reps` times, measures side by side:
   - step: one session's next token (what per-token decoding costs a round);
-  - level of n nodes, n in --nodes: one `pool.grow` of n children of the root (llama.cpp: one
-    llama_decode over n sequences sharing the prompt's cells; transformers: n one-row forwards);
+  - level of n nodes, n in --nodes: one `pool.grow` of n children of the root (llama.cpp: the main
+    chain's node and n - 1 branch leaves, each a step of the session's own sequence; transformers:
+    n one-row forwards, each over the prompt's cache);
   - commit: keeping a path and freeing the tree;
 and the frame bytes of a node (packed, top-256 f16, full) over the distributions it computed.
 Medians; the load average is printed beside (the machine is shared).
@@ -66,9 +67,9 @@ def measure(lm, reps: int, sizes: list[int]) -> dict:
 
 
 def kernel_costs(lm, reps: int) -> dict:
-    """llama.cpp: what the pool's exactness costs a step (the pool never decodes one row alone and
-    runs without flash attention): one session's step as the pool runs it, against a lone row,
-    with flash attention off and on. Same prompt, same positions, medians in ms."""
+    """llama.cpp: one session's step as one row and beside a second row (what making every decode
+    several rows, for batch-independent rounding, would cost), flash attention off and on. Same
+    prompt, same positions, medians in ms."""
     from costeer.engine import llamacpp as L
 
     tok = lm.tokenizer
@@ -114,7 +115,7 @@ def main() -> None:
         if backend == "llamacpp":
             k = kernel_costs(lm, args.reps * 2)
             print("    step, one session:", "  ".join(f"{name}: {ms:.1f} ms" for name, ms in k.items()),
-                  "(the pool: fa=off rows=2)")  # fmt: skip
+                  "(the pool: flash attention on, as llama.cpp chooses; a lone step is one row)")  # fmt: skip
         print(f"    bytes per node: packed {r['bytes_packed']:.0f} (+{frames.tree_overhead(2) - frames.tree_overhead(1)} "
               f"in the TREE frame), top-256 {r['bytes_top256']:.0f}, full {r['bytes_full']:.0f}")  # fmt: skip
     print("load average:", " ".join(f"{x:.2f}" for x in os.getloadavg()))

@@ -88,7 +88,7 @@ def main() -> None:
                     base = base or r
                     same = r["ids"] == base["ids"]
                     est = {k: r["estimates"].get(k) for k in ("round_trip_ms", "device_token_ms", "saving_ms",
-                                                              "level_ms", "node_ms", "alpha", "bytes_per_node")}  # fmt: skip
+                                                              "level_ms", "node_ms", "stay_greedy", "bytes_per_node")}  # fmt: skip
                     print(f"rtt {rtt:5.0f} ms  {mode:10s} tok/s {r['tok_s']:6.2f}  tokens/rt {r['tokens_per_rt']:5.2f}  "
                           f"down/token {r['down_per_token']:8.0f} B  same tokens as {args.modes.split(',')[0]}: {same}  "
                           f"controller {json.dumps(est) if r['estimates'] else '-'}", flush=True)  # fmt: skip

@@ -18,12 +18,12 @@ How much of the tree to compute follows what `Controller` measures per session (
   - S, the seconds a token saves when the device finds it in the tree instead of asking: a round
     trip as the device lives it (R: from the cloud sending a round to the next uplink arriving,
     for a round the device left at once) plus the cloud's root step (c1), minus what the device
-    spends on a token it finds in the tree (L). R and L are fitted to the session's rounds:
-    gap = R + L * (tokens taken from the tree) + beta * bytes, so bytes per node count too.
+    spends on a token it finds in the tree (L): medians over the session's last rounds.
   - the cloud's cost of a level of n nodes, a + b * n, fitted to the levels it computed;
+  - the bytes per node, through the gaps themselves (each holds its round's transfer);
   - q_r and mean p_r, from how often the device stayed in the tree at the nodes it reached.
 
-A node is worth computing when P(node) * S exceeds its cost (b plus its bytes), a level when its
+A node is worth computing when P(node) * S exceeds its cost b, a level when its
 nodes' worth exceeds the level's fixed cost a too. Where the round trip is cheaper than the tree
 (loopback, a cloud on the same machine) S is about zero and no look-ahead is computed at all. A
 FIXED look-ahead (a benchmark's chain or tree) takes `depth` levels of (nodes - 1) / depth nodes,
@@ -95,8 +95,9 @@ class Controller:
             self.bytes_per_node = per if self.bytes_per_node == 0 else 0.8 * self.bytes_per_node + 0.2 * per
 
     def received(self, in_tree: int, now: float | None = None) -> None:
-        """The device's uplink arrived: it took `in_tree` tokens from the round's tree."""
-        if self.sent_at is not None:
+        """The device's uplink arrived: it took `in_tree` tokens from the round's tree. The first
+        round's gap is not a round trip (the device starts its SLM pair on the prompt meanwhile)."""
+        if self.sent_at is not None and self.n_rounds > 1:
             now = time.monotonic() if now is None else now
             self.rounds.append((now - self.sent_at, in_tree, self.sent_bytes))
             self.sent_at = None
@@ -109,19 +110,17 @@ class Controller:
 
     # -- estimates ------------------------------------------------------------------------
 
-    def round_trip(self) -> tuple[float, float, float]:
-        """(R, L, beta): the gap of a round the device left at once, seconds per token it took from
-        the tree, seconds per byte sent. L's prior is R + c1: until the device has taken tokens from
-        a tree, look-ahead is assumed to save nothing (probe_due offers one node now and then)."""
-        if not self.rounds:
-            return 0.0, self.c1, 0.0
-        r = np.array(self.rounds, dtype=np.float64)
-        x = np.stack([np.ones(len(r)), r[:, 1], r[:, 2] / 1e4], axis=1)  # bytes in units of 10 KB
-        R0 = float(np.median(r[:, 0]))
-        prior = np.array([R0, R0 + self.c1, 0.0])
-        w = _ridge(x, r[:, 0], prior, strength=0.05)
-        return max(w[0], 0.0), max(w[1], 0.0), max(w[2], 0.0) / 1e4
-
+    def round_trip(self) -> tuple[float, float]:
+        """(R, L): the gap of a round the device left at once (median), and what a token it took
+        from a tree added to a round's gap (median per token; until the device has taken one, R + c1:
+        look-ahead is assumed to save nothing, and probe_due offers one node now and then). Medians:
+        a slow round (the device's own hiccup, a retransmission) moves neither. Bytes count through
+        the gaps themselves, which hold each round's transfer."""
+        left = [g for g, n, _ in self.rounds if n == 0]
+        R = float(np.median(left)) if left else (float(np.median([g for g, _, _ in self.rounds])) if self.rounds else 0.0)
+        taken = [(g - R) / n for g, n, _ in self.rounds if n > 0]
+        L = max(0.0, float(np.median(taken))) if taken else R + self.c1
+        return R, L
     def level_cost(self) -> tuple[float, float]:
         """(a, b): a level of n nodes costs a + b * n seconds (prior: the root step's cost, half
         fixed and half per node, until levels of different sizes tell them apart)."""
@@ -134,11 +133,11 @@ class Controller:
 
     def estimates(self) -> dict:
         """What the shape follows now (milliseconds), for /v1/sessions and the benchmarks."""
-        R, L, beta = self.round_trip()
+        R, L = self.round_trip()
         a, b = self.level_cost()
         ms = lambda x: round(1000 * float(x), 3)  # noqa: E731
         return {"saving_ms": ms(self.saving()), "round_trip_ms": ms(R), "device_token_ms": ms(L), "step_ms": ms(self.c1),
-                "level_ms": ms(a), "node_ms": ms(b), "ms_per_kb": ms(beta * 1000), "bytes_per_node": round(self.bytes_per_node),
+                "level_ms": ms(a), "node_ms": ms(b), "bytes_per_node": round(self.bytes_per_node),
                 "stay_greedy": round((self.taken[0] + 0.5) / (self.offered[0] + 1.0), 3), "rounds": self.n_rounds}  # fmt: skip
 
     def probe_due(self) -> bool:
@@ -149,7 +148,7 @@ class Controller:
 
     def saving(self) -> float:
         """S: seconds a token found in the tree saves the device (0: look-ahead does not pay)."""
-        R, L, _ = self.round_trip()
+        R, L = self.round_trip()
         return max(0.0, R + self.c1 - L)
 
 
@@ -227,7 +226,7 @@ class RoundPlanner:
         S, cands, take = c.saving(), self._candidates(), []
         if S > 0:
             a, b = c.level_cost()
-            node_cost = b + c.round_trip()[2] * c.bytes_per_node
+            node_cost = b
             take = self._pick(cands, room, lambda p: p * S > node_cost)
             if sum(c[0] for c in take) * S - node_cost * len(take) <= a:
                 take = []
