@@ -302,6 +302,17 @@ def _ids(data: bytes, offset: int, n: int) -> list[int]:
     return np.frombuffer(data, dtype="<u4", count=n, offset=offset).astype(np.int64).tolist()
 
 
+def _counted_ids(data: bytes, layout: struct.Struct, name: str, what: str) -> tuple[tuple, tuple[int, ...]]:
+    """A header whose third field counts the uint32 ids after it -> (header fields, ids); at least one id."""
+    if len(data) < layout.size:
+        raise FrameError(f"{name} frame too short")
+    fields = layout.unpack_from(data)
+    n = fields[2]
+    if n < 1 or len(data) != layout.size + 4 * n:
+        raise FrameError(f"{name} frame length {len(data)} does not match {n} {what}")
+    return fields, tuple(_ids(data, layout.size, n))
+
+
 def decode_uplink(data: bytes) -> Uplink:
     """Device -> cloud bytes -> message; raises FrameError (malformed, wrong version)."""
     if isinstance(data, (bytes, bytearray, memoryview)) and len(data) == TOKEN_BYTES and data[0] == VERSION:
@@ -310,23 +321,14 @@ def decode_uplink(data: bytes) -> Uplink:
     if kind == OPEN:
         return _decode_open(data, version)
     if kind == ATTACH and version == LOOKAHEAD_VERSION:
-        if len(data) < _ATTACH2.size:
-            raise FrameError("ATTACH frame too short")
-        _, _, n, sid, n_gen = _ATTACH2.unpack_from(data)
-        if n < 1 or len(data) != _ATTACH2.size + 4 * n:
-            raise FrameError(f"ATTACH frame length {len(data)} does not match {n} pending token ids")
-        return Attach(sid, n_gen, NO_TOKEN, tuple(_ids(data, _ATTACH2.size, n)))
+        (_, _, n, sid, n_gen), ids = _counted_ids(data, _ATTACH2, "ATTACH", "pending token ids")
+        return Attach(sid, n_gen, NO_TOKEN, ids)
     if kind == ATTACH:
         _expect_size(data, _ATTACH, "ATTACH")
         _, _, _, sid, n_gen, last = _ATTACH.unpack(data)
         return Attach(sid, n_gen, last)
     if kind == TOKENS:
-        if len(data) < _TOKENS.size:
-            raise FrameError("TOKENS frame too short")
-        n = _TOKENS.unpack_from(data)[2]
-        if n < 1 or len(data) != _TOKENS.size + 4 * n:
-            raise FrameError(f"TOKENS frame length {len(data)} does not match {n} token ids")
-        return Tokens(tuple(_ids(data, _TOKENS.size, n)))
+        return Tokens(_counted_ids(data, _TOKENS, "TOKENS", "token ids")[1])
     if kind == TOKEN:
         _expect_size(data, _TOKEN, "TOKEN")
         return Token(_TOKEN.unpack(data)[2])
