@@ -197,3 +197,25 @@ def test_chat_gateway_and_playground_take_the_same_groups():
     local = set(LocalModels.__dataclass_fields__)
     assert {k: pg[k] for k in local} == {k: gen[k] for k in local}
     assert not (set(Models.__dataclass_fields__) - local - {"cloud", "cloud_k"}) & set(pg)  # no option it would ignore
+
+
+@pytest.mark.parametrize("env, exact", [(None, True), ("on", False)])
+def test_eval_cuts_cached_prefixes_exactly_unless_told(folders, tmp_path, monkeypatch, env, exact):
+    """An evaluation's outputs must not depend on the prefix cache: eval defaults to its exact cut."""
+    import costeer.eval.runner as runner
+
+    seen = {}
+
+    def fake_run_eval(cs, *a, **kw):
+        seen["exact"] = cs.prefix_cache.config.exact
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(runner, "run_eval", fake_run_eval)
+    if env is None:
+        monkeypatch.delenv("COSTEER_PREFIX_CACHE", raising=False)
+    else:
+        monkeypatch.setenv("COSTEER_PREFIX_CACHE", env)
+    r = run("eval", "--task", "cogenesis", "--limit", "1", "--llm", folders["llm"], "--slm", folders["slm"],
+            "--methods", "costeer", "--device", "cpu", "--out", str(tmp_path / "run"))  # fmt: skip
+    assert r.exit_code != 0 and "stopped by the test" in r.output
+    assert seen == {"exact": exact}

@@ -476,6 +476,12 @@ def eval_(
         cfg = decoding.config()
         _check_sampling_and_gate(cfg, ms)
         cs = _load_models(models, cfg, ms)
+        if cs.prefix_cache is not None:
+            # An evaluation's outputs must equal whole-prompt prefills: on llama.cpp the fastest cut moves
+            # greedy paths (docs/prefix-cache.md), so eval defaults to the exact cut; the env var still rules.
+            from costeer.engine.prefix_cache import PrefixCache
+
+            cs.prefix_cache = PrefixCache.from_env(default_mode="exact")
         llm_label = f"{models.cloud} (k={models.frames()}, tail={models.cloud_tail})" if models.cloud else None
         labels = {"llm": llm_label or _label(models.llm, cs.llm), "slm": _label(models.slm, cs.slm)}
         metrics = _interruptible(out, lambda: run_eval(

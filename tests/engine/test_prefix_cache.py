@@ -254,7 +254,10 @@ def test_from_env_reads_the_key_and_the_bounds(tmp_path, monkeypatch, key):
     assert pc.parse_key(PrefixCacheConfig.from_env().key)
     with pytest.raises(FileExistsError):
         pc.write_key_file(key_file)  # never replaces a key that encrypted files may depend on
+    assert not PrefixCacheConfig.from_env().exact and PrefixCacheConfig.from_env("exact").exact  # eval's default
     monkeypatch.setenv("COSTEER_PREFIX_CACHE", "exact")
     assert PrefixCacheConfig.from_env().exact
+    monkeypatch.setenv("COSTEER_PREFIX_CACHE", "on")
+    assert not PrefixCacheConfig.from_env("exact").exact  # the user's choice rules
     monkeypatch.setenv("COSTEER_PREFIX_CACHE", "off")
     assert not PrefixCacheConfig.from_env().enabled

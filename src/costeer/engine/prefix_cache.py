@@ -112,9 +112,11 @@ class PrefixCacheConfig(BaseModel):
     exact: bool = False
 
     @classmethod
-    def from_env(cls) -> "PrefixCacheConfig":
+    def from_env(cls, default_mode: str = "on") -> "PrefixCacheConfig":
+        """default_mode: the mode when COSTEER_PREFIX_CACHE is unset (`costeer eval` asks for "exact", so
+        that a run's outputs never depend on a speed setting)."""
         env = os.environ
-        mode = env.get("COSTEER_PREFIX_CACHE", "on").strip().lower()
+        mode = env.get("COSTEER_PREFIX_CACHE", default_mode).strip().lower()
         kw: dict = {"enabled": mode not in ("off", "0", "false", "no"), "exact": mode == "exact"}
         for name, field in (("MEMORY", "max_memory_bytes"), ("DISK", "max_disk_bytes")):
             raw = env.get(f"COSTEER_PREFIX_CACHE_{name}_MB")
@@ -182,8 +184,8 @@ class PrefixCache:
                 self.disk = _DiskStore(self.directory, key, self.config.max_disk_bytes).opened()
 
     @classmethod
-    def from_env(cls) -> "PrefixCache":
-        return cls(PrefixCacheConfig.from_env())
+    def from_env(cls, default_mode: str = "on") -> "PrefixCache":
+        return cls(PrefixCacheConfig.from_env(default_mode))
 
     @property
     def directory(self) -> Path:
