@@ -15,6 +15,7 @@ from costeer.device.wire import ngrams, read_wire_log
 from costeer.engine.config import GenerationConfig
 from costeer.engine.prompts import prompt_ids, user_message
 from tests.cloud.server_util import KEY_A, KEY_B, ThreadServer
+from tests.device.spies import spy_sources
 from tests.tiny import gemma3, make_lm, sp_tokenizer
 
 QUERY = "what should I cook tonight"
@@ -118,24 +119,11 @@ def test_bad_key_and_bad_options_are_clear_errors(server, tiny_slm):
         connect_cloud("ws://127.0.0.1:9", api_key=KEY_A)
 
 
-def _spy_sources(llm):
-    sources = []
-    connect = llm.connect
-
-    def spy(*a, **kw):
-        pair = connect(*a, **kw)
-        sources.append(pair[0])
-        return pair
-
-    llm.connect = spy
-    return sources
-
-
 def test_a_dropped_connection_resumes_by_attaching(server, local, tiny_slm, tmp_path):
     want = local.generate(QUERY, CONTEXT, "costeer", max_new_tokens=N).token_ids
     llm = connect_cloud(server.url, api_key=KEY_A, k="full", wire_log=tmp_path / "wire.jsonl",
                         retry=Retry(backoff_s=0.05))  # fmt: skip
-    sources = _spy_sources(llm)
+    sources = spy_sources(llm)
     stream = CoSteer(llm, tiny_slm).stream(QUERY, CONTEXT, "costeer", max_new_tokens=N)
     got = []
     for i, chunk in enumerate(stream):
@@ -154,7 +142,7 @@ def test_an_unknown_session_falls_back_to_reopening_with_the_tokens_so_far(serve
     """The cloud lost the session (evicted, restarted): the device reopens with query + tokens."""
     want = local.generate(QUERY, CONTEXT, "costeer", max_new_tokens=N).token_ids
     llm = connect_cloud(server.url, api_key=KEY_A, k="full", wire_log=tmp_path / "w.jsonl", retry=Retry(backoff_s=0.05))
-    sources = _spy_sources(llm)
+    sources = spy_sources(llm)
     stream = CoSteer(llm, tiny_slm).stream(QUERY, CONTEXT, "costeer", max_new_tokens=N)
     for i, _ in enumerate(stream):
         if i == 6:

@@ -15,6 +15,7 @@ from costeer.device.options import Lookahead
 from costeer.device.wire import read_wire_log
 from costeer.engine.config import Method
 from tests.cloud.server_util import KEY_A, KEY_B, wait_until
+from tests.device.spies import spy_sources
 
 QUERY = "what should I cook tonight"
 CONTEXT = (
@@ -121,18 +122,6 @@ def test_lookahead_option_parsing():
             Lookahead.parse(bad)
 
 
-def _spy_sources(llm):
-    sources, connect = [], llm.connect
-
-    def spy(*a, **kw):
-        pair = connect(*a, **kw)
-        sources.append(pair[0])
-        return pair
-
-    llm.connect = spy
-    return sources
-
-
 @pytest.mark.parametrize("lost", ["connection", "session"])
 def test_a_drop_in_the_middle_of_a_round_resumes_into_the_same_tokens(server, tiny_slm, per_token, tmp_path, lost):
     """The socket dies while the device walks a tree (it has chosen tokens the cloud has not heard
@@ -140,7 +129,7 @@ def test_a_drop_in_the_middle_of_a_round_resumes_into_the_same_tokens(server, ti
     re-opens with everything chosen so far; the tokens are those of the uninterrupted run."""
     llm = connect_cloud(server.url, api_key=KEY_A, k="full", lookahead="chain:4", wire_log=tmp_path / "w.jsonl",
                         retry=Retry(backoff_s=0.05))  # fmt: skip
-    sources = _spy_sources(llm)
+    sources = spy_sources(llm)
     stream = CoSteer(llm, None).stream(QUERY, method="llm", max_new_tokens=N)
     for i, _ in enumerate(stream):
         if i == 7:  # tokens 5-9 are round 1's tree: the device stands inside it
