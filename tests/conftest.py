@@ -42,3 +42,11 @@ def gemma_cpp():
     from costeer.engine.models import load_lm
 
     return load_lm("gemma3-270m", device="cpu", backend="llamacpp")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """The tiny test models (tests/device/folders.py) written once per test module, as folders a CLI can load."""
+    from tests.device.folders import tiny_folders
+
+    return tiny_folders(tmp_path_factory.mktemp("models"))

@@ -13,18 +13,12 @@ from typer.testing import CliRunner
 from costeer.api import CoSteer
 from costeer.cli import app
 from costeer.engine.models import load_lm
-from tests.device.folders import tiny_folders
 from tests.servers import free_port, wait_http
 
 runner = CliRunner()
 QUERY, FOLLOW_UP = "what should I cook", "and for the dog"
 CONTEXT = "name: Sam\ncity: Seattle\nlikes: spicy tofu"
 OTHER = "name: Ana\ncity: Porto\nlikes: grilled sardines"
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return tiny_folders(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

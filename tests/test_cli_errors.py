@@ -11,17 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 from costeer.cli import app
-from tests.device.folders import tiny_folders
 from tests.tiny import WINDOW
 
 runner = CliRunner()
 
 LONG_CONTEXT = " ".join(f"fact {i}: I like item number {i} a lot." for i in range(2000))  # > WINDOW tokens
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return tiny_folders(tmp_path_factory.mktemp("models"))
 
 
 def generate(folders, *args):

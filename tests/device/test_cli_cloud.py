@@ -8,15 +8,9 @@ from typer.testing import CliRunner
 from costeer.cli import app
 from costeer.engine.models import load_lm
 from tests.cloud.server_util import KEY_A, ThreadServer
-from tests.device.folders import tiny_folders
 
 runner = CliRunner()
 QUERY = "what should I cook"
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return tiny_folders(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,10 @@ from costeer.api import CoSteer
 from costeer.device import CloudError, Retry, connect_cloud
 from costeer.engine.models import load_lm
 from tests.cloud.server_util import KEY_A, ProcessServer, free_port
-from tests.device.folders import tiny_folders
 
 QUERY = "what should I cook tonight"
 CONTEXT = "my name is Sam, I live in Seattle and I like spicy tofu and long runs on Sunday morning"
 N = 32
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return tiny_folders(tmp_path_factory.mktemp("models"))
 
 
 def test_killed_and_restarted_cloud_resumes_into_one_identical_stream(folders, tmp_path):

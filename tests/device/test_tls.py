@@ -11,17 +11,11 @@ from costeer.cloud import ServerSettings, create_app
 from costeer.device import CloudError, connect_cloud
 from costeer.engine.models import load_lm
 from tests.cloud.server_util import KEY_A
-from tests.device.folders import tiny_folders
 from tests.device.stand_in import AppThread, self_signed_certificate
 
 QUERY = "what should I cook tonight"
 CONTEXT = "my name is Sam, I live in Seattle and I like spicy tofu"
 N = 12
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return tiny_folders(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

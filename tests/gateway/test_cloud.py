@@ -11,17 +11,11 @@ from costeer.device import Retry, connect_cloud
 from costeer.engine.models import load_lm
 from costeer.gateway import GatewaySettings, create_app
 from tests.cloud.server_util import KEY_A, ThreadServer
-from tests.device.folders import tiny_folders
 from tests.gateway.server import AppServer
 
 QUERY = "what should I cook tonight"
 CONTEXT = "my name is Sam, I live in Seattle and I like spicy tofu"
 MSGS = [{"role": "user", "content": QUERY}]
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return tiny_folders(tmp_path_factory.mktemp("models"))
 
 
 def _slowed(lm, seconds: float):
