@@ -109,3 +109,38 @@ def test_info_states_the_look_ahead_limits(server):
     info = httpx.get(server.http + "/v1/info", headers={"Authorization": f"Bearer {KEY_A}"}, trust_env=False).json()
     assert info["lookahead"] == {"frame_version": 2, "max_depth": 16, "max_nodes": 64}
     assert info["frame_version"] == frames.VERSION  # version-1 devices read the same /v1/info as before
+
+
+def test_clients_that_drop_or_are_deleted_mid_tree_free_everything_and_others_finish(server, tiny_slm):
+    """Hostile clients at once: some open the largest tree the server allows and vanish before
+    reading it, some are DELETEd while their tree grows; a healthy session's tokens do not move, and
+    every session and every tree node is freed."""
+    import threading
+
+    from tests.cloud.test_server import get
+
+    want = CoSteer(connect_cloud(server.url, api_key=KEY_B, k="full", lookahead="off"), tiny_slm).generate(
+        QUERY, CONTEXT, "costeer", max_new_tokens=N).token_ids  # fmt: skip
+    big = Lookahead(frames.LOOKAHEAD_FIXED, 16, 64)
+
+    def drop():
+        ws = ws_open(server)
+        ws.send(Open([1, 2, 3], frames.FULL, 40, lookahead=big).encode())
+        ws.close()  # never reads its round
+
+    def delete():
+        with ws_open(server) as ws:
+            ws.send(Open([1, 2, 3], frames.FULL, 40, lookahead=big).encode())
+            sid = frames.decode_downlink(ws.recv(timeout=10)).session_id.hex()
+            assert get(server, f"/v1/sessions/{sid}", KEY_A, "DELETE").status_code in (200, 404)
+
+    threads = [threading.Thread(target=f) for f in (drop, delete, drop, delete)]
+    for t in threads:
+        t.start()
+    got = CoSteer(connect_cloud(server.url, api_key=KEY_B, k="full", lookahead="tree:3:9"), tiny_slm).generate(
+        QUERY, CONTEXT, "costeer", max_new_tokens=N).token_ids  # fmt: skip
+    for t in threads:
+        t.join(timeout=30)
+    assert got == want
+    wait_until(lambda: not server.registry.sessions)
+    wait_until(lambda: not server.registry.scheduler.pool.trees)
