@@ -107,7 +107,7 @@ def test_info_states_the_look_ahead_limits(server):
     import httpx
 
     info = httpx.get(server.http + "/v1/info", headers={"Authorization": f"Bearer {KEY_A}"}, trust_env=False).json()
-    assert info["lookahead"] == {"frame_version": 2, "max_depth": 16, "max_nodes": 64}
+    assert info["lookahead"] == {"frame_version": 2, "max_depth": 16, "max_nodes": 64, "streamed": True}
     assert info["frame_version"] == frames.VERSION  # version-1 devices read the same /v1/info as before
 
 

@@ -27,8 +27,8 @@ N = 30
 STEERED = [m.value for m in Method if m.steered]
 
 
-def generate(server, slm, lookahead, method="costeer", key=KEY_A, **kw):
-    llm = connect_cloud(server.url, api_key=key, k="full", lookahead=lookahead)
+def generate(server, slm, lookahead, method="costeer", key=KEY_A, streamed=True, **kw):
+    llm = connect_cloud(server.url, api_key=key, k="full", lookahead=lookahead, streamed=streamed)
     extra = {"reference_message": REFERENCE} if method == "costeer_matched" else {}
     g = CoSteer(llm, slm).generate(QUERY, CONTEXT, method, max_new_tokens=N, **extra, **kw)
     return g, llm
@@ -40,9 +40,11 @@ def per_token(server, tiny_slm):
     return {m: generate(server, tiny_slm, "off", m)[0].token_ids for m in STEERED + ["llm"]}
 
 
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "whole"])
 @pytest.mark.parametrize("method", STEERED + ["llm"])
-def test_every_method_with_a_tree_gives_the_per_token_tokens(server, tiny_llm, tiny_slm, per_token, method):
-    got, llm = generate(server, tiny_slm, "tree:3:9", method)
+def test_every_method_with_a_tree_gives_the_per_token_tokens(server, tiny_llm, tiny_slm, per_token, method, streamed):
+    got, llm = generate(server, tiny_slm, "tree:3:9", method, streamed=streamed)
+    assert llm.lookahead.streamed == streamed
     assert got.token_ids == per_token[method]
     extra = {"reference_message": REFERENCE} if method == "costeer_matched" else {}
     assert got.token_ids == CoSteer(tiny_llm, tiny_slm).generate(QUERY, CONTEXT, method, max_new_tokens=N,
@@ -50,31 +52,35 @@ def test_every_method_with_a_tree_gives_the_per_token_tokens(server, tiny_llm, t
     assert llm.rounds + llm.tree_tokens == len(got.token_ids)  # each token: its own round or a tree's node
 
 
-@pytest.mark.parametrize("shape", ["chain:1", "chain:4", "chain:8", "tree:4:12", "auto", "5"])
+@pytest.mark.parametrize("shape", ["chain:1", "chain:4", "chain:8", "tree:4:12", "auto", "5", "chain:4/whole"])
 def test_every_shape_gives_the_per_token_tokens(server, tiny_slm, per_token, shape):
-    got, llm = generate(server, tiny_slm, shape)
+    shape, _, form = shape.partition("/")
+    got, llm = generate(server, tiny_slm, shape, streamed=form != "whole")
     assert got.token_ids == per_token["costeer"]
     if shape.startswith(("chain", "tree")):
         assert llm.tree_tokens > 0  # the device did take tokens from the trees
 
 
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "whole"])
 @pytest.mark.parametrize("method", ["costeer", "light"])
-def test_seeded_sampling_with_a_tree_gives_the_per_token_tokens(server, tiny_slm, method):
+def test_seeded_sampling_with_a_tree_gives_the_per_token_tokens(server, tiny_slm, method, streamed):
     sampled = dict(temperature=0.9, top_k=50, seed=11)
     want = generate(server, tiny_slm, "off", method, **sampled)[0].token_ids
-    got, llm = generate(server, tiny_slm, "tree:4:12", method, **sampled)
+    got, llm = generate(server, tiny_slm, "tree:4:12", method, streamed=streamed, **sampled)
     assert got.token_ids == want and llm.tree_tokens > 0
 
 
-def test_a_chain_the_device_follows_costs_one_round_per_chain(server, tiny_slm, tmp_path):
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "whole"])
+def test_a_chain_the_device_follows_costs_one_round_per_chain(server, tiny_slm, tmp_path, streamed):
     """`llm` alone takes the LLM's greedy token, which is always the chain's next node: N tokens in
-    N / (d + 1) rounds, and the uplink holds each round's tokens and nothing else."""
-    llm = connect_cloud(server.url, api_key=KEY_A, k="full", lookahead="chain:4", wire_log=tmp_path / "w.jsonl")
+    N / (d + 1) rounds, and the uplink holds each round's tokens and nothing else (streamed or not)."""
+    llm = connect_cloud(server.url, api_key=KEY_A, k="full", lookahead="chain:4", wire_log=tmp_path / "w.jsonl",
+                        streamed=streamed)  # fmt: skip
     g = CoSteer(llm, None).generate(QUERY, method="llm", max_new_tokens=N)
     assert llm.rounds == N // 5 and llm.tree_tokens == N - N // 5
     sent = [frames.decode_uplink(r["data"]) for r in read_wire_log(tmp_path / "w.jsonl")
             if r.get("kind") == "ws-message" and r["dir"] == "sent"]  # fmt: skip
-    assert isinstance(sent[0], frames.Open) and sent[0].lookahead == frames.Lookahead(frames.LOOKAHEAD_FIXED, 4, 5)
+    assert isinstance(sent[0], frames.Open) and sent[0].lookahead == frames.Lookahead(frames.LOOKAHEAD_FIXED, 4, 5, streamed)
     rounds = [m.token_ids for m in sent[1:]]
     assert all(isinstance(m, frames.Tokens) for m in sent[1:]) and all(len(r) == 5 for r in rounds)
     assert [t for r in rounds for t in r] == g.token_ids[: len(rounds) * 5]
@@ -122,19 +128,23 @@ def test_lookahead_option_parsing():
             Lookahead.parse(bad)
 
 
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "whole"])
 @pytest.mark.parametrize("lost", ["connection", "session"])
-def test_a_drop_in_the_middle_of_a_round_resumes_into_the_same_tokens(server, tiny_slm, per_token, tmp_path, lost):
+def test_a_drop_in_the_middle_of_a_round_resumes_into_the_same_tokens(server, tiny_slm, per_token, tmp_path, lost,
+                                                                      streamed):  # fmt: skip
     """The socket dies while the device walks a tree (it has chosen tokens the cloud has not heard
     of): it re-attaches with the round's tokens (ATTACH's long form), or, when the session is gone,
-    re-opens with everything chosen so far; the tokens are those of the uninterrupted run."""
+    re-opens with everything chosen so far; the tokens are those of the uninterrupted run. Streamed,
+    the device may be waiting for the round's next level when the drop comes: the cloud starts a
+    fresh round after the tokens it re-attached with."""
     llm = connect_cloud(server.url, api_key=KEY_A, k="full", lookahead="chain:4", wire_log=tmp_path / "w.jsonl",
-                        retry=Retry(backoff_s=0.05))  # fmt: skip
+                        retry=Retry(backoff_s=0.05), streamed=streamed)  # fmt: skip
     sources = spy_sources(llm)
     stream = CoSteer(llm, None).stream(QUERY, method="llm", max_new_tokens=N)
     for i, _ in enumerate(stream):
         if i == 7:  # tokens 5-9 are round 1's tree: the device stands inside it
             src = sources[0]
-            assert src.tree.size == 5 and src.node > 0
+            assert src.node > 0 and src.tree.position == 5 and (streamed or src.tree.size == 5)
             if lost == "session":
                 server.registry.end(server.registry.sessions[src.session_id], "test")
             src.ws.socket.shutdown(socket.SHUT_RDWR)
@@ -144,10 +154,11 @@ def test_a_drop_in_the_middle_of_a_round_resumes_into_the_same_tokens(server, ti
     sent = [frames.decode_uplink(r["data"]) for r in read_wire_log(tmp_path / "w.jsonl")
             if r.get("kind") == "ws-message" and r["dir"] == "sent"]  # fmt: skip
     attaches = [m for m in sent if isinstance(m, frames.Attach)]
-    assert attaches and attaches[0].n_generated == 10 and len(attaches[0].pending) == 5
+    at = attaches[0].n_generated  # 10 (the round's leaf), or streamed, where it waited for a level
+    assert attaches and at - len(attaches[0].pending) == 5 and (at == 10 or streamed and 8 <= at <= 10)
     if lost == "session":
         opens = [m for m in sent if isinstance(m, frames.Open)]
-        assert len(opens) == 2 and opens[1].generated == want[:10]
+        assert len(opens) == 2 and opens[1].generated == want[:at]
 
 
 def test_an_inconsistent_tree_is_refused_and_its_session_freed(server, tiny_slm, per_token, monkeypatch):
@@ -164,7 +175,7 @@ def test_an_inconsistent_tree_is_refused_and_its_session_freed(server, tiny_slm,
         return encode_tree(position, parents, tokens, blobs, cloud_us)
 
     monkeypatch.setattr(frames, "encode_tree", broken)
-    llm = connect_cloud(server.url, api_key=KEY_A, k="full", lookahead="tree:3:9")
+    llm = connect_cloud(server.url, api_key=KEY_A, k="full", lookahead="tree:3:9", streamed=False)
     with pytest.raises(CloudError, match="parent does not come before it") as e:
         CoSteer(llm, tiny_slm).generate(QUERY, CONTEXT, "costeer", max_new_tokens=N)
     assert e.value.code == frames.CLOSE_MALFORMED
