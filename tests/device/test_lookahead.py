@@ -4,6 +4,7 @@ the trees without asking, sends one TOKENS frame per round, resumes mid-round af
 refuses an inconsistent TREE frame with 4400, which ends and frees its session only."""
 
 import socket
+import time
 
 import pytest
 
@@ -200,3 +201,103 @@ def test_through_a_delay_relay_the_tokens_are_the_same_and_auto_looks_ahead(serv
         g = CoSteer(auto, None).generate(QUERY, method="llm", max_new_tokens=N)
         assert g.token_ids == per_token["llm"]
         assert auto.rounds * 2 <= N, (auto.rounds, auto.tree_tokens)
+
+
+# -- streamed rounds -----------------------------------------------------------------------------------
+
+
+def _slow_levels(server, monkeypatch, seconds: float) -> None:
+    pool = server.registry.scheduler.pool
+    grow = pool.grow
+
+    def slow(rows):
+        time.sleep(seconds)
+        return grow(rows)
+
+    monkeypatch.setattr(pool, "grow", slow)
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "whole"])
+def test_a_streamed_round_is_used_before_it_is_grown(server, per_token, monkeypatch, streamed):
+    """Levels that take 0.15 s each: streamed, the device chooses the round's first token from the
+    root while the cloud still grows the chain (its last level arrives later); whole, it waits for
+    the complete tree first. The tokens are the per-token ones either way."""
+    _slow_levels(server, monkeypatch, 0.15)
+    arrived, add, of = {}, frames.Round.add, frames.Round.of
+
+    def timed_add(self, level):
+        add(self, level)
+        if self.final:
+            arrived.setdefault(self.position, time.monotonic())
+
+    def timed_of(msg, bounds):
+        out = of(msg, bounds)
+        if out.final:
+            arrived.setdefault(out.position, time.monotonic())
+        return out
+
+    monkeypatch.setattr(frames.Round, "add", timed_add)
+    monkeypatch.setattr(frames.Round, "of", staticmethod(timed_of))
+    llm = connect_cloud(server.url, api_key=KEY_A, k="full", lookahead="chain:4", streamed=streamed)
+    used = []
+    stream = CoSteer(llm, None).stream(QUERY, method="llm", max_new_tokens=10)
+    for _ in stream:
+        used.append(time.monotonic())
+    assert stream.generation.token_ids == per_token["llm"][:10]
+    if streamed:
+        assert used[0] < arrived[0] - 0.3  # the first token before the round's last level (4 x 0.15 s)
+    else:
+        assert used[0] >= arrived[0]
+
+
+BAD_STREAMS = {
+    "a child of a node the frame did not bring": (lambda first, blobs, parents: (blobs, [p - 1 for p in parents]),
+                                                  "not a node of the frame"),
+    "more nodes than announced": (lambda first, blobs, parents: (blobs + blobs[-1:], parents), "announced"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_STREAMS))
+def test_a_bad_streamed_frame_is_refused_and_its_session_freed(server, tiny_slm, per_token, monkeypatch, case):
+    """The cloud's LEVEL frames break the round: the device closes with 4400, the cloud ends and
+    frees that session, and another key's session (whole rounds) is not disturbed."""
+    healthy = CoSteer(connect_cloud(server.url, api_key=KEY_B, k="full", lookahead="tree:3:9", streamed=False), tiny_slm)
+    it = iter(healthy.stream(QUERY, CONTEXT, "costeer", max_new_tokens=N))
+    head = [next(it).step.token_id for _ in range(3)]
+    encode_level, (bend, message) = frames.encode_level, BAD_STREAMS[case]
+
+    def broken(position, first, blobs, parents, tokens):
+        if first > 0:
+            blobs, parents = bend(first, list(blobs), list(parents))
+        return encode_level(position, first, blobs, parents, tokens)
+
+    monkeypatch.setattr(frames, "encode_level", broken)
+    llm = connect_cloud(server.url, api_key=KEY_A, k="full", lookahead="chain:4")
+    with pytest.raises(CloudError, match=message) as e:
+        CoSteer(llm, None).generate(QUERY, method="llm", max_new_tokens=N)
+    assert e.value.code == frames.CLOSE_MALFORMED
+    b = KeyRing.owner(KEY_B)
+    wait_until(lambda: all(s.owner == b for s in server.registry.sessions.values()))  # KEY_A's ended
+    monkeypatch.setattr(frames, "encode_level", encode_level)
+    rest = [c.step.token_id for c in it]
+    assert head + rest == per_token["costeer"]
+    wait_until(lambda: not server.registry.sessions)
+
+
+def test_an_announced_node_that_never_comes_is_waited_for_a_bounded_time_then_resumed(server, per_token, monkeypatch):
+    """The cloud announces the first round's chain but never sends it: the device waits
+    recv_timeout_s for the node it chose, then re-attaches with that token and goes on, into the
+    uninterrupted run's tokens."""
+    post = server.registry._post_level
+
+    def lossy(sess, job):
+        if sess.position > 0 or job.tree.sent == 0:  # the first round's levels after its root are lost
+            post(sess, job)
+
+    monkeypatch.setattr(server.registry, "_post_level", lossy)
+    llm = connect_cloud(server.url, api_key=KEY_A, k="full", lookahead="chain:4",
+                        retry=Retry(backoff_s=0.05, recv_timeout_s=0.5))  # fmt: skip
+    sources = spy_sources(llm)
+    g = CoSteer(llm, None).generate(QUERY, method="llm", max_new_tokens=N)
+    assert g.token_ids == per_token["llm"] and sources[0].reconnects == 1
+    wait_until(lambda: not server.registry.sessions)

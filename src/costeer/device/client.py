@@ -227,6 +227,7 @@ class CloudSource:
             if self.ahead is not None:
                 self.ahead.run_advance(token_id)  # first: the node may arrive meanwhile
             if not self.tree.ready(child) and not self._await(child):  # the connection dropped meanwhile
+                self.reconnects += 1  # resume there: the cloud starts a fresh round after these tokens
                 return self._enter(self._exchange(self.tree.path(child), None), 0)
             self.llm.tree_tokens += 1
             return self._enter(self.tree, child)
