@@ -1,7 +1,9 @@
-"""Look-ahead over a real socket, tiny models: with any tree shape the device chooses exactly the
-tokens of per-token decoding (every steered method, greedy and seeded sampling), takes tokens from
-the trees without asking, sends one TOKENS frame per round, resumes mid-round after a drop, and
-refuses an inconsistent TREE frame with 4400, which ends and frees its session only."""
+"""Look-ahead over a real socket, tiny models: with any tree shape, streamed (LEVEL frames) or whole
+(one TREE), the device chooses exactly the tokens of per-token decoding (every steered method,
+greedy and seeded sampling), takes tokens from the trees without asking, sends one TOKENS frame per
+round, resumes mid-round after a drop, uses a streamed round's root before the round is grown,
+waits a bounded time for an announced node, and refuses an inconsistent TREE or LEVEL frame with
+4400, which ends and frees its session only."""
 
 import socket
 import time
@@ -162,30 +164,40 @@ def test_a_drop_in_the_middle_of_a_round_resumes_into_the_same_tokens(server, ti
         assert len(opens) == 2 and opens[1].generated == want[:at]
 
 
-def test_an_inconsistent_tree_is_refused_and_its_session_freed(server, tiny_slm, per_token, monkeypatch):
-    """The cloud sends a TREE whose node 2 names itself as parent: the device closes with 4400, the
-    cloud ends and frees that session, and another key's session is not disturbed."""
-    healthy = CoSteer(connect_cloud(server.url, api_key=KEY_B, k="full", lookahead="tree:3:9"), tiny_slm)
+def refused_beside_a_healthy_session(server, tiny_slm, per_token, monkeypatch, name, broken, message, **kw):
+    """With frames.`name` replaced by broken(original) for a session of KEY_A (look-ahead `kw`): the
+    device refuses with 4400 and the message, the cloud ends and frees that session, and a session of
+    KEY_B (whole rounds, begun before) completes with the per-token tokens."""
+    healthy = CoSteer(connect_cloud(server.url, api_key=KEY_B, k="full", lookahead="tree:3:9", streamed=False), tiny_slm)
     it = iter(healthy.stream(QUERY, CONTEXT, "costeer", max_new_tokens=N))
     head = [next(it).step.token_id for _ in range(3)]
-    encode_tree = frames.encode_tree
-
-    def broken(position, parents, tokens, blobs, cloud_us=0):
-        if len(parents) > 1:
-            parents = [parents[0], 2, *parents[2:]]
-        return encode_tree(position, parents, tokens, blobs, cloud_us)
-
-    monkeypatch.setattr(frames, "encode_tree", broken)
-    llm = connect_cloud(server.url, api_key=KEY_A, k="full", lookahead="tree:3:9", streamed=False)
-    with pytest.raises(CloudError, match="parent does not come before it") as e:
+    original = getattr(frames, name)
+    monkeypatch.setattr(frames, name, broken(original))
+    llm = connect_cloud(server.url, api_key=KEY_A, k="full", **kw)
+    with pytest.raises(CloudError, match=message) as e:
         CoSteer(llm, tiny_slm).generate(QUERY, CONTEXT, "costeer", max_new_tokens=N)
     assert e.value.code == frames.CLOSE_MALFORMED
     b = KeyRing.owner(KEY_B)
     wait_until(lambda: all(s.owner == b for s in server.registry.sessions.values()))  # KEY_A's ended
-    monkeypatch.setattr(frames, "encode_tree", encode_tree)
+    monkeypatch.setattr(frames, name, original)
     rest = [c.step.token_id for c in it]
     assert head + rest == per_token["costeer"]
     wait_until(lambda: not server.registry.sessions)
+
+
+def test_an_inconsistent_tree_is_refused_and_its_session_freed(server, tiny_slm, per_token, monkeypatch):
+    """The cloud sends a TREE whose node 2 names itself as parent."""
+
+    def broken(encode_tree):
+        def encode(position, parents, tokens, blobs, cloud_us=0):
+            if len(parents) > 1:
+                parents = [parents[0], 2, *parents[2:]]
+            return encode_tree(position, parents, tokens, blobs, cloud_us)
+
+        return encode
+
+    refused_beside_a_healthy_session(server, tiny_slm, per_token, monkeypatch, "encode_tree", broken,
+                                     "parent does not come before it", lookahead="tree:3:9", streamed=False)  # fmt: skip
 
 
 def test_through_a_delay_relay_the_tokens_are_the_same_and_auto_looks_ahead(server, tiny_slm, per_token):
@@ -251,37 +263,27 @@ def test_a_streamed_round_is_used_before_it_is_grown(server, per_token, monkeypa
 
 
 BAD_STREAMS = {
-    "a child of a node the frame did not bring": (lambda first, blobs, parents: (blobs, [p - 1 for p in parents]),
+    "a child of a node the frame did not bring": (lambda blobs, parents: (blobs, [p - 1 for p in parents]),
                                                   "not a node of the frame"),
-    "more nodes than announced": (lambda first, blobs, parents: (blobs + blobs[-1:], parents), "announced"),
+    "more nodes than announced": (lambda blobs, parents: (blobs + blobs[-1:], parents), "announced"),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(BAD_STREAMS))
 def test_a_bad_streamed_frame_is_refused_and_its_session_freed(server, tiny_slm, per_token, monkeypatch, case):
-    """The cloud's LEVEL frames break the round: the device closes with 4400, the cloud ends and
-    frees that session, and another key's session (whole rounds) is not disturbed."""
-    healthy = CoSteer(connect_cloud(server.url, api_key=KEY_B, k="full", lookahead="tree:3:9", streamed=False), tiny_slm)
-    it = iter(healthy.stream(QUERY, CONTEXT, "costeer", max_new_tokens=N))
-    head = [next(it).step.token_id for _ in range(3)]
-    encode_level, (bend, message) = frames.encode_level, BAD_STREAMS[case]
+    """The cloud's LEVEL frames after the root break the round."""
+    bend, message = BAD_STREAMS[case]
 
-    def broken(position, first, blobs, parents, tokens):
-        if first > 0:
-            blobs, parents = bend(first, list(blobs), list(parents))
-        return encode_level(position, first, blobs, parents, tokens)
+    def broken(encode_level):
+        def encode(position, first, blobs, parents, tokens):
+            if first > 0:
+                blobs, parents = bend(list(blobs), list(parents))
+            return encode_level(position, first, blobs, parents, tokens)
 
-    monkeypatch.setattr(frames, "encode_level", broken)
-    llm = connect_cloud(server.url, api_key=KEY_A, k="full", lookahead="chain:4")
-    with pytest.raises(CloudError, match=message) as e:
-        CoSteer(llm, None).generate(QUERY, method="llm", max_new_tokens=N)
-    assert e.value.code == frames.CLOSE_MALFORMED
-    b = KeyRing.owner(KEY_B)
-    wait_until(lambda: all(s.owner == b for s in server.registry.sessions.values()))  # KEY_A's ended
-    monkeypatch.setattr(frames, "encode_level", encode_level)
-    rest = [c.step.token_id for c in it]
-    assert head + rest == per_token["costeer"]
-    wait_until(lambda: not server.registry.sessions)
+        return encode
+
+    refused_beside_a_healthy_session(server, tiny_slm, per_token, monkeypatch, "encode_level", broken, message,
+                                     lookahead="tree:3:9")  # fmt: skip
 
 
 def test_an_announced_node_that_never_comes_is_waited_for_a_bounded_time_then_resumed(server, per_token, monkeypatch):
