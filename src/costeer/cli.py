@@ -733,7 +733,7 @@ def gateway(
 
         from costeer.cloud import read_api_keys
         from costeer.gateway import GatewaySettings, check_bind, create_app, serve
-        from costeer.gateway.config import is_loopback
+        from costeer.device.transport import is_loopback
 
         keys = read_api_keys(os.environ.get("COSTEER_GATEWAY_KEYS"), api_keys_file)
         settings = GatewaySettings(context_file=context_file, reference_file=reference_file, api_keys=keys,
@@ -781,8 +781,13 @@ def playground(
         from costeer.gateway import create_app, serve
         from costeer.playground import Models as PlaygroundModels, PlaygroundSettings, playground_router
 
+        from costeer.device.transport import is_loopback
+
         if wire_dir is not None and cloud is None:
             raise ValueError("--wire-dir keeps the exchange with the cloud: give --cloud too")
+        if not is_loopback(host):  # the page takes no key and shows the private context
+            raise ValueError(f"the playground serves loopback only ({host} is not): the page has no key and "
+                             "shows your context; use `costeer gateway --host ... ` with keys for an API on a network")
         settings = PlaygroundSettings(llm=models.llm, slm=models.slm, models=(*model, *PRESETS), cloud=cloud,
                                       cloud_k=cloud_k, device=models.device, backend=models.backend,
                                       wire_dir=wire_dir)  # fmt: skip
