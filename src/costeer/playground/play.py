@@ -286,9 +286,9 @@ class Play:
         sent = [r for r in col.records if r["dir"] == "sent"]
         uplink = [frames.decode_uplink(r["data"]) for r in sent if r.get("kind") == "ws-message"]
         opened = [list(m.prompt_ids) for m in uplink if isinstance(m, frames.Open)]
-        # the public conversation's text may be on the wire (the audit allows it, as it allows the query)
-        public = "\n".join(m["content"] for m in self.req.conversation())
-        report = audit_records(col.records, self.req.context, public, cs.llm.tokenizer)
+        # the public conversation may be on the wire (the audit allows its text, and checks that every OPEN
+        # is exactly its prompt, as the API built it from the turns)
+        report = audit_records(col.records, self.req.context, self.req.conversation(), cs.llm.tokenizer)
         return out | {
             "bytes_up": sum(r["len"] for r in sent),
             "bytes_down": sum(r["len"] for r in col.records if r["dir"] == "received"),
@@ -298,9 +298,7 @@ class Play:
             "token_ids": [t for m in uplink if isinstance(m, (frames.Token, frames.Tokens))
                           for t in ([m.token_id] if isinstance(m, frames.Token) else m.token_ids)],  # fmt: skip
             "session_closed": any(r.get("kind") == "ws-close" for r in sent),
-            # every OPEN is exactly the public conversation's prompt, as the API built it from the turns
-            "audit": {"clean": report.clean, "leaks": report.leaks,
-                      "prompt_is_public": bool(opened) and all(p == out["llm_prompt_ids"] for p in opened)},
+            "audit": {"clean": report.clean, "leaks": report.leaks, "prompt_is_public": report.prompt_is_query is True},
         }  # fmt: skip
 
 
