@@ -83,6 +83,8 @@ class PlayRequest(Sliders):
     profile: str = Field("", max_length=MAX_SECTION_CHARS)
     history: str = Field("", max_length=MAX_SECTION_CHARS)
     preference: str = Field("", max_length=MAX_SECTION_CHARS)
+    # costeer_matched: a PUBLIC profile in the context's format, read by the SLM's without-context branch
+    reference: str = Field("", max_length=3 * MAX_SECTION_CHARS)
     llm: str = Field(min_length=1, max_length=200)
     slm: str = Field(min_length=1, max_length=200)
     method: Method = Method.costeer
@@ -129,6 +131,11 @@ class PlayRequest(Sliders):
         parts = [(name, text.strip()) for name, text in
                  (("Profile", self.profile), ("History", self.history), ("Preferences", self.preference))]  # fmt: skip
         return "\n\n".join(f"{name}:\n{text}" for name, text in parts if text)
+
+    @property
+    def reference_context(self) -> str | None:
+        """The reference panel in the context's format (a profile section), or None when empty."""
+        return f"Profile:\n{self.reference.strip()}" if self.reference.strip() else None
 
     @property
     def methods(self) -> tuple[Method, ...]:
@@ -205,8 +212,8 @@ class Play:
         try:
             cs = self.load(req.llm, req.slm)
             cfg, public = req.config(), req.conversation()
-            columns = [Column(m, reply(cs, public, m, req.context, sampling=cfg.sampling, steering=cfg.steering,
-                                       inspect=ALTERNATIVES)) for m in req.methods]  # fmt: skip
+            columns = [Column(m, reply(cs, public, m, req.context, req.reference_context, sampling=cfg.sampling,
+                                       steering=cfg.steering, inspect=ALTERNATIVES)) for m in req.methods]  # fmt: skip
         except USER_ERRORS as e:  # a bad model, a prompt too long, a refused or unreachable cloud: one line
             yield "error", {"message": _one_line(e)}
             yield "end", {"stopped": False}
