@@ -200,12 +200,13 @@ class LM(LLMSide):
         """Independent sequences that come and go (a server's sessions): prefill(seq, tokens) -> [V],
         step([(seq, token)]) -> [n, V], drop(seq). llama.cpp: one context whose shared KV cache
         holds `n_cells` tokens in all, every step one llama_decode; transformers: a KV cache per
-        sequence, prompts prefilled whole (`chunk` None)."""
+        sequence, prompts prefilled whole (`chunk` None), every step one padded forward
+        (COSTEER_DECODE_POOL=sequential: each sequence alone, one after the other)."""
         if self.backend == "llamacpp":
             from costeer.engine.llamacpp import LlamaSequencePool
 
             return LlamaSequencePool(self.model, n_cells, n_seq_max, chunk)
-        return DecodePool(self)
+        return DecodePool(self, pool_strategy())
 
     def connect(self, prompt_ids: list[int], vocab: VocabMap, max_new_tokens: int,
                 steering: SteeringSource | None = None,
@@ -348,14 +349,17 @@ def from_transformers(model, tokenizer, name: str | None = None) -> LM:
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Prompts of different lengths -> input_ids, attention_mask, position_ids, each [B, L]."""
-    L = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), L), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, L - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[b, L - len(p) :] = 1
+    mask = pad_mask([len(p) for p in prompts])
+    ids = torch.full(mask.shape, pad_id, dtype=torch.long)
+    ids[mask.bool()] = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids, mask, pos
+
+
+def pad_mask(lengths: list[int]) -> Tensor:
+    """Row lengths -> [B, max] attention mask: each row's ones right-aligned (left padding)."""
+    L = max(lengths)
+    return (torch.arange(L) >= L - torch.tensor(lengths).unsqueeze(1)).long()
 
 
 class DecodeBatch:
@@ -377,20 +381,10 @@ class DecodeBatch:
         self.next_pos: Tensor | None = None  # [B, 1]
         self.padded = len({len(p) for p in prompts}) > 1
 
-    @torch.inference_mode()
     def _forward(self, ids: Tensor, pos: Tensor) -> Tensor:
-        dev = self.lm.device
-        out = self.lm.model(
-            input_ids=ids.to(dev),
-            # no mask needed when no row is padded: lets attention take its causal fast path
-            attention_mask=self.mask.to(dev) if self.padded else None,
-            position_ids=pos.to(dev),
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        self.cache = out.past_key_values
-        return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+        # no mask needed when no row is padded: lets attention take its causal fast path
+        logp, self.cache = _lm_forward(self.lm, ids, pos, self.cache, self.mask if self.padded else None)
+        return logp
 
     def start(self) -> Tensor:
         if self.prefix is not None:
@@ -423,14 +417,11 @@ class DecodeBatch:
                 self.prefix.cache.store(identity, prompt[:n], snap, snap.nbytes, codec)
         return self._row_forward(prompt[n:], n, cache)
 
-    @torch.inference_mode()
     def _row_forward(self, ids: list[int], start: int, cache):
         """One prompt alone (no padding, no mask) -> ([V] log-probabilities after it, its cache)."""
-        dev = self.lm.device
-        pos = torch.arange(start, start + len(ids), device=dev).unsqueeze(0)  # [1, n]
-        out = self.lm.model(input_ids=torch.tensor([ids], device=dev), position_ids=pos, past_key_values=cache,
-                            use_cache=True, logits_to_keep=1)  # fmt: skip
-        return torch.log_softmax(out.logits[0, -1, :].float(), dim=-1), out.past_key_values
+        pos = torch.arange(start, start + len(ids)).unsqueeze(0)  # [1, n]
+        logp, cache = _lm_forward(self.lm, torch.tensor([ids]), pos, cache)
+        return logp[0], cache
 
     def advance(self, tokens: list[int]) -> Tensor:
         if self.mask is None:
@@ -453,19 +444,46 @@ class DecodeBatch:
         self.next_pos = pos[:, -1:] + 1
         return self._forward(ids, pos)
 
+    def took(self, cache, n: int) -> None:
+        """The sequences moved on by n tokens fed elsewhere (a pool's batched step, a kept look-ahead
+        path): `cache` holds them."""
+        self.cache = cache
+        self.mask = torch.cat([self.mask, torch.ones((self.mask.shape[0], n), dtype=self.mask.dtype)], dim=-1)
+        self.next_pos = self.next_pos + n
+
     def close(self) -> None:
         self.cache = None
 
 
+POOL_ENV = "COSTEER_DECODE_POOL"
+POOL_STRATEGIES = ("batched", "sequential")
+
+
+def pool_strategy(env=os.environ) -> str:
+    """COSTEER_DECODE_POOL: how the transformers pool feeds a tick's steps (batched by default)."""
+    raw = env.get(POOL_ENV, "batched").strip().lower()
+    if raw not in POOL_STRATEGIES:
+        log.warning("%s=%r is not one of %s; batched kept", POOL_ENV, raw, ", ".join(POOL_STRATEGIES))
+        return "batched"
+    return raw
+
+
 class DecodePool:
-    """The transformers side of LM.open_pool: each sequence its own one-row DecodeBatch, fed one
-    after the other (exactly what each computes alone). The prompt is prefilled in one piece,
-    as an in-process generation does (`chunk` None)."""
+    """The transformers side of LM.open_pool: each sequence its own one-row DecodeBatch (its own
+    KV cache). The prompt is prefilled in one piece, as an in-process generation does (`chunk` None).
+
+    step(): "batched" feeds the sequences' tokens in ONE forward: their caches left-padded into one
+    batch cache (the mask hides the padding, each row at its own position), then each sequence keeps
+    its row, its own cache plus the new key/value column. One sequence is fed alone, exactly what it
+    computes alone; rows fed together round as several rows do (docs/reliability.md). "sequential"
+    feeds each sequence alone, one after the other."""
 
     chunk = None
 
-    def __init__(self, lm: LM):
-        self.lm = lm
+    def __init__(self, lm: LM, strategy: str = "batched"):
+        if strategy not in POOL_STRATEGIES:
+            raise ValueError(f"strategy must be one of {POOL_STRATEGIES}, not {strategy!r}")
+        self.lm, self.strategy = lm, strategy
         self._seqs: dict[int, DecodeBatch] = {}
         self.trees: dict[int, list] = {}  # seq -> its look-ahead tree (grow / commit)
 
@@ -477,7 +495,22 @@ class DecodePool:
         return batch.extend(tokens)[0]
 
     def step(self, items: list[tuple[int, int]]) -> Tensor:
-        return torch.cat([self._seqs[seq].advance([t]) for seq, t in items])
+        """items (seq, token) -> [n, V] after each sequence's token."""
+        if self.strategy == "sequential" or len(items) == 1:
+            return torch.cat([self._seqs[seq].advance([t]) for seq, t in items])
+        return self._step_together(items)
+
+    def _step_together(self, items: list[tuple[int, int]]) -> Tensor:
+        rows = [self._seqs[seq] for seq, _ in items]
+        lengths = [int(row.next_pos) for row in rows]  # tokens each sequence holds
+        cache = _merge_rows(self.lm, [row.cache for row in rows], lengths)
+        ids = torch.tensor([[t] for _, t in items])  # [n, 1]
+        pos = torch.cat([row.next_pos for row in rows])  # [n, 1]: each row at its own position
+        mask = pad_mask([n + 1 for n in lengths])  # [n, max + 1]
+        logp, cache = _lm_forward(self.lm, ids, pos, cache, mask)
+        for b, (row, n) in enumerate(zip(rows, lengths)):
+            row.took(_row_of(self.lm, cache, b, n + 1), 1)
+        return logp
 
     def drop(self, seq: int) -> None:
         self.trees.pop(seq, None)
@@ -522,9 +555,7 @@ class DecodePool:
         path = self._path(tree, node)
         if path:
             batch = self._seqs[seq]
-            batch.cache = self._cache_with(batch, path)
-            batch.mask = torch.cat([batch.mask, torch.ones((1, len(path)), dtype=batch.mask.dtype)], dim=-1)
-            batch.next_pos = batch.next_pos + len(path)
+            batch.took(self._cache_with(batch, path), len(path))
         return []
 
     @staticmethod
@@ -546,12 +577,19 @@ class DecodePool:
         )  # fmt: skip
         return _cache_from(self.lm, KVSnapshot(layers, base.length + len(path)))
 
-    @torch.inference_mode()
     def _node_forward(self, token: int, pos: Tensor, cache):
-        dev = self.lm.device
-        out = self.lm.model(input_ids=torch.tensor([[token]], device=dev), position_ids=pos.to(dev),
-                            past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
-        return torch.log_softmax(out.logits[0, -1, :].float(), dim=-1), out.past_key_values
+        logp, cache = _lm_forward(self.lm, torch.tensor([[token]]), pos, cache)
+        return logp[0], cache
+
+
+@torch.inference_mode()
+def _lm_forward(lm: LM, ids: Tensor, pos: Tensor, cache, mask: Tensor | None = None):
+    """ids, pos [B, n] (mask [B, L], None: no row padded) over `cache` -> ([B, V] log-probabilities
+    after the last token of each row, the cache extended by the n tokens)."""
+    dev = lm.device
+    out = lm.model(input_ids=ids.to(dev), attention_mask=None if mask is None else mask.to(dev),
+                   position_ids=pos.to(dev), past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+    return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1), out.past_key_values
 
 
 @torch.inference_mode()
@@ -673,6 +711,15 @@ def _merge_rows(lm: LM, caches: list, lengths: list[int]):
     cache = DynamicCache(ddp_cache_data=data, config=lm.model.config)
     _set_length(cache, max(lengths))
     return cache
+
+
+def _row_of(lm: LM, cache, b: int, length: int):
+    """Row b of a left-padded batch cache, holding `length` tokens -> a one-row cache of its own.
+    A copy, not a view: a view would keep the whole batch's tensors alive as long as the row lives."""
+    def own(t: Tensor) -> Tensor:  # [B, H, T, D] -> [1, H, n, D]: its last `length` columns (or a sliding layer's all)
+        return t[b : b + 1, :, -min(length, t.shape[-2]) :].clone(memory_format=torch.contiguous_format)
+
+    return _cache_from(lm, KVSnapshot(tuple((own(layer.keys), own(layer.values)) for layer in cache.layers), length))
 
 
 def _pad_left(t: Tensor, T: int) -> Tensor:
