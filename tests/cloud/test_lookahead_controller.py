@@ -36,9 +36,6 @@ def test_until_a_token_is_taken_from_a_tree_the_saving_is_zero_and_probes_are_of
     assert c.saving() == 0.0 and c.round_trip()[1] == c.round_trip()[0] + c.c1
     due = [Controller(AUTO, n_rounds=n).probe_due() for n in range(20)]
     assert due[:3] == [True] * 3 and due[8] and due[16] and not any(due[3:8])
-    streamed = frames.Lookahead(frames.LOOKAHEAD_AUTO, 8, 16, streamed=True)
-    assert all(Controller(streamed, n_rounds=n).probe_due() for n in range(20))  # streamed: every round until taken
-    assert not rounds(Controller(streamed), [(0.050, 0), (0.060, 1)]).probe_due()
 
 
 def test_the_planner_grows_where_it_pays_and_not_where_it_does_not():

@@ -30,11 +30,12 @@ What a level costs depends on how the round travels:
   - streamed (LEVEL frames, the root at once and each level as it is computed): a level costs the
     device nothing while the cloud keeps ahead of it. A level of n nodes takes t = a + b * n; the
     device needs it one token (L) after the level above, so it waits max(0, t - L) if it got that
-    far (chance: the summed P of the level above). And the part of the level that runs past R (the
-    cloud's time on this round's levels so far plus t, beyond the round trip) is what the next
-    round's root waits when the device leaves the round at once: its uplink finds the level under way.
+    far (chance: the summed P of the level above). And a level that ends past R (the cloud's time
+    on this round's levels so far plus t, beyond the round trip) may be under way when the device's
+    uplink comes; the next round's root then waits for it, so it is charged in full, as a whole
+    round's level is (near loopback, where R is about the device's fusion, every level is):
 
-        cost(n) = P(level above) * max(0, t - L) + min(t, max(0, elapsed + t - R)).
+        cost(n) = P(level above) * max(0, t - L) + (t if elapsed + t > R else 0).
 
     Candidates are taken most likely first while each one's P * S exceeds what it adds to cost(n).
     The levels the round trip hides are free, so the longer the round trip the deeper the tree.
@@ -160,12 +161,10 @@ class Controller:
                 "stay_greedy": round((self.taken[0] + 0.5) / (self.offered[0] + 1.0), 3), "rounds": self.n_rounds}  # fmt: skip
 
     def probe_due(self) -> bool:
-        """No round in view had the device take a token from a tree: offer one node so that L gets
-        measured. Whole rounds: the first rounds, then every 8th (each probe delays its round by a
-        level). Streamed: every round until one is taken (the probe's level follows the root, so it
-        costs the device at most the part of a level its uplink may find under way)."""
+        """No round in view had the device take a token from a tree: offer one node (the first
+        rounds, then every 8th), so that L gets measured."""
         learned = any(in_tree >= 1 for _, in_tree, _ in self.rounds)
-        return not learned and (self.bounds.streamed or self.n_rounds < 3 or self.n_rounds % 8 == 0)
+        return not learned and (self.n_rounds < 3 or self.n_rounds % 8 == 0)
 
     def saving(self) -> float:
         """S: seconds a token found in the tree saves the device (0: look-ahead does not pay)."""
@@ -274,7 +273,7 @@ class RoundPlanner:
             if n == 0:
                 return 0.0
             t = a + b * n
-            return above * max(0.0, t - L) + min(t, max(0.0, self.elapsed + t - R))
+            return above * max(0.0, t - L) + (t if self.elapsed + t > R else 0.0)
 
         return cost
 
