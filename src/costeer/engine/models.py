@@ -376,9 +376,11 @@ class DecodeBatch:
         self.mask: Tensor | None = None  # [B, L] grows by one column per step
         self.next_pos: Tensor | None = None  # [B, 1]
         self.padded = len({len(p) for p in prompts}) > 1
+        self._unmerged: list | None = None  # the rows' own caches, prefilled one by one (a prefix cache)
 
     @torch.inference_mode()
     def _forward(self, ids: Tensor, pos: Tensor) -> Tensor:
+        self._merged()
         dev = self.lm.device
         out = self.lm.model(
             input_ids=ids.to(dev),
@@ -401,14 +403,35 @@ class DecodeBatch:
 
     def _start_by_rows(self) -> Tensor:
         """Each prompt prefilled alone, its stable prefix restored from the cache or prefilled and kept
-        first; then the rows' caches left-padded into one batch, as `start` would have laid them out."""
-        rows = [self._prefill_row(b, p) for b, p in enumerate(self.prompts)]  # (logp [V], cache)
-        lengths = [len(p) for p in self.prompts]
+        first; then the rows' caches left-padded into one batch, as `start` would have laid them out. A
+        prompt equal to an earlier one without a prefix (the shared model's LLM row and the SLM's row
+        without context) takes that row's result: a row alone computes the same either way. The merge
+        waits for the first step: the first token needs only the rows' log-probabilities."""
+        rows: list[tuple[Tensor, object]] = []  # (logp [V], the row's cache)
+        for b, p in enumerate(self.prompts):
+            twin = self._twin(b)
+            rows.append(rows[twin] if twin is not None else self._prefill_row(b, p))
         _, self.mask, pos = left_pad(self.prompts)
         self.next_pos = pos[:, -1:] + 1
         caches = [c for _, c in rows]
-        self.cache = caches[0] if len(caches) == 1 else _merge_rows(self.lm, caches, lengths)
+        if len(caches) == 1:
+            self.cache = caches[0]
+        else:
+            self._unmerged = caches
         return torch.stack([lp for lp, _ in rows])
+
+    def _twin(self, b: int) -> int | None:
+        """An earlier row with the same prompt, neither with a prefix, or None."""
+        def plain(i: int) -> bool:
+            return self.prefix.length(i, self.prompts[i]) == 0
+
+        return next((i for i in range(b) if self.prompts[i] == self.prompts[b] and plain(i) and plain(b)), None)
+
+    def _merged(self) -> None:
+        """The rows' caches as one batch cache (left-padded), once, before the first step after start()."""
+        if self._unmerged is not None:
+            self.cache = _merge_rows(self.lm, self._unmerged, [len(p) for p in self.prompts])
+            self._unmerged = None
 
     def _prefill_row(self, b: int, prompt: list[int]):
         n = self.prefix.length(b, prompt)
@@ -454,7 +477,7 @@ class DecodeBatch:
         return self._forward(ids, pos)
 
     def close(self) -> None:
-        self.cache = None
+        self.cache = self._unmerged = None
 
 
 class DecodePool:
