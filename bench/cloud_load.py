@@ -1,7 +1,8 @@
 """The cloud under load: many device clients at once against `costeer serve`.
 
-    python bench/cloud_load.py [--llm smollm2-135m-instruct] [--backend llamacpp] [--levels 1,4,16,32]
-        [--tokens 64] [--rounds 3] [--max-sessions 16] [--step-cost 1,2,4,8,16,32] [--json FILE]
+    python bench/cloud_load.py [--llm smollm2-135m-instruct] [--backend llamacpp|transformers] [--levels 1,4,16,32]
+        [--tokens 64] [--rounds 3] [--max-sessions 16] [--step-cost 1,2,4,8,16,32] [--step-len 32]
+        [--pool batched,sequential] [--json FILE]
 
 `costeer serve` runs as a subprocess on 127.0.0.1 with one API key per client (so the per-key
 limit never binds; --max-sessions does). Each client speaks the wire protocol directly (the
@@ -13,9 +14,14 @@ token, time to the first distribution (p50), errors, clients refused busy (4429:
 above --max-sessions shows the limit), the server's peak RSS during the round and its RSS
 after it. Figures are medians over the rounds.
 
---step-cost: after the server is stopped, the cost of one batched llama.cpp step as a function
-of the number of sequences (LlamaSequencePool in this process), with a least-squares fit
-fixed + per-sequence: what bounds the aggregate on a machine with few cores.
+--pool (transformers only): the pool's strategies to compare side by side in one run, each on a
+server of its own (COSTEER_DECODE_POOL=batched: a tick's steps in one padded forward; sequential:
+each session alone, one after the other).
+
+--step-cost: after the servers are stopped, the cost of one step of the pool as a function of the
+number of sequences (each holding --step-len tokens; the pool in this process, each strategy of
+--pool on transformers), with a least-squares fit fixed + per-sequence: what bounds the aggregate
+on a machine with few cores.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import httpx
 from websockets.asyncio.client import connect
 
 from costeer import frames
-from costeer.engine.models import load_tokenizer
+from costeer.engine.models import POOL_ENV, POOL_STRATEGIES, load_tokenizer
 
 PACKED_K = 4096  # what a device asks for by default (costeer.device.client.PACKED_K)
 QUERIES = ["What should I cook tonight?", "Plan a short weekend trip for me.", "How do I start running?",
@@ -56,9 +62,11 @@ def _keys(n: int) -> list[str]:
 class Server:
     """`costeer serve` in a subprocess, its RSS read from /proc."""
 
-    def __init__(self, args, n_keys: int):
+    def __init__(self, args, n_keys: int, pool: str | None):
         self.port = _free_port()
         env = dict(os.environ, COSTEER_API_KEYS=",".join(_keys(n_keys)))
+        if pool:
+            env[POOL_ENV] = pool
         cmd = [sys.executable, "-m", "costeer.cli", "serve", "--llm", args.llm, "--backend", args.backend,
                "--device", "cpu", "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
                "--max-sessions", str(args.max_sessions), "--max-new-tokens", str(max(args.tokens, 64))]  # fmt: skip
@@ -160,17 +168,17 @@ def _median(rounds: list[dict], key: str):
     return statistics.median(vals) if vals else None
 
 
-def step_cost(llm: str, sizes: list[int], reps: int = 15) -> dict:
-    """Median time of one batched step of n sequences, and the fit fixed + n * per-sequence."""
-    from costeer.engine.models import load_lm
+def step_cost(llm: str, backend: str, pool_kind: str | None, sizes: list[int], length: int, reps: int = 15) -> dict:
+    """Median time of one step of n sequences of `length` tokens each, and the fit fixed + n * per-sequence."""
+    from costeer.engine.models import DecodePool, load_lm
 
-    lm = load_lm(llm, "cpu", "llamacpp")
-    pool = lm.open_pool(16384, max(sizes))
+    lm = load_lm(llm, "cpu", backend)
+    pool = DecodePool(lm, pool_kind) if pool_kind else lm.open_pool(16384, max(sizes))
     out = {}
     try:
         for n in sizes:
             for s in range(n):
-                pool.prefill(s, [100 + s] * 32)
+                pool.prefill(s, [100 + s] * length)
             times = []
             for _ in range(reps):
                 t0 = time.perf_counter()
@@ -190,12 +198,14 @@ def step_cost(llm: str, sizes: list[int], reps: int = 15) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llm", default="smollm2-135m-instruct")
-    ap.add_argument("--backend", default="llamacpp")
+    ap.add_argument("--backend", default="llamacpp", choices=("llamacpp", "transformers"))
     ap.add_argument("--levels", default="1,4,16,32")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-sessions", type=int, default=16)
     ap.add_argument("--step-cost", default="1,2,4,8,16,32", help="sequence counts ('' to skip)")
+    ap.add_argument("--step-len", type=int, default=32, help="tokens each sequence holds in --step-cost")
+    ap.add_argument("--pool", default=",".join(POOL_STRATEGIES), help="transformers: the pool strategies to compare")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -205,8 +215,29 @@ def main() -> None:
                    add_special_tokens=False)["input_ids"] for q in QUERIES]  # fmt: skip
     load0 = os.getloadavg()[0]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated bench still stops its server
-    server = Server(args, max(levels))
-    report = {"args": vars(args), "cores": len(os.sched_getaffinity(0)), "load_before": load0, "levels": {}}
+    pools = args.pool.split(",") if args.backend == "transformers" else [None]
+    if any(p not in POOL_STRATEGIES for p in pools if p is not None):
+        raise SystemExit(f"--pool: each of {', '.join(POOL_STRATEGIES)}")
+    report = {"args": vars(args), "cores": len(os.sched_getaffinity(0)), "load_before": load0, "runs": {}}
+    for pool in pools:
+        report["runs"][pool or args.backend] = run = {"levels": run_levels(args, pool, levels, prompts)}
+        if pool:
+            print(f"pool {pool} done", flush=True)
+    report["load_after"] = os.getloadavg()[0]
+    if args.step_cost:
+        sizes = [int(x) for x in args.step_cost.split(",")]
+        for pool, run in zip(pools, report["runs"].values()):
+            run["step_cost"] = step_cost(args.llm, args.backend, pool, sizes, args.step_len)
+    print_table(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+def run_levels(args, pool: str | None, levels: list[int], prompts: list[list[int]]) -> dict:
+    """Every level against one server (`pool`: the transformers pool's strategy) -> level -> summary."""
+    server = Server(args, max(levels), pool)
+    out = {}
     try:
         asyncio.run(one_round(server, 1, prompts, 8))  # warm-up
         for n in levels:
@@ -216,22 +247,22 @@ def main() -> None:
             summary["busy"] = sum(r["busy"] for r in rounds)
             summary["after_rss_mb"] = [round(r["after_rss_mb"]) for r in rounds]
             summary["error_samples"] = sorted({e for r in rounds for e in r["error_samples"]})[:3]
-            report["levels"][n] = summary
-            print(f"{n} clients: {json.dumps(summary)}", flush=True)
+            out[n] = summary
+            print(f"{pool or args.backend}, {n} clients: {json.dumps(summary)}", flush=True)
     finally:
         server.stop()
-    report["load_after"] = os.getloadavg()[0]
-    if args.step_cost:
-        report["step_cost"] = step_cost(args.llm, [int(x) for x in args.step_cost.split(",")])
-    print_table(report)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    return out
 
 
 def print_table(report: dict) -> None:
-    lv = report["levels"]
     print(f"\n{report['cores']} cores, load average {report['load_before']:.1f} before, {report['load_after']:.1f} after")
+    for name, run in report["runs"].items():
+        print(f"\n{name}:")
+        print_run(run)
+
+
+def print_run(run: dict) -> None:
+    lv = run["levels"]
     print("| clients | tok/s (all) | p50 ms/token | p95 | max | first DIST p50 ms | errors | busy | peak RSS MB | RSS after each round MB |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for n, s in lv.items():
@@ -241,9 +272,9 @@ def print_table(report: dict) -> None:
     if 1 in lv and 16 in lv and lv[1]["tok_s"] and lv[16]["tok_s"]:
         print(f"\nat 16: aggregate {lv[16]['tok_s'] / lv[1]['tok_s']:.2f}x single (target >= 3); "
               f"p95 {lv[16]['p95_ms'] / lv[1]['p50_ms']:.2f}x single p50 (target <= 4)")  # fmt: skip
-    sc = report.get("step_cost")
+    sc = run.get("step_cost")
     if sc:
-        print("\none batched step: " + ", ".join(f"{n} seq {ms:.1f} ms" for n, ms in sc["step_ms"].items()))
+        print("\none step: " + ", ".join(f"{n} seq {ms:.1f} ms" for n, ms in sc["step_ms"].items()))
         print(f"fit: {sc['fixed_ms']:.1f} ms + {sc['per_seq_ms']:.2f} ms per sequence")
 
 

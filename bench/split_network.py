@@ -17,7 +17,8 @@ device (core 1, one thread), and this driver with the relays (unpinned; it only 
           HTTP client streaming the gateway's `llm` answer through a relay of the same RTT.
 Modes: `pertoken` (one round trip per token), `vanilla` (the LLM alone, streamed: it pays the round
 trip once), `la:X` (look-ahead, the device's `--lookahead X`: auto, N, chain:D, tree:D:N; needs a
-build that has it). Greedy, 64 new tokens, the example persona and the first --rows CoGenesis rows (skipped when
+build that has it; streamed rounds, the root at once and each level as the cloud computes it, where
+the build has them), `la:X:whole` (the same with each round sent whole, as one TREE frame). Greedy, 64 new tokens, the example persona and the first --rows CoGenesis rows (skipped when
 ../shared/datasets is absent), --runs repetitions interleaved across modes. Per generation:
   tok/s   new tokens after the first / seconds from the first to the last (the decode rate);
   end-to-end tok/s: new tokens / seconds from the call to the last token (TTFT included);
@@ -131,8 +132,14 @@ def connect_split(url: str, mode: str):
     """The cloud through `url`, with the look-ahead the mode names (pertoken: off)."""
     from costeer.device import connect_cloud
 
-    if "lookahead" in inspect.signature(connect_cloud).parameters:
-        return connect_cloud(url, api_key=KEY, lookahead="off" if mode == "pertoken" else mode.removeprefix("la:"))
+    params = inspect.signature(connect_cloud).parameters
+    shape, whole = mode.removeprefix("la:").removesuffix(":whole"), mode.endswith(":whole")
+    if whole and "streamed" not in params:
+        raise SystemExit(f"error: mode {mode}: this build has no streamed rounds to compare against")
+    if "streamed" in params:  # la:X streams its rounds level by level; la:X:whole sends each as one TREE
+        return connect_cloud(url, api_key=KEY, lookahead="off" if mode == "pertoken" else shape, streamed=not whole)
+    if "lookahead" in params:
+        return connect_cloud(url, api_key=KEY, lookahead="off" if mode == "pertoken" else shape)
     if mode != "pertoken":
         raise SystemExit(f"error: mode {mode}: this build has no look-ahead (connect_cloud takes no `lookahead`)")
     return connect_cloud(url, api_key=KEY)

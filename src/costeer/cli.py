@@ -59,11 +59,12 @@ def _load(llm: Optional[str], slm: Optional[str], config: GenerationConfig, devi
 
 
 def _load_cloud(url: str, slm: Optional[str], config: GenerationConfig, device: str, backend: str, frames_,
-                tail: str, wire_log: Optional[Path], query: str, api: str = "costeer", llm_spec: Optional[str] = None,
+                tail: str, wire_log: Optional[Path], public: list[dict], api: str = "costeer", llm_spec: Optional[str] = None,
                 link: Optional[dict] = None, lookahead=None):  # fmt: skip
     """The LLM is the cloud at `url` (our service, or a serving engine whose model `llm_spec`
     names for its tokenizer); the SLM loads here, on the device. frames_: a device.CloudFrames;
-    link: how to reach it (Models.link); lookahead: a device.Lookahead (engines: positions per request)."""
+    link: how to reach it (Models.link); lookahead: a device.Lookahead (engines: positions per request);
+    public: the conversation the cloud may see, noted in the wire log for the audit."""
     from costeer.api import CoSteer
     from costeer.device import connect_cloud, connect_engine
     from costeer.engine.models import load_lm
@@ -76,7 +77,8 @@ def _load_cloud(url: str, slm: Optional[str], config: GenerationConfig, device: 
         llm = connect_engine(url, llm_spec or DEFAULT_LLM, api=api, k=frames_, tail=tail, wire_log=wire_log,
                              lookahead=lookahead, **link)  # fmt: skip
     if llm.wire is not None:
-        llm.wire.meta(query=query)  # the audit's default public query
+        # the audit's default public text, and the turns each OPEN's prompt must be exactly
+        llm.wire.meta(query="\n".join(m["content"] for m in public), messages=public)
     return CoSteer(llm, load_lm(slm, device, backend) if slm else None, config)
 
 
@@ -316,7 +318,6 @@ def generate(
         if (query is None) == (messages is None):
             raise ValueError("give --query or --messages (one of them)")
         turns = conversation(_read_messages(messages) if messages is not None else query)
-        public = "\n".join(m["content"] for m in turns)  # what the cloud may see, for the wire audit
         if context_file is not None and context is not None:
             raise ValueError("give --context or --context-file, not both")
         if wire_log is not None and models.cloud is None:
@@ -330,7 +331,7 @@ def generate(
                        "guard (docs/steering-variants.md §5)", err=True)
         cfg = decoding.config()
         _check_sampling_and_gate(cfg, [method])
-        cs = _load_models(models, cfg, [method], wire_log, public)
+        cs = _load_models(models, cfg, [method], wire_log, turns)  # the turns: what the cloud may see
         stream = cs.stream(turns, ctx, method, reference_message=reference, truncate_context=truncate_context)
         cut = stream.generation.context_cut
         if cut:
@@ -428,7 +429,8 @@ def _load_for(methods, llm: str, slm: str, cfg: GenerationConfig, device: str, b
     return _load(llm if needs_llm else None, slm if needs_slm else None, cfg, device, backend)
 
 
-def _load_models(m: Models, cfg: GenerationConfig, methods, wire_log: Optional[Path] = None, query: str = ""):
+def _load_models(m: Models, cfg: GenerationConfig, methods, wire_log: Optional[Path] = None,
+                 public: Optional[list[dict]] = None):
     """The CoSteer for these methods: only the models they need, the LLM behind --cloud when given
     (its frames option checked before anything is loaded or sent)."""
     if m.cloud is None:
@@ -436,7 +438,7 @@ def _load_models(m: Models, cfg: GenerationConfig, methods, wire_log: Optional[P
     frames_, lookahead = m.frames(), m.lookahead_option()
     _quiet_libraries()
     slm = m.slm if any(x.uses_slm for x in methods) else None
-    return _load_cloud(m.cloud, slm, cfg, m.device, m.backend, frames_, m.cloud_tail, wire_log, query, m.cloud_api, m.llm,
+    return _load_cloud(m.cloud, slm, cfg, m.device, m.backend, frames_, m.cloud_tail, wire_log, public or [], m.cloud_api, m.llm,
                        m.link(), lookahead)
 
 
@@ -733,7 +735,7 @@ def gateway(
 
         from costeer.cloud import read_api_keys
         from costeer.gateway import GatewaySettings, check_bind, create_app, serve
-        from costeer.gateway.config import is_loopback
+        from costeer.device.transport import is_loopback
 
         keys = read_api_keys(os.environ.get("COSTEER_GATEWAY_KEYS"), api_keys_file)
         settings = GatewaySettings(context_file=context_file, reference_file=reference_file, api_keys=keys,
@@ -781,8 +783,13 @@ def playground(
         from costeer.gateway import create_app, serve
         from costeer.playground import Models as PlaygroundModels, PlaygroundSettings, playground_router
 
+        from costeer.device.transport import is_loopback
+
         if wire_dir is not None and cloud is None:
             raise ValueError("--wire-dir keeps the exchange with the cloud: give --cloud too")
+        if not is_loopback(host):  # the page takes no key and shows the private context
+            raise ValueError(f"the playground serves loopback only ({host} is not): the page has no key and "
+                             "shows your context; use `costeer gateway --host ... ` with keys for an API on a network")
         settings = PlaygroundSettings(llm=models.llm, slm=models.slm, models=(*model, *PRESETS), cloud=cloud,
                                       cloud_k=cloud_k, device=models.device, backend=models.backend,
                                       wire_dir=wire_dir)  # fmt: skip

@@ -16,7 +16,10 @@ Look-ahead (frame version 2, docs/wire-format.md "Look-ahead"): a TREE frame car
 distributions of a tree of continuations the cloud chose, one DIST frame per node; the device
 answers a round with one TOKENS frame, the tokens it chose in it (a path of the tree and the one
 token that left it). OPEN and ATTACH have a version-2 form with the look-ahead bound and the
-round's pending tokens. Version-1 frames are unchanged and still accepted.
+round's pending tokens. Streamed rounds (OPEN's FLAG_STREAMED): the round travels as LEVEL frames
+instead, the root's distribution at once and then one level at a time, each frame announcing the
+(parent, token) pairs of the next (`Level`; the device assembles them in a `Round`). Version-1
+frames are unchanged and still accepted.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ LOOKAHEAD_VERSION = 2  # the look-ahead frames: OPEN and ATTACH's long forms, TO
 
 # message types
 OPEN, ATTACH, TOKEN, TOKENS = 0x01, 0x02, 0x03, 0x04  # uplink (TOKENS: version 2 only)
-READY, DIST, TREE = 0x81, 0x82, 0x83  # downlink (TREE: version 2 only)
-_TYPES = {VERSION: {OPEN, ATTACH, TOKEN, READY, DIST}, LOOKAHEAD_VERSION: {OPEN, ATTACH, TOKENS, TREE}}
+READY, DIST, TREE, LEVEL = 0x81, 0x82, 0x83, 0x84  # downlink (TREE, LEVEL: version 2 only)
+_TYPES = {VERSION: {OPEN, ATTACH, TOKEN, READY, DIST}, LOOKAHEAD_VERSION: {OPEN, ATTACH, TOKENS, TREE, LEVEL}}
 
 # look-ahead modes (OPEN, version 2): none, the cloud's adaptive shape within the bounds, or the
 # bounds themselves every round (a chain of `depth` and, with more `nodes`, branches)
@@ -50,6 +53,7 @@ FULL_F32, TOPK_F16, TOPK_F32, TOPK_PACKED = 0, 1, 2, 3
 
 # OPEN flags
 FLAG_PACKED = 0x0001  # the device asks for TOPK_PACKED frames; `k` is then their largest size
+FLAG_STREAMED = 0x0002  # version 2 only: look-ahead rounds as LEVEL frames, one level at a time
 
 # TOPK_PACKED (docs/wire-format.md, "Packed frames")
 PACKED_HEAD = 128  # the most likely entries, with values to 1/2048 nat
@@ -83,6 +87,7 @@ _OPEN2 = struct.Struct("<BBHIIIIBBH")  # _OPEN's fields, then look-ahead mode, d
 _ATTACH2 = struct.Struct(f"<BBH{SESSION_ID_BYTES}sI")  # version 2, type, n_pending, session id, n_generated
 _TOKENS = struct.Struct("<BBH")  # version 2, type, n; then u32 ids[n]
 _TREE = struct.Struct("<BBHII")  # version 2, type, nodes, position, cloud microseconds; then the nodes
+_LEVEL = struct.Struct("<BBHIHH")  # version 2, type, n, round position, first node, m announced; then the nodes
 _TOKEN = struct.Struct("<BBI")  # version, type, token id (the long form, for ids >= 2**24)
 TOKEN_BYTES = 4  # the short form: version, token id as u24; a 4-byte uplink frame is always a TOKEN
 _READY = struct.Struct(f"<BBH{SESSION_ID_BYTES}sII")  # version, type, 0, session id, vocab size, position
@@ -112,6 +117,7 @@ class Lookahead:
     mode: int = LOOKAHEAD_OFF
     depth: int = 0  # tree levels below the root
     nodes: int = 1  # nodes per round, the root included
+    streamed: bool = False  # LEVEL frames as each level is computed (OPEN's FLAG_STREAMED), else one TREE
 
     @property
     def on(self) -> bool:
@@ -134,7 +140,7 @@ class Open:
 
     def encode(self) -> bytes:
         ids = list(self.prompt_ids) + list(self.generated)
-        flags = FLAG_PACKED if self.packed else 0
+        flags = (FLAG_PACKED if self.packed else 0) | (FLAG_STREAMED if self.lookahead.on and self.lookahead.streamed else 0)
         fields = (flags, self.k, self.max_new_tokens, len(self.prompt_ids), len(self.generated))
         if self.lookahead.on:
             la = self.lookahead
@@ -249,16 +255,20 @@ class Tree:
 
     def path(self, node: int) -> list[int]:
         """The tokens from the root down to `node`."""
-        out = []
-        while node > 0:
-            out.append(self.tokens[node])
-            node = self.parents[node]
-        return out[::-1]
+        return _path(self.parents, self.tokens, node)
 
     @classmethod
     def single(cls, dist: Dist) -> "Tree":
         """A DIST frame as a round with no look-ahead."""
         return cls(dist.position, (-1,), (NO_TOKEN,), (dist,))
+
+
+def _path(parents, tokens, node: int) -> list[int]:
+    out = []
+    while node > 0:
+        out.append(tokens[node])
+        node = parents[node]
+    return out[::-1]
 
 
 def encode_tree(position: int, parents: list[int], tokens: list[int], dist_frames: list[bytes], cloud_us: int = 0) -> bytes:
@@ -279,8 +289,125 @@ def tree_overhead(n: int) -> int:
     return _TREE.size + 6 * (n - 1) + 4 * n
 
 
+@dataclass(frozen=True, eq=False)
+class Level:
+    """One frame of a streamed round (LEVEL): the distributions of nodes first .. first + n - 1 of
+    the round rooted at `position`, and the nodes the next frame will carry, announced as
+    (parent, token): node first + n + j is `tokens[j]` after `parents[j]`, a node of this frame.
+    No announced node (`final`): the round's last frame."""
+
+    position: int
+    first: int
+    dists: tuple[Dist, ...]
+    parents: tuple[int, ...]
+    tokens: tuple[int, ...]
+
+    @property
+    def final(self) -> bool:
+        return not self.parents
+
+
+def encode_level(position: int, first: int, dist_frames: list[bytes], parents: list[int], tokens: list[int]) -> bytes:
+    """A streamed round's frame -> LEVEL bytes: `dist_frames` of nodes first.., the next level's
+    (parent, token) pairs (parents numbered in the round, as the device counts its nodes)."""
+    if len(parents) != len(tokens) or not dist_frames:
+        raise ValueError("a LEVEL frame needs at least one node and a token for every announced parent")
+    return b"".join([
+        _LEVEL.pack(LOOKAHEAD_VERSION, LEVEL, len(dist_frames), position, first, len(parents)),
+        np.asarray(parents, "<u2").tobytes(), np.asarray(tokens, "<u4").tobytes(),
+        np.asarray([len(f) for f in dist_frames], "<u4").tobytes(), *dist_frames,
+    ])  # fmt: skip
+
+
+class Round:
+    """A look-ahead round as the device walks it: node 0 the root, node i > 0 `tokens[i]` after
+    `parents[i]`. Whole rounds (a DIST, a TREE) arrive complete; a streamed one grows with each
+    LEVEL frame (`add`), which must bring exactly the nodes the frame before announced. The device
+    treats the cloud as untrusted: every frame is checked against the round so far and the bounds
+    it asked for (FrameError, close code 4400)."""
+
+    def __init__(self, position: int, first: Dist, bounds: Lookahead | None = None):
+        self.position, self.bounds = position, bounds
+        self.parents, self.tokens, self.depth = [-1], [NO_TOKEN], [0]
+        self.dists: list[Dist] = [first]
+        self.final = True
+        self._children: dict[tuple[int, int], int] = {}
+
+    @classmethod
+    def of(cls, msg: "Dist | Tree | Level", bounds: Lookahead) -> "Round":
+        """The first frame of a round (a DIST, a TREE, or a streamed round's first LEVEL) -> Round."""
+        if isinstance(msg, Dist):
+            return cls(msg.position, msg)
+        if isinstance(msg, Tree):
+            out = cls(msg.position, msg.dists[0], bounds)
+            out._announce(list(msg.parents[1:]), list(msg.tokens[1:]))
+            out.dists, out.final = list(msg.dists), True
+            return out
+        if msg.first != 0 or len(msg.dists) != 1:
+            raise FrameError(f"LEVEL frame: a round starts with its root alone, got nodes {msg.first}+{len(msg.dists)}")
+        out = cls(msg.position, msg.dists[0], bounds)
+        out._announce(list(msg.parents), list(msg.tokens), 0, 1)
+        out.final = msg.final
+        return out
+
+    @property
+    def size(self) -> int:
+        """Nodes known: arrived, or announced and on their way."""
+        return len(self.parents)
+
+    def ready(self, node: int) -> bool:
+        return node < len(self.dists)
+
+    def child(self, node: int, token: int) -> int | None:
+        """The child of `node` reached by `token`, if the round holds (or announced) one."""
+        return self._children.get((node, token))
+
+    def path(self, node: int) -> list[int]:
+        """The tokens from the root down to `node`."""
+        return _path(self.parents, self.tokens, node)
+
+    def add(self, level: Level) -> None:
+        """The round's next LEVEL frame (its position already matched): exactly the announced nodes."""
+        start, n = len(self.dists), len(level.dists)
+        if self.final:
+            raise FrameError("LEVEL frame after the round's last one")
+        if level.first != start or start + n != self.size:
+            raise FrameError(f"LEVEL frame: nodes {level.first}+{n}, the round announced {start}+{self.size - start}")
+        for i, dist in enumerate(level.dists):
+            self._check_position(start + i, dist)
+        self.dists.extend(level.dists)
+        self._announce(list(level.parents), list(level.tokens), start, start + n)
+        self.final = level.final
+
+    def _check_position(self, node: int, dist: Dist) -> None:
+        if dist.position != self.position + self.depth[node] or dist.vocab_size != self.dists[0].vocab_size:
+            raise FrameError(f"round frame: node {node} is at position {dist.position}, not {self.position + self.depth[node]}")
+
+    def _announce(self, parents: list[int], tokens: list[int], lo: int = 0, hi: int | None = None) -> None:
+        """Nodes that are here or on their way, each a child of a node in [lo, hi) (None: of any node
+        before it, as in a TREE). A streamed frame's are children of the nodes it brought, so at
+        every node the device reaches it knows all the children the round will have."""
+        V = self.dists[0].vocab_size
+        for parent, token in zip(parents, tokens):
+            if not lo <= parent < (self.size if hi is None else hi):
+                raise FrameError("round frame: a node's parent does not come before it"
+                                 if hi is None else "LEVEL frame: an announced node's parent is not a node of the frame")
+            if token >= V:
+                raise FrameError("round frame holds a token id outside the vocabulary")
+            if (parent, token) in self._children:
+                raise FrameError("round frame: two children of one node hold the same token")
+            self._children[(parent, token)] = self.size
+            self.parents.append(parent)
+            self.tokens.append(token)
+            self.depth.append(self.depth[parent] + 1)
+        b = self.bounds
+        if b is not None and self.size > 1 and (self.size > b.nodes or max(self.depth) > b.depth):
+            raise FrameError(f"a round of {self.size} nodes and {max(self.depth)} levels; asked for at most "
+                             f"{b.nodes} and {b.depth}")  # fmt: skip
+
+
 Uplink = Union[Open, Attach, Token, Tokens]
-Downlink = Union[Ready, Dist, Tree]
+Downlink = Union[Ready, Dist, Tree, Level]
 
 
 def _header(data: bytes) -> tuple[int, int]:
@@ -342,9 +469,9 @@ def _decode_open(data: bytes, version: int) -> Open:
     _, _, flags, k, max_new, n_prompt, n_gen, *la = layout.unpack_from(data)
     if len(data) != layout.size + 4 * (n_prompt + n_gen):
         raise FrameError(f"OPEN frame length {len(data)} does not match {n_prompt}+{n_gen} token ids")
-    if flags & ~FLAG_PACKED:
+    if flags & ~(FLAG_PACKED | (FLAG_STREAMED if la else 0)):
         raise FrameError(f"unknown OPEN flags 0x{flags:04x}")
-    lookahead = Lookahead(*la) if la else NO_LOOKAHEAD
+    lookahead = Lookahead(*la, streamed=bool(flags & FLAG_STREAMED)) if la else NO_LOOKAHEAD
     if la and lookahead.mode not in (LOOKAHEAD_AUTO, LOOKAHEAD_FIXED):
         raise FrameError(f"unknown look-ahead mode {lookahead.mode}")
     ids = _ids(data, layout.size, n_prompt + n_gen)
@@ -377,6 +504,8 @@ def decode_downlink(data: bytes) -> Downlink:
     version, kind = _header(data)
     if kind == TREE:
         return _decode_tree(data)
+    if kind == LEVEL:
+        return _decode_level(data)
     if kind == READY:
         _expect_size(data, _READY, "READY")
         _, _, _, sid, vocab, pos = _READY.unpack(data)
@@ -422,29 +551,52 @@ def _decode_tree(data: bytes) -> Tree:
         raise FrameError(f"TREE frame of {len(data)} bytes cannot hold {n} nodes")
     parents = np.frombuffer(data, "<u2", n - 1, at).astype(np.int64)
     tokens = np.frombuffer(data, "<u4", n - 1, at + 2 * (n - 1)).astype(np.int64)
-    lengths = np.frombuffer(data, "<u4", n, at + 6 * (n - 1)).astype(np.int64)
-    at += 6 * (n - 1) + 4 * n
-    if int(lengths.sum()) != len(data) - at:
-        raise FrameError("TREE frame: the node lengths do not add up to the frame")
+    dists = _nodes(data, at + 6 * (n - 1), n, "TREE")
     if (parents >= np.arange(1, n)).any():
         raise FrameError("TREE frame: a node's parent does not come before it")
     pairs = set(zip(parents.tolist(), tokens.tolist()))
     if len(pairs) != n - 1:
         raise FrameError("TREE frame: two children of one node hold the same token")
     tree = Tree(position, (-1, *parents.tolist()), (NO_TOKEN, *tokens.tolist()), ())
-    dists, view = [], memoryview(data)
-    for i, (length, depth) in enumerate(zip(lengths.tolist(), tree.depths())):
-        node = view[at : at + length]
-        if _header(node) != (VERSION, DIST):
-            raise FrameError(f"TREE frame: node {i} is not a DIST frame")
-        dist = decode_downlink(node)
-        if dist.position != position + depth or (dists and dist.vocab_size != dists[0].vocab_size):
+    for i, (dist, depth) in enumerate(zip(dists, tree.depths())):
+        if dist.position != position + depth:
             raise FrameError(f"TREE frame: node {i} is at position {dist.position}, not {position + depth}")
-        dists.append(dist)
-        at += length
     if (tokens >= dists[0].vocab_size).any():
         raise FrameError("TREE frame holds a token id outside the vocabulary")
     return Tree(position, tree.parents, tree.tokens, tuple(dists), cloud_us)
+
+
+def _decode_level(data: bytes) -> Level:
+    """LEVEL bytes -> Level: the frame on its own (the round it belongs to checks the rest, `Round.add`)."""
+    if len(data) < _LEVEL.size:
+        raise FrameError("LEVEL frame too short")
+    _, _, n, position, first, m = _LEVEL.unpack_from(data)
+    at = _LEVEL.size
+    if n < 1 or first + n + m > 0xFFFF or len(data) < at + 6 * m + 4 * n:
+        raise FrameError(f"LEVEL frame of {len(data)} bytes cannot hold {n} nodes and {m} announced")
+    parents = np.frombuffer(data, "<u2", m, at).astype(np.int64).tolist()
+    tokens = np.frombuffer(data, "<u4", m, at + 2 * m).astype(np.int64).tolist()
+    dists = _nodes(data, at + 6 * m, n, "LEVEL")
+    return Level(position, first, tuple(dists), tuple(parents), tuple(tokens))
+
+
+def _nodes(data: bytes, at: int, n: int, name: str) -> list[Dist]:
+    """A round frame's tail: u32 lengths[n], then n version-1 DIST frames of one vocabulary."""
+    lengths = np.frombuffer(data, "<u4", n, at).astype(np.int64)
+    at += 4 * n
+    if int(lengths.sum()) != len(data) - at:
+        raise FrameError(f"{name} frame: the node lengths do not add up to the frame")
+    dists, view = [], memoryview(data)
+    for i, length in enumerate(lengths.tolist()):
+        node = view[at : at + length]
+        if _header(node) != (VERSION, DIST):
+            raise FrameError(f"{name} frame: node {i} is not a DIST frame")
+        dist = decode_downlink(node)
+        if dists and dist.vocab_size != dists[0].vocab_size:
+            raise FrameError(f"{name} frame: node {i} has another vocabulary")
+        dists.append(dist)
+        at += length
+    return dists
 
 
 # ---------------------------------------------------------------------------------------

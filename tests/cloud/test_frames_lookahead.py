@@ -1,6 +1,8 @@
-"""The look-ahead frames (version 2): OPEN and ATTACH's long forms, TOKENS and TREE round-trip;
+"""The look-ahead frames (version 2): OPEN and ATTACH's long forms, TOKENS, TREE and LEVEL round-trip;
 a TREE frame whose parents, tokens, counts or node positions do not make one tree is refused with
-FrameError (4400), and so is every truncated one; version-1 frames read as before."""
+FrameError (4400), and so is every truncated one; a streamed round's LEVEL frames that do not bring
+exactly the nodes announced before, announce children of nodes they did not bring, or grow the round
+past the bounds asked for are refused (4400); version-1 frames read as before."""
 
 import struct
 
@@ -16,7 +18,7 @@ from tests.cloud.test_frames_properties import FAST, U32, check_dist, corrupt, d
 
 U16 = st.integers(1, 0xFFFF)
 lookaheads = st.builds(Lookahead, mode=st.sampled_from([frames.LOOKAHEAD_AUTO, frames.LOOKAHEAD_FIXED]),
-                       depth=st.integers(0, 255), nodes=st.integers(0, 0xFFFF))  # fmt: skip
+                       depth=st.integers(0, 255), nodes=st.integers(0, 0xFFFF), streamed=st.booleans())  # fmt: skip
 opens2 = st.builds(Open, prompt_ids=st.lists(U32, max_size=30), k=U32, max_new_tokens=U32,
                    generated=st.lists(U32, max_size=10), packed=st.booleans(), lookahead=lookaheads)  # fmt: skip
 attaches2 = st.builds(Attach, session_id=st.binary(min_size=16, max_size=16), n_generated=U32,
@@ -168,3 +170,78 @@ def test_tree_overhead_is_what_the_frame_adds():
     blobs = node_frames(100, 0, [0, 1, 2])
     assert len(frames.encode_tree(0, [0, 1], [4, 5], blobs)) == sum(map(len, blobs)) + frames.tree_overhead(3)
     assert np.frombuffer(Tokens((1, 2, 3)).encode(), "<u4", 3, 4).tolist() == [1, 2, 3]
+
+
+# -- streamed rounds: LEVEL frames ---------------------------------------------------------------------
+
+CHAIN = Lookahead(frames.LOOKAHEAD_FIXED, 3, 4, streamed=True)
+
+
+def level(position, first, depths, parents=(), tokens=(), V=100):
+    """A LEVEL frame of nodes at `depths` (below the root at `position`) announcing (parents, tokens)."""
+    return frames.decode_downlink(frames.encode_level(position, first, node_frames(V, position, depths),
+                                                      list(parents), list(tokens)))  # fmt: skip
+
+
+def test_a_streamed_round_grows_frame_by_frame_and_every_node_is_announced_first():
+    r = frames.Round.of(level(7, 0, [0], [0, 0], [5, 6]), CHAIN)  # the root, and two children on their way
+    assert r.size == 3 and r.ready(0) and not r.ready(1) and r.child(0, 6) == 2 and r.child(0, 9) is None
+    assert not r.final and r.path(2) == [6]
+    r.add(level(7, 1, [1, 1], [2], [8]))  # level 1; node 2 takes a child
+    assert r.ready(2) and r.child(2, 8) == 3 and not r.ready(3)
+    r.add(level(7, 3, [2]))  # the last frame: nothing announced
+    assert r.final and r.ready(3) and r.path(3) == [6, 8] and r.dists[3].position == 9
+
+
+def test_a_root_alone_is_a_final_round():
+    r = frames.Round.of(level(0, 0, [0]), CHAIN)
+    assert r.final and r.size == 1
+
+
+def test_level_frames_round_trip_and_need_version_two():
+    data = frames.encode_level(3, 4, node_frames(100, 3, [1, 1]), [4, 5], [9, 10])
+    msg = frames.decode_downlink(data)
+    assert isinstance(msg, frames.Level) and (msg.position, msg.first, msg.parents, msg.tokens) == (3, 4, (4, 5), (9, 10))
+    assert len(msg.dists) == 2 and not msg.final
+    with pytest.raises(FrameError) as e:
+        frames.decode_downlink(bytes([frames.VERSION]) + data[1:])
+    assert e.value.code == frames.CLOSE_VERSION
+    for cut in range(len(data)):
+        with pytest.raises(FrameError):
+            frames.decode_downlink(data[:cut])
+
+
+BAD_ROUNDS = {
+    "a first frame that is not the root alone": ([(0, [0, 1], [], [])], "starts with its root alone"),
+    "more nodes than announced": ([(0, [0], [0], [5]), (1, [1, 1], [], [])], "announced"),
+    "fewer nodes than announced": ([(0, [0], [0, 0], [5, 6]), (1, [1], [], [])], "announced"),
+    "nodes that skip ahead": ([(0, [0], [0], [5]), (2, [1], [], [])], "announced"),
+    "a frame after the last": ([(0, [0], [0], [5]), (1, [1], [], []), (2, [2], [], [])], "after the round's last"),
+    "a child of a node the frame did not bring": ([(0, [0], [0], [5]), (1, [1], [0], [6])], "not a node of the frame"),
+    "two children of one node with one token": ([(0, [0], [0, 0], [5, 5])], "same token"),
+    "a token outside the vocabulary": ([(0, [0], [0], [500])], "outside the vocabulary"),
+    "a node at the wrong position": ([(0, [0], [0], [5]), (1, [2], [], [])], "position"),
+    "deeper than asked": ([(0, [0], [0], [5]), (1, [1], [1], [5]), (2, [2], [2], [5]), (3, [3], [3], [5])], "asked for"),
+    "more nodes than asked": ([(0, [0], [0] * 4, [5, 6, 7, 8])], "asked for"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_ROUNDS))
+def test_inconsistent_streamed_rounds_are_refused(case):
+    steps, message = BAD_ROUNDS[case]
+    with pytest.raises(FrameError, match=message) as e:
+        (first, depths, parents, tokens), *rest = steps
+        r = frames.Round.of(level(0, first, depths, parents, tokens), CHAIN)
+        for first, depths, parents, tokens in rest:
+            r.add(level(0, first, depths, parents, tokens))
+    assert e.value.code == frames.CLOSE_MALFORMED
+
+
+def test_open_asks_for_streamed_rounds_with_a_flag_only_in_its_version_two_form():
+    streamed = Open([1, 2], lookahead=CHAIN)
+    assert frames.decode_uplink(streamed.encode()).lookahead.streamed
+    assert not frames.decode_uplink(Open([1, 2], lookahead=Lookahead(frames.LOOKAHEAD_FIXED, 3, 4)).encode()).lookahead.streamed
+    v1 = bytearray(Open([1, 2], packed=True).encode())
+    v1[2:4] = struct.pack("<H", frames.FLAG_PACKED | frames.FLAG_STREAMED)  # streamed without look-ahead
+    with pytest.raises(FrameError, match="unknown OPEN flags"):
+        frames.decode_uplink(bytes(v1))

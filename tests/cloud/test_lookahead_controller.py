@@ -58,3 +58,31 @@ def test_the_stay_estimate_follows_the_device_per_rank():
         c.calibrate(1, 0.2, False)
     assert c.stay(0, 0.4) > 0.9 and c.stay(1, 0.2) < 0.1
     assert c.stay(0, 0.8) == 1.0 and c.stay(0, 0.2) < c.stay(0, 0.4)  # surer than usual: likelier
+
+
+def _grown(rtt: float, streamed: bool, level_s: float = 0.015) -> RoundPlanner:
+    """A round grown to the end by `auto` after rounds over `rtt` where the device took ~15 ms a
+    token from the trees and always the greedy child; every level takes `level_s` a node."""
+    from dataclasses import replace
+
+    logp = torch.log_softmax(torch.tensor([3.0, 1.0, 0.5, 0.0, -1.0] + [-3.0] * 20), -1)
+    c = rounds(Controller(replace(AUTO, streamed=streamed)), [(rtt, 0), (rtt, 0), (rtt + 0.015, 1), (rtt + 0.03, 2)],
+               step=level_s)  # fmt: skip
+    for _ in range(20):
+        c.calibrate(0, float(logp.exp()[0]), True)
+    c.n_rounds = 5  # no probe due
+    planner = RoundPlanner(c)
+    rows = planner.begin(logp)
+    while rows:
+        rows = planner.extend(torch.stack([logp] * len(rows)), level_s * len(rows))
+    return planner
+
+
+def test_streamed_rounds_look_further_ahead_the_longer_the_round_trip_and_not_at_all_on_loopback():
+    """Streamed, a level the round trip hides costs the device nothing: at 50 ms the round goes
+    deeper than a whole one would (whose every level delays it), it grows with the round trip, and
+    on loopback neither form computes any look-ahead."""
+    assert _grown(0.002, True).size == 1 and _grown(0.002, False).size == 1
+    sizes = [_grown(rtt, True).size for rtt in (0.002, 0.025, 0.05, 0.1)]
+    assert sizes == sorted(sizes) and sizes[1] > 1
+    assert _grown(0.05, True).max_depth() > _grown(0.05, False).max_depth()

@@ -214,3 +214,36 @@ def test_a_look_ahead_job_commits_steps_what_the_pool_gave_back_then_grows_one_l
                                   ("grow", ((0, 0, 7),)), ("grow", ((0, 1, 7),))]  # fmt: skip
     finally:
         sched.close()
+
+
+class StoppableChain(ChainPlanner):
+    def stop(self):
+        self.stopped = True
+
+
+def test_a_streamed_job_settles_at_its_root_sends_each_level_and_stops_when_asked():
+    """Streamed: the result at the root, a frame (`level`) after the root and after each level, and
+    `stop` ends the growth at the next tick; meanwhile another session's step is not held back by the
+    tree (each tick's steps go first)."""
+    pool = TreePool(delay=0.01)
+    sched = Scheduler(pool, n_seq=4, prefill_budget=4)
+    try:
+        sched.submit("a", job("k1", prompt=[1, 2])).result(timeout=10)
+        sched.submit("b", job("k2", prompt=[3])).result(timeout=10)
+        levels = []
+        j = job("k1", steps=[5])
+        j.tree, j.level = StoppableChain(200), levels.append
+        assert sched.submit("a", j).result(timeout=10) == ("done", (V,))  # at the root: the tree is far from grown
+        assert levels[0] == [(0, 7)] and not j.done.done()
+        wait_until(lambda: len(levels) >= 3)
+        other = sched.submit("b", job("k2", steps=[6]))
+        assert other.result(timeout=10) == ("done", (V,)) and not j.done.done()  # served while the tree grows
+        sched.stop("a").result(timeout=10)
+        grown = [c for c in pool.calls if c[0] == "grow"]
+        time.sleep(0.1)
+        assert [c for c in pool.calls if c[0] == "grow"] == grown and len(levels) == len(grown) + 1
+        assert len(grown) < 100 and j.tree.stopped  # cut short, told so
+        assert sched.submit("a", job("k1", steps=[8])).result(timeout=10) == ("done", (V,))  # the session is free
+        assert sched.stop("b").done()  # nothing streamed there: nothing to wait for
+    finally:
+        sched.close()

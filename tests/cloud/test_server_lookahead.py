@@ -4,6 +4,7 @@ the tree followed by more) closes its own session with a documented code and fre
 healthy look-ahead session of another key completes with the right tokens."""
 
 import pytest
+import torch
 from websockets.sync.client import connect
 
 from costeer import frames
@@ -107,7 +108,7 @@ def test_info_states_the_look_ahead_limits(server):
     import httpx
 
     info = httpx.get(server.http + "/v1/info", headers={"Authorization": f"Bearer {KEY_A}"}, trust_env=False).json()
-    assert info["lookahead"] == {"frame_version": 2, "max_depth": 16, "max_nodes": 64}
+    assert info["lookahead"] == {"frame_version": 2, "max_depth": 16, "max_nodes": 64, "streamed": True}
     assert info["frame_version"] == frames.VERSION  # version-1 devices read the same /v1/info as before
 
 
@@ -144,3 +145,97 @@ def test_clients_that_drop_or_are_deleted_mid_tree_free_everything_and_others_fi
     assert got == want
     wait_until(lambda: not server.registry.sessions)
     wait_until(lambda: not server.registry.scheduler.pool.trees)
+
+
+# -- streamed rounds ------------------------------------------------------------------------------------
+
+STREAMED3 = Lookahead(frames.LOOKAHEAD_FIXED, 3, 4, streamed=True)
+
+
+def test_a_streamed_chain_comes_level_by_level_each_node_its_distribution(server, tiny_llm):
+    """The root at once with its child announced, then one LEVEL frame per level, the last final;
+    each node the distribution a step would give; the device's tokens start the next round."""
+    from costeer.engine.models import full_forward_logprobs
+
+    with ws_open(server) as ws:
+        ws.send(Open([1, 2, 3], frames.FULL, 20, lookahead=STREAMED3).encode())
+        assert isinstance(frames.decode_downlink(ws.recv(timeout=10)), frames.Ready)
+        levels = [frames.decode_downlink(ws.recv(timeout=10)) for _ in range(4)]
+        assert all(isinstance(m, frames.Level) for m in levels)
+        assert [(m.first, len(m.dists), len(m.parents)) for m in levels] == [(0, 1, 1), (1, 1, 1), (2, 1, 1), (3, 1, 0)]
+        r = frames.Round.of(levels[0], STREAMED3)
+        for m in levels[1:]:
+            r.add(m)
+        assert r.final and r.size == 4
+        prefix = [1, 2, 3]
+        for i in range(4):
+            want = full_forward_logprobs(tiny_llm, prefix)
+            assert (r.dists[i].logp - want).abs().max() < 1e-4 and r.dists[i].position == i
+            if i < 3:
+                assert r.tokens[i + 1] == int(want.argmax())
+                prefix.append(r.tokens[i + 1])
+        off = (r.tokens[2] + 1) % tiny_llm.vocab_size
+        ws.send(Tokens((r.tokens[1], off)).encode())
+        nxt = frames.decode_downlink(ws.recv(timeout=10))
+        assert isinstance(nxt, frames.Level) and (nxt.position, nxt.first) == (2, 0)
+        want = full_forward_logprobs(tiny_llm, [1, 2, 3, r.tokens[1], off])
+        assert (nxt.dists[0].logp - want).abs().max() < 1e-4
+
+
+def test_an_uplink_mid_round_stops_the_growth_and_frees_the_tree(server, tiny_llm, monkeypatch):
+    """A 12-level chain whose levels take 0.2 s each: the device leaves at the root at once. The cloud
+    grows at most the level under way and one more, keeps the root's path (commit, while the round
+    had at most those nodes) and frees the rest, and the next round's root follows; the frames of
+    the left round that were already on their way come first, marked by the old round's position."""
+    import time
+
+    pool = server.registry.scheduler.pool
+    grows, commits = [], []
+    grow, commit = pool.grow, pool.commit
+
+    def slow_grow(rows):
+        grows.append(len(rows))
+        time.sleep(0.2)
+        return grow(rows)
+
+    def spy_commit(seq, node):
+        held = len(pool.trees.get(seq, [(-1, None)])) - 1
+        out = commit(seq, node)
+        commits.append((node, held, seq in pool.trees, len(grows)))
+        return out
+
+    monkeypatch.setattr(pool, "grow", slow_grow)
+    monkeypatch.setattr(pool, "commit", spy_commit)
+    with ws_open(server) as ws:
+        ws.send(Open([1, 2, 3], frames.FULL, 30, lookahead=Lookahead(frames.LOOKAHEAD_FIXED, 12, 13, streamed=True)).encode())
+        frames.decode_downlink(ws.recv(timeout=10))
+        root = frames.decode_downlink(ws.recv(timeout=10))
+        assert isinstance(root, frames.Level) and root.first == 0 and len(root.parents) == 1
+        ws.send(Token((root.tokens[0] + 1) % tiny_llm.vocab_size).encode())  # not the chain's: it leaves at once
+        stale = []
+        while (msg := frames.decode_downlink(ws.recv(timeout=10))).position == 0:
+            stale.append(msg)
+        assert (msg.position, msg.first) == (1, 0) and len(stale) <= 2
+        node, held, kept, grown = commits[0]
+        assert node == 0 and held <= 2 and grown <= 2 and not kept  # stopped early; its nodes freed
+    wait_until(lambda: not server.registry.sessions)
+    wait_until(lambda: not pool.trees)
+
+
+def test_re_attaching_at_a_streamed_round_root_sends_the_round_again(server, tiny_llm):
+    """The connection drops after the root arrived: ATTACH at the same position gets READY and the
+    round as the cloud computed it, level by level from the root, the same distributions."""
+    with ws_open(server) as ws:
+        ws.send(Open([1, 2, 3], frames.FULL, 20, lookahead=STREAMED3).encode())
+        ready = frames.decode_downlink(ws.recv(timeout=10))
+        root = frames.decode_downlink(ws.recv(timeout=10))
+        ws.close(frames.CLOSE_GOING_AWAY)  # a drop: the session waits for ATTACH
+    with ws_open(server) as ws:
+        ws.send(frames.Attach(ready.session_id, 0).encode())
+        assert isinstance(frames.decode_downlink(ws.recv(timeout=10)), frames.Ready)
+        r = frames.Round.of(frames.decode_downlink(ws.recv(timeout=10)), STREAMED3)
+        while not r.final:
+            r.add(frames.decode_downlink(ws.recv(timeout=10)))
+        assert r.size == 4 and r.path(3) == [r.tokens[1], r.tokens[2], r.tokens[3]]
+        assert torch.equal(r.dists[0].logp, root.dists[0].logp) and r.child(0, root.tokens[0]) == 1
+    wait_until(lambda: not server.registry.sessions)

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 
-import httpx
-
 from costeer.engine.models import cache_root
+from tests.servers import free_port, wait_http
 
 
 def find_llama_server() -> str | None:
@@ -22,12 +19,6 @@ def find_llama_server() -> str | None:
     if built:
         return str(built[-1])
     return shutil.which("llama-server")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LlamaServer:
@@ -47,18 +38,12 @@ class LlamaServer:
              "-c", "4096", "-np", "1", "--no-webui"],
             stdout=out, stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1.0, trust_env=False).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("llama-server did not become healthy")
+        try:
+            wait_http(self.url + "/health", self.proc, timeout)
+        except RuntimeError as e:
+            self.stop()
+            raise RuntimeError(f"llama-server did not become healthy: {e}") from None
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

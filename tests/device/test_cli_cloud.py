@@ -119,3 +119,28 @@ def test_eval_over_the_cloud_equals_in_process(folders, cloud, tmp_path):
                 for side in ("local", "remote")]  # fmt: skip
         assert rows[0] == rows[1] and len(rows[0]) == 2
     assert cloud.url in json.loads((tmp_path / "remote" / "run.json").read_text())["llm"]
+
+
+def test_audit_wire_checks_a_multi_turn_prompt_against_its_own_conversation(folders, cloud, context_file, tmp_path):
+    # two runs appended to one log: a one-turn query, then a conversation; each OPEN must be exactly its
+    # own public conversation's prompt (the audit used to compare every OPEN with the first query's)
+    log, convo = tmp_path / "wire.jsonl", tmp_path / "turns.json"
+    turns = [{"role": "user", "content": "what should I cook"}, {"role": "assistant", "content": "Try a curry."},
+             {"role": "user", "content": "something quicker please"}]  # fmt: skip
+    convo.write_text(json.dumps(turns))
+    common = ["--cloud", cloud.url, "--wire-log", str(log), "--context-file", str(context_file), "--slm",
+              folders["slm"], "--max-new-tokens", "4"]  # fmt: skip
+    assert run("generate", "-q", QUERY, *common).exit_code == 0
+    assert run("generate", "--messages", str(convo), *common).exit_code == 0
+    audit = run("audit-wire", str(log), "--context-file", str(context_file), "--json")
+    report = json.loads(audit.stdout)
+    assert audit.exit_code == 0 and report["clean"] and report["prompt_is_query"] is True, report
+    # a conversation noted that is not what was sent: the check says so
+    lines = log.read_text().splitlines()
+    forged = [json.loads(x) for x in lines]
+    for rec in forged:
+        if rec.get("dir") == "meta" and "messages" in rec and len(rec["messages"]) == 3:
+            rec["messages"][2]["content"] = "something else"
+    log.write_text("\n".join(json.dumps(r) for r in forged) + "\n")
+    report = json.loads(run("audit-wire", str(log), "--context-file", str(context_file), "--json").stdout)
+    assert report["prompt_is_query"] is False and any("not exactly" in n for n in report["notes"]), report

@@ -133,7 +133,7 @@ def test_cli_unreachable_engine_is_one_line(smollm2_cpp):
     from typer.testing import CliRunner
 
     from costeer.cli import app
-    from tests.device.llama_server import free_port
+    from tests.servers import free_port
 
     r = CliRunner().invoke(app, ["generate", "--cloud", f"http://127.0.0.1:{free_port()}", "--cloud-api", "llamacpp",
                                  "-q", "hi", "--context", "x", "--max-new-tokens", "2"])  # fmt: skip

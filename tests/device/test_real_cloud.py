@@ -11,6 +11,7 @@ from costeer.api import CoSteer
 from costeer.device import DEFAULT_FRAMES, DEFAULT_K, audit_wire, connect_cloud
 from costeer.engine.prompts import render_context
 from tests.cloud.server_util import KEY_A, ThreadServer
+from tests.device.relay import DelayRelay
 
 pytestmark = pytest.mark.real
 
@@ -46,23 +47,26 @@ def test_smollm2_over_the_socket_equals_in_process(smollm2, tmp_path, monkeypatc
 def test_look_ahead_gives_the_per_token_tokens_on_the_real_pair(backend, request, tmp_path, monkeypatch):
     """SmolLM2 on both sides, each cloud backend (transformers; llama.cpp with its tree in shared
     cells): a fixed tree and chain give the per-token run's tokens for costeer and costeer_matched,
-    greedy and with seeded sampling, and the device does take tokens from the trees."""
+    greedy and with seeded sampling, streamed and whole, and through a 50 ms delay relay; the device
+    does take tokens from the trees."""
     monkeypatch.setenv("COSTEER_CACHE_DIR", str(tmp_path / "cache"))
     lm = request.getfixturevalue(backend)
     server = ThreadServer(lm)
     reference = "Name: Alex Doe. Lives in Denver. Likes pasta, cycling and jazz."
     try:
-        def run(lookahead, method, **kw):
-            llm = connect_cloud(server.url, api_key=KEY_A, lookahead=lookahead)
+        def run(lookahead, method, url=server.url, streamed=True, **kw):
+            llm = connect_cloud(url, api_key=KEY_A, lookahead=lookahead, streamed=streamed)
             extra = {"reference_message": f"{reference}\n\n{QUERY}"} if method == "costeer_matched" else {}
             g = CoSteer(llm, lm).generate(QUERY, CONTEXT, method, max_new_tokens=32, **extra, **kw)
             return g.token_ids, llm.tree_tokens
 
         for method, kw in (("costeer", {}), ("costeer_matched", {}), ("costeer", dict(temperature=0.8, seed=3))):
             want, _ = run("off", method, **kw)
-            for shape in ("tree:4:12", "chain:4"):
-                got, taken = run(shape, method, **kw)
-                assert got == want, (method, kw, shape)
+            for shape, streamed in (("tree:4:12", True), ("chain:4", True), ("chain:4", False)):
+                got, taken = run(shape, method, streamed=streamed, **kw)
+                assert got == want, (method, kw, shape, streamed)
                 assert taken > 0
+        with DelayRelay(server.port, rtt_s=0.05) as relay:
+            assert run("auto", "costeer", url=relay.url("ws"))[0] == run("off", "costeer")[0]
     finally:
         server.stop()

@@ -20,6 +20,13 @@ def test_wire_dir_without_a_cloud_is_a_one_line_error(tmp_path):
     assert out.exit_code == 2 and "give --cloud too" in out.output and "Traceback" not in out.output
 
 
+def test_a_non_loopback_bind_is_refused_in_one_line():
+    # the page takes no key and shows the private context: it must not reach a network
+    for host in ("0.0.0.0", "192.168.1.20", "example.org"):
+        out = CliRunner().invoke(app, ["playground", "--host", host, "--port", "0"])
+        assert out.exit_code == 2 and "loopback only" in out.output and "Traceback" not in out.output, out.output
+
+
 def test_playground_serves_the_page_on_a_free_port():
     proc = subprocess.Popen([sys.executable, "-m", "costeer.cli", "playground", "--port", "0"],
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ))  # fmt: skip

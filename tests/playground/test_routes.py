@@ -192,3 +192,25 @@ def test_a_post_from_another_origin_is_refused(client):
     assert r.status_code == 403
     r = client.post("/api/stop", json={"run_id": "x"}, headers={"Origin": "http://evil.example"})
     assert r.status_code == 403
+
+
+def test_the_reference_panel_is_what_costeer_matched_reads(client, lms):
+    # the reference profile goes to the SLM's without-context branch of the matched method only, in the
+    # context's format: the page's answer is reply(..., reference=...), and it is not the one without it
+    reference = "name: Jordan Avery\nlives_in: Columbus\nlikes: grilled fish, rice and beans"
+    events = answer(client, method="costeer_matched", reference=reference, extra=["costeer"])
+    tokens = by_stream(events, "token")
+    cs = CoSteer(lms["tiny-llm"], lms["tiny-slm"])
+    context, sampling = f"Profile:\n{PROFILE}", SamplingConfig(max_new_tokens=16)
+
+    def ids(method, ref):
+        r = reply(cs, QUERY, method, context, ref, sampling=sampling)
+        for _ in r:
+            pass
+        return r.stream.generation.token_ids
+
+    matched = ids("costeer_matched", f"Profile:\n{reference}")
+    assert [t["id"] for t in tokens["costeer_matched"]] == matched
+    assert matched != ids("costeer_matched", None)  # the panel changed the answer
+    assert [t["id"] for t in tokens["costeer"]] == ids("costeer", None)  # other methods ignore it
+    assert client.get("/api/options").json()["example"]["reference"].startswith("name: Jordan Avery")

@@ -23,11 +23,26 @@ How much of the tree to compute follows what `Controller` measures per session (
   - the bytes per node, through the gaps themselves (each holds its round's transfer);
   - q_r and mean p_r, from how often the device stayed in the tree at the nodes it reached.
 
-A node is worth computing when P(node) * S exceeds its cost b, a level when its
-nodes' worth exceeds the level's fixed cost a too. Where the round trip is cheaper than the tree
-(loopback, a cloud on the same machine) S is about zero and no look-ahead is computed at all. A
-FIXED look-ahead (a benchmark's chain or tree) takes `depth` levels of (nodes - 1) / depth nodes,
-the most likely first, whatever the measurements.
+What a level costs depends on how the round travels:
+
+  - whole (one TREE frame): every level delays the round, so a node is worth computing when
+    P(node) * S exceeds its cost b, a level when its nodes' worth exceeds the level's fixed cost a too;
+  - streamed (LEVEL frames, the root at once and each level as it is computed): a level costs the
+    device nothing while the cloud keeps ahead of it. A level of n nodes takes t = a + b * n; the
+    device needs it one token (L) after the level above, so it waits max(0, t - L) if it got that
+    far (chance: the summed P of the level above). And once the round's levels run past R (the
+    cloud's time on this round's levels so far plus t exceeds the round trip), the device's uplink
+    may find this level being computed, and the next round's root then waits about t / 2 for it:
+
+        cost(n) = P(level above) * max(0, t - L) + (t / 2 if elapsed + t > R else 0).
+
+    Candidates are taken most likely first while each one's P * S exceeds what it adds to cost(n).
+    The levels the round trip hides are free, so the longer the round trip the deeper the tree.
+
+Where the round trip is cheaper than the tree (loopback, a cloud on the same machine) S is about
+zero and no look-ahead is computed at all, either way. A FIXED look-ahead (a benchmark's chain or
+tree) takes `depth` levels of (nodes - 1) / depth nodes, the most likely first, whatever the
+measurements.
 """
 
 from __future__ import annotations
@@ -87,10 +102,14 @@ class Controller:
     def level_took(self, nodes: int, seconds: float) -> None:
         self.levels.append((nodes, seconds))
 
-    def sent(self, nbytes: int, nodes: int, now: float | None = None) -> None:
-        self.sent_at, self.sent_bytes = (time.monotonic() if now is None else now), nbytes
-        self.n_rounds += 1
-        if nodes > 1:
+    def sent(self, nbytes: int, nodes: int, now: float | None = None, first: bool = True) -> None:
+        """A round's frame left (a streamed round's frames each: the first starts the round's gap)."""
+        if first:
+            self.sent_at, self.sent_bytes = (time.monotonic() if now is None else now), nbytes
+            self.n_rounds += 1
+        else:
+            self.sent_bytes += nbytes
+        if nodes > 1 or not first:
             per = nbytes / nodes
             self.bytes_per_node = per if self.bytes_per_node == 0 else 0.8 * self.bytes_per_node + 0.2 * per
 
@@ -168,6 +187,8 @@ class RoundPlanner:
     frontier: list[int] = field(default_factory=lambda: [0])
     rank: list[int] = field(default_factory=lambda: [0])  # among its siblings, by the LLM's probability
     pending: list[tuple[float, int, int, int]] = field(default_factory=list)  # the level being computed: (P, parent, token, rank)
+    sent: int = 0  # streamed rounds: nodes whose distributions have gone out
+    elapsed: float = 0.0  # seconds the cloud spent on this round's levels so far
 
     @property
     def size(self) -> int:
@@ -180,6 +201,7 @@ class RoundPlanner:
     def extend(self, logps: Tensor, seconds: float) -> list[tuple[int, int]]:
         """The pending level's [n, V] log-probabilities, computed in `seconds`."""
         self.controller.level_took(len(self.pending), seconds)
+        self.elapsed += seconds
         self.frontier = []
         for (p, parent, token, rank), logp in zip(self.pending, logps):
             self.rank.append(rank)
@@ -224,7 +246,13 @@ class RoundPlanner:
     def _worth(self, room: int) -> list[tuple[float, int, int, int]]:
         c = self.controller
         S, cands, take = c.saving(), self._candidates(), []
-        if S > 0:
+        if S > 0 and c.bounds.streamed:
+            cost = self._streamed_cost()
+            for cand in cands[:room]:
+                if cand[0] * S <= cost(len(take) + 1) - cost(len(take)):
+                    break
+                take.append(cand)
+        elif S > 0:
             a, b = c.level_cost()
             node_cost = b
             take = self._pick(cands, room, lambda p: p * S > node_cost)
@@ -233,6 +261,20 @@ class RoundPlanner:
         if not take and self.size == 1 and c.probe_due():
             take = self._pick(cands, 1, lambda p: True)
         return take
+
+    def _streamed_cost(self):
+        """cost(n) of the next level of a streamed round, in seconds (module docs)."""
+        R, L = self.controller.round_trip()
+        a, b = self.controller.level_cost()
+        above = sum(self.reach[node] for node in self.frontier)
+
+        def cost(n: int) -> float:
+            if n == 0:
+                return 0.0
+            t = a + b * n
+            return above * max(0.0, t - L) + (t / 2 if self.elapsed + t > R else 0.0)
+
+        return cost
 
     def _pick(self, cands, room: int, keep) -> list[tuple[float, int, int, int]]:
         """The most likely candidates that `keep` accepts, at most `room` (on llama.cpp the first
@@ -269,6 +311,37 @@ class RoundPlanner:
                 return None
             node = nxt
         return node
+
+    def stop(self) -> None:
+        """The device left the round (its uplink came): the level announced last will not be computed."""
+        self.pending = []
+
+    def level_frame(self, position: int, encode_node) -> bytes:
+        """A streamed round's next frame: the nodes computed since the last one and the plan of the
+        level now being computed (the rows begin/extend returned); a plain DIST for a root alone."""
+        if self.size == 1 and not self.pending:
+            self.sent = 1
+            return encode_node(self.logps[0], position)
+        frame = self._level(position, encode_node, self.sent, self.size, [(p, t) for _, p, t, _ in self.pending])
+        self.sent = self.size
+        return frame
+
+    def replay(self, position: int, encode_node) -> list[bytes]:
+        """The round as computed so far, level by level (a device that re-attached at its root)."""
+        if self.size == 1:
+            return [encode_node(self.logps[0], position)]
+        out, first = [], 0
+        for d in range(self.max_depth() + 1):
+            end = first + self.depth.count(d)
+            plan = [(self.parents[i], self.tokens[i]) for i in range(end, self.size) if self.depth[i] == d + 1]
+            out.append(self._level(position, encode_node, first, end, plan))
+            first = end
+        return out
+
+    def _level(self, position: int, encode_node, first: int, end: int, plan: list[tuple[int, int]]) -> bytes:
+        """LEVEL frame of nodes first..end-1 (one level: they are appended level by level) and `plan`."""
+        blobs = [encode_node(self.logps[i], position + self.depth[i]) for i in range(first, end)]
+        return frames.encode_level(position, first, blobs, [p for p, _ in plan], [t for _, t in plan])
 
     def encode(self, position: int, encode_node, cloud_us: int) -> bytes:
         """The round as the device reads it: a DIST frame for the root alone, else a TREE frame;

@@ -17,7 +17,10 @@ log-probabilities after the last one) and await its future. Every tick the sched
 A job with a look-ahead tree first keeps the path its device took through the previous round
 (`pool.commit`, before any forward of the tick; what the pool did not keep of it is stepped again),
 then steps its token, then grows its tree one level per tick; its result is made when the tree is
-done.
+done. A streamed job (`level` set) makes its result at the root instead, and `level` sends a frame
+after the root and after each level; `stop` ends its growth at the next tick (its device left the
+round), and `done` settles when it leaves the scheduler. Each tick's steps run before its levels,
+so a session's next token waits for at most one level of the others' trees.
 
 A long prompt therefore costs everyone at most one piece per tick, a replay advances one token
 per tick beside everyone else's tokens, and releasing a session drops whatever it still had
@@ -60,6 +63,9 @@ class Job:
     rows: list[tuple[int, int]] = field(default_factory=list)  # the tree's next level (parent, token)
     root: Tensor | None = None  # the distribution after the steps, kept while the tree grows
     step_s: float = 0.0  # seconds of the forward that gave `root`
+    level: Callable[[list[tuple[int, int]]], None] | None = None  # streamed: a frame at the root and each level
+    done: Future = field(default_factory=Future)  # settled when the job leaves the scheduler
+    stopping: bool = False  # streamed: grow no further (set by Scheduler.stop)
 
     @property
     def prefilling(self) -> bool:
@@ -105,6 +111,7 @@ class Scheduler:
         with self._cv:
             if self._closed or key in self._released:
                 _settle(job.future, error=Released("the session has ended"))
+                _settle(job.done, error=Released("the session has ended"))
             elif key in self._jobs:
                 raise RuntimeError("a session has one job at a time")
             else:
@@ -119,6 +126,19 @@ class Scheduler:
         with self._cv:
             self._released.add(key)
             self._cv.notify()
+
+    def stop(self, key: object) -> Future:
+        """A streamed job grows no further: it leaves at the next tick (a level under way finishes).
+        -> its `done` future (already settled when the session has no streamed job)."""
+        with self._cv:
+            job = self._jobs.get(key)
+            if job is None or job.level is None:
+                fut: Future = Future()
+                fut.set_result(None)
+                return fut
+            job.stopping = True
+            self._cv.notify()
+            return job.done
 
     def holds(self, key: object) -> bool:
         """Does the session still have a sequence (model state) in the pool?"""
@@ -137,6 +157,7 @@ class Scheduler:
         self._thread.join(timeout=60)
         for job in self._jobs.values():
             _settle(job.future, error=Released("the server is shutting down"))
+            _settle(job.done, error=Released("the server is shutting down"))
         self.pool.close()
 
     # -- the scheduler thread -----------------------------------------------------------
@@ -149,6 +170,7 @@ class Scheduler:
                 if self._closed:
                     return
                 freed = self._take_released()
+                self._take_stopped()
                 commits = self._take_commits()
             for seq in freed:
                 self.pool.drop(seq)
@@ -167,12 +189,21 @@ class Scheduler:
             job = self._jobs.pop(key, None)
             if job is not None:
                 _settle(job.future, error=Released("the session has ended"))
+                _settle(job.done, error=Released("the session has ended"))
             seq = self._seqs.pop(key, None)
             if seq is not None:
                 freed.append(seq)
                 self._free.append(seq)
         self._released.clear()
         return freed
+
+    def _take_stopped(self) -> None:
+        """Streamed jobs whose device left the round, past their root: they leave now."""
+        for key in [k for k, j in self._jobs.items() if j.stopping and j.root is not None]:
+            job = self._jobs.pop(key)
+            job.tree.stop()
+            job.rows = []
+            _settle(job.done)
 
     def _take_commits(self) -> list[tuple[object, Job, int, int]]:
         out = []
@@ -247,10 +278,19 @@ class Scheduler:
         """The job's tokens are fed: finish, or start its look-ahead tree."""
         job.step_s = took
         job.rows = job.tree.begin(logp) if job.tree is not None else []
-        if job.rows:
-            job.root = logp
-        else:
-            self._finish(key, job, logp)
+        job.root = logp
+        if job.level is not None:  # streamed: the result now, the root's frame at once
+            if job.stopping:
+                job.tree.stop()
+                job.rows = []
+            try:
+                _settle(job.future, job.finish(logp))
+                job.level(job.rows)
+            except Exception as e:
+                self._fail([(key, job)], e)
+                return
+        if not job.rows:
+            self._finish(key, job)
 
     def _grow(self, levels) -> None:
         if not levels:
@@ -267,18 +307,26 @@ class Scheduler:
             n = len(job.rows)
             job.rows = job.tree.extend(logps[at : at + n], took)
             at += n
+            if job.level is not None:
+                try:
+                    job.level(job.rows)
+                except Exception as e:
+                    self._fail([(key, job)], e)
+                    continue
             if not job.rows:
-                self._finish(key, job, job.root)
+                self._finish(key, job)
 
-    def _finish(self, key: object, job: Job, logp: Tensor) -> None:
+    def _finish(self, key: object, job: Job) -> None:
         with self._cv:
             if self._jobs.get(key) is not job or key in self._released:  # released: the next tick settles it
                 return
             del self._jobs[key]
-        try:
-            _settle(job.future, job.finish(logp))
-        except Exception as e:
-            _settle(job.future, error=e)
+        if job.level is None:  # a streamed job's result was made at its root
+            try:
+                _settle(job.future, job.finish(job.root))
+            except Exception as e:
+                _settle(job.future, error=e)
+        _settle(job.done)
 
     def _fail(self, jobs: list[tuple[object, Job]], error: Exception) -> None:
         log.error("forward failed: %s", error)
@@ -287,3 +335,4 @@ class Scheduler:
                 if self._jobs.get(key) is job:
                     del self._jobs[key]
                 _settle(job.future, error=error)
+                _settle(job.done, error=error)

@@ -35,7 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from costeer import frames
-from costeer.cloud.sessions import KeyRing, ProtocolError, Registry, ServerSettings, Session
+from costeer.cloud.sessions import KeyRing, Outbox, ProtocolError, Registry, ServerSettings, Session
 from costeer.engine.models import LM
 
 log = logging.getLogger("costeer.cloud")
@@ -115,7 +115,7 @@ def create_app(lm: LM, settings: ServerSettings) -> FastAPI:
             "tokenizer_fingerprint": fingerprint,
             "frame_version": frames.VERSION,
             "lookahead": {"frame_version": frames.LOOKAHEAD_VERSION, "max_depth": s.max_lookahead_depth,
-                          "max_nodes": s.max_lookahead_nodes},  # fmt: skip
+                          "max_nodes": s.max_lookahead_nodes, "streamed": True},  # fmt: skip
             "limits": {
                 "max_sessions_per_key": s.max_sessions_per_key,
                 "max_prompt_tokens": s.max_prompt_tokens,
@@ -228,6 +228,17 @@ async def _receive(ws: WebSocket, timeout: float, why: str) -> bytes | None:
 
 async def _serve(ws: WebSocket, owner: str, registry: Registry, settings: ServerSettings) -> None:
     """One connection: OPEN or ATTACH, then TOKEN after TOKEN. Raises ProtocolError on bad input."""
+    try:
+        await _exchange(ws, owner, registry, settings)
+    finally:
+        pump = getattr(ws.state, "pump", None)
+        if pump is not None:
+            pump.cancel()
+
+
+async def _exchange(ws: WebSocket, owner: str, registry: Registry, settings: ServerSettings) -> None:
+    """_serve's loop. A streamed session's round frames go out through `_pump`, beside this loop:
+    an uplink may come while its round still grows, and stops it (docs/wire-format.md, "Streamed rounds")."""
     sess: Session | None = None
     while True:
         if sess is None:
@@ -250,6 +261,8 @@ async def _serve(ws: WebSocket, owner: str, registry: Registry, settings: Server
                 sess = registry.open(owner, msg)
                 ws.state.session = sess
                 sess.websocket = ws
+                if sess.streamed:
+                    sess.outbox = Outbox(asyncio.get_running_loop())
                 frame = await _start_watched(ws, registry, sess)
                 if frame is None:  # the device went away during the prefill or replay
                     return
@@ -263,13 +276,19 @@ async def _serve(ws: WebSocket, owner: str, registry: Registry, settings: Server
                     await asyncio.sleep(0.005)
                 if sess.ended or sess.busy:
                     raise ProtocolError(frames.CLOSE_UNKNOWN_SESSION, "unknown session")
+                if sess.streamed:  # the round it was in grows no further: the device starts a fresh one
+                    await registry.stop_round(sess)
+                    sess.outbox = Outbox(asyncio.get_running_loop())
                 old = sess.websocket
                 ws.state.session = sess
                 sess.websocket, sess.attached = ws, True
                 if old is not None and old is not ws:
                     await _close(old, frames.CLOSE_ORDER, "taken over by a new connection", settings.send_timeout_s)
                 lost = list(msg.tail())  # the device's last uplink, whose answer it never got
-                if msg.n_generated == sess.position:
+                if msg.n_generated == sess.position and sess.streamed:
+                    registry.replay(sess)  # the round as computed, from its root
+                    frame = b""
+                elif msg.n_generated == sess.position:
                     frame = sess.last_frame
                 elif lost and msg.n_generated == sess.position + len(lost):
                     frame = await registry.advance(sess, lost, registry.check_tokens(sess, lost))
@@ -280,7 +299,11 @@ async def _serve(ws: WebSocket, owner: str, registry: Registry, settings: Server
                 raise ProtocolError(frames.CLOSE_ORDER, "TOKEN before OPEN: open a session first")
             sess.touch()
             ready = frames.Ready(sess.id, registry.lm.vocab_size, sess.position).encode()
-            if not (await _send(ws, sess, registry, ready, settings) and await _send_round(ws, sess, registry, frame, settings)):
+            if not await _send(ws, sess, registry, ready, settings):
+                return
+            if sess.streamed:
+                ws.state.pump = asyncio.ensure_future(_pump(ws, sess, registry, settings, sess.outbox))
+            elif not await _send_round(ws, sess, registry, frame, settings):
                 return
             continue
         if not isinstance(msg, (frames.Token, frames.Tokens)):
@@ -288,11 +311,12 @@ async def _serve(ws: WebSocket, owner: str, registry: Registry, settings: Server
         tokens = [msg.token_id] if isinstance(msg, frames.Token) else list(msg.token_ids)
         if sess.controller is not None:
             sess.controller.received(len(tokens) - 1)
+        await registry.stop_round(sess)  # streamed: the device left the round, which may still be growing
         frame = await registry.advance(sess, tokens, registry.check_tokens(sess, tokens))
         if sess.ended or sess.websocket is not ws:
             return
         sess.touch()
-        if not await _send_round(ws, sess, registry, frame, settings):
+        if frame and not await _send_round(ws, sess, registry, frame, settings):
             return
 
 
@@ -304,9 +328,30 @@ async def _send_round(ws: WebSocket, sess: Session, registry: Registry, frame: b
     return ok
 
 
-async def _send(ws: WebSocket, sess: Session, registry: Registry, data: bytes, settings: ServerSettings) -> bool:
+async def _pump(ws: WebSocket, sess: Session, registry: Registry, settings: ServerSettings, box: Outbox) -> None:
+    """A streamed session's round frames, sent as the scheduler makes them, while `_exchange` waits
+    for the device's uplink; a round that failed closes the connection with 1011 and ends the session."""
+    while True:
+        item = await box.queue.get()
+        if sess.ended or sess.websocket is not ws or box is not sess.outbox:
+            return
+        if isinstance(item, BaseException):
+            log.error("session %s…: a look-ahead level failed: %s", sess.id.hex()[:8], item)
+            registry.end(sess, "internal error")
+            await _close(ws, frames.CLOSE_INTERNAL, "internal error", settings.send_timeout_s)
+            return
+        frame, nodes, first = item
+        if not await _send(ws, sess, registry, frame, settings, drain=False):
+            return
+        if sess.controller is not None:
+            sess.controller.sent(len(frame), nodes, first=first)
+
+
+async def _send(ws: WebSocket, sess: Session, registry: Registry, data: bytes, settings: ServerSettings,
+                drain: bool = True) -> bool:  # fmt: skip
     """Send within send_timeout_s. A device that went away meanwhile, or stopped reading, loses
-    its connection; the session ends if it had closed with 1000, else waits for ATTACH."""
+    its connection; the session ends if it had closed with 1000, else waits for ATTACH. drain=False
+    (the pump, beside a loop that reads the socket): a failed send leaves the close to that loop."""
     try:
         await asyncio.wait_for(ws.send_bytes(data), settings.send_timeout_s)
         return True
@@ -315,6 +360,8 @@ async def _send(ws: WebSocket, sess: Session, registry: Registry, data: bytes, s
                  settings.send_timeout_s)  # fmt: skip
         _device_gone(registry, sess, ws, None)
     except (WebSocketDisconnect, RuntimeError, OSError):
+        if not drain:
+            return False
         mine = not sess.ended and sess.websocket is ws  # else the session is gone or taken over already
         _device_gone(registry, sess, ws, await _close_code(ws, settings.send_timeout_s) if mine else None)
     return False

@@ -29,6 +29,17 @@ from costeer.engine.models import LM
 log = logging.getLogger("costeer.cloud")
 
 
+class Outbox:
+    """A streamed session's round frames, from the scheduler thread to its connection, in order:
+    (frame, nodes in it, whether it starts a round), or the exception that ended the round."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.queue = loop, asyncio.Queue()
+
+    def post(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
 class ProtocolError(Exception):
     """A request the server refuses; `code` is the WebSocket close code (docs/wire-format.md)."""
 
@@ -138,6 +149,8 @@ class Session:
     lookahead: frames.Lookahead = frames.NO_LOOKAHEAD
     controller: Controller | None = None  # look-ahead sessions: what the rounds' shape follows
     round: RoundPlanner | None = None  # the last round sent (its tree: what the next uplink may follow)
+    streamed: bool = False  # rounds as LEVEL frames through `outbox` (the device asked, the pool grows trees)
+    outbox: Outbox | None = None  # the attached connection's (server.py sends what it holds)
 
     @property
     def position(self) -> int:
@@ -210,6 +223,7 @@ class Registry:
         sess.generated = list(msg.generated)
         if msg.lookahead.on:
             sess.controller = Controller(msg.lookahead)
+            sess.streamed = msg.lookahead.streamed and hasattr(self.scheduler.pool, "grow")
         self.sessions[sid] = sess
         log.info("session %s… opened: %d prompt tokens, %d resumed, k=%s%s",
                  sid.hex()[:8], len(msg.prompt_ids), len(msg.generated), msg.k or "full",
@@ -264,9 +278,12 @@ class Registry:
         return frames.encode_dist(logp, sess.k, position, self.settings.values)
 
     def _frame(self, sess: Session, logp: Tensor, job: Job | None = None, started: float = 0.0) -> bytes:
-        """The round's frame: a DIST for the root alone, else a TREE (the job's planner)."""
+        """The round's frame: a DIST for the root alone, else a TREE (the job's planner); b"" for a
+        streamed round, whose frames go through the session's outbox (`_post_level`)."""
         tree = job.tree if job is not None else None
-        if tree is None or tree.size == 1:
+        if job is not None and job.level is not None:
+            sess.last_frame = b""
+        elif tree is None or tree.size == 1:
             sess.last_frame = self._encode(sess, logp, sess.position)
         else:
             cloud_us = int((time.perf_counter() - started) * 1e6)
@@ -280,6 +297,44 @@ class Registry:
         if sess.controller is None or not hasattr(self.scheduler.pool, "grow"):  # a pool without trees: per token
             return None
         return RoundPlanner(sess.controller, extends_branches=getattr(self.scheduler.pool, "extends_branches", True))
+
+    def _job(self, sess: Session, steps: list[int], prompt: list[int] = (), commit: int | None = None) -> Job:
+        """A job for the session's next round; a streamed one posts its frames as they are made."""
+        job = Job(sess.owner, list(prompt), deque(steps), None, commit=commit, tree=self._planner(sess))
+        if sess.streamed and job.tree is not None:
+            job.level = lambda rows: self._post_level(sess, job)
+            job.done.add_done_callback(lambda f: self._round_failed(sess, f))
+        return job
+
+    def _post_level(self, sess: Session, job: Job) -> None:
+        """Scheduler thread: the streamed round's next frame (the root's, then each level's) to the outbox."""
+        tree, box = job.tree, sess.outbox
+        first = tree.sent == 0
+        nodes = tree.size - tree.sent
+        frame = tree.level_frame(sess.position, lambda lp, pos: self._encode(sess, lp, pos))
+        if box is not None:
+            box.post((frame, nodes, first))
+
+    def _round_failed(self, sess: Session, done) -> None:
+        error = done.exception()
+        if error is not None and not isinstance(error, Released) and sess.outbox is not None:
+            sess.outbox.post(error)
+
+    async def stop_round(self, sess: Session) -> None:
+        """A streamed session's round grows no further (its device left it, or re-attached); returns
+        when the scheduler has let it go (at most one level later), so its tree can be read."""
+        if not sess.streamed:
+            return
+        try:
+            await asyncio.wrap_future(self.scheduler.stop(sess.id))
+        except Released:
+            raise ProtocolError(frames.CLOSE_ENDED, "the session has ended") from None
+
+    def replay(self, sess: Session) -> None:
+        """A streamed session re-attached at its round's root: the round as computed, to the outbox."""
+        blobs = sess.round.replay(sess.position, lambda lp, pos: self._encode(sess, lp, pos))
+        for i, frame in enumerate(blobs):
+            sess.outbox.post((frame, 1, i == 0))
 
     async def _run(self, sess: Session, job: Job) -> bytes:
         if sess.ended:
@@ -296,7 +351,7 @@ class Registry:
         """Prefill the prompt, then replay resumed tokens one by one: the state is exactly the
         one an uninterrupted session would hold (a one-shot prefill would differ in rounding)."""
         started = time.perf_counter()
-        job = Job(sess.owner, sess.prompt, deque(sess.generated), None, tree=self._planner(sess))
+        job = self._job(sess, sess.generated, sess.prompt)
 
         def finish(logp: Tensor) -> bytes:
             sess.started = True
@@ -331,8 +386,7 @@ class Registry:
         to `node` from the round's tree, feed the last token, grow the next round."""
         started = time.perf_counter()
         kept = tokens[:-1]
-        job = Job(sess.owner, [], deque([tokens[-1]]), None, commit=node if sess.round is not None else None,
-                  tree=self._planner(sess))  # fmt: skip
+        job = self._job(sess, [tokens[-1]], commit=node if sess.round is not None else None)
 
         def finish(logp: Tensor) -> bytes:
             sess.generated.extend(kept)

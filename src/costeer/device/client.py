@@ -19,11 +19,13 @@ rebuilds the LLM's [V] log-probabilities (`frames.densify`, with the SLM's own n
 distribution as the model of the top-k tail). Because the SLM forward runs inside
 `advance`, a Step's `llm_s` holds the overlapped time of both and `slm_s` is ~0.
 
-Look-ahead (`lookahead`, docs/wire-format.md): the cloud may answer with a TREE of likely
-continuations. While the token the device chose is a child of where it stands, `advance` takes that
-node's distribution without asking (the SLM pair still runs once per token); when the choice leaves
-the tree it sends the round's tokens in one TOKENS frame and waits, as for one token. Every
-distribution it uses is the one the cloud would have sent token by token.
+Look-ahead (`lookahead`, docs/wire-format.md): the cloud may answer with a tree of likely
+continuations, streamed (the root at once, then a LEVEL frame per level, each announcing the next
+level's nodes) or whole (one TREE). While the token the device chose is a child of where it stands,
+`advance` takes that node's distribution without asking (the SLM pair still runs once per token),
+reading the round's next frames first when the child was announced but has not arrived; when the
+choice leaves the tree it sends the round's tokens in one TOKENS frame and waits, as for one token.
+Every distribution it uses is the one the cloud would have sent token by token.
 
 A dropped connection is retried with back-off: first by re-attaching to the live session
 (ATTACH, with the round's tokens whose answer was lost), else — the cloud restarted, or the session
@@ -34,6 +36,7 @@ replays. The caller sees one stream.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -70,6 +73,7 @@ class LookaheadInfo(BaseModel):
     frame_version: int
     max_depth: int = Field(ge=0, le=255)
     max_nodes: int = Field(ge=1, le=0xFFFF)
+    streamed: bool = False  # LEVEL frames offered (absent: a cloud with whole rounds only)
 
 
 class CloudInfo(BaseModel):
@@ -112,7 +116,7 @@ class CloudLLM(LLMSide):
 
     def __init__(self, ws_url: str, api_key: str, info: CloudInfo, tokenizer, frames_: CloudFrames = CloudFrames(DEFAULT_K),
                  tail: str = "slm", wire: WireLog | None = None, retry: Retry = Retry(), link: Link = Link(),
-                 lookahead: Lookahead | str | int = "off"):  # fmt: skip
+                 lookahead: Lookahead | str | int = "off", streamed: bool = True):  # fmt: skip
         self.ws_url, self.api_key, self.info = ws_url, api_key, info
         self.name = info.model
         self.tokenizer = tokenizer
@@ -122,20 +126,22 @@ class CloudLLM(LLMSide):
         self.frames, self.tail, self.wire, self.retry = frames_, check_tail(tail), wire, retry
         self.bytes_down = self.bytes_up = self.frames_down = 0  # DIST payload bytes / TOKEN payload bytes
         self.rounds = self.tree_tokens = 0  # round trips (DIST or TREE answers) / tokens taken from trees
-        self.lookahead = self._lookahead(Lookahead.parse(lookahead))  # what OPEN asks for
+        self.lookahead = self._lookahead(Lookahead.parse(lookahead), streamed)  # what OPEN asks for
         # the longest message the device reads: a frame of the kind asked for, one per node (docs/security.md)
         per_node = frames.max_downlink_bytes(self.vocab_size, frames_.k, frames_.packed)
         n = self.lookahead.nodes if self.lookahead.on else 1
         self.max_message_bytes = per_node * n + (frames.tree_overhead(n) if n > 1 else 0)
         self.tls = link.tls() if ws_url.startswith("wss:") else None
 
-    def _lookahead(self, choice: Lookahead) -> frames.Lookahead:
+    def _lookahead(self, choice: Lookahead, streamed: bool) -> frames.Lookahead:
         limits = self.info.lookahead
         if limits is None or limits.frame_version != frames.LOOKAHEAD_VERSION:
             if choice.on and not choice.auto:
                 raise CloudError(f"the cloud does not offer look-ahead (asked for {choice})")
             return frames.NO_LOOKAHEAD  # auto with a cloud that has none: per token, as before
-        return choice.request(limits.max_depth, limits.max_nodes)
+        asked = choice.request(limits.max_depth, limits.max_nodes)
+        # streamed rounds wherever the cloud offers them (a cloud without: whole TREE rounds, as before)
+        return replace(asked, streamed=asked.on and streamed and limits.streamed)
 
     @property
     def k(self) -> int:
@@ -157,10 +163,11 @@ class CloudLLM(LLMSide):
 def connect_cloud(url: str, api_key: str | None = None, k: CloudFrames | int | str = DEFAULT_FRAMES,
                   tail: str = "slm", wire_log: str | Path | WireLog | None = None, retry: Retry = Retry(),
                   ca_file: str | Path | None = None, insecure: bool = False,
-                  lookahead: Lookahead | int | str = "auto") -> CloudLLM:  # fmt: skip
+                  lookahead: Lookahead | int | str = "auto", streamed: bool = True) -> CloudLLM:  # fmt: skip
     """Ask the cloud what it serves and fetch its tokenizer (cached by fingerprint).
     k: the frames to ask for (options.CloudFrames, or its text: 'full', a top-k size, 'packed[:N]').
-    lookahead: 'auto' (default), 'off', N, 'chain:D' or 'tree:D:N' (options.Lookahead).
+    lookahead: 'auto' (default), 'off', N, 'chain:D' or 'tree:D:N' (options.Lookahead); streamed:
+    its rounds level by level where the cloud offers it (False: whole TREE rounds, for comparison).
     ca_file: the CA bundle wss:// trusts (else SSL_CERT_FILE, else the system's); insecure: allow
     the key over plain ws:// to a host other than this machine."""
     frames_ = CloudFrames.parse(k)
@@ -188,7 +195,7 @@ def connect_cloud(url: str, api_key: str | None = None, k: CloudFrames | int | s
         http.close()
     if wire is not None:
         wire.meta(url=ws_url, model=info.model, tokenizer_fingerprint=fp, tokenizer_dir=str(tokenizer_dir(fp)))
-    return CloudLLM(ws_url, api_key, info, tok, frames_, tail, wire, retry, link, lookahead)
+    return CloudLLM(ws_url, api_key, info, tok, frames_, tail, wire, retry, link, lookahead, streamed)
 
 
 class CloudSource:
@@ -201,7 +208,7 @@ class CloudSource:
         self.prompt: list[int] = list(prompt_ids)  # the public query's prompt (OPEN sends it)
         self.chosen: list[int] = []
         self.reconnects = 0
-        self.tree: frames.Tree | None = None  # the round the device is in
+        self.tree: frames.Round | None = None  # the round the device is in
         self.node = 0  # where it stands in that round's tree
         self.pending: list[int] = []  # the round's tokens sent up, whose answer has not come yet
 
@@ -216,9 +223,12 @@ class CloudSource:
         token_id = int(token_id)
         self.chosen.append(token_id)
         child = self.tree.child(self.node, token_id) if self.tree is not None else None
-        if child is not None:  # the cloud computed this one ahead: no round trip
+        if child is not None:  # the cloud computed this one ahead (or is sending it): no round trip
             if self.ahead is not None:
-                self.ahead.run_advance(token_id)
+                self.ahead.run_advance(token_id)  # first: the node may arrive meanwhile
+            if not self.tree.ready(child) and not self._await(child):  # the connection dropped meanwhile
+                self.reconnects += 1  # resume there: the cloud starts a fresh round after these tokens
+                return self._enter(self._exchange(self.tree.path(child), None), 0)
             self.llm.tree_tokens += 1
             return self._enter(self.tree, child)
         tokens = (self.tree.path(self.node) if self.tree is not None else []) + [token_id]
@@ -237,14 +247,43 @@ class CloudSource:
 
     # -- internals ---------------------------------------------------------------------
 
-    def _enter(self, tree: frames.Tree, node: int) -> Tensor:
+    def _await(self, node: int) -> bool:
+        """Read the streamed round's frames until `node` (announced) has arrived; False when the
+        connection dropped or no frame came within recv_timeout_s (the caller resumes there)."""
+        import websockets.exceptions as wse
+
+        try:
+            while not self.tree.ready(node):
+                msg, n = self._recv()
+                if not isinstance(msg, frames.Level) or msg.position != self.tree.position:
+                    self._refuse(frames.CLOSE_MALFORMED, f"expected the next LEVEL frame of the round at "
+                                 f"{self.tree.position}, got a {type(msg).__name__.upper()}")  # fmt: skip
+                try:
+                    self.tree.add(msg)
+                except frames.FrameError as e:
+                    self._refuse(e.code, e.reason)
+                self.llm.bytes_down += n
+                self.llm.frames_down += len(msg.dists)
+            return True
+        except wse.ConnectionClosed as e:
+            code, reason = (e.rcvd.code, e.rcvd.reason) if e.rcvd else (1006, "connection lost")
+            self._log_close("received", code, reason)
+            if code in _FATAL:
+                self._drop()
+                raise CloudError(f"the cloud closed the session: {code} {reason}", code) from None
+        except (OSError, TimeoutError):
+            pass
+        self._drop()
+        return False
+
+    def _enter(self, tree: frames.Round, node: int) -> Tensor:
         """Stand at `node` of `tree` -> its [V] log-probabilities."""
         self.tree, self.node = tree, node
         dist = tree.dists[node]
         use_slm = self.llm.tail == "slm" and self.ahead is not None and not dist.full
         return frames.densify(dist, self.ahead.reference() if use_slm else None)
 
-    def _exchange(self, tokens: list[int] | None, hook) -> frames.Tree:
+    def _exchange(self, tokens: list[int] | None, hook) -> frames.Round:
         """Send the round's tokens (or OPEN/ATTACH on a new connection), run `hook` once while the
         cloud works, then read the answer; reconnect and resume on a dropped connection."""
         import websockets.exceptions as wse
@@ -367,27 +406,38 @@ class CloudSource:
             self.ws = None
         raise CloudError(f"unreadable frame from the cloud: {reason}", code)
 
-    def _receive_round(self) -> frames.Tree:
+    def _receive_round(self) -> frames.Round:
+        """The next round's first frame (a DIST, a TREE, or a streamed round's root); the rest of a
+        streamed round the device left (earlier positions) is dropped, at most a round's levels of it."""
         if getattr(self, "_expect_ready", False):
             msg, _ = self._recv()
             if not isinstance(msg, frames.Ready):
                 raise CloudError("the cloud did not answer OPEN with READY")
             self.session_id, self._expect_ready = msg.session_id, False
-        msg, n = self._recv()
-        if isinstance(msg, frames.Dist):
-            msg = frames.Tree.single(msg)
-        if not isinstance(msg, frames.Tree):
-            raise CloudError("expected a DIST or TREE frame from the cloud")
-        if msg.position != len(self.chosen) or msg.dists[0].vocab_size != self.llm.vocab_size:
+        asked, stale = self.llm.lookahead, 0
+        while True:
+            msg, n = self._recv()
+            self.llm.bytes_down += n
+            if not (isinstance(msg, frames.Level) and msg.position < len(self.chosen)):
+                break
+            stale += 1
+            if stale > asked.depth:  # a round has at most depth + 1 frames, its root's not among these
+                self._refuse(frames.CLOSE_MALFORMED, "more LEVEL frames of a left round than it can have")
+        if not isinstance(msg, (frames.Dist, frames.Tree, frames.Level)):
+            raise CloudError("expected a DIST, TREE or LEVEL frame from the cloud")
+        if isinstance(msg, frames.Level) and not asked.streamed:
+            self._refuse(frames.CLOSE_MALFORMED, "a LEVEL frame; this device asked for whole rounds")
+        if msg.position != len(self.chosen):
             raise CloudError(f"the cloud is out of step (position {msg.position}, expected {len(self.chosen)})")
-        asked = self.llm.lookahead
-        if msg.size > 1 and (msg.size > asked.nodes or max(msg.depths()) > asked.depth):
-            self._refuse(frames.CLOSE_MALFORMED, f"a TREE of {msg.size} nodes and {max(msg.depths())} levels; "
-                         f"asked for at most {asked.nodes} and {asked.depth}")  # fmt: skip
-        self.llm.bytes_down += n
-        self.llm.frames_down += msg.size
+        try:
+            round_ = frames.Round.of(msg, asked)
+        except frames.FrameError as e:
+            self._refuse(e.code, e.reason)
+        if round_.dists[0].vocab_size != self.llm.vocab_size:
+            raise CloudError(f"the cloud sent a distribution over {round_.dists[0].vocab_size} tokens, expected {self.llm.vocab_size}")
+        self.llm.frames_down += len(round_.dists)
         self.llm.rounds += 1
-        return msg
+        return round_
 
     def _log_close(self, direction: str, code: int, reason: str) -> None:
         if self.llm.wire is not None:

@@ -6,7 +6,8 @@ WebSocket message (base64) and close frames. The API key is written as `Bearer <
 (WebSocket framing bytes — 2 to 14 per message, masked with random keys — carry no content
 and are not recorded.) A few `meta` records annotate the log: the server URL, the
 tokenizer fingerprint and where the device keeps that tokenizer, and — when the caller
-notes it — the public query. Meta records are the device's own notes, not wire bytes.
+notes it — the public query, and the turns of a multi-turn conversation (each OPEN's prompt must be
+exactly that conversation's prompt: the audit checks it). Meta records are the device's own notes, not wire bytes.
 
 `audit_wire` checks a log against the private context: it reports every word 5-gram of the
 context that occurs in what crossed the wire — the raw bytes of every record, and the token
@@ -140,22 +141,60 @@ def audit_wire(log_path: str | Path, context: str, query: str | None = None, tok
     """Check one wire log (one or more generations) against the private context.
 
     query: the public query; defaults to the `query` the device noted in the log. Without a
-    query, everything on the wire except the generated text counts as a possible leak.
+    query, everything on the wire except the generated text counts as a possible leak. Every OPEN's
+    prompt must be exactly the prompt of the public conversation the device noted (`messages`, the
+    turns of a multi-turn request), or of the one-turn query when none was noted.
     tokenizer: the LLM's tokenizer; defaults to the one the log's fingerprint names in the
     device's cache (without one, only raw bytes are checked)."""
     return audit_records(read_wire_log(log_path), context, query, tokenizer)
 
 
-def audit_records(records: list[dict], context: str, query: str | None = None, tokenizer=None) -> AuditReport:
-    """`audit_wire` on records already read (each with its payload as `data` bytes)."""
-    if query is None:
-        query = next((r["query"] for r in records if r.get("dir") == "meta" and r.get("query")), None)
+def _is_turns(value) -> bool:
+    """A noted conversation: a list of {role, content} text turns (a log is read as untrusted input)."""
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in value))  # fmt: skip
+
+
+def _noted(rec: dict) -> str | list | None:
+    """The public conversation a meta record notes: its turns, else its query text."""
+    if rec.get("dir") != "meta":
+        return None
+    if _is_turns(rec.get("messages")):
+        return rec["messages"]
+    q = rec.get("query")
+    return q if isinstance(q, str) and q.strip() else None
+
+
+def _public_text(public: str | list) -> str:
+    return public if isinstance(public, str) else "\n".join(m["content"] for m in public)
+
+
+def _public_prompt(tok, public: str | list) -> list[int] | None:
+    """The LLM prompt of a public query or conversation, as the API builds it (None: not a conversation)."""
+    from costeer.engine.prompts import chat_ids, conversation
+
+    try:
+        return chat_ids(tok, conversation(public))
+    except ValueError:  # a noted conversation the API would have refused: no prompt can match it
+        return None
+
+
+def audit_records(records: list[dict], context: str, query: str | list | None = None, tokenizer=None) -> AuditReport:
+    """`audit_wire` on records already read (each with its payload as `data` bytes); `query` may be the
+    public conversation's turns."""
+    given = query
+    texts = [_public_text(query)] if query is not None else [_public_text(n) for n in map(_noted, records) if n]
     tok = _load_tokenizer_for(records, tokenizer)
     notes: list[str] = []
     wire_texts: list[str] = []
     generated: list[list[int]] = []  # one token list per generation (OPEN starts one)
     prompts: list[list[int]] = []
+    public: list = []  # per OPEN: the public conversation (turns, or the query) its prompt must be
+    noted = given  # the conversation the device noted last (a log may hold several runs)
     for rec in records:
+        if given is None:
+            noted = _noted(rec) or noted
         data = rec.get("data")
         if data is None:
             continue
@@ -172,6 +211,7 @@ def audit_records(records: list[dict], context: str, query: str | None = None, t
             resumed = bool(new) and generated and prompts[-1] == list(msg.prompt_ids)
             resumed = resumed and new[: len(generated[-1])] == generated[-1]
             prompts.append(list(msg.prompt_ids))
+            public.append(noted)
             if resumed:  # a resume of the same generation (the tokens so far, maybe one more)
                 generated[-1] = new
             else:
@@ -192,17 +232,14 @@ def audit_records(records: list[dict], context: str, query: str | None = None, t
             wire_texts.append(tok.decode(p, skip_special_tokens=True))
         gen_texts = [tok.decode(g, skip_special_tokens=True) for g in generated]
         gen_text = "\n".join(gen_texts)
-        if query is not None and prompts:
-            from costeer.engine.prompts import prompt_ids, user_message
-
-            expected = prompt_ids(tok, user_message(query))
-            prompt_is_query = all(p == expected for p in prompts)
+        if prompts and all(x is not None for x in public):
+            prompt_is_query = all(p == _public_prompt(tok, x) for p, x in zip(prompts, public))
             if not prompt_is_query:
                 notes.append("an OPEN prompt is not exactly the public query's prompt")
     else:
         notes.append("no tokenizer: uplink token ids were not decoded, only raw bytes checked")
     ctx = ngrams(context)
-    allowed = ngrams(query) if query else set()
+    allowed = set().union(*(ngrams(t) for t in texts))  # every public query or conversation noted
     for t in gen_texts if tok is not None else ():
         allowed |= ngrams(t)
     found: set[tuple[str, ...]] = set()

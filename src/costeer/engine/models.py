@@ -200,12 +200,13 @@ class LM(LLMSide):
         """Independent sequences that come and go (a server's sessions): prefill(seq, tokens) -> [V],
         step([(seq, token)]) -> [n, V], drop(seq). llama.cpp: one context whose shared KV cache
         holds `n_cells` tokens in all, every step one llama_decode; transformers: a KV cache per
-        sequence, prompts prefilled whole (`chunk` None)."""
+        sequence, prompts prefilled whole (`chunk` None), every step one padded forward
+        (COSTEER_DECODE_POOL=sequential: each sequence alone, one after the other)."""
         if self.backend == "llamacpp":
             from costeer.engine.llamacpp import LlamaSequencePool
 
             return LlamaSequencePool(self.model, n_cells, n_seq_max, chunk)
-        return DecodePool(self)
+        return DecodePool(self, pool_strategy())
 
     def connect(self, prompt_ids: list[int], vocab: VocabMap, max_new_tokens: int,
                 steering: SteeringSource | None = None,
@@ -348,14 +349,17 @@ def from_transformers(model, tokenizer, name: str | None = None) -> LM:
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Prompts of different lengths -> input_ids, attention_mask, position_ids, each [B, L]."""
-    L = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), L), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, L - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[b, L - len(p) :] = 1
+    mask = pad_mask([len(p) for p in prompts])
+    ids = torch.full(mask.shape, pad_id, dtype=torch.long)
+    ids[mask.bool()] = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids, mask, pos
+
+
+def pad_mask(lengths: list[int]) -> Tensor:
+    """Row lengths -> [B, max] attention mask: each row's ones right-aligned (left padding)."""
+    L = max(lengths)
+    return (torch.arange(L) >= L - torch.tensor(lengths).unsqueeze(1)).long()
 
 
 class DecodeBatch:
@@ -372,27 +376,29 @@ class DecodeBatch:
         self.lm = lm
         self.prompts = [list(p) for p in prompts]
         self.prefix = prefix if prefix is not None and prefix.usable(self.prompts) else None
+        self._unmerged: list | None = None  # the rows' own caches, prefilled one by one (a prefix cache)
         self.cache = None
         self.mask: Tensor | None = None  # [B, L] grows by one column per step
         self.next_pos: Tensor | None = None  # [B, 1]
         self.padded = len({len(p) for p in prompts}) > 1
-        self._unmerged: list | None = None  # the rows' own caches, prefilled one by one (a prefix cache)
 
-    @torch.inference_mode()
+    @property
+    def cache(self):
+        """The batch's KV cache; rows that start() prefilled one by one are merged into it when first asked for
+        (by the first step: the first token needs only their log-probabilities)."""
+        if self._unmerged is not None:
+            self._cache = _merge_rows(self.lm, self._unmerged, [len(p) for p in self.prompts])
+            self._unmerged = None
+        return self._cache
+
+    @cache.setter
+    def cache(self, value) -> None:
+        self._cache = value
+
     def _forward(self, ids: Tensor, pos: Tensor) -> Tensor:
-        self._merged()
-        dev = self.lm.device
-        out = self.lm.model(
-            input_ids=ids.to(dev),
-            # no mask needed when no row is padded: lets attention take its causal fast path
-            attention_mask=self.mask.to(dev) if self.padded else None,
-            position_ids=pos.to(dev),
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        self.cache = out.past_key_values
-        return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+        # no mask needed when no row is padded: lets attention take its causal fast path
+        logp, self.cache = _lm_forward(self.lm, ids, pos, self.cache, self.mask if self.padded else None)
+        return logp
 
     def start(self) -> Tensor:
         if self.prefix is not None:
@@ -406,7 +412,7 @@ class DecodeBatch:
         first; then the rows' caches left-padded into one batch, as `start` would have laid them out. A
         prompt equal to an earlier one without a prefix (the shared model's LLM row and the SLM's row
         without context) takes that row's result: a row alone computes the same either way. The merge
-        waits for the first step: the first token needs only the rows' log-probabilities."""
+        waits for the first step (`cache`)."""
         rows: list[tuple[Tensor, object]] = []  # (logp [V], the row's cache)
         for b, p in enumerate(self.prompts):
             twin = self._twin(b)
@@ -427,12 +433,6 @@ class DecodeBatch:
 
         return next((i for i in range(b) if self.prompts[i] == self.prompts[b] and plain(i) and plain(b)), None)
 
-    def _merged(self) -> None:
-        """The rows' caches as one batch cache (left-padded), once, before the first step after start()."""
-        if self._unmerged is not None:
-            self.cache = _merge_rows(self.lm, self._unmerged, [len(p) for p in self.prompts])
-            self._unmerged = None
-
     def _prefill_row(self, b: int, prompt: list[int]):
         n = self.prefix.length(b, prompt)
         cache, identity, codec = None, hf_identity(self.lm), _snapshot_codec(self.lm)
@@ -446,14 +446,11 @@ class DecodeBatch:
                 self.prefix.cache.store(identity, prompt[:n], snap, snap.nbytes, codec)
         return self._row_forward(prompt[n:], n, cache)
 
-    @torch.inference_mode()
     def _row_forward(self, ids: list[int], start: int, cache):
         """One prompt alone (no padding, no mask) -> ([V] log-probabilities after it, its cache)."""
-        dev = self.lm.device
-        pos = torch.arange(start, start + len(ids), device=dev).unsqueeze(0)  # [1, n]
-        out = self.lm.model(input_ids=torch.tensor([ids], device=dev), position_ids=pos, past_key_values=cache,
-                            use_cache=True, logits_to_keep=1)  # fmt: skip
-        return torch.log_softmax(out.logits[0, -1, :].float(), dim=-1), out.past_key_values
+        pos = torch.arange(start, start + len(ids)).unsqueeze(0)  # [1, n]
+        logp, cache = _lm_forward(self.lm, torch.tensor([ids]), pos, cache)
+        return logp[0], cache
 
     def advance(self, tokens: list[int]) -> Tensor:
         if self.mask is None:
@@ -476,19 +473,50 @@ class DecodeBatch:
         self.next_pos = pos[:, -1:] + 1
         return self._forward(ids, pos)
 
+    def took(self, cache, n: int) -> None:
+        """The sequences moved on by n tokens fed elsewhere (a pool's batched step, a kept look-ahead
+        path): `cache` holds them."""
+        self.cache = cache
+        self.mask = torch.cat([self.mask, torch.ones((self.mask.shape[0], n), dtype=self.mask.dtype)], dim=-1)
+        self.next_pos = self.next_pos + n
+
     def close(self) -> None:
-        self.cache = self._unmerged = None
+        self._unmerged = self.cache = None
+
+
+POOL_ENV = "COSTEER_DECODE_POOL"
+POOL_STRATEGIES = ("batched", "sequential")
+
+
+def pool_strategy(env=os.environ) -> str:
+    """COSTEER_DECODE_POOL: how the transformers pool feeds a tick's steps (batched by default)."""
+    raw = env.get(POOL_ENV, "batched").strip().lower()
+    if raw not in POOL_STRATEGIES:
+        log.warning("%s=%r is not one of %s; batched kept", POOL_ENV, raw, ", ".join(POOL_STRATEGIES))
+        return "batched"
+    return raw
 
 
 class DecodePool:
-    """The transformers side of LM.open_pool: each sequence its own one-row DecodeBatch, fed one
-    after the other (exactly what each computes alone). The prompt is prefilled in one piece,
-    as an in-process generation does (`chunk` None)."""
+    """The transformers side of LM.open_pool: each sequence its own one-row DecodeBatch (its own
+    KV cache). The prompt is prefilled in one piece, as an in-process generation does (`chunk` None).
+
+    step(): "batched" feeds the sequences' tokens in one forward: their caches left-padded into one
+    batch cache (the mask hides the padding, each row at its own position), then each sequence keeps
+    its row, its own cache plus the new key/value column. Gathering and padding copy every row's cache,
+    so by the measured rule (docs/reliability.md) only groups of at least `min_rows` sequences of
+    similar lengths go together (each padded by at most `pad_slack` cells or to `pad_ratio` times its
+    length); any other sequence is fed alone, exactly what it computes alone. Rows fed together round
+    as several rows do. "sequential" feeds each sequence alone, one after the other."""
 
     chunk = None
+    min_rows = 3  # two rows cost about what two lone steps cost on CPU; three save a quarter
+    pad_slack, pad_ratio = 64, 2.0  # a long cache padding short ones costs more in copies than the batch saves
 
-    def __init__(self, lm: LM):
-        self.lm = lm
+    def __init__(self, lm: LM, strategy: str = "batched"):
+        if strategy not in POOL_STRATEGIES:
+            raise ValueError(f"strategy must be one of {POOL_STRATEGIES}, not {strategy!r}")
+        self.lm, self.strategy = lm, strategy
         self._seqs: dict[int, DecodeBatch] = {}
         self.trees: dict[int, list] = {}  # seq -> its look-ahead tree (grow / commit)
 
@@ -500,7 +528,42 @@ class DecodePool:
         return batch.extend(tokens)[0]
 
     def step(self, items: list[tuple[int, int]]) -> Tensor:
-        return torch.cat([self._seqs[seq].advance([t]) for seq, t in items])
+        """items (seq, token) -> [n, V] after each sequence's token."""
+        groups = [[i] for i in range(len(items))] if self.strategy == "sequential" else self._groups(items)
+        out: list[Tensor] = [None] * len(items)  # type: ignore[list-item]
+        for group in groups:
+            part = [items[i] for i in group]
+            seq, t = part[0]
+            logp = self._step_together(part) if len(part) > 1 else self._seqs[seq].advance([t])
+            for i, row in zip(group, logp):
+                out[i] = row
+        return torch.stack(out)
+
+    def _groups(self, items: list[tuple[int, int]]) -> list[list[int]]:
+        """The items' indices in groups fed together: longest cache first, a row joins the group
+        before it when padding it to the group's longest adds at most `pad_slack` cells or makes it at
+        most `pad_ratio` times as long; a group under `min_rows` is split into rows fed alone."""
+        lengths = [int(self._seqs[seq].next_pos) for seq, _ in items]
+        groups: list[list[int]] = []
+        for i in sorted(range(len(items)), key=lambda i: -lengths[i]):
+            n = lengths[i]
+            if groups and lengths[groups[-1][0]] <= max(n + self.pad_slack, n * self.pad_ratio):
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return [g for g in groups if len(g) >= self.min_rows] + [[i] for g in groups if len(g) < self.min_rows for i in g]
+
+    def _step_together(self, items: list[tuple[int, int]]) -> Tensor:
+        rows = [self._seqs[seq] for seq, _ in items]
+        lengths = [int(row.next_pos) for row in rows]  # tokens each sequence holds
+        cache = _merge_rows(self.lm, [row.cache for row in rows], lengths)
+        ids = torch.tensor([[t] for _, t in items])  # [n, 1]
+        pos = torch.cat([row.next_pos for row in rows])  # [n, 1]: each row at its own position
+        mask = pad_mask([n + 1 for n in lengths])  # [n, max + 1]
+        logp, cache = _lm_forward(self.lm, ids, pos, cache, mask)
+        for b, (row, n) in enumerate(zip(rows, lengths)):
+            row.took(_row_of(self.lm, cache, b, n + 1), 1)
+        return logp
 
     def drop(self, seq: int) -> None:
         self.trees.pop(seq, None)
@@ -545,9 +608,7 @@ class DecodePool:
         path = self._path(tree, node)
         if path:
             batch = self._seqs[seq]
-            batch.cache = self._cache_with(batch, path)
-            batch.mask = torch.cat([batch.mask, torch.ones((1, len(path)), dtype=batch.mask.dtype)], dim=-1)
-            batch.next_pos = batch.next_pos + len(path)
+            batch.took(self._cache_with(batch, path), len(path))
         return []
 
     @staticmethod
@@ -569,12 +630,19 @@ class DecodePool:
         )  # fmt: skip
         return _cache_from(self.lm, KVSnapshot(layers, base.length + len(path)))
 
-    @torch.inference_mode()
     def _node_forward(self, token: int, pos: Tensor, cache):
-        dev = self.lm.device
-        out = self.lm.model(input_ids=torch.tensor([[token]], device=dev), position_ids=pos.to(dev),
-                            past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
-        return torch.log_softmax(out.logits[0, -1, :].float(), dim=-1), out.past_key_values
+        logp, cache = _lm_forward(self.lm, torch.tensor([[token]]), pos, cache)
+        return logp[0], cache
+
+
+@torch.inference_mode()
+def _lm_forward(lm: LM, ids: Tensor, pos: Tensor, cache, mask: Tensor | None = None):
+    """ids, pos [B, n] (mask [B, L], None: no row padded) over `cache` -> ([B, V] log-probabilities
+    after the last token of each row, the cache extended by the n tokens)."""
+    dev = lm.device
+    out = lm.model(input_ids=ids.to(dev), attention_mask=None if mask is None else mask.to(dev),
+                   position_ids=pos.to(dev), past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+    return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1), out.past_key_values
 
 
 @torch.inference_mode()
@@ -687,17 +755,28 @@ def _merge_rows(lm: LM, caches: list, lengths: list[int]):
     """One-row caches -> one batch cache, each row right-aligned (left padding, hidden by the mask)."""
     from transformers import DynamicCache
 
-    data = []
-    for layers in zip(*(c.layers for c in caches)):
-        T = max(layer.keys.shape[-2] for layer in layers)
-        keys = torch.cat([_pad_left(layer.keys, T) for layer in layers])  # [B, H, T, D]
-        values = torch.cat([_pad_left(layer.values, T) for layer in layers])
-        data.append((keys, values))
+    data = [(_stack_left([layer.keys for layer in layers]), _stack_left([layer.values for layer in layers]))
+            for layers in zip(*(c.layers for c in caches))]  # fmt: skip
     cache = DynamicCache(ddp_cache_data=data, config=lm.model.config)
     _set_length(cache, max(lengths))
     return cache
 
 
-def _pad_left(t: Tensor, T: int) -> Tensor:
-    """[1, H, n, D] -> [1, H, T, D] with zeros before."""
-    return torch.nn.functional.pad(t, (0, 0, T - t.shape[-2], 0))
+def _stack_left(rows: list[Tensor]) -> Tensor:
+    """[1, H, n_b, D] each -> [B, H, max n_b, D], each row right-aligned after zeros: one copy of each row
+    (padding each row first, then concatenating, would copy every row twice)."""
+    T = max(t.shape[-2] for t in rows)
+    out = rows[0].new_zeros((len(rows), *rows[0].shape[1:-2], T, rows[0].shape[-1]))
+    for b, t in enumerate(rows):
+        out[b, :, T - t.shape[-2] :] = t[0]
+    return out
+
+
+def _row_of(lm: LM, cache, b: int, length: int):
+    """Row b of a left-padded batch cache, holding `length` tokens -> a one-row cache of its own.
+    A copy, not a view: a view would keep the whole batch's tensors alive as long as the row lives."""
+    def own(t: Tensor) -> Tensor:  # [B, H, T, D] -> [1, H, n, D]: its last `length` columns (or a sliding layer's all)
+        return t[b : b + 1, :, -min(length, t.shape[-2]) :].clone(memory_format=torch.contiguous_format)
+
+    return _cache_from(lm, KVSnapshot(tuple((own(layer.keys), own(layer.values)) for layer in cache.layers), length))
+

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from costeer.device.transport import is_loopback
 from costeer.engine.prompts import load_context
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8080
@@ -56,15 +56,6 @@ class WatchedFile:
         if stamp != self._stamp:
             self._text, self._stamp = load_context(self.path), stamp
         return self._text
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name other than localhost: treat as exposed
 
 
 def check_bind(host: str, settings: GatewaySettings) -> None:

@@ -83,6 +83,8 @@ class PlayRequest(Sliders):
     profile: str = Field("", max_length=MAX_SECTION_CHARS)
     history: str = Field("", max_length=MAX_SECTION_CHARS)
     preference: str = Field("", max_length=MAX_SECTION_CHARS)
+    # costeer_matched: a PUBLIC profile in the context's format, read by the SLM's without-context branch
+    reference: str = Field("", max_length=3 * MAX_SECTION_CHARS)
     llm: str = Field(min_length=1, max_length=200)
     slm: str = Field(min_length=1, max_length=200)
     method: Method = Method.costeer
@@ -129,6 +131,11 @@ class PlayRequest(Sliders):
         parts = [(name, text.strip()) for name, text in
                  (("Profile", self.profile), ("History", self.history), ("Preferences", self.preference))]  # fmt: skip
         return "\n\n".join(f"{name}:\n{text}" for name, text in parts if text)
+
+    @property
+    def reference_context(self) -> str | None:
+        """The reference panel in the context's format (a profile section), or None when empty."""
+        return f"Profile:\n{self.reference.strip()}" if self.reference.strip() else None
 
     @property
     def methods(self) -> tuple[Method, ...]:
@@ -205,8 +212,8 @@ class Play:
         try:
             cs = self.load(req.llm, req.slm)
             cfg, public = req.config(), req.conversation()
-            columns = [Column(m, reply(cs, public, m, req.context, sampling=cfg.sampling, steering=cfg.steering,
-                                       inspect=ALTERNATIVES)) for m in req.methods]  # fmt: skip
+            columns = [Column(m, reply(cs, public, m, req.context, req.reference_context, sampling=cfg.sampling,
+                                       steering=cfg.steering, inspect=ALTERNATIVES)) for m in req.methods]  # fmt: skip
         except USER_ERRORS as e:  # a bad model, a prompt too long, a refused or unreachable cloud: one line
             yield "error", {"message": _one_line(e)}
             yield "end", {"stopped": False}
@@ -286,9 +293,9 @@ class Play:
         sent = [r for r in col.records if r["dir"] == "sent"]
         uplink = [frames.decode_uplink(r["data"]) for r in sent if r.get("kind") == "ws-message"]
         opened = [list(m.prompt_ids) for m in uplink if isinstance(m, frames.Open)]
-        # the public conversation's text may be on the wire (the audit allows it, as it allows the query)
-        public = "\n".join(m["content"] for m in self.req.conversation())
-        report = audit_records(col.records, self.req.context, public, cs.llm.tokenizer)
+        # the public conversation may be on the wire (the audit allows its text, and checks that every OPEN
+        # is exactly its prompt, as the API built it from the turns)
+        report = audit_records(col.records, self.req.context, self.req.conversation(), cs.llm.tokenizer)
         return out | {
             "bytes_up": sum(r["len"] for r in sent),
             "bytes_down": sum(r["len"] for r in col.records if r["dir"] == "received"),
@@ -298,9 +305,7 @@ class Play:
             "token_ids": [t for m in uplink if isinstance(m, (frames.Token, frames.Tokens))
                           for t in ([m.token_id] if isinstance(m, frames.Token) else m.token_ids)],  # fmt: skip
             "session_closed": any(r.get("kind") == "ws-close" for r in sent),
-            # every OPEN is exactly the public conversation's prompt, as the API built it from the turns
-            "audit": {"clean": report.clean, "leaks": report.leaks,
-                      "prompt_is_public": bool(opened) and all(p == out["llm_prompt_ids"] for p in opened)},
+            "audit": {"clean": report.clean, "leaks": report.leaks, "prompt_is_public": report.prompt_is_query is True},
         }  # fmt: skip
 
 

@@ -56,8 +56,12 @@ def example_persona() -> dict:
     """The shipped example persona, as the page's panels read it."""
     from costeer.engine.prompts import render_context
 
-    data = yaml.safe_load(resources.files("costeer").joinpath("examples/persona.yaml").read_text(encoding="utf-8"))
-    return {"query": data["query"], "profile": render_context(data["profile"]), "history": "", "preference": ""}
+    def read(name: str) -> dict:
+        return yaml.safe_load(resources.files("costeer").joinpath("examples", name).read_text(encoding="utf-8"))
+
+    data, ref = read("persona.yaml"), read("reference_persona.yaml")
+    return {"query": data["query"], "profile": render_context(data["profile"]), "history": "", "preference": "",
+            "reference": render_context(ref["profile"])}  # fmt: skip
 
 
 def same_origin(request: Request) -> None:

@@ -96,7 +96,7 @@ function sliderValue(name) {
 
 function loadExample() {
   const ex = state.options.example;
-  for (const key of ["query", "profile", "history", "preference"]) $(key).value = ex[key];
+  for (const key of ["query", "profile", "history", "preference", "reference"]) $(key).value = ex[key];
 }
 
 // The coefficient is the engine's own (SteeringConfig.coefficient), asked for as the sliders move.
@@ -121,7 +121,7 @@ function chatMode() {
 function request() {
   const body = {
     query: $("query").value, profile: $("profile").value, history: $("history").value,
-    preference: $("preference").value, llm: $("llm").value, slm: $("slm").value, method: $("method").value,
+    preference: $("preference").value, reference: $("reference").value, llm: $("llm").value, slm: $("slm").value, method: $("method").value,
     extra: [...$("extra").querySelectorAll("input:checked")].map((c) => c.value),
     turns: chatMode() ? state.turns : [],
   };
