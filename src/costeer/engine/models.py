@@ -376,10 +376,24 @@ class DecodeBatch:
         self.lm = lm
         self.prompts = [list(p) for p in prompts]
         self.prefix = prefix if prefix is not None and prefix.usable(self.prompts) else None
+        self._unmerged: list | None = None  # the rows' own caches, prefilled one by one (a prefix cache)
         self.cache = None
         self.mask: Tensor | None = None  # [B, L] grows by one column per step
         self.next_pos: Tensor | None = None  # [B, 1]
         self.padded = len({len(p) for p in prompts}) > 1
+
+    @property
+    def cache(self):
+        """The batch's KV cache; rows that start() prefilled one by one are merged into it when first asked for
+        (by the first step: the first token needs only their log-probabilities)."""
+        if self._unmerged is not None:
+            self._cache = _merge_rows(self.lm, self._unmerged, [len(p) for p in self.prompts])
+            self._unmerged = None
+        return self._cache
+
+    @cache.setter
+    def cache(self, value) -> None:
+        self._cache = value
 
     def _forward(self, ids: Tensor, pos: Tensor) -> Tensor:
         # no mask needed when no row is padded: lets attention take its causal fast path
@@ -395,14 +409,29 @@ class DecodeBatch:
 
     def _start_by_rows(self) -> Tensor:
         """Each prompt prefilled alone, its stable prefix restored from the cache or prefilled and kept
-        first; then the rows' caches left-padded into one batch, as `start` would have laid them out."""
-        rows = [self._prefill_row(b, p) for b, p in enumerate(self.prompts)]  # (logp [V], cache)
-        lengths = [len(p) for p in self.prompts]
+        first; then the rows' caches left-padded into one batch, as `start` would have laid them out. A
+        prompt equal to an earlier one without a prefix (the shared model's LLM row and the SLM's row
+        without context) takes that row's result: a row alone computes the same either way. The merge
+        waits for the first step (`cache`)."""
+        rows: list[tuple[Tensor, object]] = []  # (logp [V], the row's cache)
+        for b, p in enumerate(self.prompts):
+            twin = self._twin(b)
+            rows.append(rows[twin] if twin is not None else self._prefill_row(b, p))
         _, self.mask, pos = left_pad(self.prompts)
         self.next_pos = pos[:, -1:] + 1
         caches = [c for _, c in rows]
-        self.cache = caches[0] if len(caches) == 1 else _merge_rows(self.lm, caches, lengths)
+        if len(caches) == 1:
+            self.cache = caches[0]
+        else:
+            self._unmerged = caches
         return torch.stack([lp for lp, _ in rows])
+
+    def _twin(self, b: int) -> int | None:
+        """An earlier row with the same prompt, neither with a prefix, or None."""
+        def plain(i: int) -> bool:
+            return self.prefix.length(i, self.prompts[i]) == 0
+
+        return next((i for i in range(b) if self.prompts[i] == self.prompts[b] and plain(i) and plain(b)), None)
 
     def _prefill_row(self, b: int, prompt: list[int]):
         n = self.prefix.length(b, prompt)
@@ -452,7 +481,7 @@ class DecodeBatch:
         self.next_pos = self.next_pos + n
 
     def close(self) -> None:
-        self.cache = None
+        self._unmerged = self.cache = None
 
 
 POOL_ENV = "COSTEER_DECODE_POOL"
