@@ -14,17 +14,24 @@ Per backend and pair, greedy, each figure the median of `--runs` runs per row, t
 - bytes per prefix token in memory and on disk (an encrypted file under a throwaway key).
 
 TTFT is the wall time from the call to the first streamed token (prompt tokenisation included).
+
+`--breakdown` also prints where a query's time to its first token goes, on the first row, for `llm` and a
+repeat `costeer` query: the engine functions that do each part are timed by wrappers (medians over
+`--runs`; a part nested in another is counted in both, and "the rest" is the TTFT less the top-level parts:
+the loop's first step, fusion and sampling, Python between the parts).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
 import statistics
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -50,6 +57,88 @@ def timed(cs: CoSteer, ex, method: str, tokens: int) -> tuple[float, float, int]
     end = time.perf_counter()
     first = end if first is None else first  # a stop token first: nothing streamed
     return first - t0, end - t0, len(stream.generation.token_ids)
+
+
+# (module, function or Class.method, what it does, its size from its arguments or None, top-level part)
+def _rows_size(a) -> str:  # _decode_rows(ll, ctx, batch, cap, rows, room)
+    return f" of {len(a[4])} tokens from position {a[4][0][2]:,}"
+
+
+def _forward_size(a) -> str:  # DecodeBatch._row_forward(self, ids, start, cache)
+    return f" of {len(a[1])} tokens from position {a[2]:,}"
+
+
+PARTS = (
+    ("costeer.api", "CoSteer.prompts", "tokenise the prompts", None, True),
+    ("costeer.api", "stable_prefix_len", "find the stable prefix", None, True),
+    ("costeer.engine.llamacpp", "IdleContexts.take", "take a kept context (or create one)", None, True),
+    ("costeer.engine.llamacpp", "_new_context", "  of which: create a context", None, False),
+    ("costeer.engine.llamacpp", "LlamaDecodeBatch._copy_sequence", "copy a row equal to an earlier one", None, True),
+    ("costeer.engine.llamacpp", "LlamaDecodeBatch._restore_or_prefill", "restore the prefix (not kept)", None, True),
+    ("costeer.engine.llamacpp", "_decode_rows", "llama_decode", _rows_size, True),
+    ("costeer.engine.llamacpp", "_logprobs", "logits to log-probabilities", None, True),
+    ("costeer.engine.models", "_cache_from", "restore the prefix (a DynamicCache)", None, True),
+    ("costeer.engine.models", "DecodeBatch._row_forward", "forward", _forward_size, True),
+    ("costeer.engine.models", "DecodeBatch._forward", "forward (whole batch)", None, True),
+    ("costeer.engine.models", "_merge_rows", "merge the rows' caches", None, True),
+)
+
+
+class Breakdown:
+    """Seconds per part of the current query, by wrapping the engine functions of PARTS."""
+
+    def __init__(self):
+        self.now: dict[str, float] = defaultdict(float)
+        self.top: set[str] = set()
+        for module, name, label, size, top in PARTS:
+            owner = importlib.import_module(module)
+            *path, attr = name.split(".")
+            for part in path:
+                owner = getattr(owner, part)
+            setattr(owner, attr, self._timed(getattr(owner, attr), label, size, top))
+
+    def _timed(self, real, label: str, size, top: bool):
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return real(*a, **k)
+            finally:
+                name = label + (size(a) if size else "")
+                self.now[name] += time.perf_counter() - t
+                if top:
+                    self.top.add(name)
+
+        return timed
+
+    def query(self, cs: CoSteer, ex, method: str) -> dict[str, float]:
+        """One query to its first token -> seconds per part, "TTFT" and "the rest"."""
+        self.now.clear()
+        t0 = time.perf_counter()
+        stream = cs.stream(ex.query, ex.context, method, context_message=ex.with_context_prompt(), max_new_tokens=1)
+        parts: dict[str, float] = {}
+        for _ in stream:
+            parts = dict(self.now) | {"TTFT": time.perf_counter() - t0}
+        if not parts:  # a stop token first
+            parts = dict(self.now) | {"TTFT": time.perf_counter() - t0}
+        parts["the rest"] = parts["TTFT"] - sum(v for k, v in parts.items() if k in self.top)
+        return parts
+
+    def table(self, cs_by_method: dict[str, CoSteer], ex, runs: int) -> dict[str, dict[str, float]]:
+        """method -> part -> median ms over `runs` queries (each CoSteer already warm)."""
+        out = {}
+        for method, cs in cs_by_method.items():
+            got = [self.query(cs, ex, method) for _ in range(runs)]
+            names = sorted({k for g in got for k in g}, key=lambda k: (k in ("the rest", "TTFT"), k == "TTFT"))
+            out[method] = {k: 1000 * median(g.get(k, 0.0) for g in got) for k in names}
+        return out
+
+
+def print_breakdown(label: str, table: dict[str, dict[str, float]]) -> None:
+    print(f"\n{label}: ms to the first token, median per part (load average {os.getloadavg()[0]:.1f})")
+    for method, parts in table.items():
+        print(f"| {method} | ms |\n|---|---:|")
+        for name, ms in parts.items():
+            print(f"| {name} | {ms:.1f} |")
 
 
 def median(xs) -> float:
@@ -101,10 +190,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/datasets/cogenesis.jsonl")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/ttft.json")
+    ap.add_argument("--breakdown", action="store_true", help="where a query's TTFT goes, part by part (first row)")
     args = ap.parse_args()
     if not args.data.is_file():
         raise SystemExit(f"error: {args.data} not found (the shared evaluation inputs)")
     examples = load_task("cogenesis", args.data, limit=args.rows)
+    parts = Breakdown() if args.breakdown else None
     results = []
     for backend in args.backends.split(","):
         for pair in args.pairs.split(","):
@@ -118,6 +209,12 @@ def main() -> None:
             r |= {"backend": backend, "pair": f"{llm_spec} / {slm_spec}", "rows": len(rows),
                   "mem_per_token": median(x["mem_bytes"] / x["prefix_tokens"] for x in rows),
                   "disk_per_token": disk_bytes(llm, slm, examples[0]) / rows[0]["prefix_tokens"]}  # fmt: skip
+            if parts is not None:
+                cached = CoSteer(llm, slm, prefix_cache=PrefixCache())
+                timed(cached, examples[0], "costeer", 1)  # the first query fills the cache
+                r["breakdown_ms"] = parts.table({"llm": CoSteer(llm, slm, prefix_cache=None), "costeer": cached},
+                                                examples[0], args.runs)  # fmt: skip
+                print_breakdown(f"{backend}, {r['pair']}", r["breakdown_ms"])
             results.append(r)
             print(json.dumps(r), flush=True)
             del llm, slm

@@ -4,6 +4,7 @@ import pytest
 
 from costeer import CoSteer, GenerationConfig, Method, SamplingConfig, SteeringConfig, VariantConfig
 from costeer.engine.vocab import IncompatibleVocabularies
+from costeer.engine.prompts import chat_ids as api_chat_ids
 from costeer.engine.prompts import user_message
 from costeer.engine.vocab import support_mask
 from costeer.steering import fuse_delta, fuse_plausible_trust, lift_supported, repetition_guard, safe_delta
@@ -45,6 +46,23 @@ def test_light_with_unit_coefficient_gives_the_slm_with_context():
     light = cs.generate(QUERY, CONTEXT, "light", steering=unit, max_new_tokens=24)
     assert light.coefficient == pytest.approx(1.0)
     assert light.token_ids == cs.generate(QUERY, CONTEXT, "slm_context", max_new_tokens=24).token_ids
+
+
+def test_prompts_tokenises_only_the_branches_asked_for_and_each_text_once_per_tokenizer(monkeypatch):
+    from costeer import api
+
+    tok = bpe_tokenizer()
+    lm = make_lm("m", llama(len(tok), seed=7), tok)
+    cs = CoSteer(lm, lm)
+    everything = cs.prompts(QUERY, CONTEXT)
+    assert list(everything) == ["llm", "llm_context", "slm", "slm_context"]
+    texts = []
+    monkeypatch.setattr(api, "chat_ids", lambda t, messages: texts.append(messages) or api_chat_ids(t, messages))
+    some = cs.prompts(QUERY, CONTEXT, branches=("llm", "slm", "slm_context"))
+    assert some == {k: everything[k] for k in ("llm", "slm", "slm_context")}
+    assert len(texts) == 2  # one model: the public prompt once, the with-context prompt once
+    some["llm"].append(0)
+    assert some["slm"] == everything["slm"]  # each branch its own list
 
 
 def test_every_method_runs_and_records_its_prompts(same_pair):

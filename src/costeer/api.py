@@ -117,8 +117,9 @@ class CoSteer:
         return self._vocab
 
     def prompts(self, query: str | Messages, context: str | None, context_message: str | None = None,
-                reference_message: str | None = None) -> dict[str, list[int]]:  # fmt: skip
-        """Every prompt a method may start from (only *_context prompts hold the context).
+                reference_message: str | None = None, branches=None) -> dict[str, list[int]]:  # fmt: skip
+        """Every prompt a method may start from (only *_context prompts hold the context); `branches`: only
+        these (a method's), the others not tokenised.
 
         `query`: the public query, or a conversation (system / user / assistant turns). The
         with-context first user turn is `context_message` verbatim when given (a dataset's own
@@ -127,14 +128,18 @@ class CoSteer:
         of the SLM's "slm_reference"."""
         public = conversation(query)
         with_ctx = _with_context(public, context, context_message)
+        wanted = {"llm": public, "llm_context": with_ctx, "slm": public, "slm_context": with_ctx,
+                  "slm_reference": first_user_turn(public, reference_message) if reference_message else None}
+        done: dict[tuple[int, str], list[int]] = {}  # (tokenizer, branch's text) -> ids: one model, one tokenisation
         out: dict[str, list[int]] = {}
-        for side, lm in (("llm", self.llm), ("slm", self.slm)):
-            if lm is not None:
-                out[side] = chat_ids(lm.tokenizer, public)
-                if with_ctx:
-                    out[f"{side}_context"] = chat_ids(lm.tokenizer, with_ctx)
-        if reference_message and self.slm is not None:
-            out["slm_reference"] = chat_ids(self.slm.tokenizer, first_user_turn(public, reference_message))
+        for branch, messages in wanted.items():
+            lm = self.llm if branch.startswith("llm") else self.slm
+            if lm is None or messages is None or (branches is not None and branch not in branches):
+                continue
+            key = (id(lm.tokenizer), branch.removeprefix("llm").removeprefix("slm"))
+            if key not in done:
+                done[key] = chat_ids(lm.tokenizer, messages)
+            out[branch] = list(done[key])
         return out
 
     def _prefix(self, prompts: dict[str, list[int]], rows: tuple[str, ...], query: Messages, context: str | None,
@@ -151,8 +156,8 @@ class CoSteer:
         for branch in rows:
             lm = self.llm if branch == "llm_context" else self.slm
             turn = turns.get(branch) if branch in prompts else None
-            lengths.append(stable_prefix_len(lm.tokenizer, turn[0]["content"], query[0]["content"], context)
-                           if turn else 0)  # fmt: skip
+            lengths.append(stable_prefix_len(lm.tokenizer, turn[0]["content"], query[0]["content"], context,
+                                             ids=prompts[branch]) if turn else 0)  # fmt: skip
         return PrefixPlan(self.prefix_cache, tuple(lengths)) if any(lengths) else None
 
     def _config(self, sampling: SamplingConfig | None, steering: SteeringConfig | None, overrides: dict):
@@ -235,9 +240,8 @@ class CoSteer:
         private = spec.needs_context
 
         def build(ctx: str | None) -> dict[str, list[int]]:
-            p = self.prompts(query, ctx if private else None, context_message if private else None,
-                             reference_message if spec.matched else None)  # fmt: skip
-            return {k: v for k, v in p.items() if k in spec.branches}
+            return self.prompts(query, ctx if private else None, context_message if private else None,
+                                reference_message if spec.matched else None, spec.branches)  # fmt: skip
 
         prompts = build(context)
         overflow = self._overflow(prompts, max_new_tokens)

@@ -234,10 +234,10 @@ def test_delete_during_a_llamacpp_replay_does_not_crash(smollm2_cpp):
 
 
 def test_sessions_stepped_in_one_tick_share_one_forward_and_get_what_they_get_alone(server, tiny_llm):
-    """Three sessions of different prompt lengths whose tokens wait for the same tick: one forward of
-    the model for both waiting steps (transformers: the sessions' caches in one padded batch), and each
-    session's distribution the one it gets alone, within rounding."""
-    prompts = [[1, 2, 3], list(range(4, 20)), list(range(30, 39))]
+    """Sessions of different prompt lengths whose tokens wait for the same tick: one forward of the
+    model for the three waiting steps (transformers: the sessions' caches in one padded batch), and
+    each session's distribution the one it gets alone, within rounding."""
+    prompts = [[1, 2, 3], list(range(4, 20)), list(range(30, 39)), list(range(40, 45))]
 
     def first_step(ws, prompt):
         open_session(ws, prompt, k=8)
@@ -249,7 +249,7 @@ def test_sessions_stepped_in_one_tick_share_one_forward_and_get_what_they_get_al
         with ws_open(server, KEY_A) as ws:
             want.append(first_step(ws, prompt))
     gate = gated(server)
-    socks = [ws_open(server, key) for key in (KEY_A, KEY_A, KEY_B)]
+    socks = [ws_open(server, key) for key in (KEY_A, KEY_A, KEY_B, KEY_B)]
     ids = [open_session(ws, p, k=8)[0].session_id for ws, p in zip(socks, prompts)]
     gate.open.clear()
     gate.holding.clear()
@@ -257,7 +257,7 @@ def test_sessions_stepped_in_one_tick_share_one_forward_and_get_what_they_get_al
     assert gate.holding.wait(10)  # session 0's step holds the scheduler ...
     for ws in socks[1:]:
         ws.send(Token(5).encode())
-    wait_until(lambda: server.registry.scheduler.backlog(set(ids[1:])) == 2)  # ... while 1 and 2 wait
+    wait_until(lambda: server.registry.scheduler.backlog(set(ids[1:])) == 3)  # ... while the others wait
     rows = []
     hook = tiny_llm.model.register_forward_hook(lambda _m, _a, kw, _o: rows.append(kw["input_ids"].shape[0]),
                                                 with_kwargs=True)  # fmt: skip
@@ -268,7 +268,7 @@ def test_sessions_stepped_in_one_tick_share_one_forward_and_get_what_they_get_al
         hook.remove()
         for ws in socks:
             ws.close()
-    assert rows == [1, 2]
+    assert rows == [1, 3]
     for g, w in zip(got, want):
         assert g.position == w.position and torch.equal(g.ids, w.ids)
         assert (g.logp - w.logp).abs().max().item() <= 1e-4

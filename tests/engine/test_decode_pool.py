@@ -69,6 +69,8 @@ def worst(a, b):
 
 
 def test_a_tick_of_n_sessions_is_one_forward(tiny):
+    """Four sessions of similar lengths: one forward of 4 rows. Two: each alone (the measured rule:
+    two rows cost what two lone steps cost)."""
     pool = DecodePool(tiny)
     for s, p in enumerate(prompts_of([3, 17, 9, 30])):
         pool.prefill(s, p)
@@ -78,7 +80,26 @@ def test_a_tick_of_n_sessions_is_one_forward(tiny):
         pool.step([(2, 11), (0, 12)])
     finally:
         spy.close()
-    assert spy.rows == [4, 2]
+    assert spy.rows == [4, 1, 1]
+
+
+def test_a_cache_far_longer_than_the_others_is_stepped_alone(tiny):
+    """Padding three short caches to a long one would copy far more than the batch saves: the short
+    ones go together, the long one alone, each row in its place in the answer."""
+    prompts = prompts_of([200, 10, 12, 11])
+    pool, ref = DecodePool(tiny), DecodePool(tiny, "sequential")
+    for p in (pool, ref):
+        for s, prompt in enumerate(prompts):
+            p.prefill(s, prompt)
+    spy = ForwardSpy(tiny)
+    try:
+        got = pool.step([(0, 7), (1, 8), (2, 9), (3, 10)])
+    finally:
+        spy.close()
+    assert sorted(spy.rows) == [1, 3]
+    want = ref.step([(0, 7), (1, 8), (2, 9), (3, 10)])
+    assert torch.equal(got[0], want[0])  # the long one alone: exact
+    assert (got - want).abs().max().item() <= TINY_BOUND
 
 
 def test_the_sequential_strategy_feeds_each_session_alone(tiny, monkeypatch, caplog):
@@ -130,7 +151,12 @@ def test_a_sessions_tokens_do_not_depend_on_the_other_rows(tiny):
     """The same session beside short and beside long prompts (it is padded, then it pads): the same
     greedy tokens, its distributions within rounding."""
     mine = prompts_of([12], start=40)[0]
-    runs = [together(DecodePool(tiny), [mine, *others]) for others in (prompts_of([2, 3]), prompts_of([31, 25], start=7))]
+    spy = ForwardSpy(tiny)
+    try:
+        runs = [together(DecodePool(tiny), [mine, *others]) for others in (prompts_of([2, 3]), prompts_of([31, 25], start=7))]
+    finally:
+        spy.close()
+    assert spy.rows.count(3) == 2 * STEPS  # every step of both runs in one forward of the three
     (toks_a, got_a), (toks_b, got_b) = runs
     assert toks_a[0] == toks_b[0]
     assert worst(got_a[0], got_b[0]) <= TINY_BOUND

@@ -59,6 +59,23 @@ def test_memory_is_bounded_by_bytes_least_recently_used_first(tmp_path):
     assert c.lookup(MODEL, [4], RAW) is None and c.memory_bytes == 200
 
 
+def test_touch_is_a_memory_hit_without_the_state(tmp_path, key):
+    """A backend whose context still holds a prefix asks only whether the cache has it: a hit, kept longest;
+    never read from disk (the state itself is not wanted)."""
+    c = cache(tmp_path, key=key, max_memory_bytes=250)
+    c.store(MODEL, [0], bytes(100), 100, RAW)
+    c.store(MODEL, [1], bytes(100), 100, RAW)
+    assert c.touch(MODEL, [0]) and c.hits == 1
+    assert not c.touch(MODEL, [0, 1]) and not c.touch("model-b|v1", [0]) and not c.touch(MODEL, [])
+    c.store(MODEL, [2], bytes(100), 100, RAW)  # [0] was touched last: [1] goes
+    assert c.touch(MODEL, [0]) and not c.touch(MODEL, [1])
+    assert c.lookup(MODEL, [1], RAW) is not None  # still on disk: lookup reads it, touch does not
+    assert (c.hits, c.misses) == (3, 0)
+    off = cache(tmp_path, enabled=False)
+    off.store(MODEL, [0], bytes(1), 1, RAW)
+    assert not off.touch(MODEL, [0])
+
+
 def test_disabled_cache_keeps_nothing(tmp_path, key):
     c = cache(tmp_path, key=key, enabled=False)
     c.store(MODEL, TOKENS, SECRET, len(SECRET), RAW)

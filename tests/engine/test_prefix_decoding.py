@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from costeer.api import CoSteer
+from costeer.engine import models
 from costeer.engine.models import DecodeBatch, KVSnapshot, _snapshot_codec, hf_identity
 from costeer.engine.prefix_cache import PrefixCache, PrefixCacheConfig, PrefixPlan, new_key
 from costeer.engine.prompts import prompt_ids, stable_prefix_len, user_message
@@ -45,6 +46,25 @@ def test_hit_equals_miss_bit_for_bit_and_both_equal_the_plain_batch(lm, n):
         assert (a - c).abs().max().item() <= 1e-4
 
 
+def test_a_row_equal_to_an_earlier_one_is_prefilled_once_and_the_rows_merged_at_the_first_step(lm, monkeypatch):
+    """The shared model's LLM row and the SLM's row without context read one prompt: prefilled once (a row
+    alone computes the same either way); the rows' caches are merged only when the first step needs them."""
+    plan = PrefixPlan(PrefixCache(), (0, 0, 11))
+    with monkeypatch.context() as m:
+        m.setattr(DecodeBatch, "_twin", lambda self, b: None)
+        want = run(DecodeBatch(lm, [SHORT, SHORT, LONG], plan))
+    calls = {"_row_forward": 0, "_merge_rows": 0}
+    for owner, name in ((DecodeBatch, "_row_forward"), (models, "_merge_rows")):
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _real=real, _name=name, **k: calls.__setitem__(_name, calls[_name] + 1) or _real(*a, **k))
+    batch = DecodeBatch(lm, [SHORT, SHORT, LONG], plan)
+    got = [batch.start()]
+    assert calls == {"_row_forward": 2, "_merge_rows": 0}  # SHORT once; LONG's rest after its cached prefix
+    got += [batch.advance([t] * 3) for t in STEPS]
+    assert calls == {"_row_forward": 2, "_merge_rows": 1}
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_one_row_and_a_new_query_after_the_prefix(lm):
     cache = PrefixCache()
     plan = PrefixPlan(cache, (9,))
@@ -76,6 +96,7 @@ def test_stable_prefix_is_the_context_whatever_the_query():
             ids = prompt_ids(tok, user_message(q, CONTEXT))
             n = stable_prefix_len(tok, user_message(q, CONTEXT), q, CONTEXT)
             assert 0 < n < len(ids)
+            assert stable_prefix_len(tok, user_message(q, CONTEXT), q, CONTEXT, ids=ids) == n  # ids at hand
             cuts.append(ids[:n])
         assert cuts[0] == cuts[1]
         assert "Sunday morning" in tok.decode(cuts[0])  # the whole context

@@ -84,10 +84,13 @@ class LlamaCppError(CoSteerError, RuntimeError):
 
 
 class LlamaCppModel:
-    """A GGUF model loaded into llama.cpp; open() gives decode batches on fresh contexts."""
+    """A GGUF model loaded into llama.cpp; open() gives decode batches, each on a context of its own
+    (a kept idle one of the right shape, else a new one: `contexts`, at most `idle_contexts` idle)."""
 
-    def __init__(self, path: str, n_threads: int | None = None, n_gpu_layers: int | None = None):
+    def __init__(self, path: str, n_threads: int | None = None, n_gpu_layers: int | None = None,
+                 idle_contexts: int = 2):  # fmt: skip
         ll = _ll()
+        self.contexts = IdleContexts(ll, idle_contexts)
         mp = ll.llama_model_default_params()
         if n_gpu_layers is not None:
             mp.n_gpu_layers = n_gpu_layers
@@ -114,7 +117,14 @@ class LlamaCppModel:
         return (f"llamacpp|{os.path.realpath(self.path)}|{st.st_size}|{st.st_mtime_ns}|llama-cpp-python {version}|"
                 f"streams {n_stream}|kv f16")  # fmt: skip
 
+    def close_contexts(self) -> None:
+        """Free the idle contexts (those in use are freed when their batch closes)."""
+        contexts = getattr(self, "contexts", None)
+        if contexts is not None:
+            contexts.clear()
+
     def __del__(self):
+        self.close_contexts()  # before the model they were created on
         model, self.model = getattr(self, "model", None), None
         if model and self._ll is not None:
             try:
@@ -194,6 +204,82 @@ def _new_context(model: "LlamaCppModel", n_ctx: int, n_batch: int, n_seq_max: in
     return ctx, ll.llama_batch_init(n_batch, 0, n_seq_max)
 
 
+@dataclass(eq=False)
+class KeptContext:
+    """A context of a decode batch's shape (`n_stream` KV streams of `n_ctx_seq` cells, `cap` tokens per
+    llama_decode) and, per sequence, the prefix whose exact state its first cells hold (None: nothing
+    known), so that the next batch over the same private context keeps it instead of restoring it."""
+
+    ctx: object
+    batch: object  # the llama_batch of `cap` rows
+    n_stream: int
+    n_ctx_seq: int
+    cap: int
+    held: list[tuple[int, ...] | None]
+
+    def fits(self, n_stream: int, n_ctx_seq: int, cap: int) -> bool:
+        # A bigger context computes the same: the attention spans the cells in use (padded to 256),
+        # not the buffer; a batch checks its own bound (LlamaDecodeBatch._decode_raw).
+        return self.n_stream == n_stream and self.n_ctx_seq >= n_ctx_seq and self.cap >= cap
+
+    def free(self, ll) -> None:
+        ctx, self.ctx = self.ctx, None
+        if ctx:
+            try:
+                ll.llama_batch_free(self.batch)
+                ll.llama_free(ctx)
+            except Exception:  # interpreter shutdown
+                pass
+
+
+class IdleContexts:
+    """The decode-batch contexts of one model that no batch is using, at most `size` (each holds a KV buffer
+    sized for its batch: about 60 MB per stream for a 1,459-token SmolLM2 prefix). A generation takes one
+    (or a new one) and gives it back when it closes, so a query does not create and free a context, and
+    the next query over the same private context finds its prefix still in the cells. A context is in at
+    most one place: taken out of the list under the lock, so two batches never share one."""
+
+    def __init__(self, ll, size: int = 2):
+        if size < 0:
+            raise ValueError("idle_contexts must be >= 0")
+        self._ll, self.size = ll, size
+        self._idle: list[KeptContext] = []  # least recently given back first
+        self._lock = threading.Lock()
+        self.created = self.reused = 0
+
+    def take(self, model: "LlamaCppModel", n_stream: int, n_ctx_seq: int, cap: int,
+             wanted: list[tuple[int, ...] | None]) -> KeptContext:  # fmt: skip
+        """An idle context of this shape (the one holding most of the `wanted` prefixes), else a new one."""
+        with self._lock:
+            fit = [k for k in self._idle if k.fits(n_stream, n_ctx_seq, cap)]
+            if fit:
+                best = max(reversed(fit), key=lambda k: sum(w is not None and w == h for w, h in zip(wanted, k.held)))
+                self._idle.remove(best)
+                self.reused += 1
+                return best
+            self.created += 1
+        ctx, batch = _new_context(model, n_ctx_seq * n_stream, cap, n_stream, unified=False, n_ubatch=N_UBATCH)
+        return KeptContext(ctx, batch, n_stream, n_ctx_seq, cap, [None] * n_stream)
+
+    def give(self, kept: KeptContext) -> None:
+        """Keep a context no batch uses any more; beyond `size`, free the least recently kept."""
+        with self._lock:
+            self._idle.append(kept)
+            dropped = self._idle[: -self.size] if self.size else list(self._idle)
+            del self._idle[: len(dropped)]
+        for k in dropped:
+            k.free(self._ll)
+
+    def clear(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for k in idle:
+            k.free(self._ll)
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+
 class _OwnsContext:
     """Frees `self.ctx` and `self.batch` once (close(), or when collected)."""
 
@@ -209,9 +295,12 @@ class _OwnsContext:
     __del__ = close
 
 
-class LlamaDecodeBatch(_OwnsContext):
+class LlamaDecodeBatch:
     """B sequences in one llama.cpp context. start() -> [B, V]; advance(tokens[B]) -> [B, V];
-    extend(tokens[n]) appends the same n tokens to every sequence -> [B, V] after the last."""
+    extend(tokens[n]) appends the same n tokens to every sequence -> [B, V] after the last.
+
+    The context comes from the model's idle ones when one of this shape is kept (`IdleContexts`) and goes
+    back there on close(): every sequence is emptied (or cut back to a prefix it holds) before use."""
 
     def __init__(self, model: LlamaCppModel, prompts: list[list[int]], reserve: int = 1024,
                  prefix: PrefixPlan | None = None):  # fmt: skip
@@ -230,52 +319,113 @@ class LlamaDecodeBatch(_OwnsContext):
         # computes alone (a unified cache changes the attention's layout, and with it the
         # rounding: up to 0.6 nats on tail tokens). Room for the longest prompt plus `reserve`.
         n_ctx_seq = _round_up(max(len(p) for p in prompts) + max(reserve, 16), 256)
-        n_ctx = n_ctx_seq * n_stream
-        self.n_ctx_seq, self.n_stream = n_ctx_seq, n_stream
+        self.n_ctx_seq, self.n_stream, self.n_ctx = n_ctx_seq, n_stream, n_ctx_seq * n_stream
         self._cap = _round_up(max(max(len(p) for p in prompts), 512), 64)  # a whole prompt per llama_decode
-        self.ctx, self.batch = _new_context(model, n_ctx, self._cap, n_stream, unified=False, n_ubatch=N_UBATCH)
-        self.n_ctx = n_ctx
+        self._n_prefix = [self._prefix_length(seq, p) for seq, p in enumerate(self.prompts)]
+        wanted = [tuple(p[:n]) if n else None for p, n in zip(self.prompts, self._n_prefix)]
+        self._kept: KeptContext | None = model.contexts.take(model, n_stream, n_ctx_seq, self._cap, wanted)
+        self.ctx, self.batch = self._kept.ctx, self._kept.batch
+        self._mem = ll.llama_get_memory(self.ctx)
         self._out = np.empty((self.B, model.n_vocab), dtype=np.float32)  # [B, V], reused
+
+    def close(self) -> None:
+        """Give the context back to the model's idle ones (once)."""
+        kept, self._kept, self.ctx = getattr(self, "_kept", None), None, None
+        if kept is not None:
+            self.model.contexts.give(kept)
+
+    def __del__(self):
+        kept, self._kept = getattr(self, "_kept", None), None
+        if kept is not None:  # never closed: free it here (the collector must not take the pool's lock)
+            kept.free(self._ll)
 
     def _decode(self, rows: list[tuple[int, int, int, bool]]) -> Tensor:
         return _logprobs(self._ll, self.ctx, self._out, self._decode_raw(rows))
 
     def _decode_raw(self, rows: list[tuple[int, int, int, bool]]) -> list[int]:
         """llama_decode over the rows -> batch indices of the rows that asked for logits."""
-        return _decode_rows(self._ll, self.ctx, self.batch, self._cap, rows, f"{self.n_ctx_seq} tokens per sequence")
+        room = f"{self.n_ctx_seq} tokens per sequence"
+        if any(pos >= self.n_ctx_seq for _, _, pos, _ in rows):  # a kept context may be bigger than asked
+            raise LlamaCppError(f"llama_decode failed (1): the context ({room}) is full")
+        return _decode_rows(self._ll, self.ctx, self.batch, self._cap, rows, room)
 
     def start(self) -> Tensor:
         # One llama_decode per prompt: a batch mixing sequences of different lengths is split into
         # equal-length ubatches, i.e. the longer prompt would be prefilled in chunks, which rounds
         # differently (up to 0.35 nats on likely tokens measured on SmolLM2). Per prompt, every row
         # is exactly what it is alone; the per-token steps after it batch all sequences.
-        # With a prefix cache, a prompt's stable prefix is restored (or prefilled and saved) first, and
+        # With a prefix cache, a prompt's stable prefix is kept, restored (or prefilled and saved) first, and
         # only the rest is decoded here: a hit and a miss then compute the rest on the same state.
-        out = []
+        # A prompt equal to an earlier one (the shared model's LLM row and the SLM's row without context
+        # read the same public prompt) is not prefilled again: its twin's cells are copied, bit for bit
+        # what the prefill computes (each prompt is decoded alone, in a stream of its own).
+        out: list[Tensor] = []
         for seq, p in enumerate(self.prompts):
-            n = self._prefix(seq, p) if self.prefix is not None else 0
-            out.append(self._decode([(t, seq, n + j, n + j == len(p) - 1) for j, t in enumerate(p[n:])]))
+            twin = self._twin(seq)
+            if twin is not None and self._copy_sequence(twin, seq):
+                out.append(out[twin])
+            else:
+                n = self._prefix(seq, p)
+                out.append(self._decode([(t, seq, n + j, n + j == len(p) - 1) for j, t in enumerate(p[n:])]))
             self.pos[seq] = len(p)
         return torch.cat(out)
 
+    def _twin(self, seq: int) -> int | None:
+        """An earlier sequence with the same prompt and no prefix (nor one for `seq`), or None."""
+        if self._n_prefix[seq]:
+            return None
+        p = self.prompts[seq]
+        return next((s for s in range(seq) if not self._n_prefix[s] and self.prompts[s] == p), None)
+
+    def _copy_sequence(self, src: int, dst: int) -> bool:
+        """Sequence `dst` holds exactly `src`'s cells (its state through llama.cpp's sequence state API)."""
+        self._forget(dst)
+        state = self._get_state(src)
+        if state is not None and self._restore(dst, state):
+            return True
+        log.debug("llama.cpp did not copy sequence %d to %d; prefilling it", src, dst)
+        return False
+
+    def _forget(self, seq: int, keep: int = 0) -> None:
+        """Empty `seq` from position `keep` on (all of it: 0); what it held is no longer known."""
+        self._kept.held[seq] = None
+        self._ll.llama_memory_seq_rm(self._mem, seq, keep if keep else -1, -1)
+
     # -- the prefix cache (engine/prefix_cache.py) -----------------------------------------
 
-    def _prefix(self, seq: int, prompt: list[int]) -> int:
-        """Sequence `seq` holds its prompt's stable prefix, restored or prefilled and kept -> its length."""
-        n = self.prefix.length(seq, prompt)
-        if self.prefix.cache.config.exact:
-            n = n // N_UBATCH * N_UBATCH
-        if n == 0:
+    def _prefix_length(self, seq: int, prompt: list[int]) -> int:
+        """Tokens of prompt `seq` kept in the prefix cache (exact mode: a multiple of the compute step)."""
+        if self.prefix is None:
             return 0
-        cache, identity, tokens = self.prefix.cache, self.model.identity(self.n_stream), prompt[:n]
+        n = self.prefix.length(seq, prompt)
+        return n // N_UBATCH * N_UBATCH if self.prefix.cache.config.exact else n
+
+    def _prefix(self, seq: int, prompt: list[int]) -> int:
+        """Sequence `seq` holds its prompt's stable prefix -> its length (0: no prefix, the sequence empty).
+        The prefix's cells are kept when the context already holds them from the last batch over it (the
+        same bytes a restore would write, in the same cells) and the cache still has them; else restored,
+        else prefilled and saved."""
+        n = self._n_prefix[seq]
+        tokens = tuple(prompt[:n])
+        held = self._kept.held[seq]
+        if n and held == tokens and self.prefix.cache.touch(self.model.identity(self.n_stream), tokens):
+            self._forget(seq, keep=n)
+        else:
+            self._forget(seq)
+            if n:
+                self._restore_or_prefill(seq, tokens)
+        self._kept.held[seq] = tokens if n else None
+        return n
+
+    def _restore_or_prefill(self, seq: int, tokens: tuple[int, ...]) -> None:
+        cache, identity = self.prefix.cache, self.model.identity(self.n_stream)
         state = cache.lookup(identity, tokens, STATE_CODEC)
         if state is not None and self._set_state(seq, state):
-            return n
+            return
         self._decode_raw([(t, seq, j, False) for j, t in enumerate(tokens)])
         state = self._get_state(seq)
         if state is not None:
             cache.store(identity, tokens, state, len(state), STATE_CODEC)
-        return n
 
     def _get_state(self, seq: int) -> bytearray | None:
         size = self._ll.llama_state_seq_get_size(self.ctx, seq)
@@ -283,14 +433,19 @@ class LlamaDecodeBatch(_OwnsContext):
         n = self._ll.llama_state_seq_get_data(self.ctx, (ctypes.c_uint8 * size).from_buffer(buf), size, seq)
         return buf[:n] if 0 < n < size else (buf if n else None)
 
-    def _set_state(self, seq: int, state: bytearray) -> bool:
-        """Restore a saved state into `seq`; False (the sequence left empty, one warning) if llama.cpp
-        refuses it."""
+    def _restore(self, seq: int, state: bytearray) -> bool:
+        """Restore a saved state into `seq`; False (the sequence left empty) if llama.cpp refuses it."""
         size = len(state)
         if self._ll.llama_state_seq_set_data(self.ctx, (ctypes.c_uint8 * size).from_buffer(state), size, seq):
             return True
+        self._ll.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        return False
+
+    def _set_state(self, seq: int, state: bytearray) -> bool:
+        """A cached state into `seq`; False (one warning) if llama.cpp refuses it."""
+        if self._restore(seq, state):
+            return True
         log.warning("prefix cache: llama.cpp refused a cached state; prefilling")
-        self._ll.llama_memory_seq_rm(self._ll.llama_get_memory(self.ctx), seq, -1, -1)
         return False
 
     def advance(self, tokens: list[int]) -> Tensor:

@@ -376,10 +376,24 @@ class DecodeBatch:
         self.lm = lm
         self.prompts = [list(p) for p in prompts]
         self.prefix = prefix if prefix is not None and prefix.usable(self.prompts) else None
+        self._unmerged: list | None = None  # the rows' own caches, prefilled one by one (a prefix cache)
         self.cache = None
         self.mask: Tensor | None = None  # [B, L] grows by one column per step
         self.next_pos: Tensor | None = None  # [B, 1]
         self.padded = len({len(p) for p in prompts}) > 1
+
+    @property
+    def cache(self):
+        """The batch's KV cache; rows that start() prefilled one by one are merged into it when first asked for
+        (by the first step: the first token needs only their log-probabilities)."""
+        if self._unmerged is not None:
+            self._cache = _merge_rows(self.lm, self._unmerged, [len(p) for p in self.prompts])
+            self._unmerged = None
+        return self._cache
+
+    @cache.setter
+    def cache(self, value) -> None:
+        self._cache = value
 
     def _forward(self, ids: Tensor, pos: Tensor) -> Tensor:
         # no mask needed when no row is padded: lets attention take its causal fast path
@@ -395,14 +409,29 @@ class DecodeBatch:
 
     def _start_by_rows(self) -> Tensor:
         """Each prompt prefilled alone, its stable prefix restored from the cache or prefilled and kept
-        first; then the rows' caches left-padded into one batch, as `start` would have laid them out."""
-        rows = [self._prefill_row(b, p) for b, p in enumerate(self.prompts)]  # (logp [V], cache)
-        lengths = [len(p) for p in self.prompts]
+        first; then the rows' caches left-padded into one batch, as `start` would have laid them out. A
+        prompt equal to an earlier one without a prefix (the shared model's LLM row and the SLM's row
+        without context) takes that row's result: a row alone computes the same either way. The merge
+        waits for the first step (`cache`)."""
+        rows: list[tuple[Tensor, object]] = []  # (logp [V], the row's cache)
+        for b, p in enumerate(self.prompts):
+            twin = self._twin(b)
+            rows.append(rows[twin] if twin is not None else self._prefill_row(b, p))
         _, self.mask, pos = left_pad(self.prompts)
         self.next_pos = pos[:, -1:] + 1
         caches = [c for _, c in rows]
-        self.cache = caches[0] if len(caches) == 1 else _merge_rows(self.lm, caches, lengths)
+        if len(caches) == 1:
+            self.cache = caches[0]
+        else:
+            self._unmerged = caches
         return torch.stack([lp for lp, _ in rows])
+
+    def _twin(self, b: int) -> int | None:
+        """An earlier row with the same prompt, neither with a prefix, or None."""
+        def plain(i: int) -> bool:
+            return self.prefix.length(i, self.prompts[i]) == 0
+
+        return next((i for i in range(b) if self.prompts[i] == self.prompts[b] and plain(i) and plain(b)), None)
 
     def _prefill_row(self, b: int, prompt: list[int]):
         n = self.prefix.length(b, prompt)
@@ -452,7 +481,7 @@ class DecodeBatch:
         self.next_pos = self.next_pos + n
 
     def close(self) -> None:
-        self.cache = None
+        self._unmerged = self.cache = None
 
 
 POOL_ENV = "COSTEER_DECODE_POOL"
@@ -472,13 +501,17 @@ class DecodePool:
     """The transformers side of LM.open_pool: each sequence its own one-row DecodeBatch (its own
     KV cache). The prompt is prefilled in one piece, as an in-process generation does (`chunk` None).
 
-    step(): "batched" feeds the sequences' tokens in ONE forward: their caches left-padded into one
+    step(): "batched" feeds the sequences' tokens in one forward: their caches left-padded into one
     batch cache (the mask hides the padding, each row at its own position), then each sequence keeps
-    its row, its own cache plus the new key/value column. One sequence is fed alone, exactly what it
-    computes alone; rows fed together round as several rows do (docs/reliability.md). "sequential"
-    feeds each sequence alone, one after the other."""
+    its row, its own cache plus the new key/value column. Gathering and padding copy every row's cache,
+    so by the measured rule (docs/reliability.md) only groups of at least `min_rows` sequences of
+    similar lengths go together (each padded by at most `pad_slack` cells or to `pad_ratio` times its
+    length); any other sequence is fed alone, exactly what it computes alone. Rows fed together round
+    as several rows do. "sequential" feeds each sequence alone, one after the other."""
 
     chunk = None
+    min_rows = 3  # two rows cost about what two lone steps cost on CPU; three save a quarter
+    pad_slack, pad_ratio = 64, 2.0  # a long cache padding short ones costs more in copies than the batch saves
 
     def __init__(self, lm: LM, strategy: str = "batched"):
         if strategy not in POOL_STRATEGIES:
@@ -496,9 +529,29 @@ class DecodePool:
 
     def step(self, items: list[tuple[int, int]]) -> Tensor:
         """items (seq, token) -> [n, V] after each sequence's token."""
-        if self.strategy == "sequential" or len(items) == 1:
-            return torch.cat([self._seqs[seq].advance([t]) for seq, t in items])
-        return self._step_together(items)
+        groups = [[i] for i in range(len(items))] if self.strategy == "sequential" else self._groups(items)
+        out: list[Tensor] = [None] * len(items)  # type: ignore[list-item]
+        for group in groups:
+            part = [items[i] for i in group]
+            seq, t = part[0]
+            logp = self._step_together(part) if len(part) > 1 else self._seqs[seq].advance([t])
+            for i, row in zip(group, logp):
+                out[i] = row
+        return torch.stack(out)
+
+    def _groups(self, items: list[tuple[int, int]]) -> list[list[int]]:
+        """The items' indices in groups fed together: longest cache first, a row joins the group
+        before it when padding it to the group's longest adds at most `pad_slack` cells or makes it at
+        most `pad_ratio` times as long; a group under `min_rows` is split into rows fed alone."""
+        lengths = [int(self._seqs[seq].next_pos) for seq, _ in items]
+        groups: list[list[int]] = []
+        for i in sorted(range(len(items)), key=lambda i: -lengths[i]):
+            n = lengths[i]
+            if groups and lengths[groups[-1][0]] <= max(n + self.pad_slack, n * self.pad_ratio):
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return [g for g in groups if len(g) >= self.min_rows] + [[i] for g in groups if len(g) < self.min_rows for i in g]
 
     def _step_together(self, items: list[tuple[int, int]]) -> Tensor:
         rows = [self._seqs[seq] for seq, _ in items]
@@ -702,15 +755,21 @@ def _merge_rows(lm: LM, caches: list, lengths: list[int]):
     """One-row caches -> one batch cache, each row right-aligned (left padding, hidden by the mask)."""
     from transformers import DynamicCache
 
-    data = []
-    for layers in zip(*(c.layers for c in caches)):
-        T = max(layer.keys.shape[-2] for layer in layers)
-        keys = torch.cat([_pad_left(layer.keys, T) for layer in layers])  # [B, H, T, D]
-        values = torch.cat([_pad_left(layer.values, T) for layer in layers])
-        data.append((keys, values))
+    data = [(_stack_left([layer.keys for layer in layers]), _stack_left([layer.values for layer in layers]))
+            for layers in zip(*(c.layers for c in caches))]  # fmt: skip
     cache = DynamicCache(ddp_cache_data=data, config=lm.model.config)
     _set_length(cache, max(lengths))
     return cache
+
+
+def _stack_left(rows: list[Tensor]) -> Tensor:
+    """[1, H, n_b, D] each -> [B, H, max n_b, D], each row right-aligned after zeros: one copy of each row
+    (padding each row first, then concatenating, would copy every row twice)."""
+    T = max(t.shape[-2] for t in rows)
+    out = rows[0].new_zeros((len(rows), *rows[0].shape[1:-2], T, rows[0].shape[-1]))
+    for b, t in enumerate(rows):
+        out[b, :, T - t.shape[-2] :] = t[0]
+    return out
 
 
 def _row_of(lm: LM, cache, b: int, length: int):
@@ -721,7 +780,3 @@ def _row_of(lm: LM, cache, b: int, length: int):
 
     return _cache_from(lm, KVSnapshot(tuple((own(layer.keys), own(layer.values)) for layer in cache.layers), length))
 
-
-def _pad_left(t: Tensor, T: int) -> Tensor:
-    """[1, H, n, D] -> [1, H, T, D] with zeros before."""
-    return torch.nn.functional.pad(t, (0, 0, T - t.shape[-2], 0))

@@ -204,13 +204,9 @@ class PrefixCache:
         """The state after exactly `tokens` on the model `identity`, or None."""
         if not self.config.enabled or not tokens:
             return None
-        key = (identity, _digest(tokens))
-        with self._lock:
-            entry = self._memory.get(key)
-            if entry is not None and entry.tokens == tuple(tokens):
-                self._memory.move_to_end(key)
-                self.hits += 1
-                return entry.state
+        entry = self._hit_in_memory(identity, tokens)
+        if entry is not None:
+            return entry.state
         state = self._load(identity, tokens, codec)
         with self._lock:
             if state is None:
@@ -218,6 +214,21 @@ class PrefixCache:
             else:
                 self.hits += 1
         return state
+
+    def touch(self, identity: str, tokens: Sequence[int]) -> bool:
+        """Is the state after exactly `tokens` in memory? If so it counts as a hit and is kept longest: a
+        backend whose context still holds that very state (llama.cpp, a kept context) uses it in place."""
+        return self.config.enabled and bool(tokens) and self._hit_in_memory(identity, tokens) is not None
+
+    def _hit_in_memory(self, identity: str, tokens: Sequence[int]) -> _Entry | None:
+        key = (identity, _digest(tokens))
+        with self._lock:
+            entry = self._memory.get(key)
+            if entry is None or entry.tokens != tuple(tokens):
+                return None
+            self._memory.move_to_end(key)
+            self.hits += 1
+            return entry
 
     def store(self, identity: str, tokens: Sequence[int], state: S, nbytes: int, codec: Codec[S]) -> None:
         """Keep the state after `tokens` (in memory, and encrypted on disk with a key)."""

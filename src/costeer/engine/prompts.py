@@ -103,7 +103,8 @@ def prompt_ids(tokenizer, content: str) -> list[int]:
     return chat_ids(tokenizer, [{"role": "user", "content": content}])
 
 
-def stable_prefix_len(tokenizer, content: str, query: str, context: str | None = None) -> int:
+def stable_prefix_len(tokenizer, content: str, query: str, context: str | None = None,
+                      ids: list[int] | None = None) -> int:  # fmt: skip
     """How many tokens of `prompt_ids(tokenizer, content)` do not depend on the query: the KV prefix cache
     keeps the model's state after them (engine/prefix_cache.py).
 
@@ -111,7 +112,8 @@ def stable_prefix_len(tokenizer, content: str, query: str, context: str | None =
     CoGenesis' `personalized_input`, the matched reference: context first, query last), else, where the
     turn does not hold the query verbatim, the context when the turn starts with it; otherwise nothing.
     In tokens: the longest common prefix of the prompt and its text cut where the stable text ends, so a
-    token the query's first characters could merge into is left out; never the whole prompt."""
+    token the query's first characters could merge into is left out; never the whole prompt. `ids`: the
+    prompt's tokens when already at hand (`prompt_ids(tokenizer, content)`), not tokenised again."""
     q = query.strip()
     cut = content.rfind(q) if q else -1
     if cut <= 0 and context and content.startswith(context.strip()):
@@ -122,7 +124,7 @@ def stable_prefix_len(tokenizer, content: str, query: str, context: str | None =
     start = text.find(content)
     if start < 0:  # a template that rewrites the turn: no prefix to trust
         return 0
-    full = list(tokenizer(text, add_special_tokens=special)["input_ids"])
+    full = ids if ids is not None else list(tokenizer(text, add_special_tokens=special)["input_ids"])
     head = list(tokenizer(text[: start + cut], add_special_tokens=special)["input_ids"])
     n = 0
     for a, b in zip(full, head):
