@@ -30,11 +30,12 @@ What a level costs depends on how the round travels:
   - streamed (LEVEL frames, the root at once and each level as it is computed): a level costs the
     device nothing while the cloud keeps ahead of it. A level of n nodes takes t = a + b * n; the
     device needs it one token (L) after the level above, so it waits max(0, t - L) if it got that
-    far (chance: the summed P of the level above). And once the round's levels run past R (the
-    cloud's time on this round's levels so far plus t exceeds the round trip), the device's uplink
-    may find this level being computed, and the next round's root then waits about t / 2 for it:
+    far (chance: the summed P of the level above). And a level that ends past R (the cloud's time
+    on this round's levels so far plus t, beyond the round trip) may be under way when the device's
+    uplink comes; the next round's root then waits for it, so it is charged in full, as a whole
+    round's level is (near loopback, where R is about the device's fusion, every level is):
 
-        cost(n) = P(level above) * max(0, t - L) + (t / 2 if elapsed + t > R else 0).
+        cost(n) = P(level above) * max(0, t - L) + (t if elapsed + t > R else 0).
 
     Candidates are taken most likely first while each one's P * S exceeds what it adds to cost(n).
     The levels the round trip hides are free, so the longer the round trip the deeper the tree.
@@ -272,7 +273,7 @@ class RoundPlanner:
             if n == 0:
                 return 0.0
             t = a + b * n
-            return above * max(0.0, t - L) + (t / 2 if self.elapsed + t > R else 0.0)
+            return above * max(0.0, t - L) + (t if self.elapsed + t > R else 0.0)
 
         return cost
 
