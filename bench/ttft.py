@@ -124,12 +124,16 @@ class Breakdown:
         return parts
 
     def table(self, cs_by_method: dict[str, CoSteer], ex, runs: int) -> dict[str, dict[str, float]]:
-        """method -> part -> median ms over `runs` queries (each CoSteer already warm)."""
+        """method -> part -> median ms over `runs` queries (each CoSteer already warm), the methods taking
+        turns (a load that drifts during the run weighs on each alike)."""
+        got: dict[str, list[dict[str, float]]] = defaultdict(list)
+        for _ in range(runs):
+            for method, cs in cs_by_method.items():
+                got[method].append(self.query(cs, ex, method))
         out = {}
-        for method, cs in cs_by_method.items():
-            got = [self.query(cs, ex, method) for _ in range(runs)]
-            names = sorted({k for g in got for k in g}, key=lambda k: (k in ("the rest", "TTFT"), k == "TTFT"))
-            out[method] = {k: 1000 * median(g.get(k, 0.0) for g in got) for k in names}
+        for method, queries in got.items():
+            names = sorted({k for q in queries for k in q}, key=lambda k: (k in ("the rest", "TTFT"), k == "TTFT"))
+            out[method] = {k: 1000 * median(q.get(k, 0.0) for q in queries) for k in names}
         return out
 
 
@@ -139,6 +143,10 @@ def print_breakdown(label: str, table: dict[str, dict[str, float]]) -> None:
         print(f"| {method} | ms |\n|---|---:|")
         for name, ms in parts.items():
             print(f"| {name} | {ms:.1f} |")
+
+
+def _s(r: dict, key: str) -> str:
+    return f"{r[key]:.2f}" if key in r else "–"  # --first-rows 0: not measured
 
 
 def median(xs) -> float:
@@ -205,7 +213,7 @@ def main() -> None:
             CoSteer(llm, slm, prefix_cache=None).vocab()
             timed(CoSteer(llm, slm, prefix_cache=None), examples[0], "costeer", 2)  # warm-up
             rows = [row_figures(llm, slm, ex, args, i < args.first_rows) for i, ex in enumerate(examples)]
-            r = {k: median(x[k] for x in rows if k in x) for k in rows[0]}
+            r = {k: median(x[k] for x in rows if k in x) for k in {k for x in rows for k in x}}
             r |= {"backend": backend, "pair": f"{llm_spec} / {slm_spec}", "rows": len(rows),
                   "mem_per_token": median(x["mem_bytes"] / x["prefix_tokens"] for x in rows),
                   "disk_per_token": disk_bytes(llm, slm, examples[0]) / rows[0]["prefix_tokens"]}  # fmt: skip
@@ -226,8 +234,8 @@ def main() -> None:
           f"tok/s ({args.tokens}) | decode-only tok/s | ratio | bytes/prefix token memory | disk |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['backend']} | {r['pair']} | {r['rows']} ({args.first_rows}) | {r['llm']:.3f} | {r['today']:.2f} | "
-              f"{r['first']:.2f} | {r['repeat']:.3f} | {r['repeat'] / r['llm']:.2f}× | {r['tok_s']:.1f} | "
+        print(f"| {r['backend']} | {r['pair']} | {r['rows']} ({args.first_rows}) | {r['llm']:.3f} | {_s(r, 'today')} | "
+              f"{_s(r, 'first')} | {r['repeat']:.3f} | {r['repeat'] / r['llm']:.2f}× | {r['tok_s']:.1f} | "
               f"{r['decode_tok_s']:.1f} | {r['tok_s'] / r['decode_tok_s']:.2f} | {r['mem_per_token']:,.0f} | "
               f"{r['disk_per_token']:,.0f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)

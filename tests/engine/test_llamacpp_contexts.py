@@ -9,11 +9,11 @@ context is in one batch at a time; the idle ones are bounded and freed."""
 import ctypes
 import gc
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from pathlib import Path
 
 from costeer.api import CoSteer
 from costeer.engine import llamacpp as L
