@@ -195,3 +195,26 @@ def test_delete_while_the_levels_go_out(server, slow_levels):
         assert get(server, f"/v1/sessions/{sid}", KEY_A, "DELETE").status_code == 200
         closes(ws, frames.CLOSE_ENDED)
     freed(server)
+
+
+def test_attach_while_the_old_connection_stops_its_round(server, tiny_llm, monkeypatch):
+    """The old connection's TOKEN waits for the level under way (stop_round) when a new connection
+    re-attaches with that token as pending: only one of them may advance the session; the new one
+    gets READY and the round at the next position, and nothing fails (before the fix: both
+    submitted a job, 1011 and the session ended as an internal error)."""
+    pool = server.registry.scheduler.pool
+    grow = pool.grow
+    monkeypatch.setattr(pool, "grow", lambda rows: (time.sleep(0.4), grow(rows))[1])
+    with ws_open(server) as ws:
+        ws.send(Open([1, 2, 3], frames.FULL, 40, lookahead=DEEP).encode())
+        sid = frames.decode_downlink(ws.recv(timeout=10)).session_id
+        frames.decode_downlink(ws.recv(timeout=10))  # the root; its first level is under way
+        ws.send(Token(6).encode())
+        time.sleep(0.05)  # the cloud has it and waits for the level to finish
+        with ws_open(server) as ws2:
+            ws2.send(Attach(sid, 1, pending=(6,)).encode())
+            ready = frames.decode_downlink(ws2.recv(timeout=10))
+            assert isinstance(ready, frames.Ready) and ready.position == 1
+            assert read_to(ws2, 1).position == 1
+            assert server.registry.sessions[sid].position == 1
+    freed(server)

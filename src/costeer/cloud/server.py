@@ -276,14 +276,18 @@ async def _exchange(ws: WebSocket, owner: str, registry: Registry, settings: Ser
                     await asyncio.sleep(0.005)
                 if sess.ended or sess.busy:
                     raise ProtocolError(frames.CLOSE_UNKNOWN_SESSION, "unknown session")
-                if sess.streamed:  # the round it was in grows no further: the device starts a fresh one
-                    await registry.stop_round(sess)
-                    sess.outbox = Outbox(asyncio.get_running_loop(), sess.lookahead.depth + 1)
+                # Taken over before anything is awaited: the old connection may be waiting for its
+                # round to stop with an uplink in hand, and must not advance the session after that.
                 old = sess.websocket
                 ws.state.session = sess
                 sess.websocket, sess.attached = ws, True
+                if sess.streamed:  # the round it was in grows no further: the device starts a fresh one
+                    await registry.stop_round(sess)
+                    sess.outbox = Outbox(asyncio.get_running_loop(), sess.lookahead.depth + 1)
                 if old is not None and old is not ws:
                     await _close(old, frames.CLOSE_ORDER, "taken over by a new connection", settings.send_timeout_s)
+                if sess.websocket is not ws:  # a newer ATTACH took it meanwhile (and closes this one)
+                    return
                 lost = list(msg.tail())  # the device's last uplink, whose answer it never got
                 if msg.n_generated == sess.position and sess.streamed:
                     registry.replay(sess)  # the round as computed, from its root
@@ -314,6 +318,8 @@ async def _exchange(ws: WebSocket, owner: str, registry: Registry, settings: Ser
         await registry.stop_round(sess)  # streamed: the device left the round, which may still be growing
         if sess.outbox is not None and not await sess.outbox.room(settings.send_timeout_s):
             _stopped_reading(registry, sess, ws, settings)  # it sends uplinks but reads none of the rounds
+            return
+        if sess.ended or sess.websocket is not ws:  # ended or taken over by an ATTACH meanwhile
             return
         frame = await registry.advance(sess, tokens, registry.check_tokens(sess, tokens))
         if sess.ended or sess.websocket is not ws:
