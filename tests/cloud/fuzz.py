@@ -1,5 +1,6 @@
 """Fuzz cases against a running cloud server, shared by tests/cloud/test_fuzz.py and
-bench/cloud_fuzz.py: mutated OPEN, ATTACH and TOKEN frames, random bytes, text, broken WebSocket
+bench/cloud_fuzz.py: mutated OPEN (streamed look-ahead too), ATTACH and TOKEN(S) frames, some after a
+streamed session's OPEN while its round grows, random bytes, text, broken WebSocket
 framing, and malformed HTTP requests (request lines, headers, keys, upgrades, half-sent requests).
 Each case runs on its own connection and records how the server answered."""
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from costeer import frames
 from costeer.api import CoSteer
 from costeer.device import connect_cloud
-from costeer.frames import Attach, Open, Token
+from costeer.frames import Attach, Lookahead, Open, Token, Tokens
 from tests.cloud.server_util import KEY_A, KEY_B, RawClient
 
 SEED = 20261206
@@ -58,9 +59,19 @@ def valid_frame(rng: random.Random) -> bytes:
         lambda: Open([rng.randrange(300) for _ in range(rng.randint(1, 8))], rng.choice([0, 8, 64]),
                      rng.randint(1, 40), [rng.randrange(300) for _ in range(rng.randint(0, 3))],
                      rng.random() < 0.3).encode(),
+        lambda: Open([rng.randrange(300) for _ in range(rng.randint(1, 8))], rng.choice([0, 8]), rng.randint(1, 40),
+                     lookahead=streamed(rng)).encode(),
         lambda: Attach(rng.randbytes(16), rng.randrange(5), rng.choice([frames.NO_TOKEN, 3])).encode(),
+        lambda: Attach(rng.randbytes(16), rng.randrange(5), pending=tuple(rng.randrange(300) for _ in range(rng.randint(1, 4)))).encode(),
         lambda: Token(rng.randrange(1 << 25)).encode(),
+        lambda: Tokens(tuple(rng.randrange(300) for _ in range(rng.randint(1, 20)))).encode(),
     ])()  # fmt: skip
+
+
+def streamed(rng: random.Random) -> Lookahead:
+    """A streamed look-ahead request, within the server's limits or past them."""
+    return Lookahead(rng.choice([frames.LOOKAHEAD_AUTO, frames.LOOKAHEAD_FIXED]), rng.randint(0, 20), rng.randint(1, 80),
+                     streamed=True)  # fmt: skip
 
 
 def frame_case(rng: random.Random) -> dict:
@@ -76,14 +87,16 @@ def frame_case(rng: random.Random) -> dict:
         head = rng.choice([b"\x82\x05", b"\xc2\x85", b"\x83\x80", b"\x8b\x80", b"\x82\xff", b"\x00\x80", b"\x88\x81",
                            b"\x89\xfe\x01\x00", b"\x82\x7f\xff\xff\xff\xff\xff\xff\xff\xff"])  # fmt: skip
         payload = head + rng.randbytes(rng.randint(0, 12))
-    return {"kind": kind, "open_first": rng.random() < 0.3, "payload": payload}
+    first = rng.random() < 0.3
+    return {"kind": kind, "open_first": first, "payload": payload, "streamed": first and rng.random() < 0.5}
 
 
 def run_frame_case(port: int, case: dict) -> tuple[str, int | None]:
     client = RawClient(port, KEY_A, timeout=15)
     try:
         if case["open_first"]:
-            client.send(Open([1, 2, 3], 8, 20).encode())
+            la = Lookahead(frames.LOOKAHEAD_FIXED, 8, 17, streamed=True) if case["streamed"] else frames.NO_LOOKAHEAD
+            client.send(Open([1, 2, 3], 8, 20, lookahead=la).encode())
             opened = client.outcome()
             if opened[0] != "message":  # refused (this key's sessions are all taken): that answer counts
                 return opened

@@ -232,8 +232,9 @@ async def _serve(ws: WebSocket, owner: str, registry: Registry, settings: Server
         await _exchange(ws, owner, registry, settings)
     finally:
         pump = getattr(ws.state, "pump", None)
-        if pump is not None:
+        if pump is not None:  # cancelled and waited for: a cancelled task left to itself was destroyed pending
             pump.cancel()
+            await asyncio.wait({pump})
 
 
 async def _exchange(ws: WebSocket, owner: str, registry: Registry, settings: ServerSettings) -> None:
