@@ -38,6 +38,20 @@ def test_until_a_token_is_taken_from_a_tree_the_saving_is_zero_and_probes_are_of
     assert due[:3] == [True] * 3 and due[8] and due[16] and not any(due[3:8])
 
 
+def test_once_the_device_took_a_token_from_a_tree_probes_stop_for_good():
+    # loopback: a probe taken early, then many rounds without look-ahead push it out of `rounds`; the
+    # device's token cost stays measured, so no probe comes back (each costs the next root a forward)
+    c = rounds(Controller(AUTO), [(0.002, 0), (0.020, 1)] + [(0.002, 0)] * 60)
+    assert len(c.rounds) == 32 and all(n == 0 for _, n, _ in c.rounds)
+    due = []
+    for n in range(3, 200):
+        c.n_rounds = n
+        due.append(c.probe_due())
+    assert not any(due)
+    assert abs(c.round_trip()[1] - 0.018) < 1e-9  # L from the round it took a token in
+    assert RoundPlanner(c).begin(torch.log_softmax(torch.tensor([4.0, 1.0, 0.5]), -1)) == []
+
+
 def test_the_planner_grows_where_it_pays_and_not_where_it_does_not():
     logp = torch.log_softmax(torch.tensor([4.0, 1.0, 0.5, 0.0, -1.0]), -1)
     worth = rounds(Controller(AUTO), [(0.050, 0), (0.060, 1), (0.061, 1)])

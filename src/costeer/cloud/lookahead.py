@@ -82,6 +82,10 @@ class Controller:
     taken: list[float] = field(default_factory=lambda: [0.0] * MAX_WIDTH)
     mass: list[float] = field(default_factory=lambda: [0.0] * MAX_WIDTH)
     rounds: deque = field(default_factory=lambda: deque(maxlen=HISTORY))  # (gap s, tokens from the tree, bytes)
+    # the last rounds in which the device took tokens from the tree (gap s, tokens): what L is measured on.
+    # Kept apart from `rounds`, so that many rounds without look-ahead (loopback) do not push them out and
+    # bring the probes back: what a device spends on a token does not change with the round trip.
+    took_from_tree: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
     levels: deque = field(default_factory=lambda: deque(maxlen=HISTORY))  # (nodes, seconds)
     bytes_per_node: float = 0.0  # EWMA of a node's DIST frame
     sent_at: float | None = None  # when the last round left (server clock)
@@ -120,6 +124,8 @@ class Controller:
         if self.sent_at is not None and self.n_rounds > 1:
             now = time.monotonic() if now is None else now
             self.rounds.append((now - self.sent_at, in_tree, self.sent_bytes))
+            if in_tree > 0:
+                self.took_from_tree.append((now - self.sent_at, in_tree))
             self.sent_at = None
 
     def calibrate(self, rank: int, p: float, taken: bool) -> None:
@@ -138,9 +144,10 @@ class Controller:
         the gaps themselves, which hold each round's transfer."""
         left = [g for g, n, _ in self.rounds if n == 0]
         R = float(np.median(left)) if left else (float(np.median([g for g, _, _ in self.rounds])) if self.rounds else 0.0)
-        taken = [(g - R) / n for g, n, _ in self.rounds if n > 0]
+        taken = [(g - R) / n for g, n in self.took_from_tree]
         L = max(0.0, float(np.median(taken))) if taken else R + self.c1
         return R, L
+
     def level_cost(self) -> tuple[float, float]:
         """(a, b): a level of n nodes costs a + b * n seconds (prior: the root step's cost, half
         fixed and half per node, until levels of different sizes tell them apart)."""
@@ -161,9 +168,9 @@ class Controller:
                 "stay_greedy": round((self.taken[0] + 0.5) / (self.offered[0] + 1.0), 3), "rounds": self.n_rounds}  # fmt: skip
 
     def probe_due(self) -> bool:
-        """No round in view had the device take a token from a tree: offer one node (the first
-        rounds, then every 8th), so that L gets measured."""
-        learned = any(in_tree >= 1 for _, in_tree, _ in self.rounds)
+        """The device never took a token from a tree yet: offer one node (the first rounds, then every
+        8th), so that L gets measured. Once measured, L is kept (`took_from_tree`): no more probes."""
+        learned = bool(self.took_from_tree)
         return not learned and (self.n_rounds < 3 or self.n_rounds % 8 == 0)
 
     def saving(self) -> float:

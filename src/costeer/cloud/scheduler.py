@@ -283,9 +283,10 @@ class Scheduler:
             if job.stopping:
                 job.tree.stop()
                 job.rows = []
-            try:
-                _settle(job.future, job.finish(logp))
+            try:  # the root's frame out before the waiter wakes: on one core it would only slow the encoding
+                result = job.finish(logp)
                 job.level(job.rows)
+                _settle(job.future, result)
             except Exception as e:
                 self._fail([(key, job)], e)
                 return

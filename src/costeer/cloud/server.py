@@ -262,7 +262,7 @@ async def _exchange(ws: WebSocket, owner: str, registry: Registry, settings: Ser
                 ws.state.session = sess
                 sess.websocket = ws
                 if sess.streamed:
-                    sess.outbox = Outbox(asyncio.get_running_loop())
+                    sess.outbox = Outbox(asyncio.get_running_loop(), sess.lookahead.depth + 1)
                 frame = await _start_watched(ws, registry, sess)
                 if frame is None:  # the device went away during the prefill or replay
                     return
@@ -276,14 +276,18 @@ async def _exchange(ws: WebSocket, owner: str, registry: Registry, settings: Ser
                     await asyncio.sleep(0.005)
                 if sess.ended or sess.busy:
                     raise ProtocolError(frames.CLOSE_UNKNOWN_SESSION, "unknown session")
-                if sess.streamed:  # the round it was in grows no further: the device starts a fresh one
-                    await registry.stop_round(sess)
-                    sess.outbox = Outbox(asyncio.get_running_loop())
+                # Taken over before anything is awaited: the old connection may be waiting for its
+                # round to stop with an uplink in hand, and must not advance the session after that.
                 old = sess.websocket
                 ws.state.session = sess
                 sess.websocket, sess.attached = ws, True
+                if sess.streamed:  # the round it was in grows no further: the device starts a fresh one
+                    await registry.stop_round(sess)
+                    sess.outbox = Outbox(asyncio.get_running_loop(), sess.lookahead.depth + 1)
                 if old is not None and old is not ws:
                     await _close(old, frames.CLOSE_ORDER, "taken over by a new connection", settings.send_timeout_s)
+                if sess.websocket is not ws:  # a newer ATTACH took it meanwhile (and closes this one)
+                    return
                 lost = list(msg.tail())  # the device's last uplink, whose answer it never got
                 if msg.n_generated == sess.position and sess.streamed:
                     registry.replay(sess)  # the round as computed, from its root
@@ -312,6 +316,11 @@ async def _exchange(ws: WebSocket, owner: str, registry: Registry, settings: Ser
         if sess.controller is not None:
             sess.controller.received(len(tokens) - 1)
         await registry.stop_round(sess)  # streamed: the device left the round, which may still be growing
+        if sess.outbox is not None and not await sess.outbox.room(settings.send_timeout_s):
+            _stopped_reading(registry, sess, ws, settings)  # it sends uplinks but reads none of the rounds
+            return
+        if sess.ended or sess.websocket is not ws:  # ended or taken over by an ATTACH meanwhile
+            return
         frame = await registry.advance(sess, tokens, registry.check_tokens(sess, tokens))
         if sess.ended or sess.websocket is not ws:
             return
@@ -356,15 +365,19 @@ async def _send(ws: WebSocket, sess: Session, registry: Registry, data: bytes, s
         await asyncio.wait_for(ws.send_bytes(data), settings.send_timeout_s)
         return True
     except asyncio.TimeoutError:
-        log.info("session %s…: the device took no frame for %g s; connection dropped", sess.id.hex()[:8],
-                 settings.send_timeout_s)  # fmt: skip
-        _device_gone(registry, sess, ws, None)
+        _stopped_reading(registry, sess, ws, settings)
     except (WebSocketDisconnect, RuntimeError, OSError):
         if not drain:
             return False
         mine = not sess.ended and sess.websocket is ws  # else the session is gone or taken over already
         _device_gone(registry, sess, ws, await _close_code(ws, settings.send_timeout_s) if mine else None)
     return False
+
+
+def _stopped_reading(registry: Registry, sess: Session, ws: WebSocket, settings: ServerSettings) -> None:
+    log.info("session %s…: the device took no frame for %g s; connection dropped", sess.id.hex()[:8],
+             settings.send_timeout_s)  # fmt: skip
+    _device_gone(registry, sess, ws, None)
 
 
 async def _close_code(ws: WebSocket, timeout: float) -> int | None:

@@ -31,13 +31,25 @@ log = logging.getLogger("costeer.cloud")
 
 class Outbox:
     """A streamed session's round frames, from the scheduler thread to its connection, in order:
-    (frame, nodes in it, whether it starts a round), or the exception that ended the round."""
+    (frame, nodes in it, whether it starts a round), or the exception that ended the round.
+    `limit`: the frames of one whole round (depth + 1); a device that reads never leaves more
+    waiting when it sends its next uplink, so more means it stopped reading (`room`)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.queue = loop, asyncio.Queue()
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int):
+        self.loop, self.queue, self.limit = loop, asyncio.Queue(), limit
 
     def post(self, item) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    async def room(self, timeout: float) -> bool:
+        """Wait until at most `limit` frames wait to be sent -> False if they still do after
+        `timeout` (the next round must not queue behind them: memory would grow without bound)."""
+        deadline = self.loop.time() + timeout
+        while self.queue.qsize() > self.limit:
+            if self.loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
 
 
 class ProtocolError(Exception):
@@ -325,8 +337,12 @@ class Registry:
         when the scheduler has let it go (at most one level later), so its tree can be read."""
         if not sess.streamed:
             return
+        done = self.scheduler.stop(sess.id)
         try:
-            await asyncio.wrap_future(self.scheduler.stop(sess.id))
+            if done.done():  # the round was done already (the usual case near loopback): no hop through the loop
+                done.result()
+            else:
+                await asyncio.wrap_future(done)
         except Released:
             raise ProtocolError(frames.CLOSE_ENDED, "the session has ended") from None
 
