@@ -8,7 +8,8 @@ Per backend and pair, greedy, each figure the median of `--runs` runs per row, t
 - `llm`: TTFT of the LLM alone on the public query (the floor);
 - `today`: TTFT of `costeer` without a prefix cache (the whole context prefilled), on `--first-rows`;
 - `first`: TTFT of `costeer` with an empty cache (the first query: prefix prefilled and kept), same rows;
-- `repeat`: TTFT of `costeer` with the context cached (only the query prefilled), on `--rows`;
+- `repeat`: TTFT of `costeer` with the context cached (only the query prefilled), on `--rows`; `repeat / llm`
+  the median over rows of each row's median ratio, the two taken in turns run by run;
 - `tok/s`: a whole `--tokens`-token answer with the context cached, against `decode-only`, the same
   answer's tokens after the first over their own time;
 - bytes per prefix token in memory and on disk (an encrypted file under a throwaway key).
@@ -154,16 +155,20 @@ def median(xs) -> float:
 
 
 def row_figures(llm, slm, ex, args, first_row: bool) -> dict:
-    """One row's medians over the runs."""
+    """One row's medians over the runs. The figures compared take turns run by run (`llm` with `repeat`,
+    `today` with `first`), so that a load that drifts during the run weighs on each alike."""
     plain = CoSteer(llm, slm, prefix_cache=None)
-    out = {"llm": median(timed(plain, ex, "llm", 1)[0] for _ in range(args.runs))}
-    if first_row:
-        out["today"] = median(timed(plain, ex, "costeer", 1)[0] for _ in range(args.runs))
-        out["first"] = median(timed(CoSteer(llm, slm, prefix_cache=PrefixCache()), ex, "costeer", 1)[0]
-                              for _ in range(args.runs))  # fmt: skip
     cached = CoSteer(llm, slm, prefix_cache=PrefixCache())
     timed(cached, ex, "costeer", 1)  # the first query fills the cache
-    out["repeat"] = median(timed(cached, ex, "costeer", 1)[0] for _ in range(args.runs))
+    runs: dict[str, list[float]] = defaultdict(list)
+    for _ in range(args.runs):
+        runs["llm"].append(timed(plain, ex, "llm", 1)[0])
+        runs["repeat"].append(timed(cached, ex, "costeer", 1)[0])
+        if first_row:
+            runs["today"].append(timed(plain, ex, "costeer", 1)[0])
+            runs["first"].append(timed(CoSteer(llm, slm, prefix_cache=PrefixCache()), ex, "costeer", 1)[0])
+    out = {k: median(v) for k, v in runs.items()}
+    out["repeat_over_llm"] = median(r / t for r, t in zip(runs["repeat"], runs["llm"]))
     whole, decode = [], []
     for _ in range(args.runs):
         ttft, total, n = timed(cached, ex, "costeer", args.tokens)
@@ -235,7 +240,7 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['backend']} | {r['pair']} | {r['rows']} ({args.first_rows}) | {r['llm']:.3f} | {_s(r, 'today')} | "
-              f"{_s(r, 'first')} | {r['repeat']:.3f} | {r['repeat'] / r['llm']:.2f}× | {r['tok_s']:.1f} | "
+              f"{_s(r, 'first')} | {r['repeat']:.3f} | {r['repeat_over_llm']:.2f}× | {r['tok_s']:.1f} | "
               f"{r['decode_tok_s']:.1f} | {r['tok_s'] / r['decode_tok_s']:.2f} | {r['mem_per_token']:,.0f} | "
               f"{r['disk_per_token']:,.0f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
