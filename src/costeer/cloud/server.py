@@ -226,6 +226,9 @@ async def _receive(ws: WebSocket, timeout: float, why: str) -> bytes | None:
     return msg["bytes"]
 
 
+PUMP_STOP_S = 1.0  # how long a closing connection waits for its cancelled pump
+
+
 async def _serve(ws: WebSocket, owner: str, registry: Registry, settings: ServerSettings) -> None:
     """One connection: OPEN or ATTACH, then TOKEN after TOKEN. Raises ProtocolError on bad input."""
     try:
@@ -234,7 +237,9 @@ async def _serve(ws: WebSocket, owner: str, registry: Registry, settings: Server
         pump = getattr(ws.state, "pump", None)
         if pump is not None:  # cancelled and waited for: a cancelled task left to itself was destroyed pending
             pump.cancel()
-            await asyncio.wait({pump})
+            # bounded: after an uplink refused mid-round the cancelled pump was seen never to finish,
+            # and an unbounded wait kept the refused session open with no close (not root-caused)
+            await asyncio.wait({pump}, timeout=PUMP_STOP_S)
 
 
 async def _exchange(ws: WebSocket, owner: str, registry: Registry, settings: ServerSettings) -> None:
