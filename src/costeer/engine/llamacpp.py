@@ -204,6 +204,16 @@ def _new_context(model: "LlamaCppModel", n_ctx: int, n_batch: int, n_seq_max: in
     return ctx, ll.llama_batch_init(n_batch, 0, n_seq_max)
 
 
+def _free_context(ll, ctx, batch) -> None:
+    """Free a context and its llama_batch (nothing when ctx is None: freed already)."""
+    if ctx:
+        try:
+            ll.llama_batch_free(batch)
+            ll.llama_free(ctx)
+        except Exception:  # interpreter shutdown: the library may be gone already
+            pass
+
+
 @dataclass(eq=False)
 class KeptContext:
     """A context of a decode batch's shape (`n_stream` KV streams of `n_ctx_seq` cells, `cap` tokens per
@@ -224,12 +234,7 @@ class KeptContext:
 
     def free(self, ll) -> None:
         ctx, self.ctx = self.ctx, None
-        if ctx:
-            try:
-                ll.llama_batch_free(self.batch)
-                ll.llama_free(ctx)
-            except Exception:  # interpreter shutdown
-                pass
+        _free_context(ll, ctx, self.batch)
 
 
 class IdleContexts:
@@ -285,12 +290,7 @@ class _OwnsContext:
 
     def close(self) -> None:
         ctx, self.ctx = getattr(self, "ctx", None), None
-        if ctx:
-            try:
-                self._ll.llama_batch_free(self.batch)
-                self._ll.llama_free(ctx)
-            except Exception:  # interpreter shutdown
-                pass
+        _free_context(self._ll, ctx, getattr(self, "batch", None))
 
     __del__ = close
 
