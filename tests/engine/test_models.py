@@ -122,3 +122,38 @@ def test_unknown_or_impossible_backend_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="needs a .gguf model"):
         load_lm(str(tmp_path), device="cpu", backend="llamacpp")
     assert load_lm(str(tmp_path), device="cpu", backend="auto").backend == "transformers"  # not a GGUF
+
+
+def test_rewind_then_refeed_is_bit_identical_to_never_feeding_the_guess(lm):
+    """A device's wrong guesses undone (device/ahead.py): rewind(n) and feeding the real tokens gives
+    exactly the logits of a batch that never saw the guesses, and both go on in step."""
+    short, long = [3, 17, 42], [3, 99, 12, 54]  # within the tiny Gemma's sliding window
+    guessed, straight = DecodeBatch(lm, [short, long]), DecodeBatch(lm, [short, long])
+    guessed.start(), straight.start()
+    want = straight.advance([14, 14])
+    guessed.advance([14, 14])
+    assert guessed.rewindable(1) and not guessed.rewindable(2)  # only what was fed since start
+    for wrong in ([200], [31, 77]):
+        for tok in wrong:
+            guessed.advance([tok, tok])
+        guessed.rewind(len(wrong))
+    for tok in [5, 130]:
+        want, got = straight.advance([tok, tok]), guessed.advance([tok, tok])
+        assert torch.equal(got, want)
+
+
+def test_rewind_is_refused_where_it_cannot_be_exact():
+    """Past the start, or once a sliding layer has let columns go: rewindable says no, rewind raises."""
+    tok = bpe_tokenizer()
+    lm = make_lm("gemma3", gemma3(len(tok), sliding_window=4), tok)
+    batch = DecodeBatch(lm, [[3, 17]])
+    batch.start()
+    with pytest.raises(ValueError):
+        batch.rewind(1)
+    batch.advance([5])
+    assert batch.rewindable(1)
+    for t in [6, 7, 8]:
+        batch.advance([t])
+    assert not batch.rewindable(1)
+    with pytest.raises(ValueError):
+        batch.rewind(1)

@@ -121,6 +121,13 @@ class LocalSteeringSource(_Local):
     def extend(self, token_ids: list[int]) -> Tensor:
         return self.batch.extend(token_ids)
 
+    def rewind(self, n: int) -> None:
+        """Forget the last n tokens advance() fed (guessed ones: device/ahead.py)."""
+        self.batch.rewind(n)
+
+    def rewindable(self, n: int) -> bool:
+        return self.batch is not None and self.batch.rewindable(n)
+
 
 class SharedModel(_Local):
     """LLM and SLM are ONE model (e.g. the SmolLM2/SmolLM2 pair in one process): the LLM's

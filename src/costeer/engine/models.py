@@ -473,6 +473,25 @@ class DecodeBatch:
         self.next_pos = pos[:, -1:] + 1
         return self._forward(ids, pos)
 
+    def rewind(self, n: int) -> None:
+        """Forget the last n tokens fed to every sequence (a device's guessed tokens, engine/loop.py's
+        run-ahead): the cache cropped, the mask and positions as before them, so the next step computes
+        exactly what it would have without them (a DynamicCache concatenates into new tensors, so the
+        kept columns are the very ones it held)."""
+        if not self.rewindable(n):
+            raise ValueError(f"cannot rewind {n} tokens here")
+        if n:
+            self.cache.crop(-n)
+            self.mask, self.next_pos = self.mask[:, :-n], self.next_pos - n
+
+    def rewindable(self, n: int) -> bool:
+        """Whether rewind(n) can undo the last n tokens: they were fed, and no sliding layer has let a
+        column go that it would need back (transformers' crop refuses that)."""
+        fed = int(self.next_pos[0]) - len(self.prompts[0]) if self.next_pos is not None else 0
+        slid = any(getattr(layer, "sliding_window", None) and layer.get_seq_length() >= layer.sliding_window
+                   for layer in self.cache.layers) if n and fed else False  # fmt: skip
+        return 0 <= n <= fed and not slid
+
     def took(self, cache, n: int) -> None:
         """The sequences moved on by n tokens fed elsewhere (a pool's batched step, a kept look-ahead
         path): `cache` holds them."""
