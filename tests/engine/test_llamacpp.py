@@ -112,7 +112,9 @@ def test_rewind_then_refeed_is_bit_identical_to_never_feeding_the_guess(smollm2_
         guessed.start(), straight.start()
         toks = p["slm"][-4:]
         guessed.advance([toks[0]] * 2), straight.advance([toks[0]] * 2)
-        assert guessed.rewindable(1) and not guessed.rewindable(2)
+        assert guessed.room_ahead(4)
+        with pytest.raises(ValueError):
+            guessed.rewind(2)  # only what was fed since start
         for wrong in ([toks[2]], [toks[3], toks[1]]):
             for t in wrong:
                 guessed.advance([t, t])

@@ -132,7 +132,8 @@ def test_rewind_then_refeed_is_bit_identical_to_never_feeding_the_guess(lm):
     guessed.start(), straight.start()
     want = straight.advance([14, 14])
     guessed.advance([14, 14])
-    assert guessed.rewindable(1) and not guessed.rewindable(2)  # only what was fed since start
+    with pytest.raises(ValueError):
+        guessed.rewind(2)  # only what was fed since start
     for wrong in ([200], [31, 77]):
         for tok in wrong:
             guessed.advance([tok, tok])
@@ -142,18 +143,21 @@ def test_rewind_then_refeed_is_bit_identical_to_never_feeding_the_guess(lm):
         assert torch.equal(got, want)
 
 
-def test_rewind_is_refused_where_it_cannot_be_exact():
-    """Past the start, or once a sliding layer has let columns go: rewindable says no, rewind raises."""
+def test_no_room_ahead_where_a_rewind_could_not_be_exact():
+    """A sliding layer that would reach its window within n more tokens could not give their columns
+    back: room_ahead(n) says no (transformers' crop refuses it past the window)."""
     tok = bpe_tokenizer()
-    lm = make_lm("gemma3", gemma3(len(tok), sliding_window=4), tok)
+    lm = make_lm("gemma3", gemma3(len(tok), sliding_window=6), tok)
     batch = DecodeBatch(lm, [[3, 17]])
     batch.start()
-    with pytest.raises(ValueError):
-        batch.rewind(1)
     batch.advance([5])
-    assert batch.rewindable(1)
-    for t in [6, 7, 8]:
-        batch.advance([t])
-    assert not batch.rewindable(1)
-    with pytest.raises(ValueError):
+    assert batch.room_ahead(2) and not batch.room_ahead(3)  # 3 cached + 3 reaches the window of 6
+    batch.advance([6]), batch.advance([7])
+    batch.rewind(2)
+    batch.advance([8]), batch.advance([9]), batch.advance([10])
+    with pytest.raises((ValueError, RuntimeError)):
         batch.rewind(1)
+    llama_lm = make_lm("llama", llama(len(tok)), tok)
+    plain = DecodeBatch(llama_lm, [[3, 17]])
+    plain.start()
+    assert plain.room_ahead(1000)

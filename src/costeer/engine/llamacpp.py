@@ -459,16 +459,17 @@ class LlamaDecodeBatch:
         """Forget the last n tokens fed to every sequence (a device's guessed tokens): their cells
         removed, which puts the stream's search head back on the first freed cell, so the next step
         takes the cells, and computes the distributions, it would have without them."""
-        if not self.rewindable(n):
-            raise ValueError(f"cannot rewind {n} tokens here")
+        fed = min(p - len(q) for p, q in zip(self.pos, self.prompts))
+        if not 0 <= n <= fed:
+            raise ValueError(f"cannot rewind {n} tokens: {fed} were fed since start()")
         for seq in range(self.B) if n else ():
             self.pos[seq] -= n
             if not self._ll.llama_memory_seq_rm(self._mem, seq, self.pos[seq], -1):
                 raise LlamaCppError(f"llama.cpp could not remove the last {n} tokens of sequence {seq}")
 
-    def rewindable(self, n: int) -> bool:
-        """Whether rewind(n) can undo the last n tokens: they were fed (to every sequence)."""
-        return 0 <= n <= min(p - len(q) for p, q in zip(self.pos, self.prompts))
+    def room_ahead(self, n: int) -> bool:
+        """Whether n more tokens fed from here could all be rewound (cells are removed one by one: always)."""
+        return True
 
     def extend(self, tokens: list[int]) -> Tensor:
         if not tokens:
