@@ -221,8 +221,9 @@ class CloudSource:
         self.tree: frames.Round | None = None  # the round the device is in
         self.node = 0  # where it stands in that round's tree
         self.pending: list[int] = []  # the round's tokens sent up, whose answer has not come yet
-        self._held: bytes | str | None = None  # a message _arrived() read, for the next _recv
+        self._held: tuple | None = None  # a message _arrived() read (decoded, its size), for the next _recv
         self._held_at: float | None = None  # when it was read
+        self._stale = 0  # frames of a left round dropped while waiting for this exchange's answer
 
     # -- NextTokenSource ---------------------------------------------------------------
 
@@ -303,7 +304,7 @@ class CloudSource:
         self.pending = list(tokens or [])
         outage = None  # the run of failures this exchange is in, if any
         while True:
-            sent_at, self._held_at = time.perf_counter(), None
+            sent_at, self._held_at, self._stale = time.perf_counter(), None, 0
             try:
                 if self.ws is None:
                     self._connect_and_open()
@@ -316,7 +317,8 @@ class CloudSource:
                     h()
                     self._run_ahead(sent_at)
                 tree = self._receive_round()
-                self.llm.pace.waited((self._held_at or time.perf_counter()) - sent_at)
+                if self.chosen:  # a round trip (not the OPEN's, which waits for the prefill)
+                    self.llm.pace.waited((self._held_at or time.perf_counter()) - sent_at)
                 self.pending = []
                 return tree
             except wse.InvalidStatus as e:
@@ -366,13 +368,26 @@ class CloudSource:
             llm.pace.forwarded(clock() - t)
 
     def _arrived(self) -> bool:
-        """Whether a message has come; it is read, and kept for the next _recv."""
-        if self._held is None:
+        """Whether the answer has come (a message other than a left round's frames); it is read,
+        and kept for the next _recv."""
+        while self._held is None:
             try:
-                self._held = self.ws.recv(timeout=0)
+                got = self._recv(timeout=0)
             except TimeoutError:
                 return False
-            self._held_at = time.perf_counter()
+            if not self._left_behind(*got):
+                self._held, self._held_at = got, time.perf_counter()
+        return True
+
+    def _left_behind(self, msg, n: int) -> bool:
+        """Whether `msg` is a LEVEL frame of a round the device has left (earlier positions: the
+        rest of a streamed round still on its way); dropped, at most a round's levels of them."""
+        if not (isinstance(msg, frames.Level) and msg.position < len(self.chosen)):
+            return False
+        self.llm.bytes_down += n
+        self._stale += 1
+        if self._stale > self.llm.lookahead.depth:  # a round has at most depth + 1 frames, its root's not among these
+            self._refuse(frames.CLOSE_MALFORMED, "more LEVEL frames of a left round than it can have")
         return True
 
     def _drop(self) -> None:
@@ -425,10 +440,13 @@ class CloudSource:
         if token:
             self.llm.bytes_up += len(data)
 
-    def _recv(self):
-        data, self._held = self._held, None
-        if data is None:
-            data = self.ws.recv(timeout=self.llm.retry.recv_timeout_s)
+    def _recv(self, timeout: float | None = None):
+        """The next message -> (decoded, its size): one _arrived() kept, else from the socket
+        (waiting up to `timeout`, by default recv_timeout_s)."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            return held
+        data = self.ws.recv(timeout=self.llm.retry.recv_timeout_s if timeout is None else timeout)
         if isinstance(data, str):
             data = data.encode()
         if self.llm.wire is not None:
@@ -458,15 +476,11 @@ class CloudSource:
             if not isinstance(msg, frames.Ready):
                 raise CloudError("the cloud did not answer OPEN with READY")
             self.session_id, self._expect_ready = msg.session_id, False
-        asked, stale = self.llm.lookahead, 0
-        while True:
+        asked = self.llm.lookahead
+        msg, n = self._recv()
+        while self._left_behind(msg, n):
             msg, n = self._recv()
-            self.llm.bytes_down += n
-            if not (isinstance(msg, frames.Level) and msg.position < len(self.chosen)):
-                break
-            stale += 1
-            if stale > asked.depth:  # a round has at most depth + 1 frames, its root's not among these
-                self._refuse(frames.CLOSE_MALFORMED, "more LEVEL frames of a left round than it can have")
+        self.llm.bytes_down += n
         if not isinstance(msg, (frames.Dist, frames.Tree, frames.Level)):
             raise CloudError("expected a DIST, TREE or LEVEL frame from the cloud")
         if isinstance(msg, frames.Level) and not asked.streamed:
