@@ -27,6 +27,15 @@ reading the round's next frames first when the child was announced but has not a
 choice leaves the tree it sends the round's tokens in one TOKENS frame and waits, as for one token.
 Every distribution it uses is the one the cloud would have sent token by token.
 
+Run-ahead (`run_ahead`, on by default where look-ahead is): a token taken from a tree has an SLM
+pair forward that no wait hides. So once the pair's forward for the sent token is done, while the
+answer has not come (a message is looked for without waiting, and kept for the next read) and the
+expected rest of the wait is worth another forward (ahead.Pace), the device feeds its pair the
+token it guesses it will choose next, then the one after, up to the round's depth (ahead.py).
+Walking the tree, a choice equal to the guess finds its pair computed; the first one that differs
+rewinds the guessed tokens and is fed as usual, so every pair distribution is per-token decoding's,
+bit for bit. `CloudLLM.guesses` counts the guessed forwards made, used and undone.
+
 A dropped connection is retried with back-off: first by re-attaching to the live session
 (ATTACH, with the round's tokens whose answer was lost), else — the cloud restarted, or the session
 was evicted — by opening a new one with the query plus the tokens chosen so far, which the cloud
@@ -317,7 +326,7 @@ class CloudSource:
                     h()
                     self._run_ahead(sent_at)
                 tree = self._receive_round()
-                if self.chosen:  # a round trip (not the OPEN's, which waits for the prefill)
+                if self.chosen and outage is None:  # a round trip (not an OPEN's, which waits for a prefill)
                     self.llm.pace.waited((self._held_at or time.perf_counter()) - sent_at)
                 self.pending = []
                 return tree
