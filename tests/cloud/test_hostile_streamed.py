@@ -33,6 +33,16 @@ def freed(server) -> None:
     wait_until(lambda: not sched._jobs and not sched._seqs and not sched.pool.trees)
 
 
+@pytest.fixture(autouse=True)
+def pumps_must_stop(monkeypatch):
+    """A closing connection waits up to 60 s for its cancelled pump instead of 1: a pump that drops its
+    cancel (asyncio.wait_for's race, cloud/net.py `within`) would hold every close here past the
+    clients' 10 s waits."""
+    from costeer.cloud import server as server_module
+
+    monkeypatch.setattr(server_module, "PUMP_STOP_S", 60.0)
+
+
 @pytest.fixture
 def slow_levels(server, monkeypatch):
     """Each level takes 0.1 s: a deep round is still growing when the uplinks come."""

@@ -35,21 +35,48 @@ def test_until_a_token_is_taken_from_a_tree_the_saving_is_zero_and_probes_are_of
     c = rounds(Controller(AUTO), [(0.050, 0)] * 3)
     assert c.saving() == 0.0 and c.round_trip()[1] == c.round_trip()[0] + c.c1
     due = [Controller(AUTO, n_rounds=n).probe_due() for n in range(20)]
-    assert due[:3] == [True] * 3 and due[8] and due[16] and not any(due[3:8])
+    assert due[:8] == [True] * 8 and due[12] and due[16] and not any(due[9:12])
 
 
 def test_once_the_device_took_a_token_from_a_tree_probes_stop_for_good():
-    # loopback: a probe taken early, then many rounds without look-ahead push it out of `rounds`; the
+    # loopback: probes taken early, then many rounds without look-ahead push them out of `rounds`; the
     # device's token cost stays measured, so no probe comes back (each costs the next root a forward)
-    c = rounds(Controller(AUTO), [(0.002, 0), (0.020, 1)] + [(0.002, 0)] * 60)
+    c = rounds(Controller(AUTO), [(0.002, 0), (0.020, 1), (0.021, 1), (0.019, 1)] + [(0.002, 0)] * 60)
     assert len(c.rounds) == 32 and all(n == 0 for _, n, _ in c.rounds)
     due = []
     for n in range(3, 200):
         c.n_rounds = n
         due.append(c.probe_due())
     assert not any(due)
-    assert abs(c.round_trip()[1] - 0.018) < 1e-9  # L from the round it took a token in
+    assert abs(c.round_trip()[1] - 0.018) < 1e-9  # L from the rounds it took a token in
     assert RoundPlanner(c).begin(torch.log_softmax(torch.tensor([4.0, 1.0, 0.5]), -1)) == []
+    # one round is enough where it says a tree token costs the device several round trips
+    hopeless = rounds(Controller(AUTO), [(0.002, 0), (0.040, 1)])
+    assert not any(hopeless.probe_due() for hopeless.n_rounds in range(3, 40))
+
+
+def test_one_slow_round_does_not_switch_look_ahead_off_for_good():
+    """At 50 ms a first tree token that happened to take 68 ms (one slow round) put L above R + c1:
+    S = 0, and with it no tree, no new measurement, per-token rounds for the rest of the session.
+    Probes go on until L rests on MIN_SAMPLES rounds; their median then says look-ahead pays."""
+    from costeer.cloud.lookahead import MIN_SAMPLES
+
+    c = rounds(Controller(AUTO), [(0.058, 0), (0.058, 0), (0.126, 1)])
+    assert c.saving() == 0.0  # one slow round: R + c1 - L <= 0
+    c.n_rounds = 9  # past the first rounds: a probe every 4th
+    due = [c.probe_due() for c.n_rounds in range(9, 17)]
+    assert due == [False, False, False, True, False, False, False, True]
+    t = 100.0
+    for gap in (0.090, 0.088)[: MIN_SAMPLES - 1]:  # the probes the device took: ~30 ms a token
+        t += 10
+        c.sent(2000, 2, now=t)
+        c.received(1, now=t + gap)
+    assert c.saving() > 0.025  # the median: look-ahead pays
+    assert not any(c.probe_due() for c.n_rounds in range(17, 60))  # L known: no more probes
+    logp = torch.log_softmax(torch.tensor([4.0, 1.0, 0.5, 0.0]), -1)
+    for _ in range(10):
+        c.calibrate(0, float(logp.exp()[0]), True)
+    assert RoundPlanner(c).begin(logp)  # a tree again
 
 
 def test_the_planner_grows_where_it_pays_and_not_where_it_does_not():
@@ -58,8 +85,8 @@ def test_the_planner_grows_where_it_pays_and_not_where_it_does_not():
     planner = RoundPlanner(worth)
     rows = planner.begin(logp)
     assert rows and rows[0] == (0, 0)  # the greedy child first
-    cheap = rounds(Controller(AUTO), [(0.002, 0), (0.020, 1), (0.021, 1)])
-    cheap.n_rounds = 5  # no probe due
+    cheap = rounds(Controller(AUTO), [(0.002, 0), (0.020, 1), (0.021, 1), (0.019, 1)])
+    cheap.n_rounds = 5  # no probe due: L rests on MIN_SAMPLES rounds
     assert RoundPlanner(cheap).begin(logp) == []
     fixed = RoundPlanner(Controller(frames.Lookahead(frames.LOOKAHEAD_FIXED, 2, 5)))
     assert len(fixed.begin(logp)) == 2  # (nodes - 1) / depth per level, whatever the measurements
@@ -80,11 +107,11 @@ def _grown(rtt: float, streamed: bool, level_s: float = 0.015) -> RoundPlanner:
     from dataclasses import replace
 
     logp = torch.log_softmax(torch.tensor([3.0, 1.0, 0.5, 0.0, -1.0] + [-3.0] * 20), -1)
-    c = rounds(Controller(replace(AUTO, streamed=streamed)), [(rtt, 0), (rtt, 0), (rtt + 0.015, 1), (rtt + 0.03, 2)],
+    c = rounds(Controller(replace(AUTO, streamed=streamed)), [(rtt, 0), (rtt, 0), (rtt + 0.015, 1), (rtt + 0.03, 2), (rtt + 0.015, 1)],
                step=level_s)  # fmt: skip
     for _ in range(20):
         c.calibrate(0, float(logp.exp()[0]), True)
-    c.n_rounds = 5  # no probe due
+    c.n_rounds = 5  # no probe due: L rests on MIN_SAMPLES rounds
     planner = RoundPlanner(c)
     rows = planner.begin(logp)
     while rows:

@@ -214,3 +214,34 @@ def test_serve_on_a_port_in_use_says_so_in_one_line_before_loading_a_model():
                                env={"COSTEER_API_KEYS": KEY_A})  # fmt: skip
     assert r.exit_code != 0 and f"cannot listen on 127.0.0.1:{port}" in r.output
     assert "serving" not in r.output and "no-such-model" not in r.output and "Traceback" not in r.output
+
+
+def test_within_never_drops_a_cancel_that_comes_as_the_awaited_finishes():
+    """asyncio.wait_for (before Python 3.12) returns the result when the cancel comes in the same loop
+    iteration as the awaited future's result, and the cancelled task carries on: the streamed round's
+    pump then waited on its queue for good after its connection closed."""
+    import asyncio
+    import sys
+
+    from costeer.cloud.net import within
+
+    if sys.version_info < (3, 11):
+        pytest.skip("Python 3.10 has no asyncio.timeout: within is wait_for there")
+
+    async def race() -> str:
+        inner = asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(within(inner, 10))
+        await asyncio.sleep(0)  # the task now waits on `inner`
+        inner.set_result("sent")  # the send finishes...
+        task.cancel()  # ...and the connection's close cancels the task in the same iteration
+        try:
+            return await task
+        except asyncio.CancelledError:
+            return "cancelled"
+
+    async def slow() -> None:
+        await within(asyncio.sleep(5), 0.01)
+
+    assert asyncio.run(race()) == "cancelled"
+    with pytest.raises(TimeoutError):
+        asyncio.run(slow())

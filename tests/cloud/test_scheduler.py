@@ -1,5 +1,6 @@
 """The scheduler on a recording pool: batched steps, prefills in turn across keys, released
-sessions freed only between forwards and their queued work dropped."""
+sessions freed only between forwards and their queued work dropped, and ticks that gather the
+steps of the sessions mid-generation."""
 
 import threading
 import time
@@ -8,7 +9,7 @@ from collections import deque
 import pytest
 import torch
 
-from costeer.cloud.scheduler import Job, Released, Scheduler
+from costeer.cloud.scheduler import Gather, Job, Released, Scheduler
 
 V = 8
 
@@ -60,9 +61,11 @@ def wait_until(cond, timeout=10.0):
         time.sleep(0.005)
 
 
-@pytest.fixture
-def pool():
-    return RecordingPool(delay=0.002)  # a forward takes a little time, as a real one does
+@pytest.fixture(params=[None, 3], ids=["no-gather", "gather"])
+def pool(request):
+    p = RecordingPool(delay=0.002)  # a forward takes a little time, as a real one does
+    p.batch_pays_at = request.param  # the same promises hold where ticks gather their steps
+    return p
 
 
 @pytest.fixture
@@ -247,3 +250,116 @@ def test_a_streamed_job_settles_at_its_root_sends_each_level_and_stops_when_aske
         assert sched.stop("b").done()  # nothing streamed there: nothing to wait for
     finally:
         sched.close()
+
+
+# -- the gather window: a tick of steps waits, within a bound, for the awaited sessions' steps --------
+
+WIDE = Gather(share=1000.0, cap_s=0.5, quiet_s=5.0)  # the window is the cap: 0.5 s
+
+
+@pytest.fixture
+def gathering():
+    """A scheduler whose pool says batching pays from 2 rows, with `WIDE`'s window."""
+    pool = RecordingPool(delay=0.002)
+    pool.batch_pays_at = 2
+    s = Scheduler(pool, n_seq=8, prefill_budget=4, gather=WIDE)
+    yield s, pool
+    pool.gate.set()
+    s.close()
+
+
+def warm(sched, keys):
+    """Each session prefilled and stepped once, one after the other: mid-generation, awaited."""
+    for k in keys:
+        sched.submit(k, job(k, prompt=[1])).result(timeout=10)
+        sched.submit(k, job(k, steps=[2])).result(timeout=10)
+
+
+def steps_after(pool, n):
+    return [c for c in pool.calls[n:] if c[0] == "step"]
+
+
+def test_steps_arriving_within_the_window_share_one_forward(gathering):
+    sched, pool = gathering
+    warm(sched, "abc")
+    n = len(pool.calls)
+    futs = []
+    for k in "abc":  # the devices answer one after the other, 50 ms apart
+        futs.append(sched.submit(k, job(k, steps=[5])))
+        time.sleep(0.05)
+    for f in futs:
+        f.result(timeout=10)
+    assert steps_after(pool, n) == [("step", ((0, 5), (1, 5), (2, 5)))]
+
+
+def test_a_lone_session_is_never_held():
+    pool = RecordingPool(delay=0.002)
+    pool.batch_pays_at = 1  # even where a single row would "pay"
+    sched = Scheduler(pool, n_seq=4, prefill_budget=4, gather=WIDE)
+    try:
+        warm(sched, "ab")
+        sched.release("b")  # an ended session is not awaited
+        wait_until(lambda: not sched.holds("b"))
+        t = time.monotonic()
+        for _ in range(10):
+            sched.submit("a", job("a", steps=[3])).result(timeout=10)
+        assert time.monotonic() - t < 0.4  # ten ticks, none of them a 0.5 s window
+    finally:
+        sched.close()
+
+
+def test_no_window_below_the_rows_that_pay(gathering):
+    sched, pool = gathering
+    pool.batch_pays_at = 3
+    sched._batch_pays_at = 3  # (read once at construction)
+    warm(sched, "ab")
+    t = time.monotonic()
+    sched.submit("a", job("a", steps=[3])).result(timeout=10)  # one step plus one awaited: 2 < 3 rows
+    assert time.monotonic() - t < 0.4
+
+
+def test_a_session_gone_quiet_holds_the_others_for_the_bound_then_not_at_all():
+    pool = RecordingPool(delay=0.002)
+    pool.batch_pays_at = 2
+    sched = Scheduler(pool, n_seq=4, prefill_budget=4, gather=Gather(share=1000.0, cap_s=0.15, quiet_s=0.6))
+    try:
+        warm(sched, "abq")  # q answers no more
+        t = time.monotonic()
+        sched.submit("a", job("a", steps=[3])).result(timeout=10)
+        held = time.monotonic() - t
+        assert 0.13 <= held < 0.5  # b and q awaited: the window ran out, no longer
+        time.sleep(0.7)  # q (and b) quiet for longer than quiet_s
+        t = time.monotonic()
+        sched.submit("a", job("a", steps=[3])).result(timeout=10)
+        assert time.monotonic() - t < 0.1  # nobody awaited any more
+    finally:
+        sched.close()
+
+
+def test_a_prefill_or_a_release_starts_the_tick_at_once(gathering):
+    sched, pool = gathering
+    warm(sched, "abc")
+    t = time.monotonic()
+    a = sched.submit("a", job("a", steps=[3]))  # b and c awaited: the tick waits
+    time.sleep(0.05)
+    sched.submit("d", job("d", prompt=[1, 2]))  # a new session's prompt: not delayed
+    a.result(timeout=10)
+    assert time.monotonic() - t < 0.3
+    t = time.monotonic()
+    b = sched.submit("b", job("b", steps=[3]))  # a, c awaited
+    time.sleep(0.05)
+    sched.release("c")  # freed between forwards at once, and the tick goes ahead
+    b.result(timeout=10)
+    assert time.monotonic() - t < 0.3 and not sched.holds("c")
+
+
+def test_closing_ends_a_window_at_once(gathering):
+    sched, pool = gathering
+    warm(sched, "ab")
+    a = sched.submit("a", job("a", steps=[3]))
+    time.sleep(0.05)
+    t = time.monotonic()
+    sched.close()
+    assert time.monotonic() - t < 0.3
+    with pytest.raises(Released):
+        a.result(timeout=10)

@@ -11,6 +11,7 @@ import torch
 
 from costeer import frames
 from costeer.api import CoSteer
+from costeer.cloud.scheduler import Gather
 from costeer.cloud.sessions import KeyRing
 from costeer.device import connect_cloud
 from costeer.frames import Open, Token
@@ -272,3 +273,27 @@ def test_sessions_stepped_in_one_tick_share_one_forward_and_get_what_they_get_al
     for g, w in zip(got, want):
         assert g.position == w.position and torch.equal(g.ids, w.ids)
         assert (g.logp - w.logp).abs().max().item() <= 1e-4
+
+
+def test_steps_sent_a_little_apart_are_gathered_into_one_forward(server, tiny_llm):
+    """Three sessions mid-generation whose devices answer 50 ms apart: the first step's tick waits
+    for the other two (the transformers pool says batching pays from 3 rows), one forward for all."""
+    server.registry.scheduler.gather = Gather(share=1000.0, cap_s=0.5, quiet_s=5.0)  # the tiny model's step is ~ms
+    socks = [ws_open(server, key) for key in (KEY_A, KEY_A, KEY_B)]
+    for ws, prompt in zip(socks, ([1, 2, 3], [4, 5, 6, 7], [8, 9, 10])):
+        open_session(ws, prompt, k=8)
+        ws.send(Token(5).encode())  # one step each: the window follows the last step's time
+        frames.decode_downlink(ws.recv(timeout=10))
+    rows = []
+    hook = tiny_llm.model.register_forward_hook(lambda _m, _a, kw, _o: rows.append(kw["input_ids"].shape[0]),
+                                                with_kwargs=True)  # fmt: skip
+    try:
+        for ws in socks:
+            ws.send(Token(6).encode())
+            time.sleep(0.05)
+        got = [frames.decode_downlink(ws.recv(timeout=10)) for ws in socks]
+    finally:
+        hook.remove()
+        for ws in socks:
+            ws.close()
+    assert rows == [3] and all(isinstance(g, frames.Dist) for g in got)

@@ -106,6 +106,8 @@ def test_the_sequential_strategy_feeds_each_session_alone(tiny, monkeypatch, cap
     monkeypatch.setenv("COSTEER_DECODE_POOL", "sequential")
     pool = tiny.open_pool(4096, 4)
     assert pool.strategy == "sequential"
+    assert pool.batch_pays_at is None  # nothing to gather a tick's steps for
+    assert DecodePool(tiny).batch_pays_at == DecodePool.min_rows
     for s, p in enumerate(prompts_of([3, 17])):
         pool.prefill(s, p)
     spy = ForwardSpy(tiny)

@@ -61,6 +61,8 @@ from costeer import frames
 
 MAX_WIDTH = 4  # candidates per node: the LLM's top few (issue #14: top 2/4/8 hold 57/63/69% of choices)
 HISTORY = 32  # rounds (and levels) the fits look back on
+MIN_SAMPLES = 3  # rounds with tokens taken from a tree before L (the device's cost of one) is trusted
+PROBE_ROUNDS = 8  # the first rounds of a session each offer a probe until then
 
 
 def _ridge(x: np.ndarray, y: np.ndarray, prior: np.ndarray, strength: float) -> np.ndarray:
@@ -139,7 +141,7 @@ class Controller:
     def round_trip(self) -> tuple[float, float]:
         """(R, L): the gap of a round the device left at once (median), and what a token it took
         from a tree added to a round's gap (median per token; until the device has taken one, R + c1:
-        look-ahead is assumed to save nothing, and probe_due offers one node now and then). Medians:
+        look-ahead is assumed to save nothing, and probe_due offers one node until L is known). Medians:
         a slow round (the device's own hiccup, a retransmission) moves neither. Bytes count through
         the gaps themselves, which hold each round's transfer."""
         left = [g for g, n, _ in self.rounds if n == 0]
@@ -168,10 +170,21 @@ class Controller:
                 "stay_greedy": round((self.taken[0] + 0.5) / (self.offered[0] + 1.0), 3), "rounds": self.n_rounds}  # fmt: skip
 
     def probe_due(self) -> bool:
-        """The device never took a token from a tree yet: offer one node (the first rounds, then every
-        8th), so that L gets measured. Once measured, L is kept (`took_from_tree`): no more probes."""
-        learned = bool(self.took_from_tree)
-        return not learned and (self.n_rounds < 3 or self.n_rounds % 8 == 0)
+        """Offer one node (the greedy child) while L is not known well enough to decide: until the device
+        has taken tokens from a tree in MIN_SAMPLES rounds, in each of the first PROBE_ROUNDS rounds and
+        every 4th after. One round is not enough: a single slow one (the device's own hiccup) put L above
+        R + c1, which switched look-ahead off, and with it every later measurement (measured at 50 ms:
+        24 rounds of 1 token on a CoGenesis row until the estimates drifted). No probe once L is known,
+        nor where the rounds measured already say a tree token costs the device more than twice what
+        asking does (loopback: each probe would cost the next root a forward for nothing)."""
+        n = len(self.took_from_tree)
+        if n >= MIN_SAMPLES:
+            return False
+        if n:
+            R, L = self.round_trip()
+            if L > 2 * (R + self.c1):
+                return False
+        return self.n_rounds < PROBE_ROUNDS or self.n_rounds % 4 == 0
 
     def saving(self) -> float:
         """S: seconds a token found in the tree saves the device (0: look-ahead does not pay)."""

@@ -19,6 +19,7 @@ import re
 import resource
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,20 @@ _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
     b"content-length: %d\r\n\r\n" % len(_BUSY_BODY) + _BUSY_BODY
 )
+
+
+if sys.version_info >= (3, 11):
+
+    async def within(aw, timeout: float):
+        """`await aw`, TimeoutError after `timeout` seconds. Not `asyncio.wait_for`: before Python 3.12 it
+        drops a cancellation that comes as `aw` finishes (CPython gh-86296) and returns its result, so a
+        cancelled task carried on (the streamed round's pump, cancelled as its connection closed, went
+        back to waiting for frames that never came)."""
+        async with asyncio.timeout(timeout):
+            return await aw
+
+else:  # Python 3.10 has no asyncio.timeout: wait_for, with its race (callers bound their wait for a cancelled task)
+    within = asyncio.wait_for
 
 
 class Lingering:

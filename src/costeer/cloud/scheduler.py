@@ -22,6 +22,10 @@ after the root and after each level; `stop` ends its growth at the next tick (it
 round), and `done` settles when it leaves the scheduler. Each tick's steps run before its levels,
 so a session's next token waits for at most one level of the others' trees.
 
+A tick whose only work is steps first gathers (`Gather`): where the pool says a batched step pays
+(`pool.batch_pays_at`), it waits a little for the steps of the sessions mid-generation that have
+not sent theirs yet, so that they share this forward instead of each starting a tick of its own.
+
 A long prompt therefore costs everyone at most one piece per tick, a replay advances one token
 per tick beside everyone else's tokens, and releasing a session drops whatever it still had
 queued. Results (frames) are made in this thread too: the model's threads then never compete
@@ -77,6 +81,34 @@ class Job:
         return len(self.prompt) - self.fed + len(self.steps)
 
 
+@dataclass(frozen=True)
+class Gather:
+    """How long a tick of steps waits for the steps still to come. Only a tick whose work is all
+    steps waits (never a prefill piece, a release, a look-ahead level, a closing scheduler), only on
+    a pool whose batched step pays (`pool.batch_pays_at`: the fewest rows that cost much less
+    together than apart; None, as llama.cpp's pool, where a row in a batch costs nearly a lone step),
+    and only for awaited sessions: those holding a sequence whose last result left the scheduler less
+    than `quiet_s` ago (their device answers each token at once; one gone quiet is not waited for).
+    It waits until every awaited session has sent its step, or `share` of the last step's time
+    has passed, at most `cap_s`. A session alone is never held: nobody else is awaited.
+
+    Why it pays: a step that misses a tick waits for that whole tick and then pays a tick of its
+    own, fixed cost included (transformers on CPU: 49 ms fixed + 7.5 ms a row, docs/reliability.md),
+    so waiting a fraction of a step to add it to this one saves the others time as well."""
+
+    share: float = 0.5  # of the last step's measured time
+    cap_s: float = 0.04
+    quiet_s: float = 0.25
+
+    def __post_init__(self):
+        if self.share < 0 or self.cap_s < 0 or self.quiet_s < 0:
+            raise ValueError("the gather window's share, cap and quiet time must not be negative")
+
+    def window(self, last_step_s: float) -> float:
+        """Seconds a tick may wait, after a batched step that took `last_step_s`."""
+        return min(self.cap_s, self.share * last_step_s)
+
+
 def _settle(fut: Future, result: object = None, error: BaseException | None = None) -> None:
     """Complete a future once (its waiter may have cancelled it meanwhile)."""
     try:
@@ -92,8 +124,11 @@ class Scheduler:
     """Runs every session's forwards on `pool` (LM.open_pool) in one thread; sessions are
     named by any hashable key (the server's session ids)."""
 
-    def __init__(self, pool, n_seq: int, prefill_budget: int):
-        self.pool, self.prefill_budget = pool, prefill_budget
+    def __init__(self, pool, n_seq: int, prefill_budget: int, gather: Gather = Gather()):
+        self.pool, self.prefill_budget, self.gather = pool, prefill_budget, gather
+        self._batch_pays_at: int | None = getattr(pool, "batch_pays_at", None)  # None: never gather
+        self._last_step_s = 0.0  # the last step's time (the gather window follows it)
+        self._left: dict[object, float] = {}  # session -> when its last result left (monotonic)
         self._cv = threading.Condition()
         self._jobs: dict[object, Job] = {}  # at most one job per session, in submission order
         self._seqs: dict[object, int] = {}  # session -> its sequence in the pool
@@ -167,6 +202,7 @@ class Scheduler:
             with self._cv:
                 while not (self._closed or self._released or self._jobs):
                     self._cv.wait()
+                self._gather()
                 if self._closed:
                     return
                 freed = self._take_released()
@@ -183,6 +219,26 @@ class Scheduler:
             self._grow(levels)
             self.ticks += 1
 
+    def _gather(self) -> None:
+        """(holding the lock) Wait for the awaited sessions' steps, within the window (see Gather)."""
+        if self._batch_pays_at is None:
+            return
+        deadline = time.monotonic() + self.gather.window(self._last_step_s)
+        while not self._closed and not self._released and self._steps_only():
+            ready, awaited = len(self._jobs), self._awaited(time.monotonic())
+            left = deadline - time.monotonic()
+            if not awaited or ready + awaited < self._batch_pays_at or left <= 0:
+                return
+            self._cv.wait(left)
+
+    def _steps_only(self) -> bool:
+        """Is every queued job a step to feed (no prefill piece, no tree growing)?"""
+        return all(j.steps and not j.prefilling and j.root is None for j in self._jobs.values())
+
+    def _awaited(self, now: float) -> int:
+        """Sessions mid-generation whose next step has not come yet."""
+        return sum(1 for k, t in self._left.items() if k not in self._jobs and now - t < self.gather.quiet_s)
+
     def _take_released(self) -> list[int]:
         freed = []
         for key in self._released:
@@ -190,6 +246,7 @@ class Scheduler:
             if job is not None:
                 _settle(job.future, error=Released("the session has ended"))
                 _settle(job.done, error=Released("the session has ended"))
+            self._left.pop(key, None)
             seq = self._seqs.pop(key, None)
             if seq is not None:
                 freed.append(seq)
@@ -201,6 +258,7 @@ class Scheduler:
         """Streamed jobs whose device left the round, past their root: they leave now."""
         for key in [k for k, j in self._jobs.items() if j.stopping and j.root is not None]:
             job = self._jobs.pop(key)
+            self._left[key] = time.monotonic()
             job.tree.stop()
             job.rows = []
             _settle(job.done)
@@ -268,7 +326,7 @@ class Scheduler:
         except Exception as e:
             self._fail([(key, job) for key, job, _, _ in steps], e)
             return
-        took = time.perf_counter() - t
+        took = self._last_step_s = time.perf_counter() - t
         for row, (key, job, _, _) in enumerate(steps):
             job.steps.popleft()
             if not job.steps:
@@ -322,6 +380,7 @@ class Scheduler:
             if self._jobs.get(key) is not job or key in self._released:  # released: the next tick settles it
                 return
             del self._jobs[key]
+            self._left[key] = time.monotonic()
         if job.level is None:  # a streamed job's result was made at its root
             try:
                 _settle(job.future, job.finish(job.root))
@@ -335,5 +394,6 @@ class Scheduler:
             for key, job in jobs:
                 if self._jobs.get(key) is job:
                     del self._jobs[key]
+                self._left.pop(key, None)  # its session ends: not awaited
                 _settle(job.future, error=error)
                 _settle(job.done, error=error)

@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from costeer import frames
+from costeer.cloud.net import within
 from costeer.cloud.sessions import KeyRing, Outbox, ProtocolError, Registry, ServerSettings, Session
 from costeer.engine.models import LM
 
@@ -209,13 +210,13 @@ async def _close(ws: WebSocket, code: int, reason: str, timeout: float) -> None:
     the transport (costeer.cloud.net.Lingering aborts it)."""
     if ws.application_state == WebSocketState.CONNECTED and ws.client_state == WebSocketState.CONNECTED:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(ws.close(code, reason[:120]), timeout)
+            await within(ws.close(code, reason[:120]), timeout)
 
 
 async def _receive(ws: WebSocket, timeout: float, why: str) -> bytes | None:
     """The next binary message; None when the peer is gone (its close code in ws.state)."""
     try:
-        msg = await asyncio.wait_for(ws.receive(), timeout=timeout)
+        msg = await within(ws.receive(), timeout=timeout)
     except asyncio.TimeoutError:
         raise ProtocolError(frames.CLOSE_IDLE, why)
     if msg["type"] == "websocket.disconnect":
@@ -226,7 +227,7 @@ async def _receive(ws: WebSocket, timeout: float, why: str) -> bytes | None:
     return msg["bytes"]
 
 
-PUMP_STOP_S = 1.0  # how long a closing connection waits for its cancelled pump
+PUMP_STOP_S = 1.0  # how long a closing connection waits for its cancelled pump (a bound: see _serve)
 
 
 async def _serve(ws: WebSocket, owner: str, registry: Registry, settings: ServerSettings) -> None:
@@ -237,8 +238,8 @@ async def _serve(ws: WebSocket, owner: str, registry: Registry, settings: Server
         pump = getattr(ws.state, "pump", None)
         if pump is not None:  # cancelled and waited for: a cancelled task left to itself was destroyed pending
             pump.cancel()
-            # bounded: after an uplink refused mid-round the cancelled pump was seen never to finish,
-            # and an unbounded wait kept the refused session open with no close (not root-caused)
+            # bounded: with asyncio.wait_for in its send, a cancel that came as the send finished was
+            # dropped and the pump went back to its queue for good (net.within; still so on Python 3.10)
             await asyncio.wait({pump}, timeout=PUMP_STOP_S)
 
 
@@ -368,7 +369,7 @@ async def _send(ws: WebSocket, sess: Session, registry: Registry, data: bytes, s
     its connection; the session ends if it had closed with 1000, else waits for ATTACH. drain=False
     (the pump, beside a loop that reads the socket): a failed send leaves the close to that loop."""
     try:
-        await asyncio.wait_for(ws.send_bytes(data), settings.send_timeout_s)
+        await within(ws.send_bytes(data), settings.send_timeout_s)
         return True
     except asyncio.TimeoutError:
         _stopped_reading(registry, sess, ws, settings)
@@ -396,7 +397,7 @@ async def _close_code(ws: WebSocket, timeout: float) -> int | None:
                 return msg.get("code")
 
     try:
-        return await asyncio.wait_for(drain(), timeout)
+        return await within(drain(), timeout)
     except (asyncio.TimeoutError, RuntimeError):
         return None
 

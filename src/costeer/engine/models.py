@@ -540,6 +540,12 @@ class DecodePool:
         self._seqs: dict[int, DecodeBatch] = {}
         self.trees: dict[int, list] = {}  # seq -> its look-ahead tree (grow / commit)
 
+    @property
+    def batch_pays_at(self) -> int | None:
+        """The fewest rows whose batched step costs much less than the rows alone (the scheduler
+        gathers a tick's steps for it, cloud/scheduler.Gather); None: sequential never batches."""
+        return self.min_rows if self.strategy == "batched" else None
+
     def prefill(self, seq: int, tokens: list[int]) -> Tensor:
         batch = self._seqs.get(seq)
         if batch is None:

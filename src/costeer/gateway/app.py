@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from costeer.api import CoSteer
 from costeer.chat import Reply, reply
+from costeer.cloud.net import within
 from costeer.cloud.sessions import KeyRing
 from costeer.device import CloudError
 from costeer.engine.config import Method
@@ -148,7 +149,7 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
         return bytes(body)
 
     try:
-        return await asyncio.wait_for(read(), timeout_s)
+        return await within(read(), timeout_s)
     except asyncio.TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", "timeout") from None
 
