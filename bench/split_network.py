@@ -27,7 +27,8 @@ round is on its way, device/ahead.py; without either suffix, the build's default
   TTFT    seconds from the call to the first token (connection, prefill, the first round trips);
   tokens per round trip, bytes per token down (DIST payloads) and up (TOKEN payloads), cloud
   decode forwards per token (the pool's forwards other than prompt prefill, per new token);
-  with run-ahead, the device's guessed forwards per token and the guess hit rate (used / judged).
+  with run-ahead, the device's guessed forwards per token, the guess hit rate (used / judged) and the
+  forwards saved per token (guesses used while walking a tree: forwards taken off the critical path).
 Reported: per row the median of the runs, then the mean over rows; every record is kept in --out
 (JSON lines) so that --report can rebuild the tables and the plot from several invocations.
 """
@@ -55,7 +56,7 @@ from throughput import PAIRS  # noqa: E402
 KEY = "bench-network-key-0123456789"
 DEFAULT_MODES = "pertoken,vanilla,la:auto,la:chain:2,la:chain:4,la:chain:8,la:tree:4:8"
 METRICS = ("tok_s", "e2e_tok_s", "ttft_s", "tokens_per_rt", "down_per_token", "up_per_token", "forwards_per_token",
-           "guessed_per_token", "guess_hit")
+           "guessed_per_token", "guess_hit", "saved_per_token")
 
 
 def _env() -> dict:
@@ -164,9 +165,9 @@ def mode_run_ahead(mode: str) -> tuple[str, bool | None]:
 
 
 def guesses_of(llm) -> tuple[int, int, int]:
-    """The device's guessed SLM-pair forwards so far: (made, used, undone); zeros without run-ahead."""
+    """The device's guessed SLM-pair forwards so far: (made, used, walked, undone); zeros without run-ahead."""
     g = getattr(llm, "guesses", None)
-    return (g.made, g.used, g.undone) if g is not None else (0, 0, 0)
+    return (g.made, g.used, getattr(g, "walked", g.used), g.undone) if g is not None else (0, 0, 0, 0)
 
 
 def rounds_of(llm) -> int:
@@ -188,12 +189,12 @@ def split_run(cs, http, ex: dict, method: str, tokens: int) -> dict:
     ids = stream.generation.token_ids
     n = len(ids)
     kinds = {k: after.get(k, 0) - before[3].get(k, 0) for k in after}  # forwards of each kind in this generation
-    made, used, undone = (a - b for a, b in zip(guesses_of(llm), before[4]))
+    made, used, walked, undone = (a - b for a, b in zip(guesses_of(llm), before[4]))
     return {"tokens": n, "ttft_s": first - t0, "tok_s": (n - 1) / (end - first) if n > 1 else 0.0,
             "e2e_tok_s": n / (end - t0), "rounds": rounds_of(llm) - before[0],
             "bytes_down": llm.bytes_down - before[1], "bytes_up": llm.bytes_up - before[2],
             "forwards": sum(v for k, v in kinds.items() if k != "prefill"), "forward_kinds": kinds,
-            "guesses": {"made": made, "used": used, "undone": undone}, "token_ids": ids}  # fmt: skip
+            "guesses": {"made": made, "used": used, "walked": walked, "undone": undone}, "token_ids": ids}  # fmt: skip
 
 
 def vanilla_run(client, url: str, ex: dict, tokens: int) -> dict:
@@ -358,6 +359,7 @@ def per_row(records: list[dict]) -> dict:
     guessed = [r.get("guesses") for r in records]
     out["guessed_per_token"] = med([g["made"] / t for g, t in zip(guessed, n) if g and t and g["made"]])
     out["guess_hit"] = med([g["used"] / (g["used"] + g["undone"]) for g in guessed if g and g["used"] + g["undone"]])
+    out["saved_per_token"] = med([g.get("walked", g["used"]) / t for g, t in zip(guessed, n) if g and t and g["made"]])
     return out
 
 
@@ -388,8 +390,9 @@ def table(lines: list[dict]) -> str:
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     out = ["| pair | method | RTT ms | mode | tok/s | × per-token | end-to-end tok/s | TTFT ms | tokens / round trip | "
            "bytes/token down | bytes/token up | cloud forwards/token | guessed forwards/token | guess hit rate | "
+           "forwards saved/token | "
            "same tokens as per-token | rows × runs | load |",
-           "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+           "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     base = {(x["pair"], x["rtt_ms"], x["method"]): x["tok_s"] for x in lines if x["mode"] == "pertoken"}
     for x in lines:
         ref = base.get((x["pair"], x["rtt_ms"], x["method"] if x["mode"] != "vanilla" else "costeer"))
@@ -400,7 +403,8 @@ def table(lines: list[dict]) -> str:
                    f"{fmt(ratio, '.2f')} | {fmt(x['e2e_tok_s'], '.1f')} | {fmt(x['ttft_s'] and 1000 * x['ttft_s'], '.0f')} | "
                    f"{fmt(x['tokens_per_rt'], '.2f')} | {fmt(x['down_per_token'], ',.0f')} | "
                    f"{fmt(x['up_per_token'], '.1f')} | {fmt(x['forwards_per_token'], '.2f')} | "
-                   f"{fmt(x.get('guessed_per_token'), '.2f')} | {fmt(x.get('guess_hit'), '.0%')} | {same} | "
+                   f"{fmt(x.get('guessed_per_token'), '.2f')} | {fmt(x.get('guess_hit'), '.0%')} | "
+                   f"{fmt(x.get('saved_per_token'), '.2f')} | {same} | "
                    f"{x['rows']} × {x['runs'] // max(1, x['rows'])} | {x['load']:.1f} |")  # fmt: skip
     return "\n".join(out)
 

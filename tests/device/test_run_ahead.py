@@ -148,3 +148,24 @@ def test_guesses_stay_within_the_round_depth_and_the_generation(relay, slm, monk
     _, _, llm = run(relay, slm, "chain:2", monkeypatch=monkeypatch)
     assert held and max(g for g, _ in held) <= 2
     assert all(g + h <= N - 1 for g, h in held)
+
+
+def test_a_guess_taken_on_a_tree_walk_counts_as_a_saved_forward(relay, slm, monkeypatch):
+    """`walked` counts the used guesses a tree walk took (a forward off the critical path); the pace
+    weighs guesses by that share."""
+    want, _, _ = run(relay, slm, "off", monkeypatch=monkeypatch)
+    monkeypatch.setattr(Guess, "__call__", lambda self, stand_in, pair, history: want[len(history)])
+    _, _, llm = run(relay, slm, "chain:4", monkeypatch=monkeypatch)
+    g = llm.guesses
+    assert 0 < g.walked <= g.used and g.useful == g.walked / (g.used + g.undone)
+    assert g.walked <= llm.tree_tokens  # only tokens taken from a tree are walked
+
+
+def test_the_pace_starts_a_forward_only_where_it_pays_on_average():
+    from costeer.device.ahead import Pace
+
+    pace = Pace()
+    assert pace.worth(1.0, None)  # nothing measured yet
+    pace.waited(0.100), pace.forwarded(0.030)
+    assert pace.worth(0.040, 0.5) and not pace.worth(0.090, 0.5)  # 60 ms left covers 15; 10 ms does not
+    assert pace.worth(0.090, 0.9) and not pace.worth(0.090, 0.0)  # unless nearly every guess saves a forward

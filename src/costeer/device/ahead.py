@@ -30,11 +30,13 @@ from costeer.engine.vocab import VocabMap
 @dataclass
 class Guesses:
     """Guessed pair forwards of a connection (run_guess): made, used (the device then chose the
-    guess: a forward it needed, done while it waited) and undone (rewound: a guess, or one after
-    it, was wrong)."""
+    guess: a forward it needed, done while it waited), of those `walked` (taken while walking a
+    tree: a forward off the critical path; the others were taken by the next round's wait, which
+    would have hidden them anyway), and undone (rewound: a guess, or one before it, was wrong)."""
 
     made: int = 0
     used: int = 0
+    walked: int = 0
     undone: int = 0
 
     @property
@@ -43,13 +45,21 @@ class Guesses:
         judged = self.used + self.undone
         return self.used / judged if judged else None
 
+    @property
+    def useful(self) -> float | None:
+        """Of the guesses judged so far, the share that saved a forward on the critical path (None before any was)."""
+        judged = self.used + self.undone
+        return self.walked / judged if judged else None
+
 
 @dataclass
 class Pace:
-    """Whether another guessed forward is worth starting while the device waits: the expected rest
-    of the wait (the mean wait for a round's first frame, less the time waited so far) must cover
-    what a wrong guess costs when the answer comes in the middle of its forward: a forward, times
-    the share of guesses that miss. Until both are measured: yes (an arrived answer stops it anyway)."""
+    """Whether another guessed forward is worth starting while the device waits. If the answer
+    comes r seconds into a forward of F seconds, the device's next token waits F - r longer; if the
+    guess then saves a forward on the critical path (share u of guesses: Guesses.useful), it gains
+    F. So starting pays on average when u F > F - r, i.e. r > (1 - u) F, with r the expected rest of
+    the wait (the mean wait for a round's first frame, less the time waited so far). Until both
+    times are measured: yes (an answer that has arrived stops it anyway)."""
 
     wait_s: float | None = None  # mean wait from sending a round's tokens to its first frame
     forward_s: float | None = None  # mean guessed forward
@@ -64,11 +74,10 @@ class Pace:
     def forwarded(self, seconds: float) -> None:
         self.forward_s = self._mean(self.forward_s, seconds)
 
-    def worth(self, elapsed_s: float, hit_rate: float | None) -> bool:
+    def worth(self, elapsed_s: float, useful: float | None) -> bool:
         if self.wait_s is None or self.forward_s is None:
             return True
-        miss = 1.0 - (hit_rate if hit_rate is not None else 0.5)
-        return self.wait_s - elapsed_s >= self.forward_s * miss
+        return self.wait_s - elapsed_s >= self.forward_s * (1.0 - (useful if useful is not None else 0.5))
 
 
 class SteeringAhead:
@@ -107,14 +116,16 @@ class SteeringAhead:
         self.pair, self._ready_for = self.inner.start(), ("start",)
         self.reference()
 
-    def run_advance(self, llm_id: int) -> None:
-        """Feed the chosen token, or take its guessed forward when it was the guess."""
+    def run_advance(self, llm_id: int, walking: bool = False) -> None:
+        """Feed the chosen token, or take its guessed forward when it was the guess (`walking`: the
+        token was taken from a tree, with no wait to hide a forward)."""
         slm = self._slm_id(llm_id)
         if self.guess is not None:
             self.history.append(self._aligned(llm_id))
         if self.guessed and self.guessed[0][0] == slm:
             pair = self.guessed.pop(0)[2]
             self.counts.used += 1
+            self.counts.walked += walking
         else:
             self._undo()
             pair = self.inner.advance(slm)

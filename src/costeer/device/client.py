@@ -247,7 +247,7 @@ class CloudSource:
         child = self.tree.child(self.node, token_id) if self.tree is not None else None
         if child is not None:  # the cloud computed this one ahead (or is sending it): no round trip
             if self.ahead is not None:
-                self.ahead.run_advance(token_id)  # first: the node may arrive meanwhile
+                self.ahead.run_advance(token_id, walking=True)  # first: the node may arrive meanwhile
             if not self.tree.ready(child) and not self._await(child):  # the connection dropped meanwhile
                 self.reconnects += 1  # resume there: the cloud starts a fresh round after these tokens
                 return self._enter(self._exchange(self.tree.path(child), None), 0)
@@ -368,7 +368,7 @@ class CloudSource:
         if ahead is None or ahead.guess is None or (self.tree is not None and self.tree.size == 1):
             return
         room = min(llm.lookahead.depth, self.max_new_tokens - 1 - len(self.chosen))
-        while len(ahead.guessed) < room and llm.pace.worth(clock() - sent_at, llm.guesses.hit_rate):
+        while len(ahead.guessed) < room and llm.pace.worth(clock() - sent_at, llm.guesses.useful):
             if self._arrived():
                 return
             t = clock()
