@@ -1,6 +1,8 @@
 """The split with the real SmolLM2-135M-Instruct on both sides, over a socket on 127.0.0.1:
 greedy output identical to in-process CoSteer on the example persona, with k = full, packed
-frames (the default) and top-256; the wire log of those runs holds no 5-gram of the persona's profile."""
+frames (the default) and top-256; the wire log of those runs holds no 5-gram of the persona's profile.
+Look-ahead gives the per-token tokens on that pair (both cloud backends) and across tokenizers
+(Gemma-3 270M in the cloud, SmolLM2 on the device)."""
 
 from pathlib import Path
 
@@ -68,5 +70,28 @@ def test_look_ahead_gives_the_per_token_tokens_on_the_real_pair(backend, request
                 assert taken > 0
         with DelayRelay(server.port, rtt_s=0.05) as relay:
             assert run("auto", "costeer", url=relay.url("ws"))[0] == run("off", "costeer")[0]
+    finally:
+        server.stop()
+
+
+def test_look_ahead_across_tokenizers_gives_the_per_token_tokens(gemma, smollm2, tmp_path, monkeypatch):
+    """Gemma-3 270M behind the cloud (transformers, 262,144 tokens) steered by SmolLM2 on the device
+    (49,152 tokens, through the vocabulary map): a streamed tree gives the per-token run's tokens,
+    greedy and sampled, and the device does take tokens from it."""
+    monkeypatch.setenv("COSTEER_CACHE_DIR", str(tmp_path / "cache"))
+    server = ThreadServer(gemma)
+    try:
+        def run(lookahead, **kw):
+            llm = connect_cloud(server.url, api_key=KEY_A, lookahead=lookahead)
+            g = CoSteer(llm, smollm2).generate(QUERY, CONTEXT, "costeer", max_new_tokens=20, **kw)
+            return g.token_ids, llm.tree_tokens
+
+        taken = 0
+        for kw in ({}, dict(temperature=0.8, seed=5)):
+            want, _ = run("off", **kw)
+            got, n = run("tree:4:12", **kw)
+            assert len(want) == 20 and got == want, kw
+            taken += n
+        assert taken > 0
     finally:
         server.stop()
