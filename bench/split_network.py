@@ -18,13 +18,16 @@ device (core 1, one thread), and this driver with the relays (unpinned; it only 
 Modes: `pertoken` (one round trip per token), `vanilla` (the LLM alone, streamed: it pays the round
 trip once), `la:X` (look-ahead, the device's `--lookahead X`: auto, N, chain:D, tree:D:N; needs a
 build that has it; streamed rounds, the root at once and each level as the cloud computes it, where
-the build has them), `la:X:whole` (the same with each round sent whole, as one TREE frame). Greedy, 64 new tokens, the example persona and the first --rows CoGenesis rows (skipped when
+the build has them), `la:X:whole` (the same with each round sent whole, as one TREE frame);
+`:ra` / `:nora` after either: the device's run-ahead on / off (guessed SLM-pair forwards while a
+round is on its way, device/ahead.py; without either suffix, the build's default: on). Greedy, 64 new tokens, the example persona and the first --rows CoGenesis rows (skipped when
 ../shared/datasets is absent), --runs repetitions interleaved across modes. Per generation:
   tok/s   new tokens after the first / seconds from the first to the last (the decode rate);
   end-to-end tok/s: new tokens / seconds from the call to the last token (TTFT included);
   TTFT    seconds from the call to the first token (connection, prefill, the first round trips);
   tokens per round trip, bytes per token down (DIST payloads) and up (TOKEN payloads), cloud
-  decode forwards per token (the pool's forwards other than prompt prefill, per new token).
+  decode forwards per token (the pool's forwards other than prompt prefill, per new token);
+  with run-ahead, the device's guessed forwards per token and the guess hit rate (used / judged).
 Reported: per row the median of the runs, then the mean over rows; every record is kept in --out
 (JSON lines) so that --report can rebuild the tables and the plot from several invocations.
 """
@@ -51,7 +54,8 @@ from throughput import PAIRS  # noqa: E402
 
 KEY = "bench-network-key-0123456789"
 DEFAULT_MODES = "pertoken,vanilla,la:auto,la:chain:2,la:chain:4,la:chain:8,la:tree:4:8"
-METRICS = ("tok_s", "e2e_tok_s", "ttft_s", "tokens_per_rt", "down_per_token", "up_per_token", "forwards_per_token")
+METRICS = ("tok_s", "e2e_tok_s", "ttft_s", "tokens_per_rt", "down_per_token", "up_per_token", "forwards_per_token",
+           "guessed_per_token", "guess_hit")
 
 
 def _env() -> dict:
@@ -133,9 +137,15 @@ def connect_split(url: str, mode: str):
     from costeer.device import connect_cloud
 
     params = inspect.signature(connect_cloud).parameters
-    shape, whole = mode.removeprefix("la:").removesuffix(":whole"), mode.endswith(":whole")
+    shape, run_ahead = mode_run_ahead(mode)
+    shape, whole = shape.removeprefix("la:").removesuffix(":whole"), shape.endswith(":whole")
     if whole and "streamed" not in params:
         raise SystemExit(f"error: mode {mode}: this build has no streamed rounds to compare against")
+    if run_ahead is not None and "run_ahead" not in params:
+        raise SystemExit(f"error: mode {mode}: this build has no run-ahead (connect_cloud takes no `run_ahead`)")
+    if run_ahead is not None:
+        return connect_cloud(url, api_key=KEY, lookahead="off" if mode == "pertoken" else shape, streamed=not whole,
+                             run_ahead=run_ahead)  # fmt: skip
     if "streamed" in params:  # la:X streams its rounds level by level; la:X:whole sends each as one TREE
         return connect_cloud(url, api_key=KEY, lookahead="off" if mode == "pertoken" else shape, streamed=not whole)
     if "lookahead" in params:
@@ -145,6 +155,20 @@ def connect_split(url: str, mode: str):
     return connect_cloud(url, api_key=KEY)
 
 
+def mode_run_ahead(mode: str) -> tuple[str, bool | None]:
+    """`la:X...:ra` / `:nora` -> (the mode without it, run-ahead on / off); None: the build's default."""
+    for suffix, on in ((":ra", True), (":nora", False)):
+        if mode.endswith(suffix):
+            return mode.removesuffix(suffix), on
+    return mode, None
+
+
+def guesses_of(llm) -> tuple[int, int, int]:
+    """The device's guessed SLM-pair forwards so far: (made, used, undone); zeros without run-ahead."""
+    g = getattr(llm, "guesses", None)
+    return (g.made, g.used, g.undone) if g is not None else (0, 0, 0)
+
+
 def rounds_of(llm) -> int:
     """Round trips the device waited for so far (one DIST frame each without look-ahead)."""
     return getattr(llm, "rounds", llm.frames_down)
@@ -152,7 +176,7 @@ def rounds_of(llm) -> int:
 
 def split_run(cs, http, ex: dict, method: str, tokens: int) -> dict:
     llm = cs.llm
-    before = (rounds_of(llm), llm.bytes_down, llm.bytes_up, http.get("/bench/forwards").json())
+    before = (rounds_of(llm), llm.bytes_down, llm.bytes_up, http.get("/bench/forwards").json(), guesses_of(llm))
     t0 = time.perf_counter()
     stream = cs.stream(ex["query"], ex["context"], method, context_message=ex.get("context_message"),
                        reference_message=ex.get("reference_message"), max_new_tokens=tokens)  # fmt: skip
@@ -164,11 +188,12 @@ def split_run(cs, http, ex: dict, method: str, tokens: int) -> dict:
     ids = stream.generation.token_ids
     n = len(ids)
     kinds = {k: after.get(k, 0) - before[3].get(k, 0) for k in after}  # forwards of each kind in this generation
+    made, used, undone = (a - b for a, b in zip(guesses_of(llm), before[4]))
     return {"tokens": n, "ttft_s": first - t0, "tok_s": (n - 1) / (end - first) if n > 1 else 0.0,
             "e2e_tok_s": n / (end - t0), "rounds": rounds_of(llm) - before[0],
             "bytes_down": llm.bytes_down - before[1], "bytes_up": llm.bytes_up - before[2],
             "forwards": sum(v for k, v in kinds.items() if k != "prefill"), "forward_kinds": kinds,
-            "token_ids": ids}  # fmt: skip
+            "guesses": {"made": made, "used": used, "undone": undone}, "token_ids": ids}  # fmt: skip
 
 
 def vanilla_run(client, url: str, ex: dict, tokens: int) -> dict:
@@ -330,6 +355,9 @@ def per_row(records: list[dict]) -> dict:
     out["up_per_token"] = med([r["bytes_up"] / t for r, t in zip(records, n) if t])
     fw = [r["forwards"] / t for r, t in zip(records, n) if t and r["forwards"] is not None]
     out["forwards_per_token"] = med(fw)
+    guessed = [r.get("guesses") for r in records]
+    out["guessed_per_token"] = med([g["made"] / t for g, t in zip(guessed, n) if g and t and g["made"]])
+    out["guess_hit"] = med([g["used"] / (g["used"] + g["undone"]) for g in guessed if g and g["used"] + g["undone"]])
     return out
 
 
@@ -359,8 +387,9 @@ def summarise(records: list[dict]) -> list[dict]:
 def table(lines: list[dict]) -> str:
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     out = ["| pair | method | RTT ms | mode | tok/s | × per-token | end-to-end tok/s | TTFT ms | tokens / round trip | "
-           "bytes/token down | bytes/token up | cloud forwards/token | same tokens as per-token | rows × runs | load |",
-           "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+           "bytes/token down | bytes/token up | cloud forwards/token | guessed forwards/token | guess hit rate | "
+           "same tokens as per-token | rows × runs | load |",
+           "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     base = {(x["pair"], x["rtt_ms"], x["method"]): x["tok_s"] for x in lines if x["mode"] == "pertoken"}
     for x in lines:
         ref = base.get((x["pair"], x["rtt_ms"], x["method"] if x["mode"] != "vanilla" else "costeer"))
@@ -370,7 +399,8 @@ def table(lines: list[dict]) -> str:
         out.append(f"| {x['pair']} | {x['method']} | {x['rtt_ms']:g} | {x['mode']} | {fmt(x['tok_s'], '.1f')} | "
                    f"{fmt(ratio, '.2f')} | {fmt(x['e2e_tok_s'], '.1f')} | {fmt(x['ttft_s'] and 1000 * x['ttft_s'], '.0f')} | "
                    f"{fmt(x['tokens_per_rt'], '.2f')} | {fmt(x['down_per_token'], ',.0f')} | "
-                   f"{fmt(x['up_per_token'], '.1f')} | {fmt(x['forwards_per_token'], '.2f')} | {same} | "
+                   f"{fmt(x['up_per_token'], '.1f')} | {fmt(x['forwards_per_token'], '.2f')} | "
+                   f"{fmt(x.get('guessed_per_token'), '.2f')} | {fmt(x.get('guess_hit'), '.0%')} | {same} | "
                    f"{x['rows']} × {x['runs'] // max(1, x['rows'])} | {x['load']:.1f} |")  # fmt: skip
     return "\n".join(out)
 

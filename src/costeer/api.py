@@ -15,7 +15,7 @@ from typing import Iterator
 
 from costeer.engine.config import GenerationConfig, Method, SamplingConfig, SteeringConfig
 from costeer.engine.fusion import fusion_pipeline
-from costeer.engine.loop import DecodePlan, LLMSide, LocalSteeringSource, SharedModel, Step, decode
+from costeer.engine.loop import DecodePlan, Guess, LLMSide, LocalSteeringSource, SharedModel, Step, decode
 from costeer.engine.methods import MethodSpec
 from costeer.engine.models import LM, load_lm
 from costeer.engine.prefix_cache import PrefixCache, PrefixPlan
@@ -290,14 +290,6 @@ class CoSteer:
             return DecodePlan(source, vocab, sampling, prompts=prompts)
         vocab = self.vocab()
         pair_prompts = (prompts.get("slm_reference", prompts["slm"]), prompts["slm_context"])  # (without, with)
-        if self.llm is self.slm and steering.gate is None:
-            # one model on both sides: its three sequences in one batch (a gate needs them apart)
-            shared_prefix = PrefixPlan(prefix.cache, (0, *prefix.lengths)) if prefix is not None else None
-            shared = SharedModel(self.slm, prompts["llm"], pair_prompts, n, shared_prefix)
-            primary, pair = shared.llm, shared.steering
-        else:
-            pair = LocalSteeringSource(self.slm, pair_prompts, n, prefix)
-            primary, pair = self.llm.connect(prompts["llm"], vocab, n, pair)
         # the support rule goes with the matched reference: together they keep the user's details
         # (docs/steering-variants.md §5); against the bare query the delta stays the paper's
         support = None
@@ -305,6 +297,14 @@ class CoSteer:
             text = "\n".join(m["content"] for m in with_context)
             support = support_mask(vocab, self.llm.tokenizer, text).to(self.slm.device)  # where Δ lives
         fusion = fusion_pipeline(spec.name, steering, support)
+        if self.llm is self.slm and steering.gate is None:
+            # one model on both sides: its three sequences in one batch (a gate needs them apart)
+            shared_prefix = PrefixPlan(prefix.cache, (0, *prefix.lengths)) if prefix is not None else None
+            shared = SharedModel(self.slm, prompts["llm"], pair_prompts, n, shared_prefix)
+            primary, pair = shared.llm, shared.steering
+        else:
+            pair = LocalSteeringSource(self.slm, pair_prompts, n, prefix)
+            primary, pair = self.llm.connect(prompts["llm"], vocab, n, pair, guess=Guess(fusion, vocab))
         return DecodePlan(primary, vocab, sampling, pair, fusion, steering.gate, prompts)
 
     def generate(self, query: str | Messages, context: str | None = None, method: Method | str = Method.costeer,

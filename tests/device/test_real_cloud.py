@@ -95,3 +95,34 @@ def test_look_ahead_across_tokenizers_gives_the_per_token_tokens(gemma, smollm2,
         assert taken > 0
     finally:
         server.stop()
+
+
+def test_run_ahead_gives_the_per_token_tokens_and_distributions_on_llamacpp(smollm2_cpp, tmp_path, monkeypatch):
+    """SmolLM2 llama.cpp on both sides through a 40 ms relay: with run-ahead (guessed SLM-pair
+    forwards while a round is on its way, rewound with llama_memory_seq_rm when wrong), greedy and
+    seeded sampling give the per-token run's tokens and, bit for bit, its SLM-pair distributions;
+    guesses are made and used."""
+    import torch
+
+    from costeer.device.ahead import SteeringAhead
+
+    monkeypatch.setenv("COSTEER_CACHE_DIR", str(tmp_path / "cache"))
+    server = ThreadServer(smollm2_cpp)
+    try:
+        with DelayRelay(server.port, rtt_s=0.04) as relay:
+            def run(lookahead, **kw):
+                pairs, advance = [], SteeringAhead.advance
+                with monkeypatch.context() as m:
+                    m.setattr(SteeringAhead, "advance", lambda self, t: pairs.append(advance(self, t).clone()) or pairs[-1])
+                    llm = connect_cloud(relay.url("ws"), api_key=KEY_A, lookahead=lookahead)
+                    g = CoSteer(llm, smollm2_cpp).generate(QUERY, CONTEXT, "costeer", max_new_tokens=24, **kw)
+                return g.token_ids, pairs, llm.guesses
+
+            for kw in ({}, dict(temperature=0.8, seed=3)):
+                want, want_pairs, _ = run("off", **kw)
+                got, pairs, guesses = run("tree:4:8", **kw)
+                assert got == want and len(pairs) == len(want_pairs)
+                assert all(torch.equal(a, b) for a, b in zip(pairs, want_pairs))
+                assert guesses.made > 0 and guesses.used > 0, guesses
+    finally:
+        server.stop()

@@ -6,6 +6,7 @@ llama.cpp distributions is exactly the paper's literal loop on the same distribu
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from costeer.api import CoSteer
@@ -100,3 +101,25 @@ def test_one_model_both_sides_in_one_batch_equals_separate_sources(smollm2_cpp):
     separate = CoSteer(smollm2_cpp, dataclasses.replace(smollm2_cpp)).generate(QUERY, CONTEXT, "costeer",
                                                                              max_new_tokens=24)
     assert shared.token_ids == separate.token_ids
+
+
+def test_rewind_then_refeed_is_bit_identical_to_never_feeding_the_guess(smollm2_cpp):
+    """A device's wrong guesses undone (device/ahead.py): their cells removed, the real tokens take
+    the cells, and compute the logits, of a batch that never saw the guesses (bit for bit)."""
+    p = _prompts(smollm2_cpp)
+    guessed, straight = smollm2_cpp.open([p["slm"], p["slm_context"]]), smollm2_cpp.open([p["slm"], p["slm_context"]])
+    try:
+        guessed.start(), straight.start()
+        toks = p["slm"][-4:]
+        guessed.advance([toks[0]] * 2), straight.advance([toks[0]] * 2)
+        assert guessed.room_ahead(4)
+        with pytest.raises(ValueError):
+            guessed.rewind(2)  # only what was fed since start
+        for wrong in ([toks[2]], [toks[3], toks[1]]):
+            for t in wrong:
+                guessed.advance([t, t])
+            guessed.rewind(len(wrong))
+        for t in toks[1:]:
+            assert torch.equal(guessed.advance([t, t]), straight.advance([t, t]))
+    finally:
+        guessed.close(), straight.close()

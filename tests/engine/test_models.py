@@ -122,3 +122,42 @@ def test_unknown_or_impossible_backend_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="needs a .gguf model"):
         load_lm(str(tmp_path), device="cpu", backend="llamacpp")
     assert load_lm(str(tmp_path), device="cpu", backend="auto").backend == "transformers"  # not a GGUF
+
+
+def test_rewind_then_refeed_is_bit_identical_to_never_feeding_the_guess(lm):
+    """A device's wrong guesses undone (device/ahead.py): rewind(n) and feeding the real tokens gives
+    exactly the logits of a batch that never saw the guesses, and both go on in step."""
+    short, long = [3, 17, 42], [3, 99, 12, 54]  # within the tiny Gemma's sliding window
+    guessed, straight = DecodeBatch(lm, [short, long]), DecodeBatch(lm, [short, long])
+    guessed.start(), straight.start()
+    want = straight.advance([14, 14])
+    guessed.advance([14, 14])
+    with pytest.raises(ValueError):
+        guessed.rewind(2)  # only what was fed since start
+    for wrong in ([200], [31, 77]):
+        for tok in wrong:
+            guessed.advance([tok, tok])
+        guessed.rewind(len(wrong))
+    for tok in [5, 130]:
+        want, got = straight.advance([tok, tok]), guessed.advance([tok, tok])
+        assert torch.equal(got, want)
+
+
+def test_no_room_ahead_where_a_rewind_could_not_be_exact():
+    """A sliding layer that would reach its window within n more tokens could not give their columns
+    back: room_ahead(n) says no (transformers' crop refuses it past the window)."""
+    tok = bpe_tokenizer()
+    lm = make_lm("gemma3", gemma3(len(tok), sliding_window=6), tok)
+    batch = DecodeBatch(lm, [[3, 17]])
+    batch.start()
+    batch.advance([5])
+    assert batch.room_ahead(2) and not batch.room_ahead(3)  # 3 cached + 3 reaches the window of 6
+    batch.advance([6]), batch.advance([7])
+    batch.rewind(2)
+    batch.advance([8]), batch.advance([9]), batch.advance([10])
+    with pytest.raises((ValueError, RuntimeError)):
+        batch.rewind(1)
+    llama_lm = make_lm("llama", llama(len(tok)), tok)
+    plain = DecodeBatch(llama_lm, [[3, 17]])
+    plain.start()
+    assert plain.room_ahead(1000)

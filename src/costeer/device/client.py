@@ -27,6 +27,15 @@ reading the round's next frames first when the child was announced but has not a
 choice leaves the tree it sends the round's tokens in one TOKENS frame and waits, as for one token.
 Every distribution it uses is the one the cloud would have sent token by token.
 
+Run-ahead (`run_ahead`, on by default where look-ahead is): a token taken from a tree has an SLM
+pair forward that no wait hides. So once the pair's forward for the sent token is done, while the
+answer has not come (a message is looked for without waiting, and kept for the next read) and the
+expected rest of the wait is worth another forward (ahead.Pace), the device feeds its pair the
+token it guesses it will choose next, then the one after, up to the round's depth (ahead.py).
+Walking the tree, a choice equal to the guess finds its pair computed; the first one that differs
+rewinds the guessed tokens and is fed as usual, so every pair distribution is per-token decoding's,
+bit for bit. `CloudLLM.guesses` counts the guessed forwards made, used and undone.
+
 A dropped connection is retried with back-off: first by re-attaching to the live session
 (ATTACH, with the round's tokens whose answer was lost), else — the cloud restarted, or the session
 was evicted — by opening a new one with the query plus the tokens chosen so far, which the cloud
@@ -36,6 +45,7 @@ replays. The caller sees one stream.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,12 +54,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch import Tensor
 
 from costeer import frames
-from costeer.device.ahead import SteeringAhead
+from costeer.device.ahead import Guesses, Pace, SteeringAhead
 from costeer.device.options import DEFAULT_FRAMES, DEFAULT_K, CloudFrames, Lookahead, check_tail
 from costeer.device.tokenizers import TokenizerRefused, cached_tokenizer, store_tokenizer, tokenizer_dir
 from costeer.device.transport import MAX_INFO_BYTES, MAX_TOKENIZER_BYTES, CloudError, HttpClient, Link, Retry, cloud_urls
 from costeer.device.wire import WireLog, redact_headers
-from costeer.engine.loop import LLMSide, SteeringSource
+from costeer.engine.loop import Guess, LLMSide, SteeringSource
 from costeer.engine.prefix_cache import PrefixPlan
 from costeer.engine.vocab import VocabMap
 
@@ -116,7 +126,7 @@ class CloudLLM(LLMSide):
 
     def __init__(self, ws_url: str, api_key: str, info: CloudInfo, tokenizer, frames_: CloudFrames = CloudFrames(DEFAULT_K),
                  tail: str = "slm", wire: WireLog | None = None, retry: Retry = Retry(), link: Link = Link(),
-                 lookahead: Lookahead | str | int = "off", streamed: bool = True):  # fmt: skip
+                 lookahead: Lookahead | str | int = "off", streamed: bool = True, run_ahead: bool = True):  # fmt: skip
         self.ws_url, self.api_key, self.info = ws_url, api_key, info
         self.name = info.model
         self.tokenizer = tokenizer
@@ -127,6 +137,10 @@ class CloudLLM(LLMSide):
         self.bytes_down = self.bytes_up = self.frames_down = 0  # DIST payload bytes / TOKEN payload bytes
         self.rounds = self.tree_tokens = 0  # round trips (DIST or TREE answers) / tokens taken from trees
         self.lookahead = self._lookahead(Lookahead.parse(lookahead), streamed)  # what OPEN asks for
+        # guessed SLM-pair forwards while a round is on its way (ahead.py): with look-ahead only, where
+        # tokens taken from trees have forwards no wait hides (per token, every forward is hidden)
+        self.run_ahead = run_ahead and self.lookahead.on
+        self.guesses, self.pace = Guesses(), Pace()
         # the longest message the device reads: a frame of the kind asked for, one per node (docs/security.md)
         per_node = frames.max_downlink_bytes(self.vocab_size, frames_.k, frames_.packed)
         n = self.lookahead.nodes if self.lookahead.on else 1
@@ -153,21 +167,26 @@ class CloudLLM(LLMSide):
 
     def connect(self, prompt_ids: list[int], vocab: VocabMap, max_new_tokens: int,
                 steering: SteeringSource | None = None,
-                prefix: PrefixPlan | None = None) -> tuple[CloudSource, SteeringAhead | None]:  # fmt: skip
+                prefix: PrefixPlan | None = None,
+                guess: Guess | None = None) -> tuple[CloudSource, SteeringAhead | None]:  # fmt: skip
         """LLMSide: one cloud session over `prompt_ids`; the steering source (the SLM pair) comes
-        back wrapped so that its forwards run while the cloud answers. No `prefix` comes here (LLMSide)."""
-        ahead = SteeringAhead(steering, vocab, self.vocab_size) if steering is not None else None
+        back wrapped so that its forwards run while the cloud answers (and, with `guess` and
+        run_ahead, guessed ones beyond). No `prefix` comes here (LLMSide)."""
+        guess = guess if self.run_ahead else None
+        ahead = SteeringAhead(steering, vocab, self.vocab_size, guess, self.guesses) if steering is not None else None
         return CloudSource(self, prompt_ids, max_new_tokens, ahead), ahead
 
 
 def connect_cloud(url: str, api_key: str | None = None, k: CloudFrames | int | str = DEFAULT_FRAMES,
                   tail: str = "slm", wire_log: str | Path | WireLog | None = None, retry: Retry = Retry(),
                   ca_file: str | Path | None = None, insecure: bool = False,
-                  lookahead: Lookahead | int | str = "auto", streamed: bool = True) -> CloudLLM:  # fmt: skip
+                  lookahead: Lookahead | int | str = "auto", streamed: bool = True, run_ahead: bool = True) -> CloudLLM:  # fmt: skip
     """Ask the cloud what it serves and fetch its tokenizer (cached by fingerprint).
     k: the frames to ask for (options.CloudFrames, or its text: 'full', a top-k size, 'packed[:N]').
     lookahead: 'auto' (default), 'off', N, 'chain:D' or 'tree:D:N' (options.Lookahead); streamed:
-    its rounds level by level where the cloud offers it (False: whole TREE rounds, for comparison).
+    its rounds level by level where the cloud offers it (False: whole TREE rounds, for comparison);
+    run_ahead: with look-ahead, guessed SLM-pair forwards while a round is on its way (ahead.py;
+    False: none, for comparison; counted in `.guesses`).
     ca_file: the CA bundle wss:// trusts (else SSL_CERT_FILE, else the system's); insecure: allow
     the key over plain ws:// to a host other than this machine."""
     frames_ = CloudFrames.parse(k)
@@ -195,7 +214,7 @@ def connect_cloud(url: str, api_key: str | None = None, k: CloudFrames | int | s
         http.close()
     if wire is not None:
         wire.meta(url=ws_url, model=info.model, tokenizer_fingerprint=fp, tokenizer_dir=str(tokenizer_dir(fp)))
-    return CloudLLM(ws_url, api_key, info, tok, frames_, tail, wire, retry, link, lookahead, streamed)
+    return CloudLLM(ws_url, api_key, info, tok, frames_, tail, wire, retry, link, lookahead, streamed, run_ahead)
 
 
 class CloudSource:
@@ -211,6 +230,9 @@ class CloudSource:
         self.tree: frames.Round | None = None  # the round the device is in
         self.node = 0  # where it stands in that round's tree
         self.pending: list[int] = []  # the round's tokens sent up, whose answer has not come yet
+        self._held: tuple | None = None  # a message _arrived() read (decoded, its size), for the next _recv
+        self._held_at: float | None = None  # when it was read
+        self._stale = 0  # frames of a left round dropped while waiting for this exchange's answer
 
     # -- NextTokenSource ---------------------------------------------------------------
 
@@ -291,6 +313,7 @@ class CloudSource:
         self.pending = list(tokens or [])
         outage = None  # the run of failures this exchange is in, if any
         while True:
+            sent_at, self._held_at, self._stale = time.perf_counter(), None, 0
             try:
                 if self.ws is None:
                     self._connect_and_open()
@@ -301,7 +324,10 @@ class CloudSource:
                 if hook is not None:
                     hook, h = None, hook
                     h()
+                    self._run_ahead(sent_at)
                 tree = self._receive_round()
+                if self.chosen and outage is None:  # a round trip (not an OPEN's, which waits for a prefill)
+                    self.llm.pace.waited((self._held_at or time.perf_counter()) - sent_at)
                 self.pending = []
                 return tree
             except wse.InvalidStatus as e:
@@ -334,7 +360,47 @@ class CloudSource:
                                  f"{self.llm.retry.budget_s:g} s ({outage.tries} retries; {err})") from None  # fmt: skip
             self.reconnects += 1
 
+    def _run_ahead(self, sent_at: float) -> None:
+        """While the answer has not come, and the rest of the wait is worth it (ahead.Pace), feed the
+        SLM pair guessed tokens, one forward at a time: at most a round's depth beyond the chosen
+        tokens, never past the generation's last token. Only where the rounds look ahead."""
+        ahead, llm, clock = self.ahead, self.llm, time.perf_counter
+        if ahead is None or ahead.guess is None or (self.tree is not None and self.tree.size == 1):
+            return
+        room = min(llm.lookahead.depth, self.max_new_tokens - 1 - len(self.chosen))
+        while len(ahead.guessed) < room and llm.pace.worth(clock() - sent_at, llm.guesses.hit_rate):
+            if self._arrived():
+                return
+            t = clock()
+            if not ahead.run_guess():
+                return
+            llm.pace.forwarded(clock() - t)
+
+    def _arrived(self) -> bool:
+        """Whether the answer has come (a message other than a left round's frames); it is read,
+        and kept for the next _recv."""
+        while self._held is None:
+            try:
+                got = self._recv(timeout=0)
+            except TimeoutError:
+                return False
+            if not self._left_behind(*got):
+                self._held, self._held_at = got, time.perf_counter()
+        return True
+
+    def _left_behind(self, msg, n: int) -> bool:
+        """Whether `msg` is a LEVEL frame of a round the device has left (earlier positions: the
+        rest of a streamed round still on its way); dropped, at most a round's levels of them."""
+        if not (isinstance(msg, frames.Level) and msg.position < len(self.chosen)):
+            return False
+        self.llm.bytes_down += n
+        self._stale += 1
+        if self._stale > self.llm.lookahead.depth:  # a round has at most depth + 1 frames, its root's not among these
+            self._refuse(frames.CLOSE_MALFORMED, "more LEVEL frames of a left round than it can have")
+        return True
+
     def _drop(self) -> None:
+        self._held = None
         if self.ws is not None:
             try:
                 self.ws.close(frames.CLOSE_GOING_AWAY)
@@ -383,8 +449,13 @@ class CloudSource:
         if token:
             self.llm.bytes_up += len(data)
 
-    def _recv(self):
-        data = self.ws.recv(timeout=self.llm.retry.recv_timeout_s)
+    def _recv(self, timeout: float | None = None):
+        """The next message -> (decoded, its size): one _arrived() kept, else from the socket
+        (waiting up to `timeout`, by default recv_timeout_s)."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            return held
+        data = self.ws.recv(timeout=self.llm.retry.recv_timeout_s if timeout is None else timeout)
         if isinstance(data, str):
             data = data.encode()
         if self.llm.wire is not None:
@@ -414,15 +485,11 @@ class CloudSource:
             if not isinstance(msg, frames.Ready):
                 raise CloudError("the cloud did not answer OPEN with READY")
             self.session_id, self._expect_ready = msg.session_id, False
-        asked, stale = self.llm.lookahead, 0
-        while True:
+        asked = self.llm.lookahead
+        msg, n = self._recv()
+        while self._left_behind(msg, n):
             msg, n = self._recv()
-            self.llm.bytes_down += n
-            if not (isinstance(msg, frames.Level) and msg.position < len(self.chosen)):
-                break
-            stale += 1
-            if stale > asked.depth:  # a round has at most depth + 1 frames, its root's not among these
-                self._refuse(frames.CLOSE_MALFORMED, "more LEVEL frames of a left round than it can have")
+        self.llm.bytes_down += n
         if not isinstance(msg, (frames.Dist, frames.Tree, frames.Level)):
             raise CloudError("expected a DIST, TREE or LEVEL frame from the cloud")
         if isinstance(msg, frames.Level) and not asked.streamed:

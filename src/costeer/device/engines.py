@@ -49,7 +49,7 @@ from costeer.device.ahead import SteeringAhead
 from costeer.device.options import DEFAULT_K, CloudFrames, Lookahead, check_tail
 from costeer.device.transport import MAX_JSON_BYTES, CloudError, HttpClient, Link, Retry
 from costeer.device.wire import WireLog
-from costeer.engine.loop import LLMSide, SteeringSource
+from costeer.engine.loop import Guess, LLMSide, SteeringSource
 from costeer.engine.prefix_cache import PrefixPlan
 from costeer.engine.vocab import VocabMap
 
@@ -95,9 +95,10 @@ class EngineLLM(LLMSide):
 
     def connect(self, prompt_ids: list[int], vocab: VocabMap, max_new_tokens: int,
                 steering: SteeringSource | None = None,
-                prefix: PrefixPlan | None = None) -> tuple[EngineSource, SteeringAhead | None]:  # fmt: skip
+                prefix: PrefixPlan | None = None,
+                guess: Guess | None = None) -> tuple[EngineSource, SteeringAhead | None]:  # fmt: skip
         """LLMSide: a source of chain requests over `prompt_ids`; the SLM pair runs meanwhile.
-        No `prefix` comes here (LLMSide)."""
+        No `prefix` comes here (LLMSide); no run-ahead on a `guess` (the WebSocket source's)."""
         ahead = SteeringAhead(steering, vocab, self.vocab_size) if steering is not None else None
         return EngineSource(self, prompt_ids, ahead, max_new_tokens), ahead
 

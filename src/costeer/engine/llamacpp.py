@@ -455,6 +455,22 @@ class LlamaDecodeBatch:
         self.pos = [p + 1 for p in self.pos]
         return self._decode(rows)
 
+    def rewind(self, n: int) -> None:
+        """Forget the last n tokens fed to every sequence (a device's guessed tokens): their cells
+        removed, which puts the stream's search head back on the first freed cell, so the next step
+        takes the cells, and computes the distributions, it would have without them."""
+        fed = min(p - len(q) for p, q in zip(self.pos, self.prompts))
+        if not 0 <= n <= fed:
+            raise ValueError(f"cannot rewind {n} tokens: {fed} were fed since start()")
+        for seq in range(self.B) if n else ():
+            self.pos[seq] -= n
+            if not self._ll.llama_memory_seq_rm(self._mem, seq, self.pos[seq], -1):
+                raise LlamaCppError(f"llama.cpp could not remove the last {n} tokens of sequence {seq}")
+
+    def room_ahead(self, n: int) -> bool:
+        """Whether n more tokens fed from here could all be rewound (cells are removed one by one: always)."""
+        return True
+
     def extend(self, tokens: list[int]) -> Tensor:
         if not tokens:
             raise ValueError("extend() needs at least one token")

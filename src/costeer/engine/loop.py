@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Protocol
+from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -53,7 +53,8 @@ class LLMSide(Protocol):
     the steering source's forwards while it computes (device/ahead.py) and returns it wrapped; an
     in-process one returns it unchanged. `prefix`: the prompt's stable prefix for an in-process
     model's prefix cache (engine/prefix_cache.py); a remote LLM is never given one, as only prompts
-    holding the private context have a prefix to keep."""
+    holding the private context have a prefix to keep. `guess`: the steered method's guess of its next
+    token (`Guess`), for a remote LLM that runs the SLM pair ahead on it while it waits."""
 
     name: str
     tokenizer: object
@@ -67,7 +68,8 @@ class LLMSide(Protocol):
 
     def connect(self, prompt_ids: list[int], vocab: VocabMap, max_new_tokens: int,
                 steering: SteeringSource | None = None,
-                prefix: PrefixPlan | None = None) -> tuple[NextTokenSource, SteeringSource | None]: ...  # fmt: skip
+                prefix: PrefixPlan | None = None,
+                guess: Guess | None = None) -> tuple[NextTokenSource, SteeringSource | None]: ...  # fmt: skip
 
 
 class _Local:
@@ -120,6 +122,14 @@ class LocalSteeringSource(_Local):
 
     def extend(self, token_ids: list[int]) -> Tensor:
         return self.batch.extend(token_ids)
+
+    def rewind(self, n: int) -> None:
+        """Forget the last n tokens advance() fed (guessed ones: device/ahead.py)."""
+        self.batch.rewind(n)
+
+    def room_ahead(self, n: int) -> bool:
+        """Whether n more tokens fed from here could all be rewound."""
+        return self.batch is not None and self.batch.room_ahead(n)
 
 
 class SharedModel(_Local):
@@ -267,8 +277,7 @@ def _decode(plan: DecodePlan) -> Iterator[Step]:
             pending = []
             slm_s, t = slm_s + clock() - t, clock()
         if steering is not None and not gated:
-            slm = vocab.slm_view(pair)  # [2, K]
-            z = fusion(z, slm[1], slm[0], history)
+            z = steer(fusion, vocab, z, pair, history)
         t_fused = clock()
         k = sample(z, sampling, gen)
         history.append(k)
@@ -283,6 +292,27 @@ def _decode(plan: DecodePlan) -> Iterator[Step]:
         llm_s, slm_s = clock() - t, 0.0
         if steering is not None:
             pending.append(vocab.slm_token(k))
+
+
+def steer(fusion: FusionPipeline, vocab: VocabMap, z: Tensor, pair: Tensor, history: Sequence[int]) -> Tensor:
+    """One steered step: the LLM's aligned view z [K] fused with the SLM pair [2, V_slm] (row 0
+    without context, row 1 with) -> the fused log-probabilities [K]."""
+    slm = vocab.slm_view(pair)  # [2, K]
+    return fusion(z, slm[1], slm[0], history)
+
+
+@dataclass(frozen=True)
+class Guess:
+    """The token a steered method would choose if the LLM's distribution were `stand_in` (a device's
+    guess while the cloud computes the real one: device/ahead.py runs the SLM pair ahead on it).
+    Only which forwards run ahead depends on it, never a chosen token."""
+
+    fusion: FusionPipeline
+    vocab: VocabMap
+
+    def __call__(self, stand_in: Tensor, pair: Tensor, history: Sequence[int]) -> int:
+        """stand_in [V_llm] log-probabilities, pair [2, V_slm], history: aligned ids -> the aligned id of the fused argmax"""
+        return int(torch.argmax(steer(self.fusion, self.vocab, self.vocab.llm_view(stand_in), pair, history)))
 
 
 def _inspect(z_llm: Tensor, z: Tensor, k: int, vocab: VocabMap, n: int) -> Inspection:

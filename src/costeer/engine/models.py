@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from costeer.engine.loop import LLMSide, LocalModelSource, NextTokenSource, SteeringSource
+from costeer.engine.loop import Guess, LLMSide, LocalModelSource, NextTokenSource, SteeringSource
 from costeer.engine.paths import cache_root
 from costeer.engine.prefix_cache import Codec, PrefixPlan
 from costeer.engine.vocab import VocabMap, special_ids
@@ -210,8 +210,10 @@ class LM(LLMSide):
 
     def connect(self, prompt_ids: list[int], vocab: VocabMap, max_new_tokens: int,
                 steering: SteeringSource | None = None,
-                prefix: PrefixPlan | None = None) -> tuple[NextTokenSource, SteeringSource | None]:  # fmt: skip
-        """LLMSide: a source over this model in this process; the steering source runs as it is."""
+                prefix: PrefixPlan | None = None,
+                guess: Guess | None = None) -> tuple[NextTokenSource, SteeringSource | None]:  # fmt: skip
+        """LLMSide: a source over this model in this process; the steering source runs as it is (no
+        wait to fill: `guess` is not used)."""
         return LocalModelSource(self, prompt_ids, max_new_tokens, prefix), steering
 
     @property
@@ -472,6 +474,24 @@ class DecodeBatch:
         pos = self.next_pos + torch.arange(n)
         self.next_pos = pos[:, -1:] + 1
         return self._forward(ids, pos)
+
+    def rewind(self, n: int) -> None:
+        """Forget the last n tokens fed to every sequence (a device's guessed tokens, engine/loop.py's
+        run-ahead): the cache cropped, the mask and positions as before them, so the next step computes
+        exactly what it would have without them (a DynamicCache concatenates into new tensors, so the
+        kept columns are the very ones it held)."""
+        fed = int(self.next_pos[0]) - len(self.prompts[0]) if self.next_pos is not None else 0
+        if not 0 <= n <= fed:
+            raise ValueError(f"cannot rewind {n} tokens: {fed} were fed since start()")
+        if n:
+            self.cache.crop(-n)
+            self.mask, self.next_pos = self.mask[:, :-n], self.next_pos - n
+
+    def room_ahead(self, n: int) -> bool:
+        """Whether n more tokens fed from here could all be rewound: no sliding layer reaches its
+        window meanwhile (past it, a layer has let go columns it would need back: crop refuses)."""
+        return all(layer.get_seq_length() + n < layer.sliding_window for layer in self.cache.layers
+                   if getattr(layer, "sliding_window", None))  # fmt: skip
 
     def took(self, cache, n: int) -> None:
         """The sequences moved on by n tokens fed elsewhere (a pool's batched step, a kept look-ahead
