@@ -60,10 +60,11 @@ def _load(llm: Optional[str], slm: Optional[str], config: GenerationConfig, devi
 
 def _load_cloud(url: str, slm: Optional[str], config: GenerationConfig, device: str, backend: str, frames_,
                 tail: str, wire_log: Optional[Path], public: list[dict], api: str = "costeer", llm_spec: Optional[str] = None,
-                link: Optional[dict] = None, lookahead=None):  # fmt: skip
+                link: Optional[dict] = None, lookahead=None, run_ahead: bool = True):  # fmt: skip
     """The LLM is the cloud at `url` (our service, or a serving engine whose model `llm_spec`
     names for its tokenizer); the SLM loads here, on the device. frames_: a device.CloudFrames;
     link: how to reach it (Models.link); lookahead: a device.Lookahead (engines: positions per request);
+    run_ahead: with our service and look-ahead, guessed SLM-pair forwards while a round is on its way;
     public: the conversation the cloud may see, noted in the wire log for the audit."""
     from costeer.api import CoSteer
     from costeer.device import connect_cloud, connect_engine
@@ -72,7 +73,7 @@ def _load_cloud(url: str, slm: Optional[str], config: GenerationConfig, device: 
     typer.echo(f"connecting to {url}; loading SLM={slm} …", err=True)
     link = link or {}
     if api == "costeer":
-        llm = connect_cloud(url, k=frames_, tail=tail, wire_log=wire_log, lookahead=lookahead, **link)
+        llm = connect_cloud(url, k=frames_, tail=tail, wire_log=wire_log, lookahead=lookahead, run_ahead=run_ahead, **link)
     else:
         llm = connect_engine(url, llm_spec or DEFAULT_LLM, api=api, k=frames_, tail=tail, wire_log=wire_log,
                              lookahead=lookahead, **link)  # fmt: skip
@@ -178,6 +179,10 @@ class Models(LocalModels):
         "--cloud-resume-s", min=0.0, help="With --cloud: how long to keep trying to resume after the connection is "
         "lost (a cloud restart), in seconds.")] = Retry().budget_s  # fmt: skip
     lookahead: Annotated[str, typer.Option(help=f"With --cloud: {LOOKAHEAD_HELP}")] = "auto"
+    run_ahead: Annotated[bool, typer.Option(
+        "--run-ahead/--no-run-ahead", help="With --cloud (--cloud-api costeer) and look-ahead: while a round is on its "
+        "way, run the SLM pair ahead on the tokens the device guesses it will choose (the output is the same "
+        "either way).")] = True  # fmt: skip
 
     def frames(self):
         """--cloud-k parsed once (device.CloudFrames), else the default of the cloud kind."""
@@ -439,7 +444,7 @@ def _load_models(m: Models, cfg: GenerationConfig, methods, wire_log: Optional[P
     _quiet_libraries()
     slm = m.slm if any(x.uses_slm for x in methods) else None
     return _load_cloud(m.cloud, slm, cfg, m.device, m.backend, frames_, m.cloud_tail, wire_log, public or [], m.cloud_api, m.llm,
-                       m.link(), lookahead)
+                       m.link(), lookahead, m.run_ahead)
 
 
 def _interruptible(out: Path, fn):

@@ -62,6 +62,24 @@ def test_generate_over_the_cloud_equals_in_process(folders, cloud, context_file,
         assert json.loads(ahead.stdout.strip().splitlines()[-1])["token_ids"] == a["token_ids"], shape
 
 
+@pytest.mark.parametrize("flag, on", [([], True), (["--no-run-ahead"], False)])
+def test_run_ahead_is_on_by_default_and_can_be_switched_off(folders, cloud, context_file, monkeypatch, flag, on):
+    """--no-run-ahead reaches connect_cloud; the tokens are the same either way."""
+    import costeer.device as device
+
+    seen, connect = [], device.connect_cloud
+
+    def recorded(*a, **kw):
+        seen.append(kw.get("run_ahead"))
+        return connect(*a, **kw)
+
+    monkeypatch.setattr(device, "connect_cloud", recorded)
+    r = run("generate", "--cloud", cloud.url, "--lookahead", "tree:3:9", *flag, "-q", QUERY, "--context-file",
+            str(context_file), "--slm", folders["slm"], "--max-new-tokens", "8", "--json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert seen == [on] and json.loads(r.stdout.strip().splitlines()[-1])["token_ids"]
+
+
 def test_audit_wire_exits_1_on_a_leak(folders, cloud, context_file, tmp_path):
     log = tmp_path / "wire.jsonl"
     query = "what should I cook for dinner tonight"
