@@ -20,7 +20,7 @@ from costeer.engine.methods import MethodSpec
 from costeer.engine.models import LM, load_lm
 from costeer.engine.prefix_cache import PrefixCache, PrefixPlan
 from costeer.engine.prompts import Messages, chat_ids, conversation, first_user_turn, stable_prefix_len, with_context
-from costeer.engine.vocab import VocabMap, align_vocabularies, support_mask
+from costeer.engine.vocab import VocabMap, shared_alignment, support_mask
 from costeer.errors import CoSteerError
 
 
@@ -103,9 +103,9 @@ class CoSteer:
     # -- pieces ------------------------------------------------------------------------
 
     def vocab(self) -> VocabMap:
-        """The LLM/SLM alignment (computed once; raises IncompatibleVocabularies)."""
+        """The LLM/SLM alignment (computed once for a pair of loaded models; raises IncompatibleVocabularies)."""
         if self._vocab is None:
-            self._vocab = align_vocabularies(
+            self._vocab = shared_alignment(
                 self.llm.tokenizer,
                 self.slm.tokenizer,
                 self.llm.vocab_size,

@@ -38,7 +38,7 @@ from costeer.engine.methods import METHODS
 from costeer.engine.fusion import FusionPipeline, fusion_pipeline
 from costeer.engine.models import LM, from_transformers, load_lm, stop_ids
 from costeer.engine.prompts import prompt_ids, user_message
-from costeer.engine.vocab import VocabMap, align_vocabularies, support_mask
+from costeer.engine.vocab import VocabMap, shared_alignment, support_mask
 
 _PROMPTS_KEPT = 16  # prompts `encode` remembers (a long-lived processor must not grow without bound)
 
@@ -90,8 +90,8 @@ class CoSteerLogitsProcessor(LogitsProcessor):
         self.steering = steering or SteeringConfig()
         self.slm = _as_lm(slm, slm_tokenizer, device)
         shared = GenerationConfig().min_shared_vocab if min_shared_vocab is None else min_shared_vocab
-        self.vocab = align_vocabularies(tokenizer, self.slm.tokenizer, len(tokenizer), self.slm.vocab_size,
-                                        stop_ids(tokenizer, eos_token_id), self.slm.stop_ids, shared)  # fmt: skip
+        self.vocab = shared_alignment(tokenizer, self.slm.tokenizer, len(tokenizer), self.slm.vocab_size,
+                                      stop_ids(tokenizer, eos_token_id), self.slm.stop_ids, shared)  # fmt: skip
         self._positions = self.vocab.llm_positions()  # LLM id -> aligned position (-1: not shared)
         self._log_gate = math.log(self.steering.gate) if self.steering.gate is not None else math.inf
         self._prompts: OrderedDict[tuple[int, ...], _Prompt] = OrderedDict()
