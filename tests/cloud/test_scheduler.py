@@ -336,6 +336,30 @@ def test_a_session_gone_quiet_holds_the_others_for_the_bound_then_not_at_all():
         sched.close()
 
 
+def test_a_session_that_answers_later_than_the_window_is_not_waited_for():
+    """A client of another key that paces its steps just inside quiet_s is never in time for a window:
+    waiting for it held every tick of an honest lone session for the whole cap (80 ms steps: p50 per
+    token 92 ms alone, 134 ms beside four such sessions). Once a session answers late it is not
+    awaited until it answers promptly again."""
+    pool = RecordingPool(delay=0.002)
+    pool.batch_pays_at = 2
+    sched = Scheduler(pool, n_seq=4, prefill_budget=4, gather=Gather(share=1000.0, cap_s=0.3, quiet_s=5.0))
+    try:
+        warm(sched, "ab")
+        time.sleep(0.35)  # both answer their last result later than the cap
+        late = [sched.submit(k, job(k, steps=[3])) for k in "ab"]
+        for f in late:
+            f.result(timeout=10)
+        t = time.monotonic()
+        sched.submit("a", job("a", steps=[4])).result(timeout=10)  # a answers at once; b's last answer was late
+        assert time.monotonic() - t < 0.15  # not held for b (the window would be 0.3 s)
+        t = time.monotonic()
+        sched.submit("b", job("b", steps=[4])).result(timeout=10)  # b prompt again: a awaited, the window runs
+        assert time.monotonic() - t >= 0.25
+    finally:
+        sched.close()
+
+
 def test_a_prefill_or_a_release_starts_the_tick_at_once(gathering):
     sched, pool = gathering
     warm(sched, "abc")

@@ -88,7 +88,10 @@ class Gather:
     a pool whose batched step pays (`pool.batch_pays_at`: the fewest rows that cost much less
     together than apart; None, as llama.cpp's pool, where a row in a batch costs nearly a lone step),
     and only for awaited sessions: those holding a sequence whose last result left the scheduler less
-    than `quiet_s` ago (their device answers each token at once; one gone quiet is not waited for).
+    than `quiet_s` ago (their device answers each token at once; one gone quiet is not waited for), and
+    whose last step came within `cap_s` of the result before it (a device that answers later than any
+    window, a slow link or a client pacing its steps to hold the others' ticks, is not waited for: such
+    a client of another key added the whole cap to every token of a lone session).
     It waits until every awaited session has sent its step, or `share` of the last step's time
     has passed, at most `cap_s`. A session alone is never held: nobody else is awaited.
 
@@ -129,6 +132,7 @@ class Scheduler:
         self._batch_pays_at: int | None = getattr(pool, "batch_pays_at", None)  # None: never gather
         self._last_step_s = 0.0  # the last step's time (the gather window follows it)
         self._left: dict[object, float] = {}  # session -> when its last result left (monotonic)
+        self._late: set = set()  # sessions whose last step came more than gather.cap_s after their result
         self._cv = threading.Condition()
         self._jobs: dict[object, Job] = {}  # at most one job per session, in submission order
         self._seqs: dict[object, int] = {}  # session -> its sequence in the pool
@@ -151,6 +155,9 @@ class Scheduler:
                 raise RuntimeError("a session has one job at a time")
             else:
                 self._jobs[key] = job
+                left = self._left.get(key)
+                if left is not None:  # how promptly it answered its last result (Gather)
+                    (self._late.add if time.monotonic() - left > self.gather.cap_s else self._late.discard)(key)
                 if job.owner not in self._turns:  # a key with nothing queued goes first
                     self._turns.appendleft(job.owner)
                 self._cv.notify()
@@ -237,7 +244,8 @@ class Scheduler:
 
     def _awaited(self, now: float) -> int:
         """Sessions mid-generation whose next step has not come yet."""
-        return sum(1 for k, t in self._left.items() if k not in self._jobs and now - t < self.gather.quiet_s)
+        return sum(1 for k, t in self._left.items()
+                   if k not in self._jobs and k not in self._late and now - t < self.gather.quiet_s)  # fmt: skip
 
     def _take_released(self) -> list[int]:
         freed = []
@@ -247,6 +255,7 @@ class Scheduler:
                 _settle(job.future, error=Released("the session has ended"))
                 _settle(job.done, error=Released("the session has ended"))
             self._left.pop(key, None)
+            self._late.discard(key)
             seq = self._seqs.pop(key, None)
             if seq is not None:
                 freed.append(seq)
@@ -395,5 +404,6 @@ class Scheduler:
                 if self._jobs.get(key) is job:
                     del self._jobs[key]
                 self._left.pop(key, None)  # its session ends: not awaited
+                self._late.discard(key)
                 _settle(job.future, error=error)
                 _settle(job.done, error=error)
