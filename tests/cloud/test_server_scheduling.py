@@ -275,10 +275,11 @@ def test_sessions_stepped_in_one_tick_share_one_forward_and_get_what_they_get_al
         assert (g.logp - w.logp).abs().max().item() <= 1e-4
 
 
-def test_steps_sent_a_little_apart_are_gathered_into_one_forward(server, tiny_llm):
+def test_steps_sent_a_little_apart_are_gathered_into_one_forward(server, tiny_llm, monkeypatch):
     """Three sessions mid-generation whose devices answer 50 ms apart: the first step's tick waits
     for the other two (the transformers pool says batching pays from 3 rows), one forward for all."""
-    server.registry.scheduler.gather = Gather(share=1000.0, cap_s=0.5, quiet_s=5.0)  # the tiny model's step is ~ms
+    # the tiny model's step is ~ms; set on the module's server for this test only
+    monkeypatch.setattr(server.registry.scheduler, "gather", Gather(share=1000.0, cap_s=0.5, quiet_s=5.0))
     socks = [ws_open(server, key) for key in (KEY_A, KEY_A, KEY_B)]
     for ws, prompt in zip(socks, ([1, 2, 3], [4, 5, 6, 7], [8, 9, 10])):
         open_session(ws, prompt, k=8)

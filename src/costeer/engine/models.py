@@ -476,7 +476,7 @@ class DecodeBatch:
         return self._forward(ids, pos)
 
     def rewind(self, n: int) -> None:
-        """Forget the last n tokens fed to every sequence (a device's guessed tokens, engine/loop.py's
+        """Forget the last n tokens fed to every sequence (a device's guessed tokens, device/ahead.py's
         run-ahead): the cache cropped, the mask and positions as before them, so the next step computes
         exactly what it would have without them (a DynamicCache concatenates into new tensors, so the
         kept columns are the very ones it held)."""
