@@ -169,3 +169,38 @@ def test_the_pace_starts_a_forward_only_where_it_pays_on_average():
     pace.waited(0.100), pace.forwarded(0.030)
     assert pace.worth(0.040, 0.5) and not pace.worth(0.090, 0.5)  # 60 ms left covers 15; 10 ms does not
     assert pace.worth(0.090, 0.9) and not pace.worth(0.090, 0.0)  # unless nearly every guess saves a forward
+
+
+def test_a_cloud_flooding_frames_of_a_left_round_while_the_device_runs_ahead_is_refused(relay, slm, monkeypatch):
+    """A hostile cloud: while the device polls for its answer between guessed forwards, it gets the
+    first round's LEVEL frame again and again (a round it left long ago). The device drops at most a
+    round's worth of them, then closes with one clear error: no endless polling, no frame of a left
+    round taken as the answer."""
+    from costeer import frames
+    from costeer.device import CloudError
+    from costeer.device.client import CloudSource
+
+    first: list[bytes] = []
+    flooded = [0]  # stale frames handed to the device's polls
+    real_connect = CloudSource._connect_and_open
+
+    def connect(self):
+        real_connect(self)
+        ws, real_recv = self.ws, self.ws.recv
+
+        def recv(timeout=None):
+            if first and self.chosen and timeout == 0:
+                flooded[0] += 1
+                return first[0]  # the first round's root frame, position 0: a round the device left
+            data = real_recv(timeout=timeout)
+            if not first and isinstance(frames.decode_downlink(data), frames.Level):
+                first.append(data)
+            return data
+
+        ws.recv = recv
+
+    monkeypatch.setattr(CloudSource, "_connect_and_open", connect)
+    llm = connect_cloud(relay.url("ws"), api_key=KEY_A, k="full", lookahead="tree:3:9", run_ahead=True)
+    with pytest.raises(CloudError, match="more LEVEL frames of a left round"):
+        CoSteer(llm, slm).generate(QUERY, CONTEXT, "costeer", max_new_tokens=N)
+    assert flooded[0] == llm.lookahead.depth + 1  # dropped a round's worth (its depth), refused the next
