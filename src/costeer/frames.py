@@ -537,7 +537,9 @@ def decode_downlink(data: bytes) -> Downlink:
         cap = None
         if k and vbytes == 2:  # the k-th value was rounded to float16: the bound is half a step above it
             low = np.float16(vals.min())
-            cap = float(low) + float(np.spacing(np.abs(low))) / 2
+            # a -inf sent (a token ruled out) is its own bound: its spacing is NaN, and a NaN cap made
+            # the device's whole tail NaN (a hostile cloud's -inf beside a finite tail mass)
+            cap = float(low) + float(np.spacing(np.abs(low))) / 2 if np.isfinite(low) else float(low)
         return Dist(pos, vocab, torch.from_numpy(vals), torch.from_numpy(ids), float(log_tail), cap=cap)
     raise FrameError(f"unknown downlink message type 0x{kind:02x}")
 

@@ -127,6 +127,23 @@ def test_the_tail_is_capped_at_the_kth_value():
     assert torch.equal(uniform[3:], torch.full((2,), float(x[2])))
 
 
+def test_a_ruled_out_value_beside_a_finite_tail_mass_gives_no_nan():
+    """A float16 top-k frame whose smallest value is -inf (a token ruled out) while its tail mass is
+    finite, as a hostile cloud may send: its cap was NaN (np.spacing(inf)), and the device's tail,
+    clamped to it, came out NaN for every token outside the top-k."""
+    V, k = 40, 4
+    header = frames._DIST.pack(frames.VERSION, frames.DIST, frames.TOPK_F16, 2, 0, V, k, math.log(0.1))
+    ids = np.array([3, 7, 11, 20], dtype="<u2").tobytes()
+    vals = np.array([math.log(0.6), math.log(0.3), -20.0, -np.inf], dtype="<f2").tobytes()
+    dist = frames.decode_downlink(header + ids + vals)
+    assert dist.cap == float("-inf")
+    reference = torch.log_softmax(torch.randn(V), -1)
+    for ref in (None, reference):
+        out = frames.densify(dist, ref)
+        assert not torch.isnan(out).any()
+        assert out[20] == float("-inf") and torch.equal(out[[3, 7]], dist.logp[:2])
+
+
 def test_reference_that_rules_out_tokens_gives_them_nothing_and_falls_back_when_empty():
     x = logp(V=50)
     d = frames.decode_downlink(frames.encode_dist(x, 5, 0, values="f32"))
