@@ -23,6 +23,15 @@ from costeer.engine.prompts import Messages, chat_ids, conversation, first_user_
 from costeer.engine.vocab import VocabMap, shared_alignment, support_mask
 from costeer.errors import CoSteerError
 
+# The SLM's public prompt keeps its chat template's head (SmolLM2's default system prompt and role markers:
+# 24 tokens) when the head has at least MIN_HEAD_TOKENS (a bare role marker is not worth an entry) and the
+# prompt fewer than HEAD_PROMPT_BELOW. Below that, one llama.cpp forward takes flash attention's row-by-row
+# path, split or not, and SmolLM2's Q4_1 weights compute each row alone: the split is bit for bit the
+# whole prefill. From 64 tokens on the whole prompt takes the tiled path and a split would move its
+# rounding (up to 0.5 nats measured), for 24 tokens saved (docs/prefix-cache.md).
+MIN_HEAD_TOKENS = 8
+HEAD_PROMPT_BELOW = 64
+
 
 @dataclass
 class Chunk:
@@ -145,19 +154,22 @@ class CoSteer:
     def _prefix(self, prompts: dict[str, list[int]], rows: tuple[str, ...], query: Messages, context: str | None,
                 context_message: str | None, reference_message: str | None) -> PrefixPlan | None:  # fmt: skip
         """The prefix-cache plan for a decode batch over the branches `rows`: the private context's branches
-        and the public reference keep their stable prefix. One-turn prompts only: a longer conversation is
-        prefilled whole."""
+        and the public reference keep their stable prefix, the SLM's public prompt its chat template's head
+        (`slm`: the same for every query, where it has MIN_HEAD_TOKENS). One-turn prompts only: a longer
+        conversation is prefilled whole."""
         if self.prefix_cache is None or len(query) != 1:
             return None
         ctx = _with_context(query, context, context_message)
-        turns = {"slm_context": ctx, "llm_context": ctx,
+        turns = {"slm_context": ctx, "llm_context": ctx, "slm": query,
                  "slm_reference": first_user_turn(query, reference_message) if reference_message else None}
         lengths = []
         for branch in rows:
             lm = self.llm if branch == "llm_context" else self.slm
             turn = turns.get(branch) if branch in prompts else None
-            lengths.append(stable_prefix_len(lm.tokenizer, turn[0]["content"], query[0]["content"], context,
-                                             ids=prompts[branch]) if turn else 0)  # fmt: skip
+            n = stable_prefix_len(lm.tokenizer, turn[0]["content"], query[0]["content"], context, ids=prompts[branch],
+                                  head=branch == "slm") if turn else 0  # fmt: skip
+            head_pays = n >= MIN_HEAD_TOKENS and len(prompts[branch]) < HEAD_PROMPT_BELOW
+            lengths.append(n if branch != "slm" or head_pays else 0)
         return PrefixPlan(self.prefix_cache, tuple(lengths)) if any(lengths) else None
 
     def _config(self, sampling: SamplingConfig | None, steering: SteeringConfig | None, overrides: dict):
@@ -206,7 +218,7 @@ class CoSteer:
         prompts, fitted = self._branch_prompts(spec, query, context, context_message, reference_message,
                                                s_cfg.max_new_tokens, truncate_context)  # fmt: skip
         # the prefix cache keeps what the private source reads: the SLM pair's, or a baseline's one prompt
-        rows = ("slm_reference", "slm_context") if spec.steered else (spec.primary,)
+        rows = (_without_context_branch(prompts), "slm_context") if spec.steered else (spec.primary,)
         prefix = self._prefix(prompts, rows, query, fitted, context_message, reference_message)
         plan = self._plan(spec, prompts, s_cfg, st_cfg, _with_context(query, fitted, context_message), prefix)
         plan = replace(plan, inspect=inspect)
@@ -289,7 +301,7 @@ class CoSteer:
             source = lm.connect(prompts[spec.primary], vocab, n, prefix=prefix)[0]
             return DecodePlan(source, vocab, sampling, prompts=prompts)
         vocab = self.vocab()
-        pair_prompts = (prompts.get("slm_reference", prompts["slm"]), prompts["slm_context"])  # (without, with)
+        pair_prompts = (prompts[_without_context_branch(prompts)], prompts["slm_context"])  # (without, with)
         # the support rule goes with the matched reference: together they keep the user's details
         # (docs/steering-variants.md §5); against the bare query the delta stays the paper's
         support = None
@@ -298,8 +310,13 @@ class CoSteer:
             support = support_mask(vocab, self.llm.tokenizer, text).to(self.slm.device)  # where Δ lives
         fusion = fusion_pipeline(spec.name, steering, support)
         if self.llm is self.slm and steering.gate is None:
-            # one model on both sides: its three sequences in one batch (a gate needs them apart)
-            shared_prefix = PrefixPlan(prefix.cache, (0, *prefix.lengths)) if prefix is not None else None
+            # one model on both sides: its three sequences in one batch (a gate needs them apart). The SLM's
+            # row without context reading the LLM's very prompt copies the LLM's row (no prefill at all): no
+            # prefix of its own, or it would be prefilled
+            shared_prefix = None
+            if prefix is not None:
+                lengths = (0, 0 if pair_prompts[0] == prompts["llm"] else prefix.lengths[0], prefix.lengths[1])
+                shared_prefix = PrefixPlan(prefix.cache, lengths)
             shared = SharedModel(self.slm, prompts["llm"], pair_prompts, n, shared_prefix)
             primary, pair = shared.llm, shared.steering
         else:
@@ -340,6 +357,11 @@ class GenerationStream:
             close = getattr(self._steps, "close", None)
             if close is not None:  # ends a cloud session as soon as the stream ends
                 close()
+
+
+def _without_context_branch(prompts: dict[str, list[int]]) -> str:
+    """The branch the SLM pair's row without context reads: the matched reference where there is one."""
+    return "slm_reference" if "slm_reference" in prompts else "slm"
 
 
 def _with_context(public: Messages, context: str | None, context_message: str | None) -> Messages | None:

@@ -1,17 +1,18 @@
 """The transformers backend with a prefix cache (tiny models): a hit computes exactly what a miss does,
 both match the cache-free batch, and the API reuses a context across generations and processes."""
 
+import copy
 import logging
 
 import pytest
 import torch
 
-from costeer.api import CoSteer
+from costeer.api import HEAD_PROMPT_BELOW, MIN_HEAD_TOKENS, CoSteer
 from costeer.engine import models
 from costeer.engine.models import DecodeBatch, KVSnapshot, _snapshot_codec, hf_identity
 from costeer.engine.prefix_cache import PrefixCache, PrefixCacheConfig, PrefixPlan, new_key
 from costeer.engine.prompts import prompt_ids, stable_prefix_len, user_message
-from tests.tiny import bpe_tokenizer, gemma3, llama, make_lm, sp_tokenizer
+from tests.tiny import CHAT_TEMPLATE, bpe_tokenizer, gemma3, llama, make_lm, sp_tokenizer
 
 MODELS = {"llama": llama, "gemma3": gemma3}
 SHORT = [3, 17, 42, 8]
@@ -138,3 +139,56 @@ def test_the_cache_crosses_processes_through_the_encrypted_file(tmp_path, caplog
     assert third.token_ids == first.token_ids and broken.hits == 0
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
     assert len(list((tmp_path / "prefix").glob("*.kv"))) == 1  # rebuilt
+
+
+# A chat template with a default system turn before the user's (as SmolLM2's): a head of ~13 tokens on the
+# tiny tokenizer, the same for every query.
+SYSTEM = "the cat sat on the mat and the dog ran to the park"
+
+
+def head_pair(shared: bool = False):
+    tok = copy.deepcopy(bpe_tokenizer())
+    tok.chat_template = "<|user|>" + SYSTEM + "<|end|>" + CHAT_TEMPLATE
+    llm = make_lm("llm", llama(len(tok), seed=1), tok)
+    return (llm, llm) if shared else (llm, make_lm("slm", gemma3(len(tok), seed=2), tok))
+
+
+def test_the_slm_public_prompt_keeps_its_template_head_for_every_query():
+    """The SLM pair's row without context reads the public prompt: its template head (the default system
+    turn) is kept once and restored for another query; the context's prefix beside it as before."""
+    llm, slm = head_pair()
+    assert stable_prefix_len(slm.tokenizer, "Plan my weekend.", "Plan my weekend.", head=True) >= MIN_HEAD_TOKENS
+    cs, plain = CoSteer(llm, slm), CoSteer(llm, slm, prefix_cache=None)
+    for q in ("Plan my weekend.", "what should I cook tonight?"):
+        got = cs.generate(q, CONTEXT, "costeer", max_new_tokens=8)
+        assert got.token_ids == plain.generate(q, CONTEXT, "costeer", max_new_tokens=8).token_ids
+    # the first query keeps the head and the context's prefix, the second finds both
+    assert (cs.prefix_cache.misses, cs.prefix_cache.hits, len(cs.prefix_cache)) == (2, 2, 2)
+
+
+def test_no_head_where_the_llm_row_is_copied_or_the_public_prompt_is_long():
+    """One model on both sides: the SLM's public row copies the LLM's (no prefill, no head). A public prompt
+    of HEAD_PROMPT_BELOW tokens or more is prefilled whole. Only the context's prefix is kept."""
+    lm, _ = head_pair(shared=True)
+    cs = CoSteer(lm, lm)
+    cs.generate("Plan my weekend.", CONTEXT, "costeer", max_new_tokens=4)
+    assert len(cs.prefix_cache) == 1
+    llm, slm = head_pair()
+    cs = CoSteer(llm, slm)
+    long_query = " ".join(["a quick brown fox jumps over the lazy dog near the river"] * 6)
+    assert len(cs.prompts(long_query, None)["slm"]) >= HEAD_PROMPT_BELOW
+    cs.generate(long_query, CONTEXT, "costeer", max_new_tokens=4)
+    assert len(cs.prefix_cache) == 1
+
+
+def test_stable_prefix_of_a_public_prompt_is_its_template_head_only_when_asked():
+    llm, _ = head_pair()
+    tok = llm.tokenizer
+    heads = []
+    for q in ("Plan my weekend.", "what should I cook tonight?"):
+        ids = prompt_ids(tok, q)
+        assert stable_prefix_len(tok, q, q) == 0  # a turn that starts with the query: nothing by default
+        n = stable_prefix_len(tok, q, q, head=True)
+        assert 0 < n < len(ids)
+        heads.append(ids[:n])
+    assert heads[0] == heads[1] and SYSTEM in tok.decode(heads[0]) and "weekend" not in tok.decode(heads[0])

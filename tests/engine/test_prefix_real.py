@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from costeer.api import CoSteer
+from costeer.api import HEAD_PROMPT_BELOW, MIN_HEAD_TOKENS, CoSteer
 from costeer.engine.prefix_cache import PrefixCache, PrefixCacheConfig, PrefixPlan
 from costeer.engine.prompts import stable_prefix_len
 
@@ -84,3 +84,26 @@ def test_llamacpp_split_moves_the_logprobs_by_rounding_only(smollm2_cpp):
 def test_transformers_split_keeps_the_greedy_tokens(smollm2):
     worst, same = compare(smollm2, PrefixCacheConfig())
     assert same and worst <= BOUND["transformers"]
+
+
+def test_llamacpp_the_public_prompts_head_is_restored_bit_for_bit(smollm2_cpp):
+    """The SLM pair's public row keeps its chat template's head (the default system prompt) when the prompt
+    is shorter than HEAD_PROMPT_BELOW: on SmolLM2 Q4_1 such a prompt computes the same with the head
+    restored as prefilled whole, bit for bit (each row alone, flash attention's row-by-row path either
+    way), on a miss and on a hit, whatever the query."""
+    tested = 0
+    for row in cogenesis_rows(4):
+        prompt = CoSteer(None, smollm2_cpp, prefix_cache=None).prompts(row["input"], None)["slm"]
+        if len(prompt) >= HEAD_PROMPT_BELOW:
+            continue
+        n = stable_prefix_len(smollm2_cpp.tokenizer, row["input"], row["input"], head=True)
+        assert n >= MIN_HEAD_TOKENS
+        cache = PrefixCache()
+        plan = PrefixPlan(cache, (n,))
+        whole_ids, whole = greedy_logprobs(smollm2_cpp, prompt, None, TOKENS)
+        for _ in ("a miss: the head prefilled and kept", "a hit"):
+            ids, got = greedy_logprobs(smollm2_cpp, prompt, plan, TOKENS)
+            assert ids == whole_ids and all(torch.equal(a, b) for a, b in zip(got, whole))
+        assert (cache.misses, cache.hits) == (1, 1)
+        tested += 1
+    assert tested

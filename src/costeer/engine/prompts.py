@@ -104,13 +104,15 @@ def prompt_ids(tokenizer, content: str) -> list[int]:
 
 
 def stable_prefix_len(tokenizer, content: str, query: str, context: str | None = None,
-                      ids: list[int] | None = None) -> int:  # fmt: skip
+                      ids: list[int] | None = None, head: bool = False) -> int:  # fmt: skip
     """How many tokens of `prompt_ids(tokenizer, content)` do not depend on the query: the KV prefix cache
     keeps the model's state after them (engine/prefix_cache.py).
 
     The stable text is the user turn up to the query's last occurrence (`user_message(query, context)`,
     CoGenesis' `personalized_input`, the matched reference: context first, query last), else, where the
-    turn does not hold the query verbatim, the context when the turn starts with it; otherwise nothing.
+    turn does not hold the query verbatim, the context when the turn starts with it; otherwise nothing,
+    or with `head` (a turn that starts with the query: the public prompt) the chat template's text before
+    the turn (a default system prompt, the role markers), the same for every query.
     In tokens: the longest common prefix of the prompt and its text cut where the stable text ends, so a
     token the query's first characters could merge into is left out; never the whole prompt. `ids`: the
     prompt's tokens when already at hand (`prompt_ids(tokenizer, content)`), not tokenised again."""
@@ -118,7 +120,7 @@ def stable_prefix_len(tokenizer, content: str, query: str, context: str | None =
     cut = content.rfind(q) if q else -1
     if cut <= 0 and context and content.startswith(context.strip()):
         cut = len(context.strip())
-    if cut <= 0:
+    if cut < 0 or (cut == 0 and not head):
         return 0
     text, special = _chat_text(tokenizer, [{"role": "user", "content": content}])
     start = text.find(content)
