@@ -175,22 +175,17 @@ def row_figures(llm, slm, ex, args, first_row: bool) -> dict:
         whole.append(n / total)
         decode.append((n - 1) / (total - ttft) if n > 1 else float("nan"))
     out["tok_s"], out["decode_tok_s"], out["tokens"] = median(whole), median(decode), n
-    out["mem_bytes"], out["prefix_tokens"] = cached.prefix_cache.memory_bytes, _prefix_tokens(cached, ex)
+    # every entry the query keeps: the context's prefix and, where kept, the public prompt's template head
+    out["mem_bytes"], out["prefix_tokens"] = cached.prefix_cache.memory_bytes, cached.prefix_cache.memory_tokens
     return out
 
 
-def _prefix_tokens(cs: CoSteer, ex) -> int:
-    from costeer.engine.prompts import stable_prefix_len
-
-    return stable_prefix_len(cs.slm.tokenizer, ex.with_context_prompt(), ex.query, ex.context)
-
-
-def disk_bytes(llm, slm, ex) -> int:
-    """Size of the encrypted file one cached context takes."""
+def disk_bytes_per_token(llm, slm, ex) -> float:
+    """Size of the encrypted files one query's cached prefixes take, per prefix token."""
     with tempfile.TemporaryDirectory() as d:
         cache = PrefixCache(PrefixCacheConfig(directory=Path(d), key=new_key()))
         timed(CoSteer(llm, slm, prefix_cache=cache), ex, "costeer", 1)
-        return sum(p.stat().st_size for p in Path(d).glob("*.kv"))
+        return sum(p.stat().st_size for p in Path(d).glob("*.kv")) / cache.memory_tokens
 
 
 def main() -> None:
@@ -221,7 +216,7 @@ def main() -> None:
             r = {k: median(x[k] for x in rows if k in x) for k in {k for x in rows for k in x}}
             r |= {"backend": backend, "pair": f"{llm_spec} / {slm_spec}", "rows": len(rows),
                   "mem_per_token": median(x["mem_bytes"] / x["prefix_tokens"] for x in rows),
-                  "disk_per_token": disk_bytes(llm, slm, examples[0]) / rows[0]["prefix_tokens"]}  # fmt: skip
+                  "disk_per_token": disk_bytes_per_token(llm, slm, examples[0])}  # fmt: skip
             if parts is not None:
                 cached = CoSteer(llm, slm, prefix_cache=PrefixCache())
                 timed(cached, examples[0], "costeer", 1)  # the first query fills the cache

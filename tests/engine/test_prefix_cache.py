@@ -57,6 +57,8 @@ def test_memory_is_bounded_by_bytes_least_recently_used_first(tmp_path):
     assert c.lookup(MODEL, [2], RAW) is None and c.lookup(MODEL, [1], RAW) is not None
     c.store(MODEL, [4], bytes(1000), 1000, RAW)  # larger than the bound: not kept at all
     assert c.lookup(MODEL, [4], RAW) is None and c.memory_bytes == 200
+    c.store(MODEL, [5, 6, 7], bytes(40), 40, RAW)  # [1], [3] and [5, 6, 7] held
+    assert (c.memory_bytes, c.memory_tokens) == (240, 5)
 
 
 def test_touch_is_a_memory_hit_without_the_state(tmp_path, key):

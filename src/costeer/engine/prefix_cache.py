@@ -195,6 +195,12 @@ class PrefixCache:
     def memory_bytes(self) -> int:
         return self._memory_bytes
 
+    @property
+    def memory_tokens(self) -> int:
+        """Prefix tokens whose states are held in memory (every entry's)."""
+        with self._lock:
+            return sum(len(e.tokens) for e in self._memory.values())
+
     def __len__(self) -> int:
         return len(self._memory)
 
