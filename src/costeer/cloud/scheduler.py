@@ -12,14 +12,17 @@ log-probabilities after the last one) and await its future. Every tick the sched
      token of a resumed session's replay) in ONE batched forward;
   4. look-ahead: the next level of every session's round tree (cloud/lookahead.py), all of them
      (`pool.grow`: llama.cpp decodes the main chains' nodes of all sessions in one forward and each
-     branch leaf alone; the transformers pool feeds every node alone; both for exactness).
+     branch leaf alone; the transformers pool feeds every node alone; both for exactness). A streamed
+     round whose device has left it (`stop`) grows no further from the next forward on: the pool
+     skips its rows still to compute, and the level is not sent.
 
 A job with a look-ahead tree first keeps the path its device took through the previous round
 (`pool.commit`, before any forward of the tick; what the pool did not keep of it is stepped again),
 then steps its token, then grows its tree one level per tick; its result is made when the tree is
 done. A streamed job (`level` set) makes its result at the root instead, and `level` sends a frame
-after the root and after each level; `stop` ends its growth at the next tick (its device left the
-round), and `done` settles when it leaves the scheduler. Each tick's steps run before its levels,
+after the root and after each level; `stop` ends its growth before the next forward (its device left
+the round: the next round's root must not wait for a level nobody needs), and `done` settles when it
+leaves the scheduler. Each tick's steps run before its levels,
 so a session's next token waits for at most one level of the others' trees.
 
 A tick whose only work is steps first gathers (`Gather`): where the pool says a batched step pays
@@ -170,7 +173,8 @@ class Scheduler:
             self._cv.notify()
 
     def stop(self, key: object) -> Future:
-        """A streamed job grows no further: it leaves at the next tick (a level under way finishes).
+        """A streamed job grows no further: it leaves after the forward under way (a level's rows not
+        computed yet are skipped, and the level is not sent).
         -> its `done` future (already settled when the session has no streamed job)."""
         with self._cv:
             job = self._jobs.get(key)
@@ -364,17 +368,23 @@ class Scheduler:
         if not levels:
             return
         rows = [(seq, parent, token) for _, job, seq in levels for parent, token in job.rows]
+        jobs = {seq: job for _, job, seq in levels}
         t = time.perf_counter()
         try:
-            logps = self.pool.grow(rows)  # [n, V]
+            logps = self.pool.grow(rows, stop=lambda seq: jobs[seq].stopping)  # [n, V]
         except Exception as e:
             self._fail([(key, job) for key, job, _ in levels], e)
             return
         took, at = time.perf_counter() - t, 0
         for key, job, _ in levels:
             n = len(job.rows)
-            job.rows = job.tree.extend(logps[at : at + n], took)
             at += n
+            if job.stopping:  # its device left the round: the level (perhaps cut short) is not sent
+                job.tree.stop()
+                job.rows = []
+                self._finish(key, job)
+                continue
+            job.rows = job.tree.extend(logps[at - n : at], took)
             if job.level is not None:
                 try:
                     job.level(job.rows)

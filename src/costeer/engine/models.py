@@ -609,10 +609,17 @@ class DecodePool:
 
     extends_branches = True  # any node may take children
 
-    def grow(self, rows: list[tuple[int, int, int]]) -> Tensor:
-        """rows (seq, parent node, token): new nodes of the sequences' look-ahead trees -> [n, V]."""
-        out = []
+    def grow(self, rows: list[tuple[int, int, int]], stop: Callable[[int], bool] | None = None) -> Tensor:
+        """rows (seq, parent node, token): new nodes of the sequences' look-ahead trees -> [n, V].
+        `stop(seq)`, asked before each node's forward: that sequence's nodes still to compute are not
+        (NaN rows; its tree takes none of them)."""
+        from costeer.engine.llamacpp import stack_rows
+
+        out: list[Tensor | None] = []
         for seq, parent, token in rows:
+            if stop is not None and stop(seq):
+                out.append(None)
+                continue
             tree = self.trees.setdefault(seq, [(-1, None)])  # node -> (parent, its key/value column per layer)
             path = self._path(tree, parent)
             batch = self._seqs[seq]
@@ -621,7 +628,7 @@ class DecodePool:
             logp, cache = self._node_forward(token, pos, cache)
             tree.append((parent, tuple((layer.keys[..., -1:, :], layer.values[..., -1:, :]) for layer in cache.layers)))
             out.append(logp)
-        return torch.stack(out)
+        return stack_rows(out, self.lm.vocab_size)
 
     def commit(self, seq: int, node: int) -> list[int]:
         """Keep the path to `node` as the sequence's own; forget the rest of its tree -> [] (no token
