@@ -303,6 +303,25 @@ def test_a_level_under_way_when_the_device_leaves_is_neither_sent_nor_followed_b
         sched.close()
 
 
+def test_a_streamed_round_frames_are_flushed_before_each_next_forward():
+    """After the root's step and after each level, the job's frames leave (its `flush`) before the
+    scheduler's next forward: the event loop that sends them shares the cloud's core."""
+    pool = TreePool()
+    sched = Scheduler(pool, n_seq=4, prefill_budget=4)
+    try:
+        sched.submit("a", job("k1", prompt=[1, 2])).result(timeout=10)
+        levels = []
+        j = job("k1", steps=[5])
+        j.tree, j.level = StoppableChain(2), levels.append
+        j.flush = lambda deadline: pool.calls.append(("flush", len(levels)))
+        sched.submit("a", j).result(timeout=10)
+        wait_until(lambda: ("flush", 3) in pool.calls)  # the last frame's, after the job left
+        assert pool.calls[1:] == [("step", ((0, 5),)), ("flush", 1), ("grow", ((0, 0, 7),)), ("flush", 2),
+                                  ("grow", ((0, 1, 7),)), ("flush", 3)]  # fmt: skip
+    finally:
+        sched.close()
+
+
 def test_a_level_whose_device_left_before_its_forward_is_skipped_by_the_pool():
     """Stopped between the scheduler's plan and the pool's forward: the pool is asked (`stop`) and
     skips it; nothing is sent for it."""

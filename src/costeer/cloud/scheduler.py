@@ -49,6 +49,8 @@ from torch import Tensor
 
 log = logging.getLogger("costeer.cloud")
 
+FLUSH_S = 0.01  # the longest a tick waits for its streamed frames to be handed to their sockets
+
 
 class Released(Exception):
     """The job's session was released before its work was done."""
@@ -73,6 +75,7 @@ class Job:
     level: Callable[[list[tuple[int, int]]], None] | None = None  # streamed: a frame at the root and each level
     done: Future = field(default_factory=Future)  # settled when the job leaves the scheduler
     stopping: bool = False  # streamed: grow no further (set by Scheduler.stop)
+    flush: Callable[[float], object] | None = None  # streamed: wait, until a monotonic deadline, for `level`'s frames to leave
 
     @property
     def prefilling(self) -> bool:
@@ -143,6 +146,7 @@ class Scheduler:
         self._released: set[object] = set()
         self._turns: deque[str] = deque()  # owners in round-robin order for prefills
         self._closed = False
+        self._posted: list[Job] = []  # streamed jobs that posted a frame in this stage (_flush)
         self.ticks = 0
         self._thread = threading.Thread(target=self._run, name="costeer-scheduler", daemon=True)
         self._thread.start()
@@ -227,7 +231,9 @@ class Scheduler:
                 levels = [(k, j, self._seq(k)) for k, j in self._jobs.items() if j.rows]
             self._prefill(prefills)
             self._step(steps)
+            self._flush()
             self._grow(levels)
+            self._flush()
             self.ticks += 1
 
     def _gather(self) -> None:
@@ -357,6 +363,7 @@ class Scheduler:
             try:  # the root's frame out before the waiter wakes: on one core it would only slow the encoding
                 result = job.finish(logp)
                 job.level(job.rows)
+                self._posted.append(job)
                 _settle(job.future, result)
             except Exception as e:
                 self._fail([(key, job)], e)
@@ -388,11 +395,21 @@ class Scheduler:
             if job.level is not None:
                 try:
                     job.level(job.rows)
+                    self._posted.append(job)
                 except Exception as e:
                     self._fail([(key, job)], e)
                     continue
             if not job.rows:
                 self._finish(key, job)
+
+    def _flush(self) -> None:
+        """Before the next forward, the frames this stage posted leave (each streamed job's `flush`,
+        all within FLUSH_S): a forward started at once held them back on a busy core."""
+        posted, self._posted = self._posted, []
+        deadline = time.monotonic() + FLUSH_S
+        for job in posted:
+            if job.flush is not None:
+                job.flush(deadline)
 
     def _finish(self, key: object, job: Job) -> None:
         with self._cv:
