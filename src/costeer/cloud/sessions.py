@@ -385,7 +385,7 @@ class Registry:
 
     async def stop_round(self, sess: Session) -> None:
         """A streamed session's round grows no further (its device left it, or re-attached); returns
-        when the scheduler has let it go (at most one level later), so its tree can be read."""
+        when the scheduler has let it go (after the forward under way, if any), so its tree can be read."""
         if not sess.streamed:
             return
         done = self.scheduler.stop(sess.id)
