@@ -29,6 +29,8 @@ from costeer.engine.models import LM
 
 log = logging.getLogger("costeer.cloud")
 
+SLOW_SEND_S = 0.002  # a frame handed to a socket that takes it: well under a millisecond (loopback and TCP alike)
+
 
 class Outbox:
     """A streamed session's round frames, from the scheduler thread to its connection, in order:
@@ -49,6 +51,7 @@ class Outbox:
         self._sending_since: float | None = None  # a send under way (monotonic), None between sends
         self._pumped = False  # a pump sends from it (none before READY: the first root waits for it)
         self._closed = False
+        self._slow = False  # its last send took longer than SLOW_SEND_S: not waited for until one does not
 
     def post(self, item) -> None:
         with self._cv:
@@ -69,6 +72,7 @@ class Outbox:
         """The pump is done with a frame."""
         with self._cv:
             self._unsent -= 1
+            self._slow = self._sending_since is not None and time.monotonic() - self._sending_since > SLOW_SEND_S
             self._sending_since = None
             self._cv.notify_all()
 
@@ -81,12 +85,14 @@ class Outbox:
     def drain(self, deadline: float) -> bool:
         """Scheduler thread: wait until every posted frame has been handed to the socket, at most until
         `deadline` (monotonic) -> whether they were. Not waited for: a send under way for longer than
-        FLUSH_S (a device that stops reading, a full socket: it must not slow the other sessions'
-        forwards), an outbox whose pump has not started (before READY) or has stopped."""
+        SLOW_SEND_S, or an outbox whose last send took longer (a device that reads slowly or not at all,
+        a full socket: handing a frame to a socket that takes it is far quicker, and a device must not
+        pace the other sessions' forwards by how it reads), an outbox whose pump has not started (before
+        READY) or has stopped."""
         with self._cv:
             while self._unsent > 0 and self._pumped and not self._closed:
                 now = time.monotonic()
-                if now >= deadline or (self._sending_since is not None and now - self._sending_since > FLUSH_S):
+                if self._slow or now >= deadline or (self._sending_since is not None and now - self._sending_since > SLOW_SEND_S):
                     return False
                 self._cv.wait(min(deadline - now, FLUSH_S))
             return True
