@@ -187,7 +187,11 @@ class TreePool(RecordingPool):
         self.calls.append(("commit", seq, node))
         return [99] if node == 2 else []
 
-    def grow(self, rows):
+    def grow(self, rows, stop=None):
+        """One forward for the whole level; `stop` is asked before it (and recorded when it stops)."""
+        if stop is not None and any(stop(seq) for seq, _, _ in rows):
+            self.calls.append(("grow skipped", tuple(rows)))
+            return torch.full((len(rows), V), float("nan"))
         return self._forward(("grow", tuple(rows)), len(rows))
 
 
@@ -244,10 +248,97 @@ def test_a_streamed_job_settles_at_its_root_sends_each_level_and_stops_when_aske
         sched.stop("a").result(timeout=10)
         grown = [c for c in pool.calls if c[0] == "grow"]
         time.sleep(0.1)
-        assert [c for c in pool.calls if c[0] == "grow"] == grown and len(levels) == len(grown) + 1
+        # the level under way when the device left is not sent (one that ended before it was)
+        assert [c for c in pool.calls if c[0] == "grow"] == grown and len(levels) in (len(grown), len(grown) + 1)
         assert len(grown) < 100 and j.tree.stopped  # cut short, told so
         assert sched.submit("a", job("k1", steps=[8])).result(timeout=10) == ("done", (V,))  # the session is free
         assert sched.stop("b").done()  # nothing streamed there: nothing to wait for
+    finally:
+        sched.close()
+
+
+def streamed_round(sched, planner, held=None):
+    """Session "a" prefilled, then a streamed job growing `planner` submitted (and put in `held` first)
+    -> (the job, the rows of each frame it sent), once its root is in."""
+    sched.submit("a", job("k1", prompt=[1, 2])).result(timeout=10)
+    levels = []
+    j = job("k1", steps=[5])
+    j.tree, j.level = planner, levels.append
+    if held is not None:
+        held.append(j)
+    sched.submit("a", j).result(timeout=10)
+    return j, levels
+
+
+class HoldingChain(StoppableChain):
+    """Holds the pool's forwards (clears its gate) once the first level is in."""
+
+    def __init__(self, depth, pool):
+        super().__init__(depth)
+        self.pool = pool
+
+    def extend(self, logps, seconds):
+        self.pool.gate.clear()
+        return super().extend(logps, seconds)
+
+
+def test_a_level_under_way_when_the_device_leaves_is_neither_sent_nor_followed_by_another():
+    """The device's uplink comes while a level's forward runs: that level's frame is not made (nobody
+    reads it: the next round's root must not wait for its encoding), no further forward runs for the
+    round, and its tree is told it stopped; a pool asked before a forward skips it (test_lookahead_pools)."""
+    pool = TreePool()
+    sched = Scheduler(pool, n_seq=4, prefill_budget=4)
+    try:
+        j, levels = streamed_round(sched, HoldingChain(10, pool))
+        wait_until(lambda: pool.calls[-1] == ("grow", ((0, 1, 7),)))  # level 2's forward, held open
+        done = sched.stop("a")
+        time.sleep(0.05)
+        assert not done.done()  # the forward under way finishes first
+        pool.gate.set()
+        done.result(timeout=10)
+        assert levels == [[(0, 7)], [(1, 7)]]  # the root's frame and level 1's; not level 2's
+        assert [c[0] for c in pool.calls].count("grow") == 2 and j.tree.stopped
+    finally:
+        pool.gate.set()
+        sched.close()
+
+
+def test_a_streamed_round_frames_are_flushed_before_each_next_forward():
+    """After the root's step and after each level, the job's frames leave (its `flush`) before the
+    scheduler's next forward: the event loop that sends them shares the cloud's core."""
+    pool = TreePool()
+    sched = Scheduler(pool, n_seq=4, prefill_budget=4)
+    try:
+        sched.submit("a", job("k1", prompt=[1, 2])).result(timeout=10)
+        levels = []
+        j = job("k1", steps=[5])
+        j.tree, j.level = StoppableChain(2), levels.append
+        j.flush = lambda deadline: pool.calls.append(("flush", len(levels)))
+        sched.submit("a", j).result(timeout=10)
+        wait_until(lambda: ("flush", 3) in pool.calls)  # the last frame's, after the job left
+        assert pool.calls[1:] == [("step", ((0, 5),)), ("flush", 1), ("grow", ((0, 0, 7),)), ("flush", 2),
+                                  ("grow", ((0, 1, 7),)), ("flush", 3)]  # fmt: skip
+    finally:
+        sched.close()
+
+
+def test_a_level_whose_device_left_before_its_forward_is_skipped_by_the_pool():
+    """Stopped between the scheduler's plan and the pool's forward: the pool is asked (`stop`) and
+    skips it; nothing is sent for it."""
+    pool = TreePool()
+    sched = Scheduler(pool, n_seq=4, prefill_budget=4)
+    try:
+        real_grow, held = pool.grow, []
+
+        def grow_after_leaving(rows, stop=None):
+            held[0].stopping = True  # the uplink came as this level was about to start
+            return real_grow(rows, stop)
+
+        pool.grow = grow_after_leaving
+        j, levels = streamed_round(sched, StoppableChain(10), held)
+        j.done.result(timeout=10)
+        assert ("grow skipped", ((0, 0, 7),)) in pool.calls and "grow" not in [c[0] for c in pool.calls]
+        assert levels == [[(0, 7)]] and j.tree.stopped  # the root's frame only
     finally:
         sched.close()
 

@@ -222,9 +222,9 @@ def _slow_levels(server, monkeypatch, seconds: float) -> None:
     pool = server.registry.scheduler.pool
     grow = pool.grow
 
-    def slow(rows):
+    def slow(rows, stop=None):
         time.sleep(seconds)
-        return grow(rows)
+        return grow(rows, stop)
 
     monkeypatch.setattr(pool, "grow", slow)
 

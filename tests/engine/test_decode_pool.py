@@ -183,6 +183,59 @@ def test_trees_commit_and_drop_after_batched_steps(tiny):
     assert torch.equal(got, want)  # the same batch over the same caches
 
 
+class Remerged(DecodePool):
+    """The pool without its resident batch: every batched step merges the rows' caches and splits them
+    back after it (what every tick did before the resident batch)."""
+
+    def _step_together(self, items):
+        out = super()._step_together(items)
+        self._split()
+        return out
+
+
+def test_the_same_sessions_stepping_again_reuse_their_batch_bit_for_bit(tiny, monkeypatch):
+    """Ticks of the same four sessions (in any order) reuse the last step's batch cache instead of
+    merging the rows again: one merge for five ticks, and every distribution exactly what merging
+    every tick gives. A fifth session joining, one stepping alone, a look-ahead tree and a dropped
+    session split the batch back into rows, with the same results as ever."""
+    import costeer.engine.models as models
+
+    merges = []
+    merge = models._merge_rows
+    monkeypatch.setattr(models, "_merge_rows", lambda *a: merges.append(len(a[1])) or merge(*a))
+    prompts = prompts_of([5, 14, 8, 11, 9])
+    pool, ref = DecodePool(tiny), Remerged(DecodePool(tiny).lm)
+    for p in (pool, ref):
+        for s, prompt in enumerate(prompts[:4]):
+            p.prefill(s, prompt)
+
+    def tick(items):
+        """-> how many merges the pool (not the reference) made for this tick."""
+        n = len(merges)
+        got = pool.step(items)
+        made = len(merges) - n
+        assert torch.equal(got, ref.step(items)), items
+        return made
+
+    ticks = [[(0, 7), (1, 8), (2, 9), (3, 10)], [(3, 11), (1, 12), (0, 13), (2, 14)], [(2, 15), (0, 16), (3, 17), (1, 18)]]
+    ticks += [[(1, 19), (0, 20), (2, 21), (3, 22)], [(0, 23), (3, 24), (2, 25), (1, 26)]]
+    assert [tick(items) for items in ticks] == [1, 0, 0, 0, 0]
+    for p in (pool, ref):
+        p.prefill(4, prompts[4])
+    assert tick([(0, 30), (1, 31), (2, 32), (3, 33), (4, 34)]) == 1  # another set: merged, then resident
+    assert tick([(4, 35), (3, 36), (2, 37), (1, 38), (0, 39)]) == 0
+    tick([(2, 40)])  # alone: its own cache, split out of the batch
+    tick([(0, 41), (1, 42), (3, 43), (4, 44)])
+    assert torch.equal(pool.grow([(1, 0, 45), (1, 0, 46)]), ref.grow([(1, 0, 45), (1, 0, 46)]))
+    assert pool.commit(1, 1) == ref.commit(1, 1) == []
+    tick([(0, 47), (1, 48), (3, 49), (4, 50)])
+    pool.drop(3)
+    ref.drop(3)
+    tick([(0, 51), (1, 52), (2, 53), (4, 54)])
+    assert torch.equal(pool.prefill(2, [60, 61]), ref.prefill(2, [60, 61]))
+    tick([(0, 55), (1, 56), (2, 57), (4, 58)])
+
+
 @pytest.mark.real
 def test_smollm2_sessions_stepped_together_stay_within_rounding(smollm2):
     """8 chat prompts of different lengths stepped together on the real SmolLM2 (transformers): the

@@ -64,8 +64,34 @@ def check_tree(lm, prompt):
         pool.close()
 
 
+def check_stopped_level(lm, prompt):
+    """A level whose sequence stops partway (its device left the round): the rows still to compute are
+    not (NaN), those computed are the steps they stand for, and keeping a path of the levels before
+    leaves the sequence exactly as the steps would have."""
+    greedy = []
+    for _ in range(2):
+        greedy.append(int(per_token(lm, prompt, greedy)[-1].argmax()))
+    ref = per_token(lm, prompt, greedy)
+    asked = []
+    stop = lambda seq: asked.append(seq) or len(asked) > 2  # noqa: E731 - stops before the third forward or row
+    pool = lm.open_pool(4096, 4)
+    try:
+        pool.prefill(0, prompt)
+        pool.grow([(0, 0, greedy[0])])  # node 1
+        level = pool.grow([(0, 1, greedy[1]), (0, 1, 7), (0, 1, 8)], stop=stop)
+        assert torch.equal(level[1], per_token(lm, prompt, [greedy[0], 7])[2])  # computed before the stop
+        assert torch.isnan(level[2]).all()  # never computed
+        if not pool.extends_branches:  # llama.cpp decodes the main chain's node after the leaves: skipped too
+            assert torch.isnan(level[0]).all()
+        assert pool.commit(0, 1) == []
+        assert torch.equal(pool.step([(0, greedy[1])])[0], ref[2])
+    finally:
+        pool.close()
+
+
 def test_transformers_tree_nodes_are_the_steps_they_stand_for(tiny):
     check_tree(tiny, list(range(5, 40)))
+    check_stopped_level(tiny, list(range(5, 40)))
 
 
 def test_commit_without_a_tree_and_a_stray_node_are_refused(tiny):
@@ -82,6 +108,7 @@ def test_llamacpp_tree_nodes_are_the_steps_they_stand_for(smollm2_cpp):
     text = "The quick brown fox jumps over the lazy dog near the river bank on a sunny day. " * 30
     prompt = smollm2_cpp.tokenizer(text)["input_ids"][:300]
     check_tree(smollm2_cpp, prompt)
+    check_stopped_level(smollm2_cpp, prompt)
     pool = smollm2_cpp.open_pool(1024, 4)
     try:
         pool.prefill(0, prompt[:20])

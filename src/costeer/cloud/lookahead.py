@@ -32,8 +32,9 @@ What a level costs depends on how the round travels:
     device needs it one token (L) after the level above, so it waits max(0, t - L) if it got that
     far (chance: the summed P of the level above). And a level that ends past R (the cloud's time
     on this round's levels so far plus t, beyond the round trip) may be under way when the device's
-    uplink comes; the next round's root then waits for it, so it is charged in full, as a whole
-    round's level is (near loopback, where R is about the device's fusion, every level is):
+    uplink comes; the next round's root then waits for the forward under way (the scheduler stops a
+    left round before its next forward), which the charge bounds by the whole level, as a whole
+    round's level is charged (near loopback, where R is about the device's fusion, every level is):
 
         cost(n) = P(level above) * max(0, t - L) + (t if elapsed + t > R else 0).
 

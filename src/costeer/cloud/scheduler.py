@@ -12,14 +12,17 @@ log-probabilities after the last one) and await its future. Every tick the sched
      token of a resumed session's replay) in ONE batched forward;
   4. look-ahead: the next level of every session's round tree (cloud/lookahead.py), all of them
      (`pool.grow`: llama.cpp decodes the main chains' nodes of all sessions in one forward and each
-     branch leaf alone; the transformers pool feeds every node alone; both for exactness).
+     branch leaf alone; the transformers pool feeds every node alone; both for exactness). A streamed
+     round whose device has left it (`stop`) grows no further from the next forward on: the pool
+     skips its rows still to compute, and the level is not sent.
 
 A job with a look-ahead tree first keeps the path its device took through the previous round
 (`pool.commit`, before any forward of the tick; what the pool did not keep of it is stepped again),
 then steps its token, then grows its tree one level per tick; its result is made when the tree is
 done. A streamed job (`level` set) makes its result at the root instead, and `level` sends a frame
-after the root and after each level; `stop` ends its growth at the next tick (its device left the
-round), and `done` settles when it leaves the scheduler. Each tick's steps run before its levels,
+after the root and after each level; `stop` ends its growth before the next forward (its device left
+the round: the next round's root must not wait for a level nobody needs), and `done` settles when it
+leaves the scheduler. Each tick's steps run before its levels,
 so a session's next token waits for at most one level of the others' trees.
 
 A tick whose only work is steps first gathers (`Gather`): where the pool says a batched step pays
@@ -46,6 +49,8 @@ from torch import Tensor
 
 log = logging.getLogger("costeer.cloud")
 
+FLUSH_S = 0.01  # the longest a tick waits for its streamed frames to be handed to their sockets
+
 
 class Released(Exception):
     """The job's session was released before its work was done."""
@@ -70,6 +75,7 @@ class Job:
     level: Callable[[list[tuple[int, int]]], None] | None = None  # streamed: a frame at the root and each level
     done: Future = field(default_factory=Future)  # settled when the job leaves the scheduler
     stopping: bool = False  # streamed: grow no further (set by Scheduler.stop)
+    flush: Callable[[float], object] | None = None  # streamed: wait, until a monotonic deadline, for `level`'s frames to leave
 
     @property
     def prefilling(self) -> bool:
@@ -140,6 +146,7 @@ class Scheduler:
         self._released: set[object] = set()
         self._turns: deque[str] = deque()  # owners in round-robin order for prefills
         self._closed = False
+        self._posted: list[Job] = []  # streamed jobs that posted a frame in this stage (_flush)
         self.ticks = 0
         self._thread = threading.Thread(target=self._run, name="costeer-scheduler", daemon=True)
         self._thread.start()
@@ -170,7 +177,8 @@ class Scheduler:
             self._cv.notify()
 
     def stop(self, key: object) -> Future:
-        """A streamed job grows no further: it leaves at the next tick (a level under way finishes).
+        """A streamed job grows no further: it leaves after the forward under way (a level's rows not
+        computed yet are skipped, and the level is not sent).
         -> its `done` future (already settled when the session has no streamed job)."""
         with self._cv:
             job = self._jobs.get(key)
@@ -223,7 +231,9 @@ class Scheduler:
                 levels = [(k, j, self._seq(k)) for k, j in self._jobs.items() if j.rows]
             self._prefill(prefills)
             self._step(steps)
+            self._flush()
             self._grow(levels)
+            self._flush()
             self.ticks += 1
 
     def _gather(self) -> None:
@@ -353,6 +363,7 @@ class Scheduler:
             try:  # the root's frame out before the waiter wakes: on one core it would only slow the encoding
                 result = job.finish(logp)
                 job.level(job.rows)
+                self._posted.append(job)
                 _settle(job.future, result)
             except Exception as e:
                 self._fail([(key, job)], e)
@@ -364,25 +375,41 @@ class Scheduler:
         if not levels:
             return
         rows = [(seq, parent, token) for _, job, seq in levels for parent, token in job.rows]
+        jobs = {seq: job for _, job, seq in levels}
         t = time.perf_counter()
         try:
-            logps = self.pool.grow(rows)  # [n, V]
+            logps = self.pool.grow(rows, stop=lambda seq: jobs[seq].stopping)  # [n, V]
         except Exception as e:
             self._fail([(key, job) for key, job, _ in levels], e)
             return
         took, at = time.perf_counter() - t, 0
         for key, job, _ in levels:
             n = len(job.rows)
-            job.rows = job.tree.extend(logps[at : at + n], took)
             at += n
+            if job.stopping:  # its device left the round: the level (perhaps cut short) is not sent
+                job.tree.stop()
+                job.rows = []
+                self._finish(key, job)
+                continue
+            job.rows = job.tree.extend(logps[at - n : at], took)
             if job.level is not None:
                 try:
                     job.level(job.rows)
+                    self._posted.append(job)
                 except Exception as e:
                     self._fail([(key, job)], e)
                     continue
             if not job.rows:
                 self._finish(key, job)
+
+    def _flush(self) -> None:
+        """Before the next forward, the frames this stage posted leave (each streamed job's `flush`,
+        all within FLUSH_S): a forward started at once held them back on a busy core."""
+        posted, self._posted = self._posted, []
+        deadline = time.monotonic() + FLUSH_S
+        for job in posted:
+            if job.flush is not None:
+                job.flush(deadline)
 
     def _finish(self, key: object, job: Job) -> None:
         with self._cv:

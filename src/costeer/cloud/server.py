@@ -346,21 +346,28 @@ async def _send_round(ws: WebSocket, sess: Session, registry: Registry, frame: b
 
 async def _pump(ws: WebSocket, sess: Session, registry: Registry, settings: ServerSettings, box: Outbox) -> None:
     """A streamed session's round frames, sent as the scheduler makes them, while `_exchange` waits
-    for the device's uplink; a round that failed closes the connection with 1011 and ends the session."""
-    while True:
-        item = await box.queue.get()
-        if sess.ended or sess.websocket is not ws or box is not sess.outbox:
-            return
-        if isinstance(item, BaseException):
-            log.error("session %s…: a look-ahead level failed: %s", sess.id.hex()[:8], item)
-            registry.end(sess, "internal error")
-            await _close(ws, frames.CLOSE_INTERNAL, "internal error", settings.send_timeout_s)
-            return
-        frame, nodes, first = item
-        if not await _send(ws, sess, registry, frame, settings, drain=False):
-            return
-        if sess.controller is not None:
-            sess.controller.sent(len(frame), nodes, first=first)
+    for the device's uplink; a round that failed closes the connection with 1011 and ends the session.
+    The scheduler waits for each frame to be handed over (Outbox.drain) before its next forward."""
+    box.start()
+    try:
+        while True:
+            item = await box.queue.get()
+            if sess.ended or sess.websocket is not ws or box is not sess.outbox:
+                return
+            if isinstance(item, BaseException):
+                log.error("session %s…: a look-ahead level failed: %s", sess.id.hex()[:8], item)
+                registry.end(sess, "internal error")
+                await _close(ws, frames.CLOSE_INTERNAL, "internal error", settings.send_timeout_s)
+                return
+            frame, nodes, first = item
+            box.sending()
+            if not await _send(ws, sess, registry, frame, settings, drain=False):
+                return
+            box.sent()
+            if sess.controller is not None:
+                sess.controller.sent(len(frame), nodes, first=first)
+    finally:
+        box.close()
 
 
 async def _send(ws: WebSocket, sess: Session, registry: Registry, data: bytes, settings: ServerSettings,

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+import threading
 import time
 import asyncio
 from collections import deque
@@ -23,23 +24,78 @@ from torch import Tensor
 
 from costeer import frames
 from costeer.cloud.lookahead import Controller, RoundPlanner
-from costeer.cloud.scheduler import Job, Released, Scheduler
+from costeer.cloud.scheduler import FLUSH_S, Job, Released, Scheduler
 from costeer.engine.models import LM
 
 log = logging.getLogger("costeer.cloud")
+
+SLOW_SEND_S = 0.002  # a frame handed to a socket that takes it: well under a millisecond (loopback and TCP alike)
 
 
 class Outbox:
     """A streamed session's round frames, from the scheduler thread to its connection, in order:
     (frame, nodes in it, whether it starts a round), or the exception that ended the round.
     `limit`: the frames of one whole round (depth + 1); a device that reads never leaves more
-    waiting when it sends its next uplink, so more means it stopped reading (`room`)."""
+    waiting when it sends its next uplink, so more means it stopped reading (`room`).
+
+    The scheduler waits for the frames it posted to be handed to the socket (`drain`) before its
+    next forward: the event loop that sends them shares the cloud's core with the forwards, and under
+    load a root made just before the first level's forward left behind it: 5.7-8.4 ms from the start
+    of its encoding to its send (medians, SmolLM2 on llama.cpp at 50 ms RTT, load average 5), 1.5-3.2
+    ms with the wait (load average 4), the encoding included; the same for each level's frame."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, limit: int):
         self.loop, self.queue, self.limit = loop, asyncio.Queue(), limit
+        self._cv = threading.Condition()
+        self._unsent = 0  # posted, not yet through the pump
+        self._sending_since: float | None = None  # a send under way (monotonic), None between sends
+        self._pumped = False  # a pump sends from it (none before READY: the first root waits for it)
+        self._closed = False
+        self._slow = False  # its last send took longer than SLOW_SEND_S: not waited for until one does not
 
     def post(self, item) -> None:
+        with self._cv:
+            self._unsent += 1
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def start(self) -> None:
+        """A pump sends from it from now on."""
+        with self._cv:
+            self._pumped = True
+
+    def sending(self) -> None:
+        """The pump took a frame and starts its send."""
+        with self._cv:
+            self._sending_since = time.monotonic()
+
+    def sent(self) -> None:
+        """The pump is done with a frame."""
+        with self._cv:
+            self._unsent -= 1
+            self._slow = self._sending_since is not None and time.monotonic() - self._sending_since > SLOW_SEND_S
+            self._sending_since = None
+            self._cv.notify_all()
+
+    def close(self) -> None:
+        """The pump stopped: nothing posted will leave any more."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+    def drain(self, deadline: float) -> bool:
+        """Scheduler thread: wait until every posted frame has been handed to the socket, at most until
+        `deadline` (monotonic) -> whether they were. Not waited for: a send under way for longer than
+        SLOW_SEND_S, or an outbox whose last send took longer (a device that reads slowly or not at all,
+        a full socket: handing a frame to a socket that takes it is far quicker, and a device must not
+        pace the other sessions' forwards by how it reads), an outbox whose pump has not started (before
+        READY) or has stopped."""
+        with self._cv:
+            while self._unsent > 0 and self._pumped and not self._closed:
+                now = time.monotonic()
+                if self._slow or now >= deadline or (self._sending_since is not None and now - self._sending_since > SLOW_SEND_S):
+                    return False
+                self._cv.wait(min(deadline - now, FLUSH_S))
+            return True
 
     async def room(self, timeout: float) -> bool:
         """Wait until at most `limit` frames wait to be sent -> False if they still do after
@@ -315,6 +371,7 @@ class Registry:
         job = Job(sess.owner, list(prompt), deque(steps), None, commit=commit, tree=self._planner(sess))
         if sess.streamed and job.tree is not None:
             job.level = lambda rows: self._post_level(sess, job)
+            job.flush = lambda deadline: sess.outbox is None or sess.outbox.drain(deadline)
             job.done.add_done_callback(lambda f: self._round_failed(sess, f))
         return job
 
@@ -334,7 +391,7 @@ class Registry:
 
     async def stop_round(self, sess: Session) -> None:
         """A streamed session's round grows no further (its device left it, or re-attached); returns
-        when the scheduler has let it go (at most one level later), so its tree can be read."""
+        when the scheduler has let it go (after the forward under way, if any), so its tree can be read."""
         if not sess.streamed:
             return
         done = self.scheduler.stop(sess.id)

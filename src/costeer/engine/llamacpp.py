@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -502,6 +503,11 @@ class LlamaDecodeBatch:
 LLAMA_MAX_SEQ = 256  # llama.cpp's limit on sequence ids per context
 
 
+def stack_rows(rows: list[Tensor | None], vocab_size: int) -> Tensor:
+    """A level's rows -> [n, V]; a row not computed (its sequence stopped: a pool's grow) is NaN."""
+    return torch.stack([torch.full((vocab_size,), float("nan")) if r is None else r for r in rows])
+
+
 @dataclass
 class _SeqTree:
     """The look-ahead tree grown from one sequence: node 0 is the root (the sequence's next position
@@ -574,13 +580,16 @@ class LlamaSequencePool(_OwnsContext):
             self.pos[seq] += 1
         return out
 
-    def grow(self, rows: list[tuple[int, int, int]]) -> Tensor:
+    def grow(self, rows: list[tuple[int, int, int]], stop: Callable[[int], bool] | None = None) -> Tensor:
         """Branch nodes first, each alone and removed again; then the main chains' next nodes of all
-        sequences in one llama_decode -> [n, V] in the order of `rows`."""
+        sequences in one llama_decode -> [n, V] in the order of `rows`. `stop(seq)`, asked before each
+        forward: that sequence's rows still to compute are not (NaN rows; its tree takes no node of them)."""
         out: list[Tensor | None] = [None] * len(rows)
         chain_rows: list[tuple[int, int, int, int]] = []  # (row, seq, position, token)
         tips: dict[int, int] = {}  # seq -> its main chain's last node before this level
         for i, (seq, parent, token) in enumerate(rows):
+            if stop is not None and stop(seq):
+                continue
             tree = self.trees.setdefault(seq, _SeqTree(self.pos[seq]))
             tip = tips.setdefault(seq, tree.chain[-1])
             if parent != tip:
@@ -595,11 +604,15 @@ class LlamaSequencePool(_OwnsContext):
             else:  # a leaf: where the step would put it, then gone again
                 out[i] = self._decode([(token, seq, at, True)])[0].clone()
                 self._ll.llama_memory_seq_rm(self._mem, seq, at, -1)
+        if stop is not None:
+            for row in [r for r in chain_rows if stop(r[1])]:  # never decoded: off the main chain again
+                chain_rows.remove(row)
+                self.trees[row[1]].chain.pop()
         if chain_rows:
             logps = self._decode([(t, seq, at, True) for _, seq, at, t in chain_rows])
             for (i, _, _, _), lp in zip(chain_rows, logps):
                 out[i] = lp
-        return torch.stack(out)
+        return stack_rows(out, self.model.n_vocab)
 
     def commit(self, seq: int, node: int) -> list[int]:
         tree = self.trees.pop(seq, None)

@@ -527,7 +527,13 @@ class DecodePool:
     so by the measured rule (docs/reliability.md) only groups of at least `min_rows` sequences of
     similar lengths go together (each padded by at most `pad_slack` cells or to `pad_ratio` times its
     length); any other sequence is fed alone, exactly what it computes alone. Rows fed together round
-    as several rows do. "sequential" feeds each sequence alone, one after the other."""
+    as several rows do. "sequential" feeds each sequence alone, one after the other.
+
+    The batch cache of the last batched step stays whole (`_resident`) while the same sequences step
+    together again, the usual tick under load: the next merge would rebuild the very same tensors (each
+    row right-aligned, the same zeros before it), so it is skipped, and so is splitting each row out
+    after the step; they are split back only when one of them is needed alone (a lone step, a look-ahead
+    tree, a prefill, a drop) or another set of sequences steps together."""
 
     chunk = None
     min_rows = 3  # two rows cost about what two lone steps cost on CPU; three save a quarter
@@ -539,6 +545,7 @@ class DecodePool:
         self.lm, self.strategy = lm, strategy
         self._seqs: dict[int, DecodeBatch] = {}
         self.trees: dict[int, list] = {}  # seq -> its look-ahead tree (grow / commit)
+        self._resident: tuple[tuple[int, ...], object] | None = None  # (seqs in row order, their batch cache)
 
     @property
     def batch_pays_at(self) -> int | None:
@@ -551,7 +558,7 @@ class DecodePool:
         if batch is None:
             batch = self._seqs[seq] = DecodeBatch(self.lm, [tokens])
             return batch.start()[0]
-        return batch.extend(tokens)[0]
+        return self._own(seq).extend(tokens)[0]
 
     def step(self, items: list[tuple[int, int]]) -> Tensor:
         """items (seq, token) -> [n, V] after each sequence's token."""
@@ -560,7 +567,7 @@ class DecodePool:
         for group in groups:
             part = [items[i] for i in group]
             seq, t = part[0]
-            logp = self._step_together(part) if len(part) > 1 else self._seqs[seq].advance([t])
+            logp = self._step_together(part) if len(part) > 1 else self._own(seq).advance([t])
             for i, row in zip(group, logp):
                 out[i] = row
         return torch.stack(out)
@@ -580,24 +587,49 @@ class DecodePool:
         return [g for g in groups if len(g) >= self.min_rows] + [[i] for g in groups if len(g) < self.min_rows for i in g]
 
     def _step_together(self, items: list[tuple[int, int]]) -> Tensor:
-        rows = [self._seqs[seq] for seq, _ in items]
-        lengths = [int(row.next_pos) for row in rows]  # tokens each sequence holds
-        cache = _merge_rows(self.lm, [row.cache for row in rows], lengths)
-        ids = torch.tensor([[t] for _, t in items])  # [n, 1]
+        token = dict(items)
+        if self._resident is not None and sorted(self._resident[0]) == sorted(token):
+            order, cache = self._resident  # the same rows as the last batched step: its cache as it is
+        else:
+            self._split()
+            order = tuple(seq for seq, _ in items)
+            cache = _merge_rows(self.lm, [self._seqs[seq].cache for seq in order], [int(self._seqs[s].next_pos) for s in order])
+        rows = [self._seqs[seq] for seq in order]
+        ids = torch.tensor([[token[seq]] for seq in order])  # [n, 1]
         pos = torch.cat([row.next_pos for row in rows])  # [n, 1]: each row at its own position
-        mask = pad_mask([n + 1 for n in lengths])  # [n, max + 1]
+        mask = pad_mask([int(p) + 1 for p in pos])  # [n, max + 1]
         logp, cache = _lm_forward(self.lm, ids, pos, cache, mask)
-        for b, (row, n) in enumerate(zip(rows, lengths)):
-            row.took(_row_of(self.lm, cache, b, n + 1), 1)
-        return logp
+        for row in rows:
+            row.took(None, 1)  # its cache is its row of the resident batch until split
+        self._resident = (order, cache)
+        at = {seq: b for b, seq in enumerate(order)}
+        return logp[[at[seq] for seq, _ in items]]
+
+    def _own(self, seq: int) -> DecodeBatch:
+        """The sequence with a cache of its own (its resident batch split back into rows first)."""
+        if self._resident is not None and seq in self._resident[0]:
+            self._split()
+        return self._seqs[seq]
+
+    def _split(self) -> None:
+        """Each row of the resident batch back into its sequence's own cache."""
+        if self._resident is None:
+            return
+        order, cache = self._resident
+        self._resident = None
+        for b, seq in enumerate(order):
+            row = self._seqs[seq]
+            row.cache = _row_of(self.lm, cache, b, int(row.next_pos))
 
     def drop(self, seq: int) -> None:
+        self._own(seq)
         self.trees.pop(seq, None)
         batch = self._seqs.pop(seq, None)
         if batch is not None:
             batch.close()
 
     def close(self) -> None:
+        self._resident = None  # nothing to split: every sequence goes
         for seq in list(self._seqs):
             self.drop(seq)
 
@@ -609,19 +641,26 @@ class DecodePool:
 
     extends_branches = True  # any node may take children
 
-    def grow(self, rows: list[tuple[int, int, int]]) -> Tensor:
-        """rows (seq, parent node, token): new nodes of the sequences' look-ahead trees -> [n, V]."""
-        out = []
+    def grow(self, rows: list[tuple[int, int, int]], stop: Callable[[int], bool] | None = None) -> Tensor:
+        """rows (seq, parent node, token): new nodes of the sequences' look-ahead trees -> [n, V].
+        `stop(seq)`, asked before each node's forward: that sequence's nodes still to compute are not
+        (NaN rows; its tree takes none of them)."""
+        from costeer.engine.llamacpp import stack_rows
+
+        out: list[Tensor | None] = []
         for seq, parent, token in rows:
+            if stop is not None and stop(seq):
+                out.append(None)
+                continue
             tree = self.trees.setdefault(seq, [(-1, None)])  # node -> (parent, its key/value column per layer)
             path = self._path(tree, parent)
-            batch = self._seqs[seq]
+            batch = self._own(seq)
             cache = self._cache_with(batch, path)
             pos = batch.next_pos + len(path)  # [1, 1]
             logp, cache = self._node_forward(token, pos, cache)
             tree.append((parent, tuple((layer.keys[..., -1:, :], layer.values[..., -1:, :]) for layer in cache.layers)))
             out.append(logp)
-        return torch.stack(out)
+        return stack_rows(out, self.lm.vocab_size)
 
     def commit(self, seq: int, node: int) -> list[int]:
         """Keep the path to `node` as the sequence's own; forget the rest of its tree -> [] (no token
@@ -633,7 +672,7 @@ class DecodePool:
             return []
         path = self._path(tree, node)
         if path:
-            batch = self._seqs[seq]
+            batch = self._own(seq)
             batch.took(self._cache_with(batch, path), len(path))
         return []
 
