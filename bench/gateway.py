@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import tempfile
 import threading
@@ -27,14 +26,14 @@ import yaml
 from throughput import PAIRS  # noqa: E402  (bench/ is on sys.path when a bench script runs)
 
 from costeer.api import CoSteer
+from costeer.cloud.net import listen
 from costeer.engine.config import GenerationConfig, SamplingConfig
 from costeer.engine.prompts import render_context
 from costeer.gateway import GatewaySettings, create_app
 
 
 def serve(app) -> tuple[uvicorn.Server, str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock = listen("127.0.0.1", 0)  # as `costeer gateway` binds it
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
     while not server.started:

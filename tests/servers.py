@@ -12,6 +12,8 @@ from typing import Callable
 import httpx
 import uvicorn
 
+from costeer.cloud.net import listen
+
 START_TIMEOUT_S = 30.0
 
 
@@ -22,15 +24,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def accepted_nodelay(sock: socket.socket) -> int:
+    """Serve `sock` as uvicorn does (asyncio's loop.create_server(sock=...)), connect once -> the
+    accepted connection's TCP_NODELAY, as the server side holds it (1: each frame leaves at once)."""
+    import asyncio
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        got = loop.create_future()
+
+        class Accept(asyncio.Protocol):
+            def connection_made(self, transport) -> None:
+                got.set_result(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+        server = await loop.create_server(Accept, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        try:
+            return await asyncio.wait_for(got, 10)
+        finally:
+            writer.close()
+            server.close()
+
+    return asyncio.run(main())
+
+
 class UvicornThread:
     """`app` (or a whole uvicorn.Config) served on 127.0.0.1:port (0: a free one) in a daemon thread,
     started when the constructor returns. `config` keywords go to uvicorn.Config with an app."""
 
     def __init__(self, app, port: int = 0, **config):
         cfg = app if isinstance(app, uvicorn.Config) else uvicorn.Config(app, **({"log_level": "warning"} | config))
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart on the port a test just stopped
-        sock.bind(("127.0.0.1", port))
+        sock = listen("127.0.0.1", port)  # as `costeer serve` binds (SO_REUSEADDR: a restart on the port a test just stopped)
         self.port = sock.getsockname()[1]
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)

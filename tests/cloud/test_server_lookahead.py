@@ -230,6 +230,8 @@ def test_re_attaching_at_a_streamed_round_root_sends_the_round_again(server, tin
         ws.send(Open([1, 2, 3], frames.FULL, 20, lookahead=STREAMED3).encode())
         ready = frames.decode_downlink(ws.recv(timeout=10))
         root = frames.decode_downlink(ws.recv(timeout=10))
+        (sess,) = server.registry.sessions.values()
+        wait_until(lambda: sess.round.size == 4)  # the round grown whole before the drop (frames leave at once)
         ws.close(frames.CLOSE_GOING_AWAY)  # a drop: the session waits for ATTACH
     with ws_open(server) as ws:
         ws.send(frames.Attach(ready.session_id, 0).encode())

@@ -316,3 +316,20 @@ def test_a_client_that_goes_away_stops_its_generation():
     finally:
         gate.set()
         srv.stop()
+
+
+def test_the_gateway_streams_each_chunk_at_once(monkeypatch):
+    """`costeer gateway` serves a socket whose connections have TCP_NODELAY: Nagle's algorithm would
+    hold each SSE chunk written while the one before was not yet acknowledged (the client delays its
+    ACKs up to 40 ms)."""
+    import uvicorn
+
+    from costeer.gateway import serve
+    from tests.servers import accepted_nodelay
+
+    given, announced = [], []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: given.extend(sockets))
+    serve(create_app(None), "127.0.0.1", 0, announce=announced.append)
+    (sock,) = given
+    assert announced == [f"http://127.0.0.1:{sock.getsockname()[1]}"]
+    assert accepted_nodelay(sock) == 1

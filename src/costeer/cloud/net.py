@@ -245,11 +245,20 @@ def fit_file_limit(max_connections: int) -> int:
 
 def listen(host: str, port: int) -> socket.socket:
     """The listening socket, bound before the model loads: a port in use or a bad address is one
-    line at once, not a log that claims to serve followed by uvicorn's exit."""
+    line at once, not a log that claims to serve followed by uvicorn's exit.
+
+    Its connections send each frame at once (TCP_NODELAY). asyncio sets that option only on a
+    connection whose socket names IPPROTO_TCP, and a socket made as socket(family, SOCK_STREAM)
+    names protocol 0: Nagle's algorithm then held each frame written while the one before was not
+    yet acknowledged, until its ACK came (the peer delays it up to 40 ms). A streamed round's LEVEL
+    frames, an SSE stream's chunks: measured 26-40 ms late on loopback (docs/benchmarks.md), and up to
+    a round trip on a real link."""
     try:
-        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, kind)
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]  # fmt: skip
+        sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # Linux: accepted connections inherit it
         sock.bind(address)
     except OSError as e:
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from costeer.api import CoSteer
 from costeer.chat import Reply, reply
-from costeer.cloud.net import within
+from costeer.cloud.net import listen, within
 from costeer.cloud.sessions import KeyRing
 from costeer.device import CloudError
 from costeer.engine.config import Method
@@ -301,11 +301,10 @@ def serve(app: FastAPI, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_
     """Run `app` until interrupted. The socket is bound first, so that port 0 names its port:
     `announce` gets http://HOST:PORT before the server starts. The bind rule (check_bind) is the
     caller's, checked before it loads the models."""
-    import socket
-
     import uvicorn
 
-    sock = socket.create_server((host, port))
+    sock = listen(host, port)
+    sock.listen()  # connections wait in the backlog from the announcement on, until uvicorn takes them
     if announce is not None:
         announce(f"http://{host}:{sock.getsockname()[1]}")
     uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
