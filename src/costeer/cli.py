@@ -739,6 +739,7 @@ def gateway(
         import logging
 
         from costeer.cloud import read_api_keys
+        from costeer.cloud.net import listen
         from costeer.gateway import GatewaySettings, check_bind, create_app, serve
         from costeer.device.transport import is_loopback
 
@@ -747,6 +748,7 @@ def gateway(
                                    max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens,
                                    max_waiting=max_waiting)  # fmt: skip
         check_bind(host, settings)  # before loading the models
+        sock = listen(host, port)  # a port in use: one line now, not after the models load
         cs = _load_models(models, decoding.config(), list(Method))  # a request's model name picks any method
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
         page = playground and is_loopback(host)
@@ -754,7 +756,7 @@ def gateway(
             typer.echo(f"warning: the playground is not served on {host} (not loopback: the page has no key)", err=True)
         app_ = create_app(cs, settings, routers=[_served_playground(cs, models)] if page else [])
         serve(app_, host, port, log_level, lambda url: typer.echo(
-            f"costeer gateway: {url}/v1" + (f", playground {url}/playground/" if page else ""), err=True))
+            f"costeer gateway: {url}/v1" + (f", playground {url}/playground/" if page else ""), err=True), sock=sock)
 
     _run_guarded(run)
 

@@ -333,3 +333,19 @@ def test_the_gateway_streams_each_chunk_at_once(monkeypatch):
     (sock,) = given
     assert announced == [f"http://127.0.0.1:{sock.getsockname()[1]}"]
     assert accepted_nodelay(sock) == 1
+
+
+def test_the_gateway_on_a_port_in_use_says_so_in_one_line_before_loading_a_model():
+    import socket
+
+    from typer.testing import CliRunner
+
+    from costeer.cli import app
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = CliRunner().invoke(app, ["gateway", "--port", str(port), "--llm", "no-such-model", "--slm", "no-such-model"])
+    assert r.exit_code != 0 and f"cannot listen on 127.0.0.1:{port}" in r.output
+    assert "no-such-model" not in r.output and "Traceback" not in r.output

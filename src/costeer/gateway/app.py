@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
@@ -297,13 +298,14 @@ def _openai_path(request: Request) -> bool:
 
 
 def serve(app: FastAPI, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_level: str = "info",
-          announce: Callable[[str], None] | None = None) -> None:  # fmt: skip
-    """Run `app` until interrupted. The socket is bound first, so that port 0 names its port:
-    `announce` gets http://HOST:PORT before the server starts. The bind rule (check_bind) is the
-    caller's, checked before it loads the models."""
+          announce: Callable[[str], None] | None = None, sock: socket.socket | None = None) -> None:  # fmt: skip
+    """Run `app` until interrupted. The socket is bound first (or given: `cloud.net.listen(host, port)`,
+    bound before the models load), so that port 0 names its port: `announce` gets http://HOST:PORT
+    before the server starts. The bind rule (check_bind) is the caller's, checked before it loads the
+    models."""
     import uvicorn
 
-    sock = listen(host, port)
+    sock = sock if sock is not None else listen(host, port)
     sock.listen()  # connections wait in the backlog from the announcement on, until uvicorn takes them
     if announce is not None:
         announce(f"http://{host}:{sock.getsockname()[1]}")
