@@ -145,13 +145,16 @@ def test_gateway_serves_the_openai_client(folders, pair, contexts):
     (["--host", "0.0.0.0"], {"COSTEER_GATEWAY_KEYS": "gateway-key-0123456789"}, False, True),  # the page has no key
 ])  # fmt: skip
 def test_gateway_mounts_the_playground_on_its_own_server(folders, monkeypatch, args, env, mounted, warned):
+    import costeer.cloud.net
     import costeer.gateway
 
     served = {}
-    monkeypatch.setattr(costeer.gateway, "serve", lambda app, host, port, log_level, announce: served.update(app=app))
+    monkeypatch.setattr(costeer.cloud.net, "listen", lambda host, port: ("bound", host, port))  # no real port taken
+    monkeypatch.setattr(costeer.gateway, "serve", lambda app, host, port, log_level, announce, sock: served.update(app=app, sock=sock))
     r = runner.invoke(app, ["gateway", "--llm", folders["llm"], "--slm", folders["slm"], "--device", "cpu", *args],
                       env=env)  # fmt: skip
     assert r.exit_code == 0, r.output
+    assert served["sock"] == ("bound", "0.0.0.0" if "--host" in args else "127.0.0.1", 8080)  # bound before serving
     from fastapi.testclient import TestClient
 
     client = TestClient(served["app"])
