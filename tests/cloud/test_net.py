@@ -226,13 +226,13 @@ def test_connections_on_the_listening_socket_send_each_frame_at_once():
 
 
 def test_uvicorn_serving_the_listening_socket_sends_each_frame_at_once():
+    import asyncio
+
     async def ok(scope, receive, send):
         if scope["type"] == "http":
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"ok", "more_body": True})
             await asyncio.sleep(30)  # keep the connection open while the test looks at it
-
-    import asyncio
 
     srv = UvicornThread(ok)  # the socket from listen(), as `costeer serve` gives uvicorn
     try:
