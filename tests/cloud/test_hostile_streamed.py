@@ -11,7 +11,7 @@ from websockets.exceptions import ConnectionClosed
 
 from costeer import frames
 from costeer.frames import Attach, Lookahead, Open, Token, Tokens
-from tests.cloud.server_util import KEY_A, RawClient, ThreadServer, wait_until
+from tests.cloud.server_util import KEY_A, KEY_B, RawClient, ThreadServer, wait_until
 from tests.cloud.test_server import closed_with, get
 from tests.cloud.test_server_lookahead import ws_open
 
@@ -230,3 +230,49 @@ def test_attach_while_the_old_connection_stops_its_round(server, tiny_llm, monke
             assert server.registry.sessions[sid].position == 1
     freed(server)
 
+
+
+def test_many_devices_at_once_half_of_them_never_reading(tiny_llm):
+    """Eight streamed sessions flood uplinks and read nothing while eight honest devices, each on its own
+    thread, walk 29 rounds: every honest one finishes, and once the silent ones go (and the idle timeout
+    passes for those dropped without a close) nothing of any session is left."""
+    import threading
+
+    srv = ThreadServer(tiny_llm, send_timeout_s=1.0, idle_timeout_s=3, max_sessions=40, max_sessions_per_key=20)
+    chain = Lookahead(frames.LOOKAHEAD_FIXED, 3, 4, streamed=True)
+    try:
+        silent = [RawClient(srv.port, key=KEY_B, rcvbuf=4096) for _ in range(8)]
+        for c in silent:
+            c.send(Open([1, 2, 3], frames.FULL, 400, lookahead=chain).encode())
+        for c in silent:
+            for _ in range(200):
+                c.send(Token(5).encode())
+        finished, errors = [], []
+
+        def honest(i: int) -> None:
+            try:
+                with ws_open(srv) as ws:
+                    ws.send(Open([1, 2, 3 + i], frames.FULL, 30, lookahead=chain).encode())
+                    assert isinstance(frames.decode_downlink(ws.recv(timeout=10)), frames.Ready)
+                    position = 0
+                    while position < 29:
+                        msg = frames.decode_downlink(ws.recv(timeout=10))
+                        if msg.position == position and msg.first == 0:  # a round's root: answer its greedy token
+                            ws.send(Token(int(msg.dists[0].logp.argmax())).encode())
+                            position += 1
+                    finished.append(i)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=honest, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert sorted(finished) == list(range(8)) and not errors, errors
+        for c in silent:
+            c.close()
+        wait_until(lambda: not srv.registry.sessions, timeout=30)
+        freed(srv)
+    finally:
+        srv.stop()
