@@ -127,16 +127,21 @@ def test_negative_round_trip_is_refused():
         DelayRelay(1, -0.01)
 
 
-def test_a_generation_through_the_relay_equals_one_without(server, tiny_slm):
+@pytest.mark.parametrize("lookahead", ["off", "auto"])
+def test_a_generation_through_the_relay_equals_one_without(server, tiny_slm, lookahead):
     query, context = "what should I cook tonight", "I am Sam, a vegetarian runner in Seattle."
-    direct = CoSteer(connect_cloud(server.url, api_key=KEY_A), tiny_slm)
+    direct = CoSteer(connect_cloud(server.url, api_key=KEY_A, lookahead=lookahead), tiny_slm)
     want = direct.generate(query, context, "costeer", max_new_tokens=12)
     with DelayRelay(server.port, 0.03) as relay:
-        relayed = CoSteer(connect_cloud(relay.url("ws"), api_key=KEY_A), tiny_slm)
+        cloud = connect_cloud(relay.url("ws"), api_key=KEY_A, lookahead=lookahead)
+        relayed = CoSteer(cloud, tiny_slm)
         t0 = time.monotonic()
         got = relayed.generate(query, context, "costeer", max_new_tokens=12)
         took = time.monotonic() - t0
     assert got.token_ids == want.token_ids and got.text == want.text
-    # one round trip per token at least: the relay really stood between them
-    assert took >= 0.03 * len(got.token_ids)
+    # the relay really stood between them: each round waited out a round trip, one after another.
+    # Per token that is one round a token; look-ahead takes several tokens from one round.
+    if lookahead == "off":
+        assert cloud.rounds >= len(got.token_ids)
+    assert cloud.rounds >= 1 and took >= 0.03 * cloud.rounds - 1e-3
     assert relay.bytes_down > 0 and relay.bytes_up > 0
