@@ -223,6 +223,21 @@ def vanilla_run(client, url: str, ex: dict, tokens: int) -> dict:
             "bytes_up": len(json.dumps(body)), "forwards": None, "token_ids": None}  # fmt: skip
 
 
+CONTEXT_MB = 64  # a CoGenesis row's private prefix on the SmolLM2 SLM: about 1,500 tokens x 23 KB, with room
+
+
+def device_cache_config(rows: int):
+    """The device's prefix cache, from the environment as a user's device reads it, but with a memory
+    bound that holds every row's prefix unless COSTEER_PREFIX_CACHE_MEMORY_MB says otherwise (the
+    512 MiB default holds about 14 rows: more would evict the warm-up's prefixes and time prefills)."""
+    from costeer.engine.prefix_cache import MiB, PrefixCacheConfig
+
+    config = PrefixCacheConfig.from_env()
+    if os.environ.get("COSTEER_PREFIX_CACHE_MEMORY_MB"):
+        return config
+    return config.model_copy(update={"max_memory_bytes": max(config.max_memory_bytes, rows * CONTEXT_MB * MiB)})
+
+
 def device_role(spec_file: str) -> None:
     import httpx
     import torch
@@ -240,7 +255,7 @@ def device_role(spec_file: str) -> None:
     deadline = time.monotonic() + spec["budget_s"]
     out = open(spec["out"], "a")
     split_modes = [m for m in spec["modes"] if m != "vanilla"]
-    cache = PrefixCache.from_env()  # one for all: each row's private prefix is prefilled once, in the warm-up
+    cache = PrefixCache(device_cache_config(len(examples)))  # one for all: each row's prefix is prefilled once, in the warm-up
     pairs = {(link["rtt_ms"], mode): CoSteer(connect_split(link["ws"], mode), slm, prefix_cache=cache)
              for link in spec["links"] for mode in split_modes}  # fmt: skip
     for (rtt, mode), cs in pairs.items():  # warm-up: tokenizer, vocabulary map, the rows' SLM prefixes
@@ -250,6 +265,9 @@ def device_role(spec_file: str) -> None:
     if "vanilla" in spec["modes"]:
         for link in spec["links"]:
             vanilla_run(client, link["gateway"], examples[0], 2)
+    if len(cache) < len(examples):  # the bound evicted warm rows: their TTFT would count a prefill again
+        print(f"note: the device's prefix cache holds {len(cache)} prefixes for {len(examples)} rows: TTFT includes "
+              "prefills; raise COSTEER_PREFIX_CACHE_MEMORY_MB", file=sys.stderr)
     # every round trip, method and mode once per row and run, in turn: drift (and a budget that
     # runs out) hits each alike
     for rep in range(spec["runs"]):
