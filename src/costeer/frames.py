@@ -55,6 +55,8 @@ FULL_F32, TOPK_F16, TOPK_F32, TOPK_PACKED = 0, 1, 2, 3
 FLAG_PACKED = 0x0001  # the device asks for TOPK_PACKED frames; `k` is then their largest size
 FLAG_STREAMED = 0x0002  # version 2 only: look-ahead rounds as LEVEL frames, one level at a time
 
+LOGP_SLACK = 1e-3  # a log-probability a frame may hold above 0 (rounding): past it, no probability
+
 # TOPK_PACKED (docs/wire-format.md, "Packed frames")
 PACKED_HEAD = 128  # the most likely entries, with values to 1/2048 nat
 PACKED_HEAD_SCALE = 2048
@@ -485,9 +487,24 @@ def _expect_size(data: bytes, layout: struct.Struct, name: str) -> None:
 
 
 def _check_values(values: np.ndarray, log_tail: float) -> None:
-    """Log-probabilities as they may arrive: -inf (ruled out) or finite, never NaN or +inf."""
+    """Log-probabilities as they may arrive: -inf (ruled out) or finite, never NaN or +inf, never above
+    0 (a probability above 1; rounding leaves a log_softmax at 0 at most), and some token with mass.
+    Values above 0 whose exp overflows, or every token ruled out, made the device's scores NaN: greedy
+    decoding then took token 0 as if it were the answer."""
     if not (values < np.inf).all() or not log_tail < math.inf:  # NaN compares False
         raise FrameError("DIST frame holds a value that is not a log-probability (NaN or +inf)")
+    if (values > LOGP_SLACK).any() or log_tail > LOGP_SLACK:
+        raise FrameError("DIST frame holds a log-probability above 0 (a probability above 1)")
+    # the tail is capped at the smallest value sent (densify): a -inf sent rules the whole tail out too
+    tail = math.isfinite(log_tail) and not np.isneginf(values).any()
+    if not (np.isfinite(values).any() or tail):
+        raise FrameError("DIST frame gives no token any probability")
+
+
+def check_log_probabilities(values: np.ndarray, log_tail: float) -> None:
+    """The checks every DIST decoder makes, for distributions that come another way (an engine's JSON
+    answer, costeer.device.engines); raises FrameError."""
+    _check_values(np.asarray(values, dtype=np.float64), log_tail)
 
 
 def _check_ids(ids: np.ndarray, vocab: int) -> None:
@@ -499,7 +516,7 @@ def _check_ids(ids: np.ndarray, vocab: int) -> None:
 
 def decode_downlink(data: bytes) -> Downlink:
     """Cloud -> device bytes -> message; raises FrameError (malformed, wrong version, impossible
-    values: a token id twice or outside the vocabulary, NaN or +inf log-probabilities; a TREE frame
+    values: a token id twice or outside the vocabulary, NaN, +inf or positive log-probabilities, no mass; a TREE frame
     whose parents, tokens, counts or node positions do not make one tree)."""
     version, kind = _header(data)
     if kind == TREE:
@@ -528,6 +545,8 @@ def decode_downlink(data: bytes) -> Downlink:
         if enc not in (TOPK_F16, TOPK_F32) or width not in (2, 4):
             raise FrameError(f"unknown DIST encoding {enc} / id width {width}")
         vbytes = 2 if enc == TOPK_F16 else 4
+        if k < 1:  # no entry, no smallest value to bound the tail by (densify raised torch's RuntimeError)
+            raise FrameError("top-k DIST frame with no entries")
         if len(body) != k * (width + vbytes) or k > vocab:
             raise FrameError("top-k DIST frame length does not match k")
         ids = np.frombuffer(body[: k * width], dtype="<u2" if width == 2 else "<u4").astype(np.int64)
@@ -775,7 +794,8 @@ def _decode_packed(body: memoryview, pos: int, vocab: int, k: int, log_tail: flo
     top, head_floor, kth, h, n_bands, step = _PACKED.unpack_from(body)
     if not all(math.isfinite(v) for v in (top, head_floor, kth, step)):
         raise FrameError("packed DIST frame: a value in its header is not finite")
-    _check_values(np.zeros(0), log_tail)
+    if not log_tail < math.inf:  # NaN compares False (the values are checked once read)
+        raise FrameError("DIST frame holds a value that is not a log-probability (NaN or +inf)")
     at = _PACKED.size
     fixed = 2 * n_bands + (n_bands + 1) + 2 * h + 4
     if len(body) < at + fixed or not 0 < k < vocab or h > k or not step > 0:
@@ -807,6 +827,7 @@ def _decode_packed(body: memoryview, pos: int, vocab: int, k: int, log_tail: flo
     head_lo = np.where(head_q >= 0xFFFF, np.minimum(head_hi, kth), head_hi)
     values = np.concatenate([(head_hi + head_lo) / 2, (hi + lo) / 2])
     width = np.concatenate([head_hi - head_lo, hi - lo])
+    _check_values(values.astype(np.float32), log_tail)
     return Dist(
         pos, vocab, torch.from_numpy(values.astype(np.float32)), torch.from_numpy(ids), float(log_tail),
         torch.from_numpy(width.astype(np.float32)), float(kth),

@@ -284,3 +284,60 @@ def test_malformed_packed_frames():
     for bad in (good[: head + 10], good[:-40], bytes(bad_k), bytes(small_v)):
         with pytest.raises(FrameError):
             frames.decode_downlink(bad)
+
+
+def _full_frame(values) -> bytes:
+    """A full DIST frame holding `values` as sent, whatever they are."""
+    V = len(values)
+    head = frames._DIST.pack(frames.VERSION, frames.DIST, frames.FULL_F32, 0, 0, V, V, float("-inf"))
+    return head + np.asarray(values, "<f4").tobytes()
+
+
+def _topk_frame(values, log_tail: float, enc: int = frames.TOPK_F32) -> bytes:
+    k, V = len(values), 100
+    vdtype = "<f4" if enc == frames.TOPK_F32 else "<f2"
+    head = frames._DIST.pack(frames.VERSION, frames.DIST, enc, 2, 0, V, k, log_tail)
+    return head + np.arange(k, dtype="<u2").tobytes() + np.asarray(values, vdtype).tobytes()
+
+
+def _packed_with_top(top: float) -> bytes:
+    b = bytearray(frames.encode_packed(logp(V=3000, seed=2), 500, 0))
+    struct.pack_into("<f", b, frames._DIST.size, top)  # the head's values are read below `top`
+    return bytes(b)
+
+
+@pytest.mark.parametrize(
+    "frame, message",
+    [
+        (_full_frame([float("-inf")] * 50), "no token any probability"),
+        (_topk_frame([float("-inf")] * 4, float("-inf"), frames.TOPK_F16), "no token any probability"),
+        (_topk_frame([float("-inf")], 0.0), "no token any probability"),  # the tail is capped at -inf
+        (_full_frame([3e38] * 50), "above 0"),  # exp overflows: the device's scores became NaN
+        (_full_frame([-4.0] * 49 + [0.5]), "above 0"),
+        (_topk_frame([-1.0, -2.0], 2.0), "above 0"),  # a tail mass of e^2
+        (_packed_with_top(40.0), "above 0"),
+    ],
+)
+def test_a_distribution_with_no_mass_or_a_probability_above_one_is_refused(frame, message):
+    """Finite values a hostile cloud may send that are no distribution: with every token ruled out the
+    device's greedy pick was token 0 (argmax over NaN: an empty answer when 0 is a stop id) and its
+    sampling a RuntimeError; values whose exp overflows did the same."""
+    with pytest.raises(FrameError, match=message) as e:
+        frames.decode_downlink(frame)
+    assert e.value.code == frames.CLOSE_MALFORMED
+
+
+def test_log_probabilities_at_zero_and_ruled_out_tokens_are_still_read():
+    one = [float("-inf")] * 50
+    one[7] = 0.0  # a certain token: log p = 0 exactly
+    assert int(frames.densify(frames.decode_downlink(_full_frame(one))).argmax()) == 7
+    tail = frames.decode_downlink(_topk_frame([-9.0], -1e-4))  # nearly all the mass in the tail
+    assert torch.isfinite(frames.densify(tail)).all()
+
+
+@pytest.mark.parametrize("enc", [frames.TOPK_F16, frames.TOPK_F32])
+def test_a_top_k_frame_with_no_entries_is_refused(enc):
+    """k = 0 with a top-k encoding (the cloud sends encoding 0 for the full vocabulary): the frame was
+    read, and densify then raised torch's RuntimeError (the smallest of no values)."""
+    with pytest.raises(FrameError, match="no entries"):
+        frames.decode_downlink(_topk_frame([], -0.5, enc))

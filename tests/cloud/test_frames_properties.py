@@ -134,6 +134,9 @@ def check_dist(d: Dist) -> None:
     V = d.vocab_size
     assert V >= 1 and not torch.isnan(d.logp).any() and not (d.logp == float("inf")).any()
     assert not math.isnan(d.log_tail) and d.log_tail != float("inf")
+    # a distribution: no probability above 1 (up to rounding) and some mass somewhere
+    assert bool((d.logp <= frames.LOGP_SLACK).all()) and d.log_tail <= frames.LOGP_SLACK
+    assert bool(torch.isfinite(frames.densify(d)).any())
     if d.full:
         assert d.logp.shape == (V,)
     else:

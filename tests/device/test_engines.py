@@ -28,7 +28,10 @@ def test_top_k_summing_past_one_has_no_tail():
     assert d.log_tail == float("-inf")
 
 
-@pytest.mark.parametrize("bad", [{}, {10: -1.0}, {-1: -1.0}])
+@pytest.mark.parametrize("bad", [{}, {10: -1.0}, {-1: -1.0},
+                                 # JSON's NaN / Infinity literals parse: no log-probability, no mass, p > 1
+                                 {3: float("nan")}, {3: -1.0, 4: float("inf")}, {3: float("-inf"), 4: float("-inf")},
+                                 {3: 2.0}])  # fmt: skip
 def test_bad_answers_are_clear_errors(bad):
     with pytest.raises(CloudError):
         parse_top(bad, vocab_size=10, position=0)

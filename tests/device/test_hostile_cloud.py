@@ -6,6 +6,7 @@ import json
 import os
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
@@ -192,3 +193,25 @@ def test_the_bound_grows_with_what_was_asked():
 def test_an_honest_stand_in_still_works(cloud, cache):
     llm = connect(cloud, k="full")
     assert llm.vocab_size == cloud.say.info["vocab_size"] and os.path.isdir(cache / "tokenizers")
+
+
+def full_frame(values, position: int = 0) -> bytes:
+    V = len(values)
+    head = frames._DIST.pack(frames.VERSION, frames.DIST, frames.FULL_F32, 0, position, V, V, float("-inf"))
+    return head + np.asarray(values, "<f4").tobytes()
+
+
+@pytest.mark.parametrize("value", [float("-inf"), 3e38])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_distribution_that_is_none_ends_the_run_with_one_line(cloud, cache, tok, value, sampled):
+    """Every token ruled out, or values whose exp overflows: before, greedy decoding took token 0 (the
+    stop id here: an empty answer that looked finished) and sampling raised torch's RuntimeError."""
+    from costeer.api import CoSteer
+
+    llm = connect(cloud, k="full", lookahead="off")
+    cloud.say.downlink = [ready(llm.vocab_size), full_frame([value] * llm.vocab_size)]
+    slm = make_lm("slm", gemma3(len(tok), seed=2), tok)
+    kw = {"temperature": 1.0, "seed": 1} if sampled else {}
+    with pytest.raises(CloudError, match="unreadable frame") as e:
+        CoSteer(llm, slm).generate(QUERY, "I like tofu.", "costeer", max_new_tokens=4, **kw)
+    assert e.value.code == frames.CLOSE_MALFORMED

@@ -67,6 +67,10 @@ def parse_top(entries: dict[int, float], vocab_size: int, position: int) -> fram
     logp = torch.tensor(list(entries.values()), dtype=torch.float32)
     if int(ids.max()) >= vocab_size or int(ids.min()) < 0:
         raise CloudError(f"the engine returned token id {int(ids.max())} outside the vocabulary ({vocab_size})")
+    try:  # JSON's NaN and Infinity parse as floats: the engine's values get a DIST frame's checks
+        frames.check_log_probabilities(logp.numpy(), float("-inf"))
+    except frames.FrameError as e:
+        raise CloudError(f"the engine returned log-probabilities that are no distribution: {e.reason}") from None
     order = torch.argsort(logp, descending=True)
     ids, logp = ids[order], logp[order]
     # The mass outside the top-k; float rounding of k probabilities can push the sum past 1.
