@@ -266,7 +266,7 @@ class CoSteer:
 
     def _overflow(self, prompts: dict[str, list[int]], max_new_tokens: int) -> str | None:
         """Why the first prompt that, with max_new_tokens, exceeds its model's trained window does, or None.
-        (A remote LLM has no `window` here: its server enforces its own limits.)"""
+        (A remote LLM has no `window` here: its server refuses a session past its model's window, 4413.)"""
         for branch, ids in prompts.items():
             lm = self.llm if branch.startswith("llm") else self.slm
             window = getattr(lm, "window", None)

@@ -16,7 +16,7 @@ from websockets.sync.client import connect
 from costeer import frames
 from costeer.api import CoSteer
 from costeer.cloud import ServerSettings, read_api_keys
-from costeer.device import connect_cloud
+from costeer.device import CloudError, connect_cloud
 from costeer.frames import Attach, Open, Token
 from tests.cloud.server_util import KEY_A, KEY_B, RawClient, ThreadServer, wait_until
 from tests.tiny import bpe_tokenizer, llama, make_lm
@@ -424,3 +424,31 @@ def test_a_key_in_the_query_string_is_refused_and_never_logged(server, uvicorn_l
     lines = [r.getMessage() for r in uvicorn_lines]
     assert any("?<redacted>" in line for line in lines), lines
     assert not any(KEY_B in line for line in lines)
+
+
+# ---------------------------------------------------------------------------------------
+# The model's window
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_session_past_the_models_trained_window_is_refused_like_in_process(tiny_slm):
+    """The device leaves the window to the cloud (api.CoSteer: 'its server enforces its own limits'),
+    and the cloud took any prompt and max_new_tokens within its own limits: a run that raises
+    PromptTooLong in process went on over the socket past the positions the model was trained on."""
+    tok = bpe_tokenizer()
+    short = make_lm("tiny-short", llama(len(tok), seed=1), tok)
+    short.model.config.max_position_embeddings = 24
+    assert short.window == 24
+    srv = ThreadServer(short, max_prompt_tokens=64, max_new_tokens=40)
+    try:
+        with ws_open(srv) as ws:
+            ws.send(Open([1] * 20, 8, max_new_tokens=5).encode())
+            closed_with(ws, frames.CLOSE_TOO_LARGE, "window of 24")
+        with ws_open(srv) as ws:  # a session that fits still opens
+            open_session(ws, prompt=[1] * 20, max_new=4)
+        llm = connect_cloud(srv.url, api_key=KEY_A, k="full", lookahead="off")
+        with pytest.raises(CloudError, match="4413.*window"):
+            CoSteer(llm, None).generate(QUERY * 3, None, "llm", max_new_tokens=30)
+        wait_until(lambda: not srv.registry.sessions)
+    finally:
+        srv.stop()

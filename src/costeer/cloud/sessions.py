@@ -281,6 +281,10 @@ class Registry:
             )
         if len(msg.generated) >= msg.max_new_tokens:
             raise ProtocolError(frames.CLOSE_TOO_LARGE, "resumed tokens already reach max_new_tokens")
+        window = self.lm.window  # the device leaves this check to the cloud (api.CoSteer._overflow)
+        if window is not None and len(msg.prompt_ids) + msg.max_new_tokens > window:
+            raise ProtocolError(frames.CLOSE_TOO_LARGE, f"prompt of {len(msg.prompt_ids)} tokens plus max_new_tokens "
+                                f"{msg.max_new_tokens} exceeds the model's trained window of {window}")  # fmt: skip
         s.check_lookahead(msg.lookahead)
         bad = next((t for t in [*msg.prompt_ids, *msg.generated] if t >= V), None)
         if bad is not None:
