@@ -97,6 +97,17 @@ def test_a_client_that_pipelines_requests_and_never_reads_is_dropped_after_the_s
         srv.stop()
 
 
+def test_no_websocket_compression_is_negotiated(strict_server):
+    """uvicorn offers permessage-deflate by default, and a client that asked for it made the cloud deflate
+    every frame in the event loop all sessions share: about 50 ms for one full frame at V = 262,144, on
+    a client's own request (the device never asks: frames are already compact)."""
+    with connect(strict_server.url + "/v1/stream", additional_headers={"Authorization": f"Bearer {KEY_A}"},
+                 compression="deflate", proxy=None) as ws:  # fmt: skip
+        assert "Sec-WebSocket-Extensions" not in ws.response.headers
+        ws.send(Open([1, 2, 3], 8, 5).encode())
+        assert isinstance(frames.decode_downlink(ws.recv(timeout=10)), frames.Ready)
+
+
 def test_connections_over_the_cap_are_answered_503_at_once(strict_server):
     cap = strict_server.settings.max_connections
     held = [raw(strict_server.port) for _ in range(cap)]

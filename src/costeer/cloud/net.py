@@ -292,6 +292,9 @@ def uvicorn_config(app, settings: ServerSettings, *, host: str = "127.0.0.1", po
         http=guarded_http(settings),
         ws="websockets-sansio",
         ws_max_size=settings.max_uplink_bytes,
+        # no permessage-deflate (uvicorn offers it): a client asking for it made the event loop that every
+        # session's sends share deflate each of its frames, ~50 ms for a full frame at V = 262,144
+        ws_per_message_deflate=False,
         log_level=log_level,
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
