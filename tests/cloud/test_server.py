@@ -2,6 +2,8 @@
 documented error for every bad input while a concurrent healthy session completes."""
 
 import asyncio
+import concurrent.futures
+import contextlib
 import logging
 import secrets
 import socket
@@ -89,6 +91,37 @@ def test_info_and_tokenizer(server, tiny_llm):
     assert info["frame_version"] == frames.VERSION
     files = get(server, "/v1/tokenizer").json()["files"]
     assert "tokenizer.json" in files
+
+
+def test_the_tokenizer_answer_is_made_once_off_the_event_loop(tiny_llm, monkeypatch):
+    """Gemma-3's tokenizer answer is about 40 MB of JSON, ~0.2 s to encode: encoded per request in the
+    event loop every session's frames go through, a key holder asking for it in a loop stalled them all."""
+    from starlette.responses import JSONResponse
+
+    from costeer.cloud import server as server_module
+
+    made, rendered, loops = [], [], []
+    files = server_module.tokenizer_files
+
+    def counted_files(tok):
+        made.append(1)
+        with contextlib.suppress(RuntimeError):
+            loops.append(asyncio.get_running_loop())  # none: it ran in a worker thread
+        return files(tok)
+
+    render = JSONResponse.render
+    monkeypatch.setattr(server_module, "tokenizer_files", counted_files)
+    monkeypatch.setattr(JSONResponse, "render", lambda self, content: rendered.append(1) or render(self, content))
+    srv = ThreadServer(tiny_llm)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: get(srv, "/v1/tokenizer"), range(4)))
+    finally:
+        srv.stop()
+    assert all(a.status_code == 200 and a.content == answers[0].content for a in answers)
+    assert answers[0].json() == {"fingerprint": frames.tokenizer_fingerprint(tiny_llm.tokenizer),
+                                 "files": files(tiny_llm.tokenizer)}  # fmt: skip
+    assert len(made) == 1 and not loops and not rendered
 
 
 def test_keys_come_from_env_and_file(tmp_path):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import tempfile
 import time
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import HTTPException, RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
@@ -52,11 +53,19 @@ def tokenizer_files(tokenizer) -> dict[str, str]:
         return {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(d).iterdir()) if p.is_file()}
 
 
+def tokenizer_answer(tokenizer, fingerprint: str) -> bytes:
+    """/v1/tokenizer's JSON body: {"fingerprint", "files": {name: text}}."""
+    answer = {"fingerprint": fingerprint, "files": tokenizer_files(tokenizer)}
+    return json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 def create_app(lm: LM, settings: ServerSettings) -> FastAPI:
     registry = Registry(lm, settings)
     keys = KeyRing(settings.api_keys)
     fingerprint = frames.tokenizer_fingerprint(lm.tokenizer)
-    tok_files: dict[str, str] = {}
+    # /v1/tokenizer's answer, made once in a worker thread: Gemma-3's is about 40 MB of JSON (~0.2 s to
+    # encode), which per request in the event loop stalled every session's frames
+    tok_answer: asyncio.Future[bytes] | None = None
 
     closing: set[asyncio.Task] = set()  # the reaper's closes, referenced until done
 
@@ -127,9 +136,17 @@ def create_app(lm: LM, settings: ServerSettings) -> FastAPI:
 
     @app.get("/v1/tokenizer")
     async def tokenizer(owner: str = Depends(require_key)):
-        if not tok_files:
-            tok_files.update(await asyncio.to_thread(tokenizer_files, lm.tokenizer))
-        return {"fingerprint": fingerprint, "files": tok_files}
+        nonlocal tok_answer
+        if tok_answer is None:  # the first request makes it; those that come meanwhile wait for the same
+            tok_answer = asyncio.ensure_future(asyncio.to_thread(tokenizer_answer, lm.tokenizer, fingerprint))
+        made = tok_answer
+        try:
+            body = await asyncio.shield(made)  # a client that leaves does not cancel it for the others
+        except Exception:
+            if tok_answer is made:  # a failure is not kept: the next request tries again
+                tok_answer = None
+            raise
+        return Response(body, media_type="application/json")
 
     def _lookup(owner: str, sid: str) -> Session:
         try:
