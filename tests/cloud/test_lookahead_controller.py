@@ -127,3 +127,32 @@ def test_streamed_rounds_look_further_ahead_the_longer_the_round_trip_and_not_at
     sizes = [_grown(rtt, True).size for rtt in (0.002, 0.025, 0.05, 0.1)]
     assert sizes == sorted(sizes) and sizes[1] > 1
     assert _grown(0.05, True).max_depth() > _grown(0.05, False).max_depth()
+
+
+def test_a_replayed_round_sends_the_frames_made_for_it_without_encoding_them_again():
+    """A device that re-attaches at a streamed round's root gets the round again (Registry.replay, in the
+    event loop): every node was encoded again there, up to 64 packed frames at V = 262,144 (~3 ms each)
+    per ATTACH, which a key could repeat at the cost of a handshake."""
+    g = torch.Generator().manual_seed(3)
+
+    def grown() -> RoundPlanner:
+        p = RoundPlanner(Controller(frames.Lookahead(frames.LOOKAHEAD_FIXED, 3, 7)))
+        rows = p.begin(torch.log_softmax(torch.randn(200, generator=g), -1))
+        while rows:
+            rows = p.extend(torch.log_softmax(torch.randn(len(rows), 200, generator=g), -1), 0.001)
+        return p
+
+    encoded = []
+
+    def encode(logp, position):
+        encoded.append(position)
+        return frames.encode_dist(logp, 8, position)
+
+    g.manual_seed(3)
+    fresh = grown().replay(5, encode)  # nothing sent yet: every node is encoded
+    g.manual_seed(3)
+    planner = grown()
+    sent = [planner.level_frame(5, encode)]  # the whole round in one frame here (levels computed first)
+    encoded.clear()
+    assert planner.replay(5, encode) == fresh and not encoded
+    assert frames.decode_downlink(sent[0]).dists[-1].logp.shape == (8,)

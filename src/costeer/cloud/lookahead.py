@@ -210,6 +210,10 @@ class RoundPlanner:
     rank: list[int] = field(default_factory=lambda: [0])  # among its siblings, by the LLM's probability
     pending: list[tuple[float, int, int, int]] = field(default_factory=list)  # the level being computed: (P, parent, token, rank)
     sent: int = 0  # streamed rounds: nodes whose distributions have gone out
+    # streamed rounds: each node's top-k or packed DIST frame as first made, so that a replay (a device
+    # re-attached at the root, in the event loop) does not encode the round again: 64 packed frames at
+    # V = 262,144 took ~0.2 s there, per ATTACH
+    node_frames: dict[int, bytes] = field(default_factory=dict)
     elapsed: float = 0.0  # seconds the cloud spent on this round's levels so far
 
     @property
@@ -343,7 +347,7 @@ class RoundPlanner:
         level now being computed (the rows begin/extend returned); a plain DIST for a root alone."""
         if self.size == 1 and not self.pending:
             self.sent = 1
-            return encode_node(self.logps[0], position)
+            return self._node_frame(0, position, encode_node)
         frame = self._level(position, encode_node, self.sent, self.size, [(p, t) for _, p, t, _ in self.pending])
         self.sent = self.size
         return frame
@@ -351,7 +355,7 @@ class RoundPlanner:
     def replay(self, position: int, encode_node) -> list[bytes]:
         """The round as computed so far, level by level (a device that re-attached at its root)."""
         if self.size == 1:
-            return [encode_node(self.logps[0], position)]
+            return [self._node_frame(0, position, encode_node)]
         out, first = [], 0
         for d in range(self.max_depth() + 1):
             end = first + self.depth.count(d)
@@ -362,8 +366,18 @@ class RoundPlanner:
 
     def _level(self, position: int, encode_node, first: int, end: int, plan: list[tuple[int, int]]) -> bytes:
         """LEVEL frame of nodes first..end-1 (one level: they are appended level by level) and `plan`."""
-        blobs = [encode_node(self.logps[i], position + self.depth[i]) for i in range(first, end)]
+        blobs = [self._node_frame(i, position, encode_node) for i in range(first, end)]
         return frames.encode_level(position, first, blobs, [p for p, _ in plan], [t for _, t in plan])
+
+    def _node_frame(self, node: int, position: int, encode_node) -> bytes:
+        """Node's DIST frame in the round rooted at `position`, made once. A full frame (4 bytes a
+        token: a copy of the node's vector) is not kept: making it again costs only that copy."""
+        frame = self.node_frames.get(node)
+        if frame is None:
+            frame = encode_node(self.logps[node], position + self.depth[node])
+            if len(frame) < self.logps[node].numel():
+                self.node_frames[node] = frame
+        return frame
 
     def encode(self, position: int, encode_node, cloud_us: int) -> bytes:
         """The round as the device reads it: a DIST frame for the root alone, else a TREE frame;
