@@ -215,3 +215,38 @@ def test_a_distribution_that_is_none_ends_the_run_with_one_line(cloud, cache, to
     with pytest.raises(CloudError, match="unreadable frame") as e:
         CoSteer(llm, slm).generate(QUERY, "I like tofu.", "costeer", max_new_tokens=4, **kw)
     assert e.value.code == frames.CLOSE_MALFORMED
+
+
+def test_an_answer_dripped_byte_by_byte_ends_in_one_line_not_in_weeks():
+    """httpx's timeout bounds each read, not the answer: a cloud sending a byte just within it held the
+    device's connect for max_bytes reads (64 KiB at 60 s each for /v1/info: 45 days). An answer that
+    falls below MIN_BYTES_PER_S on average once its timeout has passed is refused."""
+    import asyncio
+    import time
+
+    from fastapi.responses import StreamingResponse
+
+    from costeer.device.transport import MIN_BYTES_PER_S, HttpClient
+
+    app = FastAPI()
+
+    @app.get("/v1/info")
+    async def info():
+        async def drip():
+            yield b'{"a": "'
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                yield b"x"
+            yield b'"}'
+
+        return StreamingResponse(drip(), media_type="application/json")
+
+    srv = AppThread(app)
+    try:
+        http = HttpClient(srv.url("http"), KEY, None, timeout=0.5)
+        started = time.monotonic()
+        with pytest.raises(CloudError, match="too slowly"):
+            http.get_json("/v1/info", MAX_INFO_BYTES)
+        assert time.monotonic() - started < 0.5 + 20 / MIN_BYTES_PER_S + 2  # not the 10 s the drip takes
+    finally:
+        srv.stop()

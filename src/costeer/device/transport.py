@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from time import monotonic, sleep  # the names the retry budget reads: tests swap in a virtual clock
@@ -26,6 +27,9 @@ log = logging.getLogger("costeer.device")
 MAX_JSON_BYTES = 4 << 20  # any JSON answer: an engine's top-k list with thousands of entries fits
 MAX_INFO_BYTES = 64 << 10  # /v1/info: a few hundred bytes from an honest cloud
 MAX_TOKENIZER_BYTES = 128 << 20  # /v1/tokenizer: Gemma-3's 262k vocabulary is about 40 MB of JSON
+# httpx's timeout bounds each read, not an answer: a cloud sending a byte just within it would hold the
+# device for max_bytes reads. Past the timeout, an answer must come at least this fast on average.
+MIN_BYTES_PER_S = 16 << 10
 
 
 class CloudError(CoSteerError, ValueError):
@@ -134,7 +138,7 @@ class HttpClient:
         import httpx
 
         link.check_key(base, api_key)
-        self.base, self.wire = base, wire
+        self.base, self.wire, self.timeout = base, wire, timeout
         # trust_env=False: never route the device's traffic through a proxy from the environment
         # (TLS trust comes from `link`, which reads SSL_CERT_FILE itself)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -157,7 +161,7 @@ class HttpClient:
         try:
             resp = self.client.send(req, stream=True)
             try:
-                content = _read_bounded(resp, path, max_bytes)
+                content = _read_bounded(resp, path, max_bytes, self.timeout)
             finally:
                 resp.close()
         except httpx.HTTPError as e:
@@ -180,16 +184,21 @@ class HttpClient:
         self.client.close()
 
 
-def _read_bounded(resp, path: str, max_bytes: int) -> bytes:
-    """The body of a streamed response, refused as soon as it passes max_bytes."""
+def _read_bounded(resp, path: str, max_bytes: int, timeout: float) -> bytes:
+    """The body of a streamed response, refused as soon as it passes max_bytes, or once it comes slower
+    than MIN_BYTES_PER_S on average after `timeout` seconds (checked as each chunk comes; httpx's own
+    timeout ends a wait for any one chunk)."""
     declared = resp.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise CloudError(f"the cloud's answer to {path} exceeds {max_bytes:,} bytes ({int(declared):,} announced)")
-    chunks, n = [], 0
+    chunks, n, started = [], 0, time.monotonic()  # real time (tests swap this module's `monotonic`)
     for chunk in resp.iter_bytes():
         n += len(chunk)
         if n > max_bytes:
             raise CloudError(f"the cloud's answer to {path} exceeds {max_bytes:,} bytes")
+        took = time.monotonic() - started
+        if took > timeout + n / MIN_BYTES_PER_S:
+            raise CloudError(f"the cloud's answer to {path} comes too slowly ({n:,} bytes in {took:.0f} s)")
         chunks.append(chunk)
     return b"".join(chunks)
 
