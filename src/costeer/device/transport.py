@@ -33,11 +33,17 @@ MIN_BYTES_PER_S = 16 << 10
 
 
 class CloudError(CoSteerError, ValueError):
-    """The cloud refused a request or stayed unreachable (a user-facing, one-line error)."""
+    """The cloud refused a request or stayed unreachable (a user-facing, one-line error). Its message
+    often quotes the cloud's own text (an error answer, a close reason): control characters in it
+    (terminal escape sequences, newlines) are shown escaped, never written to the terminal raw."""
 
     def __init__(self, message: str, code: int | None = None):
-        super().__init__(message)
+        super().__init__(_printable(message))
         self.code = code
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 @dataclass(frozen=True)
