@@ -60,11 +60,12 @@ def open_streamed(ws, lookahead=DEEP, max_new=40) -> frames.Level:
     return root
 
 
-def read_to(ws, position: int) -> frames.Level:
-    """Skip the frames of rounds left behind -> the first frame of the round at `position`."""
+def read_to(ws, position: int) -> frames.Level | frames.Dist:
+    """Skip the frames of rounds left behind -> the first frame of the round at `position` (a plain DIST
+    when the round is its root alone: one replayed after ATTACH stopped it before its first level)."""
     while (msg := frames.decode_downlink(ws.recv(timeout=10))).position < position:
         pass
-    assert msg.position == position and msg.first == 0
+    assert msg.position == position and getattr(msg, "first", 0) == 0
     return msg
 
 
