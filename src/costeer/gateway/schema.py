@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Literal
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+import pydantic_core
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 MAX_STOPS = 4  # OpenAI's own limit on `stop`
 MAX_STOP_CHARS = 256
@@ -35,24 +36,31 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
-class _TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+def _text(content):
+    """A message's content as text: a string, null (an assistant turn that only called a tool), or
+    text parts (the newer OpenAI shape), read as their concatenation. Other parts are refused."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(_is_text_part(p) for p in content):
+        return "".join(p["text"] for p in content)
+    raise ValueError("the content must be a string or a list of text parts ({'type': 'text', 'text': ...})")
 
-    type: Literal["text"]
-    text: str
+
+def _is_text_part(part) -> bool:
+    return isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: str  # checked against the chat roles by costeer.engine.prompts.conversation
-    content: str | list[_TextPart] = ""
+    content: Annotated[str, BeforeValidator(_text)] = ""
 
-    @field_validator("content", mode="after")
+    @field_validator("role", mode="after")
     @classmethod
-    def _joined(cls, v):
-        """Content given as text parts (the newer OpenAI shape) reads as their concatenation."""
-        return v if isinstance(v, str) else "".join(p.text for p in v)
+    def _developer_is_system(cls, v):
+        """OpenAI's newer name for the system turn (its client sends it for reasoning models)."""
+        return "system" if v == "developer" else v
 
 
 class StreamOptions(BaseModel):
@@ -73,13 +81,19 @@ class ChatRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)  # not OpenAI's; vLLM and llama-server accept it too
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what a torch generator takes
     stop: str | list[str] | None = Field(None, validate_default=True)  # read as a list
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool | None = None
     tools: list | None = None
+
+    @field_validator("n", "stream", mode="before")
+    @classmethod
+    def _null_is_default(cls, v, info):
+        """OpenAI reads null as the field left out (some clients send every field)."""
+        return cls.model_fields[info.field_name].default if v is None else v
 
     @field_validator("stop", mode="after")
     @classmethod
@@ -111,11 +125,15 @@ class ChatRequest(BaseModel):
 def parse_request(body: bytes) -> ChatRequest:
     """Raw body -> ChatRequest, or ApiError(400) naming the first problem (never echoing values)."""
     try:
-        data = json.loads(body.decode("utf-8"))
+        text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(400, "the request body is not UTF-8", "invalid_encoding") from None
-    except json.JSONDecodeError as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e.msg} at {e.pos})", "invalid_json") from None
+    try:
+        # pydantic's parser, not json's: it bounds the nesting depth (json.loads recurses until
+        # RecursionError) and refuses lone surrogate escapes, which no tokenizer can encode
+        data = pydantic_core.from_json(text)
+    except ValueError as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})", "invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", "invalid_json")
     try:
