@@ -349,3 +349,69 @@ def test_the_gateway_on_a_port_in_use_says_so_in_one_line_before_loading_a_model
         r = CliRunner().invoke(app, ["gateway", "--port", str(port), "--llm", "no-such-model", "--slm", "no-such-model"])
     assert r.exit_code != 0 and f"cannot listen on 127.0.0.1:{port}" in r.output
     assert "no-such-model" not in r.output and "Traceback" not in r.output
+
+
+def _traces(caplog) -> list[str]:
+    """Log records that carry a traceback or say an exception escaped the app."""
+    return [r.getMessage() for r in caplog.records if r.exc_info or "Exception in ASGI" in r.getMessage()]
+
+
+def test_a_client_that_hangs_up_mid_body_leaves_no_traceback(gateway, caplog):
+    import socket
+
+    caplog.set_level(logging.INFO)
+    body = json.dumps({"model": "llm", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    with socket.create_connection(("127.0.0.1", gateway.port)) as s:  # announces 500 bytes, sends fewer, leaves
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 500\r\n\r\n" + body[:20])  # fmt: skip
+        time.sleep(0.3)
+    time.sleep(0.5)
+    assert _traces(caplog) == []
+    hi = {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert httpx.post(f"{gateway.url}/v1/chat/completions", json=hi, trust_env=False, timeout=60).status_code == 200
+
+
+def test_a_conversation_over_the_window_tells_nothing_of_the_private_prompt(pair, gateway):
+    """Too long for the SLM's with-context prompt only: the answer must not give that prompt's length
+    (the context's length follows from it), and reads as OpenAI's context_length_exceeded."""
+    limit = 64
+    fits = lambda ids, lm: len(ids) + limit <= lm.window  # noqa: E731
+    words = 10
+    while True:  # the shortest query whose public prompts fit and whose private one does not
+        words += 1
+        p = pair.prompts("hello " * words, CONTEXT)
+        if not fits(p["slm_context"], pair.slm):
+            break
+    assert fits(p["llm"], pair.llm) and fits(p["slm"], pair.slm)
+
+    def ask(words: int) -> httpx.Response:
+        req = {"model": "costeer", "messages": [{"role": "user", "content": "hello " * words}], "max_tokens": limit}
+        return httpx.post(f"{gateway.url}/v1/chat/completions", json=req, trust_env=False, timeout=60)
+
+    private, public = ask(words), ask(words * 2)  # the second overflows the LLM's own prompt
+    assert private.status_code == public.status_code == 400
+    err = private.json()["error"]
+    assert err["code"] == "context_length_exceeded" and err["param"] == "messages"
+    assert f"{len(p['slm_context']):,}" not in err["message"] and str(len(p["slm_context"])) not in err["message"]
+    assert "slm_context" not in err["message"]
+    assert private.json() == public.json()  # nothing tells which prompt overflowed
+
+
+def test_a_keyless_gateway_answers_only_to_this_machines_names(pair, gateway):
+    """DNS rebinding: a web page whose name turns into 127.0.0.1 reaches the loopback gateway as its
+    own origin, with its own name in Host. Without keys, only loopback names are served."""
+    hi = {"model": "slm_context", "messages": [{"role": "user", "content": "who am I"}], "max_tokens": 2}
+    evil = {"Host": f"rebind.example:{gateway.port}", "Origin": f"http://rebind.example:{gateway.port}"}
+    r = httpx.post(f"{gateway.url}/v1/chat/completions", json=hi, headers=evil, trust_env=False, timeout=60)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+    assert httpx.get(f"{gateway.url}/v1/models", headers=evil, trust_env=False).status_code == 403
+    for host in ("localhost", "127.0.0.1", "[::1]", "127.0.0.2"):
+        r = httpx.get(f"{gateway.url}/v1/models", headers={"Host": f"{host}:{gateway.port}"}, trust_env=False)
+        assert r.status_code == 200, host
+    keyed = _serve(pair, api_keys=frozenset({KEY}))  # behind a proxy with its own name: the key protects it
+    try:
+        r = httpx.get(f"{keyed.url}/v1/models", headers={"Host": "gw.example", "Authorization": f"Bearer {KEY}"},
+                      trust_env=False)  # fmt: skip
+        assert r.status_code == 200
+    finally:
+        keyed.stop()

@@ -23,18 +23,21 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from costeer.api import CoSteer
+from costeer.api import CoSteer, PromptTooLong
 from costeer.chat import Reply, reply
 from costeer.cloud.net import listen, within
 from costeer.cloud.sessions import KeyRing
 from costeer.device import CloudError
+from costeer.device.transport import is_loopback
 from costeer.engine.config import Method
 from costeer.engine.llamacpp import LlamaCppError
 from costeer.gateway import schema
@@ -80,6 +83,17 @@ class Gateway:
         if self.settings.api_keys and self.keys.authenticate(request.headers.get("authorization")) is None:
             raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)", "invalid_api_key")
 
+    def require_local_host(self, request: Request) -> None:
+        """FastAPI dependency: without keys the gateway is bound to loopback (check_bind), and only
+        this machine's names may reach it. Otherwise a web page whose name is made to resolve to
+        127.0.0.1 (DNS rebinding) is same-origin with it: the browser lets it read the answers of
+        the private-context models. With keys, the key protects it (and a proxy may use any name)."""
+        if self.settings.api_keys:
+            return
+        host = urlsplit("//" + request.headers.get("host", "")).hostname
+        if not is_loopback(host):
+            raise ApiError(403, "this gateway answers only to localhost names (it has no API keys)", "host_not_allowed")
+
     def method(self, name: str) -> Method:
         if name not in self.models:
             raise ApiError(404, f"the model '{name}' does not exist; GET /v1/models lists the served ones "
@@ -123,6 +137,10 @@ def as_api_error(exc: BaseException) -> ApiError:
     """What a failed generation answers. User errors keep their one line; a bug says nothing more."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, PromptTooLong):
+        # which prompt overflowed, and its length, would tell the private one's (the context's) length
+        return ApiError(400, "the conversation plus max_tokens does not fit the model's context window: shorten "
+                        "the conversation or ask for fewer tokens", "context_length_exceeded", "messages")  # fmt: skip
     if isinstance(exc, CloudError):
         status = _CLOUD_REFUSALS.get(exc.code or 0, 503)
         return ApiError(status, f"the cloud LLM: {exc}", "cloud_refused" if status != 503 else "cloud_unavailable")
@@ -153,6 +171,8 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
         return await within(read(), timeout_s)
     except asyncio.TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", "timeout") from None
+    except ClientDisconnect:  # nobody reads the answer; an ApiError ends the request without a traceback
+        raise ApiError(400, "the client closed the connection before its body arrived", "client_disconnected") from None
 
 
 def openai_router(gw: Gateway) -> APIRouter:
@@ -286,10 +306,11 @@ def create_app(cs: CoSteer | None, settings: GatewaySettings | None = None,
     async def health():
         return {"status": "ok"}
 
+    local = [Depends(gw.require_local_host)]
     if cs is not None:
-        app.include_router(openai_router(gw))
+        app.include_router(openai_router(gw), dependencies=local)
     for r in routers:
-        app.include_router(r)
+        app.include_router(r, dependencies=local)
     return app
 
 
