@@ -415,3 +415,24 @@ def test_a_keyless_gateway_answers_only_to_this_machines_names(pair, gateway):
         assert r.status_code == 200
     finally:
         keyed.stop()
+
+
+def test_a_bug_in_a_route_is_a_500_in_openais_shape_without_a_traceback(pair, caplog, monkeypatch):
+    """Starlette's last-resort handler answers and then re-raises, so uvicorn prints the traceback
+    anyway; the gateway's log keeps the error's kind at its default level."""
+    caplog.set_level(logging.INFO)
+    srv = _serve(pair)
+    try:
+        def broken(name):
+            raise RuntimeError("a bug that quotes nothing")
+
+        monkeypatch.setattr(srv.gateway, "method", broken)
+        hi = {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json=hi, trust_env=False, timeout=60)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+        time.sleep(0.3)
+        assert _traces(caplog) == []
+        assert any("RuntimeError" in r.getMessage() for r in caplog.records)  # the kind is still logged
+        assert httpx.get(f"{srv.url}/v1/models", trust_env=False).status_code == 200
+    finally:
+        srv.stop()

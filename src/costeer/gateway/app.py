@@ -297,10 +297,7 @@ def create_app(cs: CoSteer | None, settings: GatewaySettings | None = None,
             return await request_validation_exception_handler(request, exc)
         return JSONResponse(ApiError(400, "invalid request", "invalid_value").body(), status_code=400)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception):
-        err = as_api_error(exc)
-        return JSONResponse(err.body(), status_code=err.status)
+    app.add_middleware(LastResort)
 
     @app.get("/health")
     async def health():
@@ -312,6 +309,32 @@ def create_app(cs: CoSteer | None, settings: GatewaySettings | None = None,
     for r in routers:
         app.include_router(r, dependencies=local)
     return app
+
+
+class LastResort:
+    """An exception no handler took answers 500 in OpenAI's shape, its kind logged (as_api_error).
+    Not an `exception_handler(Exception)`: Starlette answers with that and then re-raises, so that
+    the server prints the whole traceback. Past the response's start it can only end the response."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:  # noqa: BLE001 - the last resort: answered here, logged by as_api_error
+            if scope["type"] != "http":
+                raise
+            err = as_api_error(exc)
+            if not started:
+                await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
 
 
 def _openai_path(request: Request) -> bool:
