@@ -408,6 +408,14 @@ def test_a_keyless_gateway_answers_only_to_this_machines_names(pair, gateway):
     for host in ("localhost", "127.0.0.1", "[::1]", "127.0.0.2"):
         r = httpx.get(f"{gateway.url}/v1/models", headers={"Host": f"{host}:{gateway.port}"}, trust_env=False)
         assert r.status_code == 200, host
+    # any page may have a browser POST text/plain to 127.0.0.1 (no preflight): unreadable, but it runs
+    drive_by = {"Origin": "http://evil.example", "Content-Type": "text/plain"}
+    r = httpx.post(f"{gateway.url}/v1/chat/completions", content=json.dumps(hi), headers=drive_by, trust_env=False)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+    r = httpx.get(f"{gateway.url}/v1/models", headers={"Origin": "null"}, trust_env=False)  # a sandboxed page
+    assert r.status_code == 403
+    r = httpx.get(f"{gateway.url}/v1/models", headers={"Origin": "http://localhost:3000"}, trust_env=False)
+    assert r.status_code == 200
     keyed = _serve(pair, api_keys=frozenset({KEY}))  # behind a proxy with its own name: the key protects it
     try:
         r = httpx.get(f"{keyed.url}/v1/models", headers={"Host": "gw.example", "Authorization": f"Bearer {KEY}"},

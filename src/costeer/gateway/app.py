@@ -85,14 +85,19 @@ class Gateway:
 
     def require_local_host(self, request: Request) -> None:
         """FastAPI dependency: without keys the gateway is bound to loopback (check_bind), and only
-        this machine's names may reach it. Otherwise a web page whose name is made to resolve to
-        127.0.0.1 (DNS rebinding) is same-origin with it: the browser lets it read the answers of
-        the private-context models. With keys, the key protects it (and a proxy may use any name)."""
+        this machine's names and pages may reach it. Another Host: a web page whose name is made to
+        resolve to 127.0.0.1 (DNS rebinding) is same-origin with it, so the browser lets it read the
+        private-context models' answers. Another Origin: any page may have the browser POST here
+        (text/plain needs no preflight) and run generations. With keys, the key protects it (and a
+        proxy in front may use any name)."""
         if self.settings.api_keys:
             return
-        host = urlsplit("//" + request.headers.get("host", "")).hostname
-        if not is_loopback(host):
-            raise ApiError(403, "this gateway answers only to localhost names (it has no API keys)", "host_not_allowed")
+        origin = request.headers.get("origin")
+        hosts = [urlsplit("//" + request.headers.get("host", "")).hostname]
+        hosts += [urlsplit(origin).hostname] if origin is not None else []
+        if not all(is_loopback(h) for h in hosts):
+            raise ApiError(403, "without API keys this gateway answers only to localhost names and pages",
+                           "host_not_allowed")  # fmt: skip
 
     def method(self, name: str) -> Method:
         if name not in self.models:
