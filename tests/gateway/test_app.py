@@ -444,3 +444,37 @@ def test_a_bug_in_a_route_is_a_500_in_openais_shape_without_a_traceback(pair, ca
         assert httpx.get(f"{srv.url}/v1/models", trust_env=False).status_code == 200
     finally:
         srv.stop()
+
+
+def test_connections_are_capped_and_a_silent_one_is_closed(pair):
+    """uvicorn alone holds a connection that never sends its request for ever, and takes connections
+    up to the file limit: the gateway's server closes a request that has not arrived within
+    request_timeout_s and answers 503 at once past max_connections."""
+    import socket
+
+    from costeer.gateway.app import uvicorn_config
+    from tests.servers import UvicornThread
+
+    app = create_app(pair, GatewaySettings(max_connections=3, body_timeout_s=0.5, request_timeout_s=1.0))
+    srv = UvicornThread(uvicorn_config(app, log_level="warning"))
+    try:
+        held = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(3)]
+        with socket.create_connection(("127.0.0.1", srv.port)) as extra:
+            extra.settimeout(5)
+            assert extra.recv(100).startswith(b"HTTP/1.1 503")
+        t0 = time.monotonic()
+        for s in held:
+            s.settimeout(10)
+            assert s.recv(100) == b""  # closed by the server
+        assert time.monotonic() - t0 < 5
+        r = httpx.get(f"{srv.url}/v1/models", trust_env=False)  # room again
+        assert r.status_code == 200
+    finally:
+        for s in held:
+            s.close()
+        srv.stop()
+
+
+def test_a_request_timeout_must_leave_room_for_the_bodys_408():
+    with pytest.raises(ValueError, match="request_timeout_s"):
+        GatewaySettings(body_timeout_s=30, request_timeout_s=30)

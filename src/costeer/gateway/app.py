@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from urllib.parse import urlsplit
 
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -34,7 +35,7 @@ from starlette.requests import ClientDisconnect
 
 from costeer.api import CoSteer, PromptTooLong
 from costeer.chat import Reply, reply
-from costeer.cloud.net import listen, within
+from costeer.cloud.net import guard_logs, guarded_http, listen, within
 from costeer.cloud.sessions import KeyRing
 from costeer.device import CloudError
 from costeer.device.transport import is_loopback
@@ -346,16 +347,22 @@ def _openai_path(request: Request) -> bool:
     return request.url.path == "/v1" or request.url.path.startswith("/v1/")
 
 
+def uvicorn_config(app: FastAPI, log_level: str = "info") -> uvicorn.Config:
+    """The gateway's uvicorn configuration: the cloud's guarded HTTP protocol (a connection cap, a
+    request timeout, a send timeout; uvicorn alone has none of them) with the gateway's limits."""
+    cfg = uvicorn.Config(app, log_level=log_level, http=guarded_http(app.state.gateway.settings))
+    guard_logs()  # after Config, which (re)configures uvicorn's loggers: a flood logs a few lines
+    return cfg
+
+
 def serve(app: FastAPI, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_level: str = "info",
           announce: Callable[[str], None] | None = None, sock: socket.socket | None = None) -> None:  # fmt: skip
     """Run `app` until interrupted. The socket is bound first (or given: `cloud.net.listen(host, port)`,
     bound before the models load), so that port 0 names its port: `announce` gets http://HOST:PORT
     before the server starts. The bind rule (check_bind) is the caller's, checked before it loads the
     models."""
-    import uvicorn
-
     sock = sock if sock is not None else listen(host, port)
     sock.listen()  # connections wait in the backlog from the announcement on, until uvicorn takes them
     if announce is not None:
         announce(f"http://{host}:{sock.getsockname()[1]}")
-    uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+    uvicorn.Server(uvicorn_config(app, log_level)).run(sockets=[sock])
