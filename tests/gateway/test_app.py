@@ -478,3 +478,24 @@ def test_connections_are_capped_and_a_silent_one_is_closed(pair):
 def test_a_request_timeout_must_leave_room_for_the_bodys_408():
     with pytest.raises(ValueError, match="request_timeout_s"):
         GatewaySettings(body_timeout_s=30, request_timeout_s=30)
+
+
+def test_every_chunk_of_a_stream_has_the_same_created_time():
+    """OpenAI: each chunk of a streamed completion has the same `created` timestamp."""
+    tok = bpe_tokenizer()
+    lm = make_lm("llm", llama(len(tok), seed=1), tok)
+    forward = lm.model.forward
+
+    def slow(*a, **kw):  # a stream that spans more than one second
+        time.sleep(0.35)
+        return forward(*a, **kw)
+
+    lm.model.forward = slow
+    srv = _serve(CoSteer(lm, None))
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        chunks = list(client.chat.completions.create(model="llm", messages=[{"role": "user", "content": QUERY}],
+                                                     max_tokens=5, stream=True, stream_options={"include_usage": True}))  # fmt: skip
+        assert len(chunks) >= 4 and len({c.created for c in chunks}) == 1
+    finally:
+        srv.stop()

@@ -239,11 +239,11 @@ async def _collect(job: Job, event) -> tuple[str, object]:
 async def _sse(job: Job, event, req: ChatRequest, t0: float) -> AsyncIterator[bytes]:
     """The answer as chat.completion.chunk events, then [DONE]; a failure mid-stream ends the
     stream with an error event instead (the server keeps serving)."""
-    cid = schema.completion_id()
+    cid, created = schema.completion_id(), int(time.time())
     try:
-        yield schema.sse(schema.chunk(cid, req.model, {"role": "assistant", "content": ""}))
+        yield schema.sse(schema.chunk(cid, created, req.model, {"role": "assistant", "content": ""}))
         while event.kind == "piece":
-            yield schema.sse(schema.chunk(cid, req.model, {"content": event.value}))
+            yield schema.sse(schema.chunk(cid, created, req.model, {"content": event.value}))
             event = await job.next()
         if event.kind == "error":
             err = as_api_error(event.value)
@@ -251,10 +251,10 @@ async def _sse(job: Job, event, req: ChatRequest, t0: float) -> AsyncIterator[by
             yield schema.sse(err.body())
             return
         r: Reply = event.value
-        yield schema.sse(schema.chunk(cid, req.model, {}, r.finish_reason))
+        yield schema.sse(schema.chunk(cid, created, req.model, {}, r.finish_reason))
         if req.stream_options is not None and req.stream_options.include_usage:
             counts = schema.usage(r.prompt_tokens, r.completion_tokens)
-            yield schema.sse(schema.chunk(cid, req.model, {}, usage_=counts))
+            yield schema.sse(schema.chunk(cid, created, req.model, {}, usage_=counts))
         yield schema.sse("[DONE]")
         _log_done(req, r, t0)
     finally:

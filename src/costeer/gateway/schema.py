@@ -172,9 +172,11 @@ def completion(cid: str, model: str, text: str, finish_reason: str, usage_: dict
     }
 
 
-def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None, usage_: dict | None = None) -> dict:
-    """One streamed chunk; the usage chunk (stream_options.include_usage) has no choices."""
-    out = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+def chunk(cid: str, created: int, model: str, delta: dict, finish_reason: str | None = None,
+          usage_: dict | None = None) -> dict:  # fmt: skip
+    """One streamed chunk; the usage chunk (stream_options.include_usage) has no choices. Every
+    chunk of a stream has the stream's `created` (OpenAI's rule), not the time it is sent."""
+    out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
            "system_fingerprint": None}  # fmt: skip
     if usage_ is not None:
         out.update(choices=[], usage=usage_)
