@@ -64,3 +64,26 @@ def test_a_seed_outside_64_bits_is_refused_by_name(seed):
 
 def test_a_seed_inside_64_bits_is_kept():
     assert _parse(seed=2**64 - 1).seed == 2**64 - 1 and _parse(seed=-(2**63)).seed == -(2**63)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("response_format", {"type": "json_object"}),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+    ("top_logprobs", 3),
+    ("logit_bias", {"42": 100}),
+    ("presence_penalty", 0.5),
+    ("frequency_penalty", -1.0),
+    ("tool_choice", "required"),
+    ("functions", [{"name": "f", "parameters": {}}]),
+])  # fmt: skip
+def test_a_field_the_gateway_cannot_honour_is_refused_not_dropped(field, value):
+    """An app that asks for JSON, or bans a token, must not get an answer that silently ignored it."""
+    err = _refused(json.dumps({"model": "llm", "messages": HI, field: value}).encode())
+    assert err.param == field and err.code == "unsupported_parameter"
+
+
+@pytest.mark.parametrize("field, value", [("response_format", {"type": "text"}), ("top_logprobs", 0),
+                                          ("logit_bias", {}), ("presence_penalty", 0), ("frequency_penalty", 0.0),
+                                          ("tool_choice", "none"), ("functions", []), ("logprobs", False)])  # fmt: skip
+def test_the_same_fields_at_their_neutral_values_are_accepted(field, value):
+    assert _parse(**{field: value}).model == "llm"

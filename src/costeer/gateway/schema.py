@@ -3,7 +3,8 @@
 A request body is untrusted: it is decoded and validated here, once, into `ChatRequest`, and any
 problem becomes an `ApiError` (the OpenAI error shape, `{"error": {message, type, param, code}}`,
 with its HTTP status). Unknown fields are ignored, as OpenAI-compatible servers do; fields the
-gateway cannot honour (n > 1, log-probabilities, tools) are refused rather than silently dropped.
+gateway cannot honour (n > 1, log-probabilities, tools, response formats, logit biases, penalties) are
+refused rather than silently dropped, unless they are at their neutral values.
 """
 
 from __future__ import annotations
@@ -86,8 +87,16 @@ class ChatRequest(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # fields this server cannot honour: accepted at their neutral values, refused otherwise
     logprobs: bool | None = None
+    top_logprobs: int | None = None
     tools: list | None = None
+    functions: list | None = None  # the older name of tools
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
+    logit_bias: dict | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
 
     @field_validator("n", "stream", mode="before")
     @classmethod
@@ -116,10 +125,20 @@ class ChatRequest(BaseModel):
     def refuse_unsupported(self) -> None:
         if self.n != 1:
             raise ApiError(400, "only n = 1 is supported", "invalid_value", "n")
-        if self.logprobs:
-            raise ApiError(400, "logprobs are not returned by this server", "unsupported_parameter", "logprobs")
-        if self.tools:
-            raise ApiError(400, "tools are not supported by this server", "unsupported_parameter", "tools")
+        neutral = {  # each field -> whether it asks for nothing that would be silently ignored
+            "logprobs": not self.logprobs,
+            "top_logprobs": not self.top_logprobs,
+            "tools": not self.tools,
+            "functions": not self.functions,
+            "tool_choice": self.tool_choice in (None, "none"),
+            "response_format": (self.response_format or {}).get("type", "text") == "text",
+            "logit_bias": not self.logit_bias,
+            "presence_penalty": not self.presence_penalty,
+            "frequency_penalty": not self.frequency_penalty,
+        }
+        for name, ok in neutral.items():
+            if not ok:
+                raise ApiError(400, f"{name} is not supported by this server", "unsupported_parameter", name)
 
 
 def parse_request(body: bytes) -> ChatRequest:
