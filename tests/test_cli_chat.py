@@ -157,7 +157,7 @@ def test_gateway_mounts_the_playground_on_its_own_server(folders, monkeypatch, a
     assert served["sock"] == ("bound", "0.0.0.0" if "--host" in args else "127.0.0.1", 8080)  # bound before serving
     from fastapi.testclient import TestClient
 
-    client = TestClient(served["app"])
+    client = TestClient(served["app"], base_url="http://localhost")  # a keyless gateway serves loopback names only
     assert client.get("/v1/models").status_code in (200, 401)  # served (with a key configured: asked for)
     assert client.get("/playground/").status_code == (200 if mounted else 404)
     assert ("the playground is not served on 0.0.0.0" in r.stderr) == warned

@@ -24,6 +24,13 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert torch.isfinite(out).tolist() == [False, True, False, False, False]
 
 
+def test_a_top_p_below_float32s_range_keeps_the_top_token():
+    # 1e-300 is 0 in float32: a mass of 0 before the top token must not drop it (all -inf: no token)
+    out = apply_top_p(LOGP, 1e-300)
+    assert torch.isfinite(out).tolist() == [False, True, False, False, False]
+    assert sample(LOGP, SamplingConfig(temperature=1.0, top_p=1e-300)) == 1
+
+
 def test_seeded_sampling_is_reproducible_and_respects_filters():
     cfg = SamplingConfig(temperature=1.0, top_k=3, seed=5)
     draws = [sample(LOGP, cfg, make_generator(5)) for _ in range(3)]

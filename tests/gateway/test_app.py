@@ -349,3 +349,153 @@ def test_the_gateway_on_a_port_in_use_says_so_in_one_line_before_loading_a_model
         r = CliRunner().invoke(app, ["gateway", "--port", str(port), "--llm", "no-such-model", "--slm", "no-such-model"])
     assert r.exit_code != 0 and f"cannot listen on 127.0.0.1:{port}" in r.output
     assert "no-such-model" not in r.output and "Traceback" not in r.output
+
+
+def _traces(caplog) -> list[str]:
+    """Log records that carry a traceback or say an exception escaped the app."""
+    return [r.getMessage() for r in caplog.records if r.exc_info or "Exception in ASGI" in r.getMessage()]
+
+
+def test_a_client_that_hangs_up_mid_body_leaves_no_traceback(gateway, caplog):
+    import socket
+
+    caplog.set_level(logging.INFO)
+    body = json.dumps({"model": "llm", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    with socket.create_connection(("127.0.0.1", gateway.port)) as s:  # announces 500 bytes, sends fewer, leaves
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 500\r\n\r\n" + body[:20])  # fmt: skip
+        time.sleep(0.3)
+    time.sleep(0.5)
+    assert _traces(caplog) == []
+    hi = {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert httpx.post(f"{gateway.url}/v1/chat/completions", json=hi, trust_env=False, timeout=60).status_code == 200
+
+
+def test_a_conversation_over_the_window_tells_nothing_of_the_private_prompt(pair, gateway):
+    """Too long for the SLM's with-context prompt only: the answer must not give that prompt's length
+    (the context's length follows from it), and reads as OpenAI's context_length_exceeded."""
+    limit = 64
+    fits = lambda ids, lm: len(ids) + limit <= lm.window  # noqa: E731
+    words = 10
+    while True:  # the shortest query whose public prompts fit and whose private one does not
+        words += 1
+        p = pair.prompts("hello " * words, CONTEXT)
+        if not fits(p["slm_context"], pair.slm):
+            break
+    assert fits(p["llm"], pair.llm) and fits(p["slm"], pair.slm)
+
+    def ask(words: int) -> httpx.Response:
+        req = {"model": "costeer", "messages": [{"role": "user", "content": "hello " * words}], "max_tokens": limit}
+        return httpx.post(f"{gateway.url}/v1/chat/completions", json=req, trust_env=False, timeout=60)
+
+    private, public = ask(words), ask(words * 2)  # the second overflows the LLM's own prompt
+    assert private.status_code == public.status_code == 400
+    err = private.json()["error"]
+    assert err["code"] == "context_length_exceeded" and err["param"] == "messages"
+    assert f"{len(p['slm_context']):,}" not in err["message"] and str(len(p["slm_context"])) not in err["message"]
+    assert "slm_context" not in err["message"]
+    assert private.json() == public.json()  # nothing tells which prompt overflowed
+
+
+def test_a_keyless_gateway_answers_only_to_this_machines_names(pair, gateway):
+    """DNS rebinding: a web page whose name turns into 127.0.0.1 reaches the loopback gateway as its
+    own origin, with its own name in Host. Without keys, only loopback names are served."""
+    hi = {"model": "slm_context", "messages": [{"role": "user", "content": "who am I"}], "max_tokens": 2}
+    evil = {"Host": f"rebind.example:{gateway.port}", "Origin": f"http://rebind.example:{gateway.port}"}
+    r = httpx.post(f"{gateway.url}/v1/chat/completions", json=hi, headers=evil, trust_env=False, timeout=60)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+    assert httpx.get(f"{gateway.url}/v1/models", headers=evil, trust_env=False).status_code == 403
+    for host in ("localhost", "127.0.0.1", "[::1]", "127.0.0.2"):
+        r = httpx.get(f"{gateway.url}/v1/models", headers={"Host": f"{host}:{gateway.port}"}, trust_env=False)
+        assert r.status_code == 200, host
+    # any page may have a browser POST text/plain to 127.0.0.1 (no preflight): unreadable, but it runs
+    drive_by = {"Origin": "http://evil.example", "Content-Type": "text/plain"}
+    r = httpx.post(f"{gateway.url}/v1/chat/completions", content=json.dumps(hi), headers=drive_by, trust_env=False)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+    r = httpx.get(f"{gateway.url}/v1/models", headers={"Origin": "null"}, trust_env=False)  # a sandboxed page
+    assert r.status_code == 403
+    r = httpx.get(f"{gateway.url}/v1/models", headers={"Origin": "http://localhost:3000"}, trust_env=False)
+    assert r.status_code == 200
+    keyed = _serve(pair, api_keys=frozenset({KEY}))  # behind a proxy with its own name: the key protects it
+    try:
+        r = httpx.get(f"{keyed.url}/v1/models", headers={"Host": "gw.example", "Authorization": f"Bearer {KEY}"},
+                      trust_env=False)  # fmt: skip
+        assert r.status_code == 200
+    finally:
+        keyed.stop()
+
+
+def test_a_bug_in_a_route_is_a_500_in_openais_shape_without_a_traceback(pair, caplog, monkeypatch):
+    """Starlette's last-resort handler answers and then re-raises, so uvicorn prints the traceback
+    anyway; the gateway's log keeps the error's kind at its default level."""
+    caplog.set_level(logging.INFO)
+    srv = _serve(pair)
+    try:
+        def broken(name):
+            raise RuntimeError("a bug that quotes nothing")
+
+        monkeypatch.setattr(srv.gateway, "method", broken)
+        hi = {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json=hi, trust_env=False, timeout=60)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+        time.sleep(0.3)
+        assert _traces(caplog) == []
+        assert any("RuntimeError" in r.getMessage() for r in caplog.records)  # the kind is still logged
+        assert httpx.get(f"{srv.url}/v1/models", trust_env=False).status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_connections_are_capped_and_a_silent_one_is_closed(pair):
+    """uvicorn alone holds a connection that never sends its request for ever, and takes connections
+    up to the file limit: the gateway's server closes a request that has not arrived within
+    request_timeout_s and answers 503 at once past max_connections."""
+    import socket
+
+    from costeer.gateway.app import uvicorn_config
+    from tests.servers import UvicornThread
+
+    app = create_app(pair, GatewaySettings(max_connections=3, body_timeout_s=0.5, request_timeout_s=1.0))
+    srv = UvicornThread(uvicorn_config(app, log_level="warning"))
+    try:
+        held = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(3)]
+        with socket.create_connection(("127.0.0.1", srv.port)) as extra:
+            extra.settimeout(5)
+            assert extra.recv(100).startswith(b"HTTP/1.1 503")
+        t0 = time.monotonic()
+        for s in held:
+            s.settimeout(10)
+            assert s.recv(100) == b""  # closed by the server
+        assert time.monotonic() - t0 < 5
+        r = httpx.get(f"{srv.url}/v1/models", trust_env=False)  # room again
+        assert r.status_code == 200
+    finally:
+        for s in held:
+            s.close()
+        srv.stop()
+
+
+def test_a_request_timeout_must_leave_room_for_the_bodys_408():
+    with pytest.raises(ValueError, match="request_timeout_s"):
+        GatewaySettings(body_timeout_s=30, request_timeout_s=30)
+
+
+def test_every_chunk_of_a_stream_has_the_same_created_time():
+    """OpenAI: each chunk of a streamed completion has the same `created` timestamp."""
+    tok = bpe_tokenizer()
+    lm = make_lm("llm", llama(len(tok), seed=1), tok)
+    forward = lm.model.forward
+
+    def slow(*a, **kw):  # a stream that spans more than one second
+        time.sleep(0.35)
+        return forward(*a, **kw)
+
+    lm.model.forward = slow
+    srv = _serve(CoSteer(lm, None))
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        chunks = list(client.chat.completions.create(model="llm", messages=[{"role": "user", "content": QUERY}],
+                                                     max_tokens=5, stream=True, stream_options={"include_usage": True}))  # fmt: skip
+        assert len(chunks) >= 4 and len({c.created for c in chunks}) == 1
+    finally:
+        srv.stop()

@@ -23,7 +23,7 @@ def served(pair, tmp_path_factory):
     ctx.write_text("I like spicy tofu")
     models = Models.serving(pair, PlaygroundSettings(llm="tiny-llm", slm="tiny-slm"))
     app = create_app(pair, GatewaySettings(context_file=ctx), routers=[playground_router(models)])
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:  # a loopback Host (not "testserver")
         yield client, models
 
 
@@ -33,6 +33,15 @@ def test_one_server_serves_the_api_and_the_page(served):
     assert "costeer playground" in client.get("/playground/").text
     assert "costeer" in [m["id"] for m in client.get("/v1/models").json()["data"]]
     assert client.get("/playground/api/options").json()["models"] == {"llm": ["tiny-llm"], "slm": ["tiny-slm"]}
+
+
+def test_the_page_answers_only_to_this_machines_names(served):
+    """A page on a name rebound to 127.0.0.1 sends Origin = Host, which the same-origin check lets
+    through: the keyless server refuses any Host but a loopback one."""
+    client, _ = served
+    evil = {"Host": "rebind.example", "Origin": "http://rebind.example"}
+    assert client.get("/playground/", headers=evil).status_code == 403
+    assert client.post("/playground/api/generate", json=request_body(max_new_tokens=2), headers=evil).status_code == 403
 
 
 def test_a_playground_answer_runs_in_the_gateways_worker(served, pair, monkeypatch):

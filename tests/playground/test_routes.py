@@ -19,7 +19,7 @@ GENERATE = "/api/generate"
 
 @pytest.fixture(scope="module")
 def client(lms):
-    with TestClient(playground_app(make_models(lms))) as c:
+    with TestClient(playground_app(make_models(lms)), base_url="http://127.0.0.1") as c:  # a loopback Host
         yield c
 
 

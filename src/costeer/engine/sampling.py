@@ -28,6 +28,7 @@ def apply_top_p(logp: Tensor, p: float) -> Tensor:
     sorted_logp, order = torch.sort(logp, descending=True, dim=-1)
     cum = torch.cumsum(sorted_logp.exp(), dim=-1)
     drop_sorted = (cum - sorted_logp.exp()) >= p  # mass before this token already reaches p
+    drop_sorted[..., 0] = False  # the top token always stays: a p that is 0 in float32 would drop it too
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logp.masked_fill(drop, float("-inf"))
 

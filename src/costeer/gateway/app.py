@@ -23,18 +23,22 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from urllib.parse import urlsplit
 
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from costeer.api import CoSteer
+from costeer.api import CoSteer, PromptTooLong
 from costeer.chat import Reply, reply
-from costeer.cloud.net import listen, within
+from costeer.cloud.net import guard_logs, guarded_http, listen, within
 from costeer.cloud.sessions import KeyRing
 from costeer.device import CloudError
+from costeer.device.transport import is_loopback
 from costeer.engine.config import Method
 from costeer.engine.llamacpp import LlamaCppError
 from costeer.gateway import schema
@@ -80,6 +84,22 @@ class Gateway:
         if self.settings.api_keys and self.keys.authenticate(request.headers.get("authorization")) is None:
             raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)", "invalid_api_key")
 
+    def require_local_host(self, request: Request) -> None:
+        """FastAPI dependency: without keys the gateway is bound to loopback (check_bind), and only
+        this machine's names and pages may reach it. Another Host: a web page whose name is made to
+        resolve to 127.0.0.1 (DNS rebinding) is same-origin with it, so the browser lets it read the
+        private-context models' answers. Another Origin: any page may have the browser POST here
+        (text/plain needs no preflight) and run generations. With keys, the key protects it (and a
+        proxy in front may use any name)."""
+        if self.settings.api_keys:
+            return
+        origin = request.headers.get("origin")
+        hosts = [urlsplit("//" + request.headers.get("host", "")).hostname]
+        hosts += [urlsplit(origin).hostname] if origin is not None else []
+        if not all(is_loopback(h) for h in hosts):
+            raise ApiError(403, "without API keys this gateway answers only to localhost names and pages",
+                           "host_not_allowed")  # fmt: skip
+
     def method(self, name: str) -> Method:
         if name not in self.models:
             raise ApiError(404, f"the model '{name}' does not exist; GET /v1/models lists the served ones "
@@ -123,6 +143,10 @@ def as_api_error(exc: BaseException) -> ApiError:
     """What a failed generation answers. User errors keep their one line; a bug says nothing more."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, PromptTooLong):
+        # which prompt overflowed, and its length, would tell the private one's (the context's) length
+        return ApiError(400, "the conversation plus max_tokens does not fit the model's context window: shorten "
+                        "the conversation or ask for fewer tokens", "context_length_exceeded", "messages")  # fmt: skip
     if isinstance(exc, CloudError):
         status = _CLOUD_REFUSALS.get(exc.code or 0, 503)
         return ApiError(status, f"the cloud LLM: {exc}", "cloud_refused" if status != 503 else "cloud_unavailable")
@@ -153,6 +177,8 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
         return await within(read(), timeout_s)
     except asyncio.TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", "timeout") from None
+    except ClientDisconnect:  # nobody reads the answer; an ApiError ends the request without a traceback
+        raise ApiError(400, "the client closed the connection before its body arrived", "client_disconnected") from None
 
 
 def openai_router(gw: Gateway) -> APIRouter:
@@ -213,11 +239,11 @@ async def _collect(job: Job, event) -> tuple[str, object]:
 async def _sse(job: Job, event, req: ChatRequest, t0: float) -> AsyncIterator[bytes]:
     """The answer as chat.completion.chunk events, then [DONE]; a failure mid-stream ends the
     stream with an error event instead (the server keeps serving)."""
-    cid = schema.completion_id()
+    cid, created = schema.completion_id(), int(time.time())
     try:
-        yield schema.sse(schema.chunk(cid, req.model, {"role": "assistant", "content": ""}))
+        yield schema.sse(schema.chunk(cid, created, req.model, {"role": "assistant", "content": ""}))
         while event.kind == "piece":
-            yield schema.sse(schema.chunk(cid, req.model, {"content": event.value}))
+            yield schema.sse(schema.chunk(cid, created, req.model, {"content": event.value}))
             event = await job.next()
         if event.kind == "error":
             err = as_api_error(event.value)
@@ -225,10 +251,10 @@ async def _sse(job: Job, event, req: ChatRequest, t0: float) -> AsyncIterator[by
             yield schema.sse(err.body())
             return
         r: Reply = event.value
-        yield schema.sse(schema.chunk(cid, req.model, {}, r.finish_reason))
+        yield schema.sse(schema.chunk(cid, created, req.model, {}, r.finish_reason))
         if req.stream_options is not None and req.stream_options.include_usage:
             counts = schema.usage(r.prompt_tokens, r.completion_tokens)
-            yield schema.sse(schema.chunk(cid, req.model, {}, usage_=counts))
+            yield schema.sse(schema.chunk(cid, created, req.model, {}, usage_=counts))
         yield schema.sse("[DONE]")
         _log_done(req, r, t0)
     finally:
@@ -277,24 +303,56 @@ def create_app(cs: CoSteer | None, settings: GatewaySettings | None = None,
             return await request_validation_exception_handler(request, exc)
         return JSONResponse(ApiError(400, "invalid request", "invalid_value").body(), status_code=400)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception):
-        err = as_api_error(exc)
-        return JSONResponse(err.body(), status_code=err.status)
+    app.add_middleware(LastResort)
 
     @app.get("/health")
     async def health():
         return {"status": "ok"}
 
+    local = [Depends(gw.require_local_host)]
     if cs is not None:
-        app.include_router(openai_router(gw))
+        app.include_router(openai_router(gw), dependencies=local)
     for r in routers:
-        app.include_router(r)
+        app.include_router(r, dependencies=local)
     return app
+
+
+class LastResort:
+    """An exception no handler took answers 500 in OpenAI's shape, its kind logged (as_api_error).
+    Not an `exception_handler(Exception)`: Starlette answers with that and then re-raises, so that
+    the server prints the whole traceback. Past the response's start it can only end the response."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:  # noqa: BLE001 - the last resort: answered here, logged by as_api_error
+            if scope["type"] != "http":
+                raise
+            err = as_api_error(exc)
+            if not started:
+                await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
 
 
 def _openai_path(request: Request) -> bool:
     return request.url.path == "/v1" or request.url.path.startswith("/v1/")
+
+
+def uvicorn_config(app: FastAPI, log_level: str = "info") -> uvicorn.Config:
+    """The gateway's uvicorn configuration: the cloud's guarded HTTP protocol (a connection cap, a
+    request timeout, a send timeout; uvicorn alone has none of them) with the gateway's limits."""
+    cfg = uvicorn.Config(app, log_level=log_level, http=guarded_http(app.state.gateway.settings))
+    guard_logs()  # after Config, which (re)configures uvicorn's loggers: a flood logs a few lines
+    return cfg
 
 
 def serve(app: FastAPI, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_level: str = "info",
@@ -303,10 +361,8 @@ def serve(app: FastAPI, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_
     bound before the models load), so that port 0 names its port: `announce` gets http://HOST:PORT
     before the server starts. The bind rule (check_bind) is the caller's, checked before it loads the
     models."""
-    import uvicorn
-
     sock = sock if sock is not None else listen(host, port)
     sock.listen()  # connections wait in the backlog from the announcement on, until uvicorn takes them
     if announce is not None:
         announce(f"http://{host}:{sock.getsockname()[1]}")
-    uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+    uvicorn.Server(uvicorn_config(app, log_level)).run(sockets=[sock])

@@ -25,13 +25,20 @@ class GatewaySettings:
     max_body_bytes: int = 1 << 20
     body_timeout_s: float = 30.0  # a client that trickles its body in does not hold a connection for ever
     max_waiting: int = 8  # requests queued behind the running generation; more get 429
+    # connections (costeer.cloud.net.GuardedHTTP): a silent, trickling or non-reading client holds a
+    # socket for a bounded time, and a flood of them is answered 503 instead of filling the file table
+    max_connections: int = 64
+    request_timeout_s: float = 40.0  # a request's head and body from its connection; above body_timeout_s
+    send_timeout_s: float = 30.0  # a client that takes none of an answer for this long is dropped
 
     def __post_init__(self):
-        for name in ("max_tokens_limit", "max_prompt_tokens", "max_body_bytes"):
+        for name in ("max_tokens_limit", "max_prompt_tokens", "max_body_bytes", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        if not self.body_timeout_s > 0:
-            raise ValueError("body_timeout_s must be positive")
+        if not self.body_timeout_s > 0 or not self.send_timeout_s > 0:
+            raise ValueError("body_timeout_s and send_timeout_s must be positive")
+        if not self.request_timeout_s > self.body_timeout_s:  # else the connection closes before the 408
+            raise ValueError("request_timeout_s must be above body_timeout_s")
         if self.max_waiting < 0:
             raise ValueError("max_waiting must be at least 0")
         if any(len(k) < 16 for k in self.api_keys):
@@ -39,6 +46,11 @@ class GatewaySettings:
         for f in (self.context_file, self.reference_file):
             if f is not None and not Path(f).is_file():
                 raise FileNotFoundError(f"file not found: {f}")
+
+    @property
+    def handshake_timeout_s(self) -> float:
+        """The name costeer.cloud.net.GuardedHTTP reads the request timeout by."""
+        return self.request_timeout_s
 
 
 class WatchedFile:

@@ -3,7 +3,8 @@
 A request body is untrusted: it is decoded and validated here, once, into `ChatRequest`, and any
 problem becomes an `ApiError` (the OpenAI error shape, `{"error": {message, type, param, code}}`,
 with its HTTP status). Unknown fields are ignored, as OpenAI-compatible servers do; fields the
-gateway cannot honour (n > 1, log-probabilities, tools) are refused rather than silently dropped.
+gateway cannot honour (n > 1, log-probabilities, tools, response formats, logit biases, penalties) are
+refused rather than silently dropped, unless they are at their neutral values.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Literal
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+import pydantic_core
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 MAX_STOPS = 4  # OpenAI's own limit on `stop`
 MAX_STOP_CHARS = 256
@@ -22,9 +24,9 @@ MAX_STOP_CHARS = 256
 class ApiError(Exception):
     """An error answered in the OpenAI shape."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-             408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-             500: "server_error", 503: "server_error"}  # fmt: skip
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+             429: "rate_limit_error", 500: "server_error", 503: "server_error"}  # fmt: skip
 
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
         super().__init__(message)
@@ -35,24 +37,31 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
-class _TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+def _text(content):
+    """A message's content as text: a string, null (an assistant turn that only called a tool), or
+    text parts (the newer OpenAI shape), read as their concatenation. Other parts are refused."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(_is_text_part(p) for p in content):
+        return "".join(p["text"] for p in content)
+    raise ValueError("the content must be a string or a list of text parts ({'type': 'text', 'text': ...})")
 
-    type: Literal["text"]
-    text: str
+
+def _is_text_part(part) -> bool:
+    return isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: str  # checked against the chat roles by costeer.engine.prompts.conversation
-    content: str | list[_TextPart] = ""
+    content: Annotated[str, BeforeValidator(_text)] = ""
 
-    @field_validator("content", mode="after")
+    @field_validator("role", mode="after")
     @classmethod
-    def _joined(cls, v):
-        """Content given as text parts (the newer OpenAI shape) reads as their concatenation."""
-        return v if isinstance(v, str) else "".join(p.text for p in v)
+    def _developer_is_system(cls, v):
+        """OpenAI's newer name for the system turn (its client sends it for reasoning models)."""
+        return "system" if v == "developer" else v
 
 
 class StreamOptions(BaseModel):
@@ -73,13 +82,27 @@ class ChatRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)  # not OpenAI's; vLLM and llama-server accept it too
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what a torch generator takes
     stop: str | list[str] | None = Field(None, validate_default=True)  # read as a list
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # fields this server cannot honour: accepted at their neutral values, refused otherwise
     logprobs: bool | None = None
+    top_logprobs: int | None = None
     tools: list | None = None
+    functions: list | None = None  # the older name of tools
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
+    logit_bias: dict | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    @field_validator("n", "stream", mode="before")
+    @classmethod
+    def _null_is_default(cls, v, info):
+        """OpenAI reads null as the field left out (some clients send every field)."""
+        return cls.model_fields[info.field_name].default if v is None else v
 
     @field_validator("stop", mode="after")
     @classmethod
@@ -102,20 +125,34 @@ class ChatRequest(BaseModel):
     def refuse_unsupported(self) -> None:
         if self.n != 1:
             raise ApiError(400, "only n = 1 is supported", "invalid_value", "n")
-        if self.logprobs:
-            raise ApiError(400, "logprobs are not returned by this server", "unsupported_parameter", "logprobs")
-        if self.tools:
-            raise ApiError(400, "tools are not supported by this server", "unsupported_parameter", "tools")
+        neutral = {  # each field -> whether it asks for nothing that would be silently ignored
+            "logprobs": not self.logprobs,
+            "top_logprobs": not self.top_logprobs,
+            "tools": not self.tools,
+            "functions": not self.functions,
+            "tool_choice": self.tool_choice in (None, "none"),
+            "response_format": (self.response_format or {}).get("type", "text") == "text",
+            "logit_bias": not self.logit_bias,
+            "presence_penalty": not self.presence_penalty,
+            "frequency_penalty": not self.frequency_penalty,
+        }
+        for name, ok in neutral.items():
+            if not ok:
+                raise ApiError(400, f"{name} is not supported by this server", "unsupported_parameter", name)
 
 
 def parse_request(body: bytes) -> ChatRequest:
     """Raw body -> ChatRequest, or ApiError(400) naming the first problem (never echoing values)."""
     try:
-        data = json.loads(body.decode("utf-8"))
+        text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(400, "the request body is not UTF-8", "invalid_encoding") from None
-    except json.JSONDecodeError as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e.msg} at {e.pos})", "invalid_json") from None
+    try:
+        # pydantic's parser, not json's: it bounds the nesting depth (json.loads recurses until
+        # RecursionError) and refuses lone surrogate escapes, which no tokenizer can encode
+        data = pydantic_core.from_json(text)
+    except ValueError as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})", "invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", "invalid_json")
     try:
@@ -154,9 +191,11 @@ def completion(cid: str, model: str, text: str, finish_reason: str, usage_: dict
     }
 
 
-def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None, usage_: dict | None = None) -> dict:
-    """One streamed chunk; the usage chunk (stream_options.include_usage) has no choices."""
-    out = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+def chunk(cid: str, created: int, model: str, delta: dict, finish_reason: str | None = None,
+          usage_: dict | None = None) -> dict:  # fmt: skip
+    """One streamed chunk; the usage chunk (stream_options.include_usage) has no choices. Every
+    chunk of a stream has the stream's `created` (OpenAI's rule), not the time it is sent."""
+    out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
            "system_fingerprint": None}  # fmt: skip
     if usage_ is not None:
         out.update(choices=[], usage=usage_)
