@@ -1,6 +1,7 @@
 """Connections of the cloud service (costeer.cloud.net): silent and half-sent requests are closed,
 connections are capped, error logs are rate-limited, TLS is served."""
 
+import asyncio
 import contextlib
 import logging
 import shutil
@@ -16,7 +17,7 @@ from websockets.sync.client import connect
 
 from costeer import frames
 from costeer.cli import app
-from costeer.cloud.net import RateLimit, check_tls, listen
+from costeer.cloud.net import Lingering, RateLimit, check_tls, listen
 from costeer.frames import Open
 from tests.cloud.server_util import KEY_A, FileLimitedServer, ThreadServer, wait_until
 from tests.servers import UvicornThread, accepted_nodelay
@@ -201,6 +202,32 @@ def test_tls_serves_https_and_wss(tiny_llm, tls_files):
             httpx.get(srv.http + "/v1/health", trust_env=False, timeout=5)
     finally:
         srv.stop()
+
+
+def test_a_lingering_tls_transport_closed_again_or_after_an_abort_raises_nothing(tls_files):
+    """uvicorn may close a connection that is closing already (after the send timeout's abort, say);
+    asyncio's TLS transport drops its protocol on a second close(), and Lingering then asked it for
+    its buffer size: AttributeError inside the server."""
+    cert, key = tls_files
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=cert)
+
+    async def run(first: str) -> None:
+        made = asyncio.get_running_loop().create_future()
+        proto = type("P", (asyncio.Protocol,), {"connection_made": lambda self, t: made.set_result(t)})
+        server = await asyncio.get_running_loop().create_server(proto, "127.0.0.1", 0, ssl=server_ctx)
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx, server_hostname="localhost")
+        transport = Lingering(await asyncio.wait_for(made, 10), 1.0)
+        getattr(transport, first)()
+        transport.close()
+        transport.close()
+        writer.close()
+        server.close()
+
+    for first in ("close", "abort"):
+        asyncio.run(run(first))
 
 
 def test_tls_files_are_checked_in_one_line(tls_files, tmp_path):

@@ -64,6 +64,10 @@ class Lingering:
         self._abort: asyncio.TimerHandle | None = None
 
     def close(self) -> None:
+        # once only: asyncio's TLS transport, closed (or aborted) before, drops its protocol on a second
+        # close(), after which asking for its buffer size raised AttributeError inside uvicorn
+        if self._transport.is_closing():
+            return
         self._transport.close()
         if self._abort is None and self._transport.get_write_buffer_size():
             self._abort = asyncio.get_running_loop().call_later(self._linger_s, self._transport.abort)
