@@ -109,3 +109,88 @@ def test_serve_on_a_port_in_use_fails_in_one_line_before_loading(folders):
                             "--device", "cpu"], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert p.returncode == 2, p.stderr
     assert p.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+# ---- found by probing the CLI as a careless user (branch probe-cli) ---------------------------------
+
+
+@pytest.mark.parametrize("flag, value", [("--beta", "inf"), ("--beta", "nan"), ("--alpha", "inf"), ("--eta", "inf"),
+                                         ("--lambda", "inf"), ("--temperature", "inf")])  # fmt: skip
+def test_a_non_finite_hyper_parameter_is_refused_not_decoded(folders, flag, value):
+    # --beta inf used to decode b = inf: an empty answer, exit 0, stop_reason "stop"
+    r = generate(folders, "-q", "hi", "--context", "I surf.", "--max-new-tokens", "2", flag, value)
+    one_error_line(r, f"{flag} {float(value)!r}: must be a finite number")
+
+
+@pytest.mark.parametrize("args", [["-q", "caf\udce9", "--method", "llm"],  # argv bytes not UTF-8 (surrogateescape)
+                                  ["-q", "hi", "--context", "caf\udce9", "--method", "slm_context"]])
+def test_text_that_is_not_utf8_is_one_line(folders, args):
+    r = generate(folders, *args, "--max-new-tokens", "2")
+    one_error_line(r, "not UTF-8 text")
+
+
+@pytest.mark.parametrize("name, text", [("deep.json", "[" * 100_000 + "]" * 100_000),
+                                        ("deep.yaml", "[" * 5_000 + "]" * 5_000),
+                                        ("deep900.json", "[" * 900 + "1" + "]" * 900)])  # fmt: skip
+def test_a_context_file_nested_too_deeply_is_one_line(folders, tmp_path, name, text):
+    f = tmp_path / name
+    f.write_text(text)
+    line = one_error_line(generate(folders, "-q", "hi", "--context-file", str(f)), "nested too deeply")
+    assert str(f) in line
+
+
+def test_an_eval_out_that_is_a_file_is_one_line(folders, tmp_path):
+    f = tmp_path / "results.txt"
+    f.write_text("mine\n")
+    r = runner.invoke(app, ["eval", "--task", "cogenesis", "--limit", "1", "--llm", folders["llm"], "--methods", "llm",
+                            "--max-new-tokens", "2", "--out", str(f)])  # fmt: skip
+    one_error_line(r, "is not a folder")
+    assert f.read_text() == "mine\n"
+
+
+def test_a_prompt_too_long_without_a_context_gives_advice_that_applies(folders):
+    # --truncate-context cannot help: method llm reads no context
+    r = generate(folders, "--method", "llm", "-q", LONG_CONTEXT, "--max-new-tokens", "2")
+    line = one_error_line(r, "exceeds the trained window of llm")
+    assert "truncate" not in line and "shorten the prompt or lower --max-new-tokens" in line
+
+
+def test_a_seed_too_large_names_the_flag(folders):
+    r = generate(folders, "--method", "llm", "-q", "hi", "--temperature", "1", "--seed", str(2**70))
+    one_error_line(r, "--seed")
+
+
+def test_serve_refuses_a_packed_floor_that_is_not_a_log_probability():
+    r = runner.invoke(app, ["serve", "--llm", "not-loaded", "--packed-floor", "nan"],
+                      env={"COSTEER_API_KEYS": "key-0123456789abcdef"})  # fmt: skip
+    one_error_line(r, "packed_floor")
+
+
+@pytest.mark.parametrize("text", ["name: [unclosed\n", "{}\n"])
+def test_gateway_refuses_an_unreadable_context_before_loading(tmp_path, monkeypatch, text):
+    # it used to start and answer every steered request 503
+    import costeer.cli as cli
+
+    monkeypatch.setattr(cli, "_load_models", lambda *a, **k: pytest.fail("models loaded"))
+    f = tmp_path / "me.yaml"
+    f.write_text(text)
+    r = runner.invoke(app, ["gateway", "--context-file", str(f), "--port", "1"])
+    one_error_line(r, str(f))
+
+
+def test_gateway_refuses_an_unknown_log_level_before_loading(monkeypatch):
+    import costeer.cli as cli
+
+    monkeypatch.setattr(cli, "_load_models", lambda *a, **k: pytest.fail("models loaded"))
+    one_error_line(runner.invoke(app, ["gateway", "--log-level", "loud", "--port", "1"]), "--log-level")
+
+
+def test_audit_wire_refuses_a_file_that_is_not_a_wire_log(tmp_path):
+    ctx = tmp_path / "me.txt"
+    ctx.write_text("I am Sam, a vegetarian runner in Seattle with a dog.")
+    for text in ("[1, 2]\n", '{"id": "s1", "text": "hello"}\n'):  # a list; an eval generation row
+        log = tmp_path / "w.jsonl"
+        log.write_text(text)
+        line = one_error_line(runner.invoke(app, ["audit-wire", str(log), "--context-file", str(ctx)]),
+                              "is not a wire-log record")  # fmt: skip
+        assert f"{log}:1" in line

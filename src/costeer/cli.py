@@ -742,12 +742,17 @@ def gateway(
         from costeer.cloud.net import listen
         from costeer.gateway import GatewaySettings, check_bind, create_app, serve
         from costeer.device.transport import is_loopback
+        from costeer.engine.prompts import load_context
 
         keys = read_api_keys(os.environ.get("COSTEER_GATEWAY_KEYS"), api_keys_file)
         settings = GatewaySettings(context_file=context_file, reference_file=reference_file, api_keys=keys,
                                    max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens,
                                    max_waiting=max_waiting)  # fmt: skip
         check_bind(host, settings)  # before loading the models
+        _check_log_level(log_level)
+        for f in (context_file, reference_file):  # read once now: a broken file would answer 503 to every request
+            if f is not None:
+                load_context(f)
         sock = listen(host, port)  # a port in use: one line now, not after the models load
         cs = _load_models(models, decoding.config(), list(Method))  # a request's model name picks any method
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -759,6 +764,14 @@ def gateway(
             f"costeer gateway: {url}/v1" + (f", playground {url}/playground/" if page else ""), err=True), sock=sock)
 
     _run_guarded(run)
+
+
+def _check_log_level(level: str) -> None:
+    """--log-level checked before anything loads (logging would refuse it only after the models)."""
+    import logging
+
+    if not isinstance(logging.getLevelName(level.upper()), int):
+        raise ValueError(f"unknown --log-level '{level}' (debug | info | warning | error | critical)")
 
 
 def _served_playground(cs, models: Models):
