@@ -178,11 +178,17 @@ def test_gateway_refuses_an_unreadable_context_before_loading(tmp_path, monkeypa
     one_error_line(r, str(f))
 
 
-def test_gateway_refuses_an_unknown_log_level_before_loading(monkeypatch):
+@pytest.mark.parametrize("command", ["gateway", "serve", "playground"])
+@pytest.mark.parametrize("level", ["loud", "notset"])  # notset: logging takes it, uvicorn raised KeyError
+def test_an_unknown_log_level_is_refused_before_loading_or_serving(monkeypatch, command, level):
     import costeer.cli as cli
+    import costeer.gateway
 
     monkeypatch.setattr(cli, "_load_models", lambda *a, **k: pytest.fail("models loaded"))
-    one_error_line(runner.invoke(app, ["gateway", "--log-level", "loud", "--port", "1"]), "--log-level")
+    monkeypatch.setattr(costeer.gateway, "serve", lambda *a, **k: pytest.fail("served"))
+    monkeypatch.setenv("COSTEER_API_KEYS", "key-0123456789abcdef")
+    r = runner.invoke(app, [command, "--llm", "not-loaded", "--log-level", level, "--port", "1"])
+    one_error_line(r, f"unknown --log-level '{level}'")
 
 
 def test_audit_wire_refuses_a_file_that_is_not_a_wire_log(tmp_path):

@@ -592,6 +592,7 @@ def serve(
 
         if values not in ("f16", "f32"):
             raise ValueError("--values must be f16 or f32")
+        _check_log_level(log_level)
         keys = read_api_keys(os.environ.get("COSTEER_API_KEYS"), api_keys_file)
         settings = ServerSettings(api_keys=keys, max_sessions=max_sessions, max_sessions_per_key=max_sessions_per_key,
                                   max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
@@ -766,12 +767,14 @@ def gateway(
     _run_guarded(run)
 
 
-def _check_log_level(level: str) -> None:
-    """--log-level checked before anything loads (logging would refuse it only after the models)."""
-    import logging
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")  # what both logging and uvicorn take
 
-    if not isinstance(logging.getLevelName(level.upper()), int):
-        raise ValueError(f"unknown --log-level '{level}' (debug | info | warning | error | critical)")
+
+def _check_log_level(level: str) -> None:
+    """--log-level checked before anything loads (logging and uvicorn would refuse it only after the
+    models, uvicorn with a KeyError)."""
+    if level.lower() not in LOG_LEVELS:
+        raise ValueError(f"unknown --log-level '{level}' ({' | '.join(LOG_LEVELS)})")
 
 
 def _served_playground(cs, models: Models):
@@ -805,6 +808,7 @@ def playground(
 
         from costeer.device.transport import is_loopback
 
+        _check_log_level(log_level)
         if wire_dir is not None and cloud is None:
             raise ValueError("--wire-dir keeps the exchange with the cloud: give --cloud too")
         if not is_loopback(host):  # the page takes no key and shows the private context
