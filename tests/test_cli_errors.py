@@ -200,3 +200,25 @@ def test_audit_wire_refuses_a_file_that_is_not_a_wire_log(tmp_path):
         line = one_error_line(runner.invoke(app, ["audit-wire", str(log), "--context-file", str(ctx)]),
                               "is not a wire-log record")  # fmt: skip
         assert f"{log}:1" in line
+
+
+def test_cloud_options_without_cloud_are_named_in_a_warning(folders):
+    r = generate(folders, "--method", "llm", "-q", "hi", "--max-new-tokens", "2", "--cloud-k", "5", "--insecure")
+    assert r.exit_code == 0, r.output
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "--cloud-k, --insecure are read with --cloud only" in warnings[0]
+    r = generate(folders, "--method", "llm", "-q", "hi", "--max-new-tokens", "2")
+    assert r.exit_code == 0 and "warning:" not in r.stderr
+
+
+def test_chat_refuses_a_reference_file_its_method_does_not_read(folders, tmp_path):
+    ref = tmp_path / "ref.txt"
+    ref.write_text("I am Alex, a cyclist in Lyon.")
+    r = runner.invoke(app, ["chat", "--llm", folders["llm"], "--method", "llm", "--reference-file", str(ref)], input="hi\n")
+    one_error_line(r, "--reference-file is read by costeer_matched only, not by llm")
+
+
+def test_report_names_a_generation_file_that_is_not_utf8(tmp_path):
+    (tmp_path / "llm.jsonl").write_bytes(b"\xff\n")  # a folder without run.json: --task says which
+    r = runner.invoke(app, ["report", str(tmp_path), "--task", "cogenesis"])
+    one_error_line(r, f"{tmp_path / 'llm.jsonl'}: not a generation file")

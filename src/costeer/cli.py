@@ -157,6 +157,9 @@ class LocalModels:
     backend: Backend = "auto"
 
 
+_LOCAL_FIELDS = {f.name for f in fields(LocalModels)}
+
+
 @dataclass
 class Models(LocalModels):
     """Where the models run: both here, or the LLM behind --cloud (generate, eval, chat, gateway)."""
@@ -196,6 +199,13 @@ class Models(LocalModels):
         if self.cloud_api != "costeer" and la.tree:
             raise ValueError("--lookahead tree:D:M needs --cloud-api costeer (a serving engine answers chains)")
         return la
+
+    def unread_cloud_options(self) -> list[str]:
+        """The --cloud-* options given without --cloud, which nothing reads then."""
+        if self.cloud is not None:
+            return []
+        return ["--" + f.name.replace("_", "-") for f in fields(Models) if f.name not in _LOCAL_FIELDS
+                and f.name != "cloud" and getattr(self, f.name) != f.default]  # fmt: skip
 
     def link(self) -> dict:
         """--ca-file, --insecure and --cloud-resume-s as connect_cloud / connect_engine keywords."""
@@ -249,6 +259,11 @@ class GatewayDecoding(Decoding):
     """Decoding for the gateway: a request may name its own budget, this is the one when it does not."""
 
     max_new_tokens: Annotated[int, typer.Option(min=1, help="A request's token budget when it names none.")] = 256
+
+
+def _check_reference(reference_file: Optional[Path], method: Method) -> None:
+    if reference_file is not None and not method.matched:
+        raise ValueError(f"--reference-file is read by costeer_matched only, not by {method.value}")
 
 
 def _check_sampling_and_gate(cfg: GenerationConfig, methods: list[Method]) -> None:
@@ -328,8 +343,7 @@ def generate(
         if wire_log is not None and models.cloud is None:
             raise ValueError("--wire-log records the exchange with the cloud: give --cloud too")
         ctx = load_context(context_file) if context_file is not None else context
-        if reference_file is not None and not method.matched:
-            raise ValueError(f"--reference-file is read by costeer_matched only, not by {method.value}")
+        _check_reference(reference_file, method)
         reference = user_message(first_user(turns), load_context(reference_file)) if reference_file else None
         if method.matched and reference is None:
             typer.echo("note: costeer_matched without --reference-file is the paper's update with the repetition "
@@ -439,6 +453,10 @@ def _load_models(m: Models, cfg: GenerationConfig, methods, wire_log: Optional[P
     """The CoSteer for these methods: only the models they need, the LLM behind --cloud when given
     (its frames option checked before anything is loaded or sent)."""
     if m.cloud is None:
+        unread = m.unread_cloud_options()
+        if unread:
+            typer.echo(f"warning: {', '.join(unread)} {'is' if len(unread) == 1 else 'are'} read with --cloud only; "
+                       "the models run here", err=True)  # fmt: skip
         return _load_for(methods, m.llm, m.slm, cfg, m.device, m.backend)
     frames_, lookahead = m.frames(), m.lookahead_option()
     _quiet_libraries()
@@ -651,6 +669,7 @@ def chat(
         ctx = load_context(context_file) if context_file is not None else None
         if method.needs_context and ctx is None:
             raise ValueError(f"method '{method.value}' needs a personal context: give --context-file")
+        _check_reference(reference_file, method)
         reference = load_context(reference_file) if reference_file is not None else None
         cfg = decoding.config()
         _check_sampling_and_gate(cfg, [method])
