@@ -222,3 +222,14 @@ def test_report_names_a_generation_file_that_is_not_utf8(tmp_path):
     (tmp_path / "llm.jsonl").write_bytes(b"\xff\n")  # a folder without run.json: --task says which
     r = runner.invoke(app, ["report", str(tmp_path), "--task", "cogenesis"])
     one_error_line(r, f"{tmp_path / 'llm.jsonl'}: not a generation file")
+
+
+def test_a_folder_given_as_the_context_file_is_called_a_folder(folders, tmp_path):
+    one_error_line(generate(folders, "-q", "hi", "--context-file", str(tmp_path)), f"{tmp_path} is a folder")
+
+
+def test_serve_names_an_api_keys_file_that_is_not_utf8(tmp_path):
+    f = tmp_path / "keys.txt"
+    f.write_bytes(b"\xffkey-0123456789abcdef\n")
+    r = runner.invoke(app, ["serve", "--llm", "not-loaded", "--api-keys-file", str(f)], env={"COSTEER_API_KEYS": ""})
+    one_error_line(r, f"API keys file {f} is not UTF-8")

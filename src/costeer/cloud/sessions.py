@@ -172,7 +172,11 @@ def read_api_keys(env_value: str | None, keys_file: str | Path | None) -> frozen
         p = Path(keys_file).expanduser()
         if not p.is_file():
             raise FileNotFoundError(f"API keys file not found: {keys_file}")
-        for line in p.read_text().splitlines():
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"API keys file {keys_file} is not UTF-8 text (byte {e.start})") from None
+        for line in text.splitlines():
             line = line.split("#", 1)[0].strip()
             if line:
                 keys.add(line)

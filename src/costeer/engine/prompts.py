@@ -170,6 +170,8 @@ def render_context(data: object, indent: str = "") -> str:
 def load_context(path: str | Path) -> str:
     """A profile / history file as text: .txt/.md as is, .json / .yaml / .yml rendered."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise ValueError(f"context file {path} is a folder: give the file")
     if not p.is_file():
         raise FileNotFoundError(f"context file not found: {path}")
     try:
