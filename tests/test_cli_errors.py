@@ -233,3 +233,26 @@ def test_serve_names_an_api_keys_file_that_is_not_utf8(tmp_path):
     f.write_bytes(b"\xffkey-0123456789abcdef\n")
     r = runner.invoke(app, ["serve", "--llm", "not-loaded", "--api-keys-file", str(f)], env={"COSTEER_API_KEYS": ""})
     one_error_line(r, f"API keys file {f} is not UTF-8")
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_ctrl_c_mid_generation_keeps_the_tokens_so_far(folders, monkeypatch, as_json):
+    # --json used to print nothing at all: the tokens already generated were lost
+    from costeer.api import GenerationStream
+
+    whole = GenerationStream.__iter__
+
+    def cut_after_three(self):
+        for i, chunk in enumerate(whole(self)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield chunk
+
+    monkeypatch.setattr(GenerationStream, "__iter__", cut_after_three)
+    r = generate(folders, "--method", "llm", "-q", "hi", "--max-new-tokens", "8", *(["--json"] if as_json else []))
+    one_error_line(r, "interrupted")
+    if as_json:
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        assert len(out["token_ids"]) >= 3 and out["stop_reason"] == "interrupted"
+    else:
+        assert r.stdout.strip()  # the text so far, ended by a newline before the error line

@@ -356,14 +356,7 @@ def generate(
         if cut:
             typer.echo(f"note: cut the context to its first {len(ctx) - cut:,} of {len(ctx):,} characters to fit "
                        "the models' trained windows", err=True)  # fmt: skip
-        if as_json:
-            for _ in stream:
-                pass
-        else:
-            for chunk in stream:
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
+        interrupted = _consume(stream, echo=not as_json)
         g = stream.generation
         if as_json:
             typer.echo(
@@ -383,8 +376,28 @@ def generate(
                     }
                 )
             )
+        if interrupted:  # what was generated is out (text or JSON): now say it stopped early
+            raise KeyboardInterrupt
 
     _run_guarded(run)
+
+
+def _consume(stream, echo: bool) -> bool:
+    """Run the stream to its end, writing its text when `echo` -> whether Ctrl-C cut it short (the
+    generation then holds the tokens so far, stop_reason "interrupted")."""
+    try:
+        for chunk in stream:
+            if echo:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        stream.generation.stop_reason = "interrupted"
+        return True
+    finally:
+        if echo:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+    return False
 
 
 @app.command()
