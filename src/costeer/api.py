@@ -48,7 +48,7 @@ class Generation:
     text: str
     token_ids: list[int]  # generated ids in the primary model's vocabulary (stop token excluded)
     prompt_ids: dict[str, list[int]]  # the exact prompts each branch started from
-    stop_reason: str  # "stop" or "length"
+    stop_reason: str  # "stop" or "length" (the CLI's "interrupted": Ctrl-C)
     coefficient: float | None  # the delta's coefficient b_T (steered methods; the trust region's cap)
     steps: list[Step] = field(default_factory=list)
     context_cut: int = 0  # characters cut from the context's end to fit a model's window (truncate_context)
