@@ -288,3 +288,40 @@ def test_truncate_context_equals_generating_from_the_kept_head(same_pair):
     assert len(g.prompt_ids["slm_context"]) + 8 <= same_pair.slm.window
     assert g.token_ids == same_pair.generate(QUERY, kept, "costeer", max_new_tokens=8).token_ids
     assert same_pair.generate(QUERY, CONTEXT, "costeer", max_new_tokens=8, truncate_context=True).context_cut == 0
+
+
+def test_a_misspelt_sampling_override_is_refused_not_ignored(same_pair):
+    # `temprature=0.7` used to decode greedily without a word
+    with pytest.raises(ValueError, match="temprature"):
+        same_pair.generate(QUERY, CONTEXT, "llm", temprature=0.7, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("field", ["alpha", "beta", "lam", "eta"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_non_finite_hyper_parameters_are_refused(field, value):
+    # beta = inf used to give b_T = inf, a NaN policy and an empty answer that looked like a normal stop
+    with pytest.raises(ValueError, match="finite number"):
+        SteeringConfig(**{field: value})
+    with pytest.raises(ValueError, match="finite number"):
+        SamplingConfig(temperature=value)
+
+
+@pytest.mark.parametrize("kw", [dict(query="caf\udce9"), dict(context="caf\udce9"),
+                                dict(query=[{"role": "system", "content": "x\udcff"}, {"role": "user", "content": "hi"}])])  # fmt: skip
+def test_text_that_is_not_utf8_is_a_value_error(same_pair, kw):
+    # the lone surrogates of undecodable argv / stdin bytes used to reach the tokenizer: a TypeError
+    kw = {"query": QUERY, "context": CONTEXT, **kw}
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        same_pair.generate(method="costeer", max_new_tokens=2, **kw)
+
+
+def test_a_prompt_too_long_is_told_what_would_help(same_pair):
+    from costeer.api import PromptTooLong
+
+    with pytest.raises(PromptTooLong, match="shorten the prompt or lower") as e:  # no context to cut
+        same_pair.stream(QUERY, None, "llm", max_new_tokens=WINDOW)
+    assert "truncate" not in str(e.value)
+    with pytest.raises(PromptTooLong, match="shorten the prompt or lower"):  # a dataset's whole message: not cut
+        same_pair.stream(QUERY, None, "slm_context", context_message="I like tofu. " * WINDOW, truncate_context=True)
+    with pytest.raises(PromptTooLong, match="truncate-context"):  # a context given apart: cutting it helps
+        same_pair.stream(QUERY, "I like tofu. " * WINDOW, "slm_context")

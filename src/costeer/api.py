@@ -19,7 +19,8 @@ from costeer.engine.loop import DecodePlan, Guess, LLMSide, LocalSteeringSource,
 from costeer.engine.methods import MethodSpec
 from costeer.engine.models import LM, load_lm
 from costeer.engine.prefix_cache import PrefixCache, PrefixPlan
-from costeer.engine.prompts import Messages, chat_ids, conversation, first_user_turn, stable_prefix_len, with_context
+from costeer.engine.prompts import (Messages, chat_ids, check_text, conversation, first_user_turn, stable_prefix_len,
+                                    with_context)
 from costeer.engine.vocab import VocabMap, shared_alignment, support_mask
 from costeer.errors import CoSteerError
 
@@ -47,7 +48,7 @@ class Generation:
     text: str
     token_ids: list[int]  # generated ids in the primary model's vocabulary (stop token excluded)
     prompt_ids: dict[str, list[int]]  # the exact prompts each branch started from
-    stop_reason: str  # "stop" or "length"
+    stop_reason: str  # "stop" or "length" (the CLI's "interrupted": Ctrl-C)
     coefficient: float | None  # the delta's coefficient b_T (steered methods; the trust region's cap)
     steps: list[Step] = field(default_factory=list)
     context_cut: int = 0  # characters cut from the context's end to fit a model's window (truncate_context)
@@ -174,9 +175,8 @@ class CoSteer:
 
     def _config(self, sampling: SamplingConfig | None, steering: SteeringConfig | None, overrides: dict):
         s = sampling or self.config.sampling
-        if overrides:
-            s = s.model_copy(update=overrides)
-            s = SamplingConfig.model_validate(s.model_dump())
+        if overrides:  # validated together: a misspelt name is refused, not silently ignored
+            s = SamplingConfig.model_validate({**s.model_dump(), **overrides})
         return s, steering or self.config.steering
 
     # -- generation: check -> plan -> decode -------------------------------------------
@@ -231,6 +231,9 @@ class CoSteer:
     def _check(self, spec: MethodSpec, query: Messages, context: str | None, context_message: str | None,
                steering: SteeringConfig) -> None:  # fmt: skip
         """Refuse a request that cannot run here, or must not (the private context to a remote LLM)."""
+        for text, what in ((context, "the context"), (context_message, "context_message")):
+            if isinstance(text, str):
+                check_text(text, what)
         if spec.needs_context and not ((context and context.strip()) or (context_message and context_message.strip())):
             raise ValueError(f"method '{spec.name}' needs a personal context")
         if spec.uses_llm and self.llm is None:
@@ -259,9 +262,11 @@ class CoSteer:
         overflow = self._overflow(prompts, max_new_tokens)
         if overflow is None:
             return prompts, context
-        if not (truncate_context and private and context and not context_message):
-            raise PromptTooLong(f"{overflow}: shorten the context, or let it be cut (--truncate-context, "
-                                "truncate_context=True)")  # fmt: skip
+        cuttable = private and context and not context_message  # only a context given apart can be cut
+        if not (truncate_context and cuttable):
+            advice = ("shorten the context, or let it be cut (--truncate-context, truncate_context=True)" if cuttable
+                      else "shorten the prompt or lower --max-new-tokens (max_new_tokens)")  # fmt: skip
+            raise PromptTooLong(f"{overflow}: {advice}")
         return self._fit_context(context, build, max_new_tokens, overflow)
 
     def _overflow(self, prompts: dict[str, list[int]], max_new_tokens: int) -> str | None:

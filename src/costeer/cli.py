@@ -157,6 +157,9 @@ class LocalModels:
     backend: Backend = "auto"
 
 
+_LOCAL_FIELDS = {f.name for f in fields(LocalModels)}
+
+
 @dataclass
 class Models(LocalModels):
     """Where the models run: both here, or the LLM behind --cloud (generate, eval, chat, gateway)."""
@@ -196,6 +199,13 @@ class Models(LocalModels):
         if self.cloud_api != "costeer" and la.tree:
             raise ValueError("--lookahead tree:D:M needs --cloud-api costeer (a serving engine answers chains)")
         return la
+
+    def unread_cloud_options(self) -> list[str]:
+        """The --cloud-* options given without --cloud, which nothing reads then."""
+        if self.cloud is not None:
+            return []
+        return ["--" + f.name.replace("_", "-") for f in fields(Models) if f.name not in _LOCAL_FIELDS
+                and f.name != "cloud" and getattr(self, f.name) != f.default]  # fmt: skip
 
     def link(self) -> dict:
         """--ca-file, --insecure and --cloud-resume-s as connect_cloud / connect_engine keywords."""
@@ -249,6 +259,11 @@ class GatewayDecoding(Decoding):
     """Decoding for the gateway: a request may name its own budget, this is the one when it does not."""
 
     max_new_tokens: Annotated[int, typer.Option(min=1, help="A request's token budget when it names none.")] = 256
+
+
+def _check_reference(reference_file: Optional[Path], method: Method) -> None:
+    if reference_file is not None and not method.matched:
+        raise ValueError(f"--reference-file is read by costeer_matched only, not by {method.value}")
 
 
 def _check_sampling_and_gate(cfg: GenerationConfig, methods: list[Method]) -> None:
@@ -328,8 +343,7 @@ def generate(
         if wire_log is not None and models.cloud is None:
             raise ValueError("--wire-log records the exchange with the cloud: give --cloud too")
         ctx = load_context(context_file) if context_file is not None else context
-        if reference_file is not None and not method.matched:
-            raise ValueError(f"--reference-file is read by costeer_matched only, not by {method.value}")
+        _check_reference(reference_file, method)
         reference = user_message(first_user(turns), load_context(reference_file)) if reference_file else None
         if method.matched and reference is None:
             typer.echo("note: costeer_matched without --reference-file is the paper's update with the repetition "
@@ -342,14 +356,7 @@ def generate(
         if cut:
             typer.echo(f"note: cut the context to its first {len(ctx) - cut:,} of {len(ctx):,} characters to fit "
                        "the models' trained windows", err=True)  # fmt: skip
-        if as_json:
-            for _ in stream:
-                pass
-        else:
-            for chunk in stream:
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
+        interrupted = _consume(stream, echo=not as_json)
         g = stream.generation
         if as_json:
             typer.echo(
@@ -369,8 +376,28 @@ def generate(
                     }
                 )
             )
+        if interrupted:  # what was generated is out (text or JSON): now say it stopped early
+            raise KeyboardInterrupt
 
     _run_guarded(run)
+
+
+def _consume(stream, echo: bool) -> bool:
+    """Run the stream to its end, writing its text when `echo` -> whether Ctrl-C cut it short (the
+    generation then holds the tokens so far, stop_reason "interrupted")."""
+    try:
+        for chunk in stream:
+            if echo:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        stream.generation.stop_reason = "interrupted"
+        return True
+    finally:
+        if echo:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+    return False
 
 
 @app.command()
@@ -439,6 +466,10 @@ def _load_models(m: Models, cfg: GenerationConfig, methods, wire_log: Optional[P
     """The CoSteer for these methods: only the models they need, the LLM behind --cloud when given
     (its frames option checked before anything is loaded or sent)."""
     if m.cloud is None:
+        unread = m.unread_cloud_options()
+        if unread:
+            typer.echo(f"warning: {', '.join(unread)} {'is' if len(unread) == 1 else 'are'} read with --cloud only; "
+                       "the models run here", err=True)  # fmt: skip
         return _load_for(methods, m.llm, m.slm, cfg, m.device, m.backend)
     frames_, lookahead = m.frames(), m.lookahead_option()
     _quiet_libraries()
@@ -592,6 +623,7 @@ def serve(
 
         if values not in ("f16", "f32"):
             raise ValueError("--values must be f16 or f32")
+        _check_log_level(log_level)
         keys = read_api_keys(os.environ.get("COSTEER_API_KEYS"), api_keys_file)
         settings = ServerSettings(api_keys=keys, max_sessions=max_sessions, max_sessions_per_key=max_sessions_per_key,
                                   max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
@@ -650,6 +682,7 @@ def chat(
         ctx = load_context(context_file) if context_file is not None else None
         if method.needs_context and ctx is None:
             raise ValueError(f"method '{method.value}' needs a personal context: give --context-file")
+        _check_reference(reference_file, method)
         reference = load_context(reference_file) if reference_file is not None else None
         cfg = decoding.config()
         _check_sampling_and_gate(cfg, [method])
@@ -742,12 +775,17 @@ def gateway(
         from costeer.cloud.net import listen
         from costeer.gateway import GatewaySettings, check_bind, create_app, serve
         from costeer.device.transport import is_loopback
+        from costeer.engine.prompts import load_context
 
         keys = read_api_keys(os.environ.get("COSTEER_GATEWAY_KEYS"), api_keys_file)
         settings = GatewaySettings(context_file=context_file, reference_file=reference_file, api_keys=keys,
                                    max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens,
                                    max_waiting=max_waiting)  # fmt: skip
         check_bind(host, settings)  # before loading the models
+        _check_log_level(log_level)
+        for f in (context_file, reference_file):  # read once now: a broken file would answer 503 to every request
+            if f is not None:
+                load_context(f)
         sock = listen(host, port)  # a port in use: one line now, not after the models load
         cs = _load_models(models, decoding.config(), list(Method))  # a request's model name picks any method
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -759,6 +797,16 @@ def gateway(
             f"costeer gateway: {url}/v1" + (f", playground {url}/playground/" if page else ""), err=True), sock=sock)
 
     _run_guarded(run)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")  # what both logging and uvicorn take
+
+
+def _check_log_level(level: str) -> None:
+    """--log-level checked before anything loads (logging and uvicorn would refuse it only after the
+    models, uvicorn with a KeyError)."""
+    if level.lower() not in LOG_LEVELS:
+        raise ValueError(f"unknown --log-level '{level}' ({' | '.join(LOG_LEVELS)})")
 
 
 def _served_playground(cs, models: Models):
@@ -792,6 +840,7 @@ def playground(
 
         from costeer.device.transport import is_loopback
 
+        _check_log_level(log_level)
         if wire_dir is not None and cloud is None:
             raise ValueError("--wire-dir keeps the exchange with the cloud: give --cloud too")
         if not is_loopback(host):  # the page takes no key and shows the private context

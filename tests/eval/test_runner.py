@@ -151,3 +151,16 @@ def test_the_runner_hands_each_example_its_reference(counting, tmp_path, monkeyp
     run_eval(counting, exs, ["costeer_matched"], tmp_path, data=DATA, progress=False)
     assert seen == [("costeer_matched", e.reference_prompt()) for e in exs]
     assert all(ref and "## User Profile" in ref for _, ref in seen)
+
+
+
+def test_a_row_past_the_window_names_its_example_and_keeps_the_rows_before(counting, tmp_path):
+    # every rerun stops at the same row: the error must say which one (it used to name neither)
+    from costeer.api import PromptTooLong
+    from tests.tiny import WINDOW
+
+    first, second = _examples()
+    too_long = second.model_copy(update={"context_prompt": "I like tofu. " * WINDOW})
+    with pytest.raises(PromptTooLong, match=f"example {second.id} \\(slm_context\\): .* shorten the prompt"):
+        run_eval(counting, [first, too_long], ["slm_context"], tmp_path, data=DATA, progress=False)
+    assert [r["id"] for r in _rows(tmp_path / "slm_context.jsonl")] == [first.id]

@@ -130,12 +130,16 @@ BAD = [
      "invalid_value"),
     (json.dumps({"model": "llm", "messages": [{"role": "user", "content": "hi"}], "temperature": 3}).encode(), 400,
      "invalid_value"),
+    # a JSON escape of a lone surrogate: valid JSON, text no tokenizer takes (it used to be a 500)
+    (b'{"model": "llm", "messages": [{"role": "user", "content": "caf\\udce9"}]}', 400, "invalid_request"),
+    (json.dumps({"model": "llm", "messages": [{"role": "user", "content": "hi"}], "temperature": 1,
+                 "seed": 2**70}).encode(), 400, "invalid_request"),  # fmt: skip
 ]
 
 
 @pytest.mark.parametrize("body, status, code", BAD, ids=["json", "not-object", "no-messages", "empty", "role", "n",
                                                          "max0", "max-over", "too-large", "not-utf8", "part",
-                                                         "temperature"])  # fmt: skip
+                                                         "temperature", "surrogate", "seed"])  # fmt: skip
 def test_bad_input_gets_an_openai_error_and_the_gateway_keeps_serving(gateway, body, status, code):
     r = httpx.post(f"{gateway.url}/v1/chat/completions", content=body, trust_env=False,
                    headers={"Content-Type": "application/json"})  # fmt: skip

@@ -144,6 +144,8 @@ class ServerSettings:
             raise ValueError("no API keys: set COSTEER_API_KEYS (comma-separated) or give --api-keys-file")
         if min(self.send_timeout_s, self.handshake_timeout_s, self.idle_timeout_s) <= 0 or self.max_connections < 1:
             raise ValueError("timeouts must be positive and max_connections at least 1")
+        if not self.packed_floor <= 0:  # NaN too: a floor no token reaches would send the head alone
+            raise ValueError(f"packed_floor must be a log-probability (at most 0), got {self.packed_floor}")
         if not (0 <= self.max_lookahead_depth <= 255 and 1 <= self.max_lookahead_nodes <= 0xFFFF):
             raise ValueError("max_lookahead_depth must be 0-255 and max_lookahead_nodes 1-65535")
         largest = self.max_prompt_tokens + self.max_new_tokens
@@ -170,7 +172,11 @@ def read_api_keys(env_value: str | None, keys_file: str | Path | None) -> frozen
         p = Path(keys_file).expanduser()
         if not p.is_file():
             raise FileNotFoundError(f"API keys file not found: {keys_file}")
-        for line in p.read_text().splitlines():
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"API keys file {keys_file} is not UTF-8 text (byte {e.start})") from None
+        for line in text.splitlines():
             line = line.split("#", 1)[0].strip()
             if line:
                 keys.add(line)

@@ -76,18 +76,41 @@ def redact_headers(headers) -> str:
     return "\r\n".join(lines)
 
 
+DIRECTIONS = ("meta", "sent", "received")  # a record's "dir"
+
+
 def read_wire_log(path: str | Path) -> list[dict]:
+    """The records of a wire log, each checked (a log is read as untrusted input: any file may be given);
+    a payload's `data` and `len` are those of its `b64`."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a wire log (byte {e.start} is not UTF-8)") from None
     out = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(lines, 1):
         if line.strip():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise ValueError(f"{path}:{i} is not a wire-log record") from None
-            if "b64" in rec:
-                rec["data"] = base64.b64decode(rec["b64"])
+            rec = _wire_record(line)
+            if rec is None:
+                raise ValueError(f"{path}:{i} is not a wire-log record")
             out.append(rec)
     return out
+
+
+def _wire_record(line: str) -> dict | None:
+    """One line of a wire log as a record, or None when it is not one (an eval row, a list, bad base64)."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(rec, dict) or rec.get("dir") not in DIRECTIONS:
+        return None
+    if rec["dir"] != "meta":
+        try:
+            rec["data"] = base64.b64decode(rec.get("b64"), validate=True)
+        except (TypeError, ValueError):
+            return None
+        rec["len"] = len(rec["data"])
+    return rec
 
 
 # ---------------------------------------------------------------------------------------

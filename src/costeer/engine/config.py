@@ -49,7 +49,8 @@ class VariantConfig(BaseModel):
 class SteeringConfig(BaseModel):
     """The paper's FTRL hyper-parameters (Appendix B.1 defaults), and the variants' parameters."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # finite numbers only: β = inf or NaN makes b_T non-finite and the fused policy NaN (an empty answer)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     T: int = Field(20, ge=1, le=100_000)
     alpha: float = Field(2.0, ge=0)
@@ -81,12 +82,13 @@ class SteeringConfig(BaseModel):
 class SamplingConfig(BaseModel):
     """Greedy by default (the paper sets do_sample=False)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # finite numbers only: temperature = inf would sample uniformly over the whole vocabulary
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     temperature: float = Field(0.0, ge=0)  # 0 = greedy
     top_k: int = Field(0, ge=0)  # 0 = off
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch's generator takes
     max_new_tokens: int = Field(128, ge=1, le=32_768)
 
     @property

@@ -33,6 +33,17 @@ def user_message(query: str, context: str | None = None) -> str:
     return f"{context.strip()}\n\n{query.strip()}" if context else query.strip()
 
 
+def check_text(text: str, what: str) -> str:
+    """`text` unchanged, or ValueError when it holds characters no UTF-8 can carry: the lone surrogates
+    Python makes of argv / stdin bytes that are not UTF-8 (a Latin-1 terminal); no tokenizer takes them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not UTF-8 text (character {e.start} is a byte that is not UTF-8); "
+                         "give it as UTF-8") from None  # fmt: skip
+    return text
+
+
 def conversation(query: str | Sequence[Mapping[str, str]]) -> Messages:
     """A query or a list of turns as checked turns (contents stripped): roles in ROLES, text contents,
     and a last turn from the user that is not empty."""
@@ -47,6 +58,7 @@ def conversation(query: str | Sequence[Mapping[str, str]]) -> Messages:
             raise ValueError(f"message {i}: unknown role {role!r} (one of {', '.join(ROLES)})")
         if not isinstance(content, str):
             raise ValueError(f"message {i}: the content must be text")
+        check_text(content, "the query" if i == len(query) - 1 else f"message {i}")
         turns.append({"role": role, "content": content.strip()})
     if turns[-1]["role"] != "user":
         raise ValueError("the conversation must end with a user turn")
@@ -158,6 +170,8 @@ def render_context(data: object, indent: str = "") -> str:
 def load_context(path: str | Path) -> str:
     """A profile / history file as text: .txt/.md as is, .json / .yaml / .yml rendered."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise ValueError(f"context file {path} is a folder: give the file")
     if not p.is_file():
         raise FileNotFoundError(f"context file not found: {path}")
     try:
@@ -175,6 +189,8 @@ def load_context(path: str | Path) -> str:
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         first = str(e).splitlines()[0]
         raise ValueError(f"context file {path} is not valid {suffix[1:].upper()}: {first}") from None
+    except RecursionError:  # the parsers and render_context recurse once per level
+        raise ValueError(f"context file {path} is nested too deeply to be a profile") from None
     if not text.strip() or text.strip() == "None":
         raise ValueError(f"context file {path} is empty")
     return text.strip()

@@ -110,7 +110,11 @@ def load_generations(run_dir: str | Path) -> dict[str, list[GenerationRow]]:
             continue
         rows: list[GenerationRow] = []
         seen: set[str] = set()
-        for lineno, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{file}: not a generation file (byte {err.start} is not UTF-8)") from None
+        for lineno, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             where = f"{file}:{lineno}"

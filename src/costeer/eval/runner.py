@@ -120,6 +120,8 @@ def claim_folder(run_dir: Path, spec: RunSpec, methods: Sequence[str], limit: in
     """Check that ``run_dir`` is new or holds this very spec, and (re)write its run.json.
 
     Raises ValueError (one line) when the folder belongs to a different run."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"{run_dir} is not a folder: give --out a new or existing folder")
     run_dir.mkdir(parents=True, exist_ok=True)
     old = read_run(run_dir)
     if old is None:
@@ -175,9 +177,14 @@ def _parse_id(line: bytes, where: str) -> str:
 def generate_record(cs: "CoSteer", ex: Example, method: Method, steering: SteeringConfig | None,
                     sampling: SamplingConfig | None) -> GenerationRecord:
     """One example through one method; ``seconds`` is wall time, prefill included."""
+    from costeer.api import PromptTooLong
+
     start = time.perf_counter()
-    g = cs.generate(ex.query, context=ex.context, method=method, context_message=ex.with_context_prompt(),
-                    reference_message=ex.reference_prompt(), steering=steering, sampling=sampling)
+    try:
+        g = cs.generate(ex.query, context=ex.context, method=method, context_message=ex.with_context_prompt(),
+                        reference_message=ex.reference_prompt(), steering=steering, sampling=sampling)
+    except PromptTooLong as e:  # the same row stops every rerun: say which one it is
+        raise PromptTooLong(f"example {ex.id} ({method.value}): {e}") from None
     seconds = time.perf_counter() - start
     return GenerationRecord(id=ex.id, method=method.value, text=g.text, n_tokens=len(g.token_ids),
                             seconds=seconds, token_ids=g.token_ids, stop_reason=g.stop_reason,
