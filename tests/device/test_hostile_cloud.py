@@ -228,7 +228,7 @@ def test_an_answer_dripped_byte_by_byte_ends_in_one_line_not_in_weeks():
 
     from fastapi.responses import StreamingResponse
 
-    from costeer.device.transport import MIN_BYTES_PER_S, HttpClient
+    from costeer.device.transport import HttpClient
 
     app = FastAPI()
 
@@ -249,7 +249,7 @@ def test_an_answer_dripped_byte_by_byte_ends_in_one_line_not_in_weeks():
         started = time.monotonic()
         with pytest.raises(CloudError, match="too slowly"):
             http.get_json("/v1/info", MAX_INFO_BYTES)
-        assert time.monotonic() - started < 0.5 + 20 / MIN_BYTES_PER_S + 2  # not the 10 s the drip takes
+        assert time.monotonic() - started < 5  # about 0.6 s; not the 10 s the drip takes (room for a loaded machine)
     finally:
         srv.stop()
 

@@ -130,10 +130,10 @@ BAD = [
      "invalid_value"),
     (json.dumps({"model": "llm", "messages": [{"role": "user", "content": "hi"}], "temperature": 3}).encode(), 400,
      "invalid_value"),
-    # a JSON escape of a lone surrogate: valid JSON, text no tokenizer takes (it used to be a 500)
-    (b'{"model": "llm", "messages": [{"role": "user", "content": "caf\\udce9"}]}', 400, "invalid_request"),
+    # a JSON escape of a lone surrogate: text no tokenizer takes (it used to be a 500); refused as JSON
+    (b'{"model": "llm", "messages": [{"role": "user", "content": "caf\\udce9"}]}', 400, "invalid_json"),
     (json.dumps({"model": "llm", "messages": [{"role": "user", "content": "hi"}], "temperature": 1,
-                 "seed": 2**70}).encode(), 400, "invalid_request"),  # fmt: skip
+                 "seed": 2**70}).encode(), 400, "invalid_value"),  # fmt: skip
 ]
 
 
