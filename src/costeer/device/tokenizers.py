@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from costeer.engine.models import cache_root
@@ -77,14 +78,18 @@ def store_tokenizer(fingerprint: str, files: object):
     d = tokenizer_dir(fingerprint)
     files = check_files(files)
     d.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _inside(d.parent, d.with_name(d.name + f".tmp{os.getpid()}"))
-    tmp.mkdir(exist_ok=True)
+    # a folder of its own: two connects in one process (threads) must not write into each other's files
+    tmp = _inside(d.parent, Path(tempfile.mkdtemp(prefix=d.name + ".tmp", dir=d.parent)))
     try:
         for name, text in files.items():
             _inside(tmp, tmp / name).write_text(text, encoding="utf-8")
         tok = _load_checked(tmp, fingerprint)
-        if not d.exists():  # else another process cached it meanwhile
+        try:
             os.replace(tmp, d)
+        except OSError:
+            if not d.is_dir():
+                raise
+            # another store (thread or process) cached it meanwhile: the same files, checked the same way
         return tok
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
