@@ -825,11 +825,11 @@ def _decode_packed(body: memoryview, pos: int, vocab: int, k: int, log_tail: flo
     # a head value at the u16 ceiling was clipped: it lies anywhere from 32 nats below the top down to kth
     head_hi = top - head_q / PACKED_HEAD_SCALE
     head_lo = np.where(head_q >= 0xFFFF, np.minimum(head_hi, kth), head_hi)
-    values = np.concatenate([(head_hi + head_lo) / 2, (hi + lo) / 2])
+    values = np.concatenate([(head_hi + head_lo) / 2, (hi + lo) / 2]).astype(np.float32)
     width = np.concatenate([head_hi - head_lo, hi - lo])
-    _check_values(values.astype(np.float32), log_tail)
+    _check_values(values, log_tail)
     return Dist(
-        pos, vocab, torch.from_numpy(values.astype(np.float32)), torch.from_numpy(ids), float(log_tail),
+        pos, vocab, torch.from_numpy(values), torch.from_numpy(ids), float(log_tail),
         torch.from_numpy(width.astype(np.float32)), float(kth),
     )  # fmt: skip
 

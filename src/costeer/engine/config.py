@@ -79,6 +79,9 @@ class SteeringConfig(BaseModel):
         return spec.coefficient(self.params())
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch's generator takes (the gateway checks the same)
+
+
 class SamplingConfig(BaseModel):
     """Greedy by default (the paper sets do_sample=False)."""
 
@@ -88,7 +91,7 @@ class SamplingConfig(BaseModel):
     temperature: float = Field(0.0, ge=0)  # 0 = greedy
     top_k: int = Field(0, ge=0)  # 0 = off
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch's generator takes
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     max_new_tokens: int = Field(128, ge=1, le=32_768)
 
     @property

@@ -17,6 +17,8 @@ from typing import Annotated
 import pydantic_core
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
+from costeer.engine.config import SEED_MAX, SEED_MIN
+
 MAX_STOPS = 4  # OpenAI's own limit on `stop`
 MAX_STOP_CHARS = 256
 
@@ -82,7 +84,7 @@ class ChatRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)  # not OpenAI's; vLLM and llama-server accept it too
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what a torch generator takes
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = Field(None, validate_default=True)  # read as a list
     n: int = 1
     stream: bool = False
