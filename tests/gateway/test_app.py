@@ -503,3 +503,45 @@ def test_every_chunk_of_a_stream_has_the_same_created_time():
         assert len(chunks) >= 4 and len({c.created for c in chunks}) == 1
     finally:
         srv.stop()
+
+
+def test_streaming_clients_that_never_read_neither_hold_the_worker_nor_keep_their_connections(pair):
+    """A hostile probe kept: six clients ask for streamed answers and never read a byte (a receive window
+    of 1 KB), beside an honest one. The honest answer comes, the worker ends up idle, and the server
+    closes every silent connection in the end (here their answers fit the socket buffers: it closes them
+    idle; an answer left unread is the send timeout's, tests/cloud/test_net.py)."""
+    import socket
+
+    from costeer.gateway.app import uvicorn_config
+    from tests.servers import UvicornThread
+
+    settings = GatewaySettings(max_connections=16, body_timeout_s=0.5, request_timeout_s=1.0, send_timeout_s=1.0)
+    app = create_app(pair, settings)
+    srv = UvicornThread(uvicorn_config(app, log_level="warning"))
+    body = json.dumps({"model": "llm", "messages": [{"role": "user", "content": QUERY}], "max_tokens": 64,
+                       "stream": True}).encode()  # fmt: skip
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    silent = []
+    try:
+        for _ in range(6):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)  # before connect: the window the server sees
+            s.connect(("127.0.0.1", srv.port))
+            s.sendall(head + body)
+            silent.append(s)
+        req = {"model": "llm", "messages": [{"role": "user", "content": QUERY}], "max_tokens": 8}
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json=req, trust_env=False, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+        worker, deadline = app.state.gateway.worker, time.monotonic() + 30
+        while worker._admitted and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert worker._admitted == 0
+        for s in silent:  # what was sent is read now; then the server's close
+            s.settimeout(15)
+            while s.recv(1 << 16):
+                pass
+    finally:
+        for s in silent:
+            s.close()
+        srv.stop()
